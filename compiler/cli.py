@@ -1,0 +1,242 @@
+"""The `epicycle` command: validate, compile and print the schema of specs.
+
+Exit codes: 0 success; 1 a spec (or checkpoint) has errors, printed as `FILE:LINE:COL: error: ...`
+on stderr; 2 usage errors (typer/click's own); 3 an internal error, which is a bug in epicycle
+(printed as one line; set EPICYCLE_DEBUG=1 for the traceback). Never a traceback otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .diagnostics import Diagnostic, Span, SpecError
+
+app = typer.Typer(
+    name="epicycle",
+    help="A graph-declared model compiler: YAML topology specs in, PyTorch modules out.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _print_diagnostics(diagnostics: list[Diagnostic]) -> None:
+    for diagnostic in diagnostics:
+        err.print(diagnostic.format(), markup=False)
+
+
+def _guarded(command: F) -> F:
+    """Spec errors exit 1 with located messages; anything else is our bug and exits 3, untraced."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SpecError as exc:
+            _print_diagnostics(exc.diagnostics)
+            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("EPICYCLE_DEBUG"):
+                raise
+            err.print(
+                f"epicycle: internal error: {type(exc).__name__}: {exc}\n"
+                "  help: this is a bug in epicycle, not in your spec; rerun with EPICYCLE_DEBUG=1 "
+                "for the traceback and report it",
+                markup=False,
+            )
+            raise typer.Exit(3) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@_guarded
+def validate(
+    files: Annotated[list[str], typer.Argument(help="Spec files to check.", show_default=False)],
+) -> None:
+    """Check spec files: exit 0 if every one is valid, 1 if any is not."""
+    from .pipeline import analyze
+
+    failed = False
+    for file in files:
+        try:
+            ir = analyze(file)
+        except SpecError as exc:
+            failed = True
+            _print_diagnostics(exc.diagnostics)
+            continue
+        _print_diagnostics(ir.facts["warnings"])
+        out.print(f"{file}: ok ({_count(ir.facts['parameters'])} parameters)", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("compile")
+@_guarded
+def compile_(
+    file: Annotated[str, typer.Argument(help="The spec to compile.", show_default=False)],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write weights (safetensors, spec embedded) here."),
+    ] = None,
+    smoke: Annotated[bool, typer.Option(help="Run one forward pass on random inputs.")] = True,
+    tokens: Annotated[int, typer.Option(min=1, help="Sequence length of the smoke run.")] = 16,
+    device: Annotated[str, typer.Option(help="Device for the weights and smoke run.")] = "cpu",
+) -> None:
+    """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .pipeline import analyze, build_model
+
+    ir = analyze(file)
+    _print_diagnostics(ir.facts["warnings"])
+    out.print(_table(ir))
+    if not smoke and out_dir is None:
+        return
+    _check_memory(ir.facts["parameters"], file)
+    model = build_model(ir, device=device)
+    if smoke:
+        model.eval()
+        inputs = _random_inputs(ir, min(tokens, ir.facts["context"]), device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            result = model(**inputs)
+        elapsed = time.perf_counter() - start
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
+        finite = all(bool(torch.isfinite(v).all()) for v in result.values())
+        if not finite:
+            raise SpecError([Diagnostic(ir.span(()), "the smoke forward produced NaN or Inf")])
+        out.print(f"smoke forward: {shapes} in {elapsed * 1000:.1f} ms", markup=False)
+    if out_dir is not None:
+        try:
+            path = save_checkpoint(model, out_dir)
+        except OSError as exc:
+            raise SpecError(
+                [
+                    Diagnostic(
+                        ir.span(()), f"cannot write weights to {out_dir}: {exc.strerror or exc}"
+                    )
+                ]
+            ) from None
+        out.print(f"wrote {path}", markup=False)
+
+
+@app.command()
+@_guarded
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the JSON Schema of spec files (for yaml-language-server and other editors)."""
+    from .spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def _table(ir) -> Table:
+    table = Table(
+        title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
+    )
+    for column in (
+        "node",
+        "kind",
+        "batch group",
+        "width",
+        "heads",
+        "layers",
+        "parameters",
+        "FLOPs/token",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("node", "kind", "batch group") else "right"
+        )
+    for name, row in ir.facts["estimates"].items():
+        data = ir.graph.nodes[f"nodes.{name}"]
+        cfg = data["config"]
+        group = f"#{row['group']} x{row['members']}" if row["members"] > 1 else f"#{row['group']}"
+        heads = f"{cfg.heads}/{cfg.kv_heads}kv" if cfg.kv_heads else str(cfg.heads)
+        table.add_row(
+            name,
+            data["kind"],
+            group,
+            str(cfg.width),
+            heads,
+            str(cfg.layers),
+            _count(row["parameters"]),
+            _count(row["flops_per_token"]),
+        )
+    for part, count in ir.facts["parameters_outside_nodes"].items():
+        table.add_row(part, "", "", "", "", "", _count(count), "")
+    table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
+    return table
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _random_inputs(ir, tokens: int, device: str) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(ir.spec.seed)
+    inputs = {}
+    for name, spec in ir.spec.inputs.items():
+        if spec.kind == "tokens":
+            inputs[name] = torch.randint(0, spec.vocab, (2, tokens), generator=generator).to(device)
+        else:
+            inputs[name] = torch.randn(2, tokens, spec.width, generator=generator).to(device)
+    return inputs
+
+
+def _check_memory(parameters: int, file: str) -> None:
+    """Refuse to allocate weights that cannot fit in free memory (a fuller guard belongs to issue 10)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    needed = parameters * 4
+    if needed > free:
+        raise SpecError(
+            [
+                Diagnostic(
+                    Span(file, 1, 1),
+                    f"the weights need {needed / 2**30:.1f} GiB in float32 but only {free / 2**30:.1f} GiB is free",
+                    "validate without building (`epicycle validate`), or compile with `--no-smoke` and no `--out`",
+                )
+            ]
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Front end: a spec file becomes a validated `Spec`, or located diagnostics saying what to fix.
+
+Pydantic reports errors as a location tuple and a type; this module turns each into a sentence in
+the spec's vocabulary ("unknown key `widht` in `nodes.sun`") at the `file:line:col` the
+`SourceMap` recorded, with a help line: the nearest known key, the allowed choices, the bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel
+
+from .diagnostics import Diagnostic, SpecError, did_you_mean
+from .source import Document, SourceMap, parse_spec_text, read_spec_file
+from .spec import SPEC_VERSION, Spec, _type_name
+
+MAX_REPORTED = 50
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with everything needed to point back into its file."""
+
+    spec: Spec
+    source: SourceMap
+    text: str
+
+    @property
+    def file(self) -> str:
+        return self.source.file
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the spec's text: stored with weights to tell which spec made them."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    return validate_document(read_spec_file(path))
+
+
+def load_spec_text(text: str, file: str = "<string>") -> LoadedSpec:
+    return validate_document(parse_spec_text(text, file))
+
+
+def validate_document(doc: Document) -> LoadedSpec:
+    data, source = doc.data, doc.source
+    if not isinstance(data, dict):
+        raise SpecError(
+            [
+                Diagnostic(
+                    source.span(()),
+                    f"a spec is a mapping of sections, got {_type_name(data)}",
+                    "start the file with `spec: 1`, then `name:`, `inputs:`, `nodes:` and `outputs:`",
+                )
+            ]
+        )
+    _check_version(data, source)
+    try:
+        spec = Spec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise SpecError(_explain_all(exc, data, source)) from None
+    return LoadedSpec(spec=spec, source=source, text=doc.text)
+
+
+def _check_version(data: dict[str, Any], source: SourceMap) -> None:
+    if "spec" not in data:
+        raise SpecError(
+            [
+                Diagnostic(
+                    source.span(()),
+                    "missing `spec:` (the spec language version)",
+                    f"add `spec: {SPEC_VERSION}` as the first line",
+                )
+            ]
+        )
+    version = data["spec"]
+    if version != SPEC_VERSION or isinstance(version, bool):
+        raise SpecError(
+            [
+                Diagnostic(
+                    source.span(("spec",)),
+                    f"unsupported spec version `{version}`: this epicycle reads version {SPEC_VERSION}",
+                    f"write `spec: {SPEC_VERSION}`, or upgrade epicycle if the spec is newer",
+                )
+            ]
+        )
+
+
+# --------------------------------------------------------------------------- error translation
+
+
+def _explain_all(exc: pydantic.ValidationError, data: Any, source: SourceMap) -> list[Diagnostic]:
+    diagnostics: list[Diagnostic] = []
+    seen: set[tuple[str, str]] = set()
+    for error in exc.errors(include_url=False):
+        diagnostic = _explain(error, data, source)
+        key = (str(diagnostic.span), diagnostic.message)
+        if key not in seen:
+            seen.add(key)
+            diagnostics.append(diagnostic)
+        if len(diagnostics) >= MAX_REPORTED:
+            break
+    return diagnostics
+
+
+def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
+    loc: tuple[Any, ...] = tuple(error["loc"])
+    kind: str = error["type"]
+    ctx: dict[str, Any] = error.get("ctx") or {}
+    value = error.get("input")
+    span, found = source.locate(loc, key=kind == "extra_forbidden")
+    field = _field_name(loc, found, kind)
+    where = _where(found if kind in ("missing", "extra_forbidden") else found[:-1])
+    model = _model_at(loc[:-1]) if kind in ("missing", "extra_forbidden") else None
+
+    if kind == "extra_forbidden":
+        known = _field_names(model)
+        guess = did_you_mean(field, known)
+        hint = (
+            f"did you mean `{guess}`?"
+            if guess
+            else (f"known keys here: {', '.join(known)}" if known else None)
+        )
+        return Diagnostic(span, f"unknown key `{field}` in {_where(found[:-1])}", hint)
+    if kind == "missing":
+        about = _field_description(model, field)
+        return Diagnostic(
+            span, f"{where} needs `{field}`", f"`{field}`: {about}" if about else None
+        )
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = [
+            t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()
+        ]
+        tags = tags or _union_tags(loc)
+        if kind == "union_tag_not_found":
+            return Diagnostic(span, f"{_where(found)} needs a `kind`", f"one of: {', '.join(tags)}")
+        tag = ctx.get("tag")
+        guess = did_you_mean(str(tag), tags)
+        hint = (f"did you mean `{guess}`? " if guess else "") + f"known kinds: {', '.join(tags)}"
+        span = source.span((*found, "kind"))
+        return Diagnostic(span, f"unknown kind `{tag}` in {_where(found)}", hint)
+    if kind == "literal_error":
+        choices = [
+            c.strip().strip("'")
+            for c in str(ctx.get("expected", "")).replace(" or ", ", ").split(",")
+        ]
+        guess = did_you_mean(str(value), choices)
+        hint = (
+            f"did you mean `{guess}`? " if guess else ""
+        ) + f"choose one of: {', '.join(choices)}"
+        return Diagnostic(span, f"`{field}` cannot be `{_show(value)}`", hint)
+    if kind in ("int_type", "int_parsing", "int_from_float", "int_parsing_size"):
+        hint = None
+        if (
+            isinstance(value, float)
+            and value == value
+            and value not in (float("inf"), float("-inf"))
+            and value == int(value)
+        ):
+            hint = "write a whole number in digits, without a decimal point or exponent"
+        return Diagnostic(span, f"`{field}` must be a whole number, got {_type_name(value)}", hint)
+    if kind in ("float_type", "float_parsing", "number_type"):
+        return Diagnostic(span, f"`{field}` must be a number, got {_type_name(value)}")
+    if kind == "bool_type":
+        return Diagnostic(span, f"`{field}` must be `true` or `false`, got {_type_name(value)}")
+    if kind == "string_type":
+        return Diagnostic(span, f"`{field}` must be a name or text, got {_type_name(value)}")
+    if kind == "string_pattern_mismatch":
+        return Diagnostic(
+            span,
+            f"`{_show(value)}` is not a valid name",
+            "names start with a letter or `_` and hold letters, digits, `_` and `-`",
+        )
+    if kind in ("string_too_long", "string_too_short"):
+        return Diagnostic(span, f"`{field}`: {error['msg'].lower()}")
+    if kind in ("less_than_equal", "less_than"):
+        bound = ctx.get("le", ctx.get("lt"))
+        word = "at most" if kind == "less_than_equal" else "less than"
+        return Diagnostic(
+            span,
+            f"`{field}` is {_show(value)}, which is too large: it must be {word} {bound}",
+            "sizes this large are almost always a typo",
+        )
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = ctx.get("ge", ctx.get("gt"))
+        word = "at least" if kind == "greater_than_equal" else "greater than"
+        return Diagnostic(span, f"`{field}` is {_show(value)}: it must be {word} {bound}")
+    if kind == "finite_number":
+        return Diagnostic(span, f"`{field}` must be a finite number, got `{_show(value)}`")
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return Diagnostic(
+            span, f"`{field}` must be a mapping (`key: value` lines), got {_type_name(value)}"
+        )
+    if kind == "list_type":
+        return Diagnostic(span, f"`{field}` must be a list, got {_type_name(value)}")
+    if kind in ("too_short", "too_long"):
+        return Diagnostic(
+            span, f"`{field}`: {error['msg'].lower().replace('dictionary', 'mapping')}"
+        )
+    if kind.startswith("rational") or kind in ("sources_type", "duplicate_name"):
+        return Diagnostic(span, f"`{field}`: {error['msg']}")
+    return Diagnostic(span, f"`{field}`: {error['msg']}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif value is None:
+        text = "null"
+    else:
+        text = getattr(value, "text", None) or str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_name(loc: tuple[Any, ...], found: tuple[Any, ...], kind: str) -> str:
+    if kind in ("missing", "extra_forbidden") and loc:
+        return str(loc[-1])
+    for part in reversed(found):
+        if isinstance(part, str):
+            return part
+    return "spec"
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    if not path:
+        return "the spec"
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return f"`{text}`"
+
+
+# --------------------------------------------------------------------------- walking the models
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [_unwrap(a) for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that the data at `loc` was validated against (union tags included)."""
+    current: Any = Spec
+    for part in loc:
+        members = _union_members(current)
+        chosen = [m for m in members if _kind_of(m) == part]
+        if chosen:  # a discriminated union: pydantic's loc names the chosen tag
+            current = chosen[0]
+            continue
+        current = members[0]
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = _find_field(current, part)
+            if field is None:
+                return None
+            current = field.annotation
+            continue
+        origin = typing.get_origin(current)
+        if origin is dict:
+            current = typing.get_args(current)[1]
+        elif origin is list:
+            current = typing.get_args(current)[0]
+        else:
+            return None
+    members = _union_members(current)
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
+
+
+def _kind_of(model: Any) -> str | None:
+    if isinstance(model, type) and issubclass(model, BaseModel) and "kind" in model.model_fields:
+        args = typing.get_args(_unwrap(model.model_fields["kind"].annotation))
+        return args[0] if args else None
+    return None
+
+
+def _find_field(model: type[BaseModel], name: Any) -> Any:
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            return field
+    return None
+
+
+def _field_names(model: type[BaseModel] | None) -> list[str]:
+    if model is None:
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _field_description(model: type[BaseModel] | None, name: str) -> str | None:
+    field = _find_field(model, name) if model is not None else None
+    return field.description if field is not None else None
+
+
+def _union_tags(loc: tuple[Any, ...]) -> list[str]:
+    parent = _model_at(loc[:-2]) if len(loc) >= 2 else None
+    if parent is None:
+        return []
+    field = _find_field(parent, loc[-2])
+    if field is None:
+        return []
+    annotation = _unwrap(field.annotation)
+    if typing.get_origin(annotation) is dict:
+        annotation = typing.get_args(annotation)[1]
+    return [k for k in (_kind_of(m) for m in _union_members(annotation)) if k]

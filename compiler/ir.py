@@ -1,0 +1,132 @@
+"""The graph IR: a networkx MultiDiGraph of the spec's inputs, nodes and outputs.
+
+Vertex ids are the spec paths `inputs.NAME`, `nodes.NAME`, `outputs.NAME` (the three namespaces
+of a spec are separate, so an input and a node may share a name). Every vertex and edge carries
+`path`, its place in the loaded data, which is how any pass turns a finding into `file:line:col`.
+
+Vertex attributes: `role` (input | node | output | unknown), `name`, `kind`, `spec` (the pydantic
+object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read | edge | output),
+plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
+
+An edge or output naming something that does not exist gets an `unknown` vertex, so building never
+fails and `check_references` can report every dangling name at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+from .diagnostics import Diagnostic, Span
+from .frontend import LoadedSpec
+
+
+def input_id(name: str) -> str:
+    return f"inputs.{name}"
+
+
+def node_id(name: str) -> str:
+    return f"nodes.{name}"
+
+
+def output_id(name: str) -> str:
+    return f"outputs.{name}"
+
+
+@dataclass(frozen=True)
+class IR:
+    loaded: LoadedSpec
+    graph: nx.MultiDiGraph
+    facts: dict[str, Any] = field(
+        default_factory=dict
+    )  # whole-model results: bus width, plan, estimates
+
+    @property
+    def spec(self):
+        return self.loaded.spec
+
+    def span(self, path: tuple[Any, ...], *, key: bool = False) -> Span:
+        return self.loaded.source.span(path, key=key)
+
+    def error(
+        self, path: tuple[Any, ...], message: str, hint: str | None = None, *, key: bool = False
+    ) -> Diagnostic:
+        return Diagnostic(self.span(path, key=key), message, hint)
+
+    def warning(self, path: tuple[Any, ...], message: str, hint: str | None = None) -> Diagnostic:
+        return Diagnostic(self.span(path, key=True), message, hint, severity="warning")
+
+    def with_graph(self, graph: nx.MultiDiGraph) -> IR:
+        return replace(self, graph=graph)
+
+    def with_facts(self, **facts: Any) -> IR:
+        return replace(self, facts={**self.facts, **facts})
+
+    def vertices(self, role: str) -> list[tuple[str, dict[str, Any]]]:
+        """Vertices of one role, in the order the spec declares them."""
+        return [(v, d) for v, d in self.graph.nodes(data=True) if d["role"] == role]
+
+    def spec_edges(self) -> list[tuple[str, str, dict[str, Any]]]:
+        edges = [(u, v, d) for u, v, d in self.graph.edges(data=True) if d["role"] == "edge"]
+        return sorted(edges, key=lambda e: e[2]["index"])
+
+
+def build_ir(loaded: LoadedSpec) -> IR:
+    spec = loaded.spec
+    g = nx.MultiDiGraph()
+    for name, inp in spec.inputs.items():
+        g.add_node(
+            input_id(name), role="input", name=name, kind=inp.kind, spec=inp, path=("inputs", name)
+        )
+    for name, node in spec.nodes.items():
+        g.add_node(
+            node_id(name), role="node", name=name, kind=node.kind, spec=node, path=("nodes", name)
+        )
+    for name, out in spec.outputs.items():
+        g.add_node(
+            output_id(name),
+            role="output",
+            name=name,
+            kind=out.kind,
+            spec=out,
+            path=("outputs", name),
+        )
+
+    def endpoint(vertex: str, name: str, path: tuple[Any, ...]) -> str:
+        if vertex not in g:
+            g.add_node(vertex, role="unknown", name=name, kind=None, spec=None, path=path)
+        return vertex
+
+    only_input = next(iter(spec.inputs)) if len(spec.inputs) == 1 else None
+    for name, node in spec.nodes.items():
+        reads = node.input if node.input is not None else ([only_input] if only_input else [])
+        for position, inp in enumerate(reads):
+            path = ("nodes", name, "input", position) if node.input is not None else ("nodes", name)
+            g.add_edge(endpoint(input_id(inp), inp, path), node_id(name), role="read", path=path)
+    for index, edge in enumerate(spec.edges):
+        path = ("edges", index)
+        u = endpoint(node_id(edge.source), edge.source, (*path, "from"))
+        v = endpoint(node_id(edge.to), edge.to, (*path, "to"))
+        g.add_edge(
+            u,
+            v,
+            role="edge",
+            kind=edge.kind,
+            delay=edge.delay,
+            ratio=edge.ratio,
+            index=index,
+            path=path,
+        )
+    for name, out in spec.outputs.items():
+        for position, source in enumerate(out.source):
+            path = ("outputs", name, "from", position)
+            g.add_edge(
+                endpoint(node_id(source), source, path),
+                output_id(name),
+                role="output",
+                path=path,
+                position=position,
+            )
+    return IR(loaded=loaded, graph=g)

@@ -1,0 +1,33 @@
+"""The middle end: small functions from IR to IR (transforms) or to diagnostics (checks).
+
+The driver in `compiler.pipeline` runs them in this order; each can be called and tested alone.
+"""
+
+from .check_cycles import check_cycles
+from .check_feedback import check_feedback
+from .check_reachability import check_reachability
+from .check_references import check_references
+from .check_shapes import check_shapes
+from .estimate import estimate
+from .infer_widths import infer_widths
+from .plan import plan
+from .resolve_defaults import resolve_defaults
+
+TRANSFORMS_BEFORE_CHECKS = (resolve_defaults, infer_widths)
+CHECKS = (check_references, check_shapes, check_cycles, check_feedback, check_reachability)
+TRANSFORMS_AFTER_CHECKS = (plan, estimate)
+
+__all__ = [
+    "CHECKS",
+    "TRANSFORMS_AFTER_CHECKS",
+    "TRANSFORMS_BEFORE_CHECKS",
+    "check_cycles",
+    "check_feedback",
+    "check_reachability",
+    "check_references",
+    "check_shapes",
+    "estimate",
+    "infer_widths",
+    "plan",
+    "resolve_defaults",
+]

@@ -1,0 +1,77 @@
+"""Delays and the feedback schedule must make sense together."""
+
+from __future__ import annotations
+
+from ..diagnostics import Diagnostic
+from ..ir import IR
+
+
+def check_feedback(ir: IR) -> list[Diagnostic]:
+    spec, found = ir.spec, []
+    feedback = spec.feedback
+    delayed = [(i, e) for i, e in enumerate(spec.edges) if e.delay > 0]
+    for i, edge in enumerate(spec.edges):
+        label = f"{edge.source} -> {edge.to}"
+        if edge.kind == "feedback" and edge.delay == 0:
+            found.append(
+                ir.error(
+                    ("edges", i, "kind"),
+                    f"the feedback edge {label} has no delay",
+                    "add `delay: 1`: a feedback edge reads the previous step's state",
+                )
+            )
+        elif edge.delay and feedback is None:
+            found.append(
+                ir.error(
+                    ("edges", i, "delay"),
+                    f"edge {label} has `delay: {edge.delay}` but the spec has no `feedback:` section, "
+                    "so there is no earlier step to read",
+                    f"add `feedback: {{steps: {edge.delay + 3}}}` to iterate the graph",
+                )
+            )
+        elif edge.delay and feedback is not None and edge.delay >= feedback.steps:
+            found.append(
+                ir.error(
+                    ("edges", i, "delay"),
+                    f"edge {label} has `delay: {edge.delay}` but feedback runs only {feedback.steps} steps: "
+                    "it would never carry a message",
+                    f"raise `feedback.steps` above {edge.delay}, or lower the delay",
+                )
+            )
+    if feedback is None:
+        return found
+    if not delayed:
+        found.append(
+            ir.error(
+                ("feedback",),
+                "`feedback:` iterates the graph, but no edge has a delay, so every step would compute the same thing",
+                "give the edge that closes a loop `delay: 1`, or remove `feedback:`",
+            )
+        )
+    if feedback.mode == "truncated" and feedback.backprop_steps is None:
+        found.append(
+            ir.error(
+                ("feedback", "mode"),
+                "`mode: truncated` needs `backprop_steps` (how many of the last steps keep gradients)",
+                f"add `backprop_steps: {max(1, feedback.steps // 2)}`",
+            )
+        )
+    if feedback.backprop_steps is not None:
+        if feedback.mode != "truncated":
+            found.append(
+                ir.error(
+                    ("feedback", "backprop_steps"),
+                    "`backprop_steps` applies only to `mode: truncated`",
+                    "add `mode: truncated`, or remove `backprop_steps`",
+                    key=True,
+                )
+            )
+        elif feedback.backprop_steps > feedback.steps:
+            found.append(
+                ir.error(
+                    ("feedback", "backprop_steps"),
+                    f"`backprop_steps: {feedback.backprop_steps}` is more than the {feedback.steps} steps run",
+                    f"use at most {feedback.steps}",
+                )
+            )
+    return found

@@ -1,0 +1,37 @@
+"""Every output must depend on an input; a node that reaches no output is reported as a warning."""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..diagnostics import Diagnostic
+from ..ir import IR
+
+
+def check_reachability(ir: IR) -> list[Diagnostic]:
+    graph = ir.graph
+    inputs = [v for v, _ in ir.vertices("input")]
+    live: set[str] = set()
+    for v in inputs:
+        live |= nx.descendants(graph, v)
+    found: list[Diagnostic] = []
+    for vertex, data in ir.vertices("output"):
+        if vertex not in live:
+            found.append(
+                ir.error(
+                    (*data["path"], "from"),
+                    f"output `{data['name']}` does not depend on any input",
+                    "its nodes read no input (`input: []`) and receive no message from a node that does",
+                )
+            )
+    outputs = {v for v, _ in ir.vertices("output")}
+    for vertex, data in ir.vertices("node"):
+        if not (nx.descendants(graph, vertex) & outputs):
+            found.append(
+                ir.warning(
+                    data["path"],
+                    f"node `{data['name']}` feeds no output, so its weights would never be trained",
+                    "read it from an output, send an edge from it, or remove it",
+                )
+            )
+    return found

@@ -1,0 +1,64 @@
+"""Every name a spec uses must name something: edge endpoints, node inputs, output sources."""
+
+from __future__ import annotations
+
+from ..diagnostics import Diagnostic, did_you_mean
+from ..ir import IR
+
+
+def check_references(ir: IR) -> list[Diagnostic]:
+    spec = ir.spec
+    found: list[Diagnostic] = []
+    for vertex, data in ir.vertices("unknown"):
+        section = vertex.split(".", 1)[0]
+        known = spec.inputs if section == "inputs" else spec.nodes
+        what = "input" if section == "inputs" else "node"
+        guess = did_you_mean(data["name"], known)
+        hint = (
+            f"did you mean `{guess}`?" if guess else f"the spec's {what}s are: {', '.join(known)}"
+        )
+        paths = [d["path"] for _, _, d in ir.graph.out_edges(vertex, data=True)]
+        paths += [d["path"] for _, _, d in ir.graph.in_edges(vertex, data=True)]
+        for path in sorted(set(paths), key=str):
+            # point at the field that holds the name: `from`/`to` of an edge, an input or source entry
+            target = path
+            if path[0] == "edges":
+                edge = spec.edges[path[1]]
+                target = (*path, "from") if edge.source == data["name"] else (*path, "to")
+            found.append(ir.error(target, f"no {what} named `{data['name']}`", hint))
+    if len(spec.inputs) > 1:
+        for _, data in ir.vertices("node"):
+            if data["spec"].input is None:
+                found.append(
+                    ir.error(
+                        (*data["path"], "kind"),
+                        f"node `{data['name']}` must say which input it reads",
+                        f"add `input:` with one of {', '.join(spec.inputs)} (or a list, or [] for none)",
+                    )
+                )
+    tokens_inputs = [n for n, i in spec.inputs.items() if i.kind == "tokens"]
+    for name, out in spec.outputs.items():
+        if out.kind != "lm_head":
+            continue
+        if out.vocab_of is not None and out.vocab_of not in tokens_inputs:
+            guess = did_you_mean(out.vocab_of, tokens_inputs)
+            found.append(
+                ir.error(
+                    ("outputs", name, "vocab_of"),
+                    f"`vocab_of: {out.vocab_of}` must name a tokens input",
+                    f"did you mean `{guess}`?"
+                    if guess
+                    else f"tokens inputs: {', '.join(tokens_inputs) or 'none'}",
+                )
+            )
+        elif out.vocab_of is None and len(tokens_inputs) != 1:
+            found.append(
+                ir.error(
+                    ("outputs", name, "kind"),
+                    f"an `lm_head` needs {'a' if not tokens_inputs else 'one'} tokens input to take its vocabulary from",
+                    "declare an input of `kind: tokens`"
+                    if not tokens_inputs
+                    else f"add `vocab_of:` with one of {', '.join(tokens_inputs)}",
+                )
+            )
+    return found

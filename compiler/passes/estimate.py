@@ -1,0 +1,102 @@
+"""Count parameters and FLOPs per node by building the model on the meta device.
+
+On `meta`, tensors have shapes but no storage, so a 10-billion-parameter spec builds in well under
+a second without allocating its weights; the counts come from the real modules the back end will
+build, not from a formula that could drift from them. A closed-form count is checked first, so an
+absurd spec (a trillion layers) is refused before anything is constructed.
+
+FLOPs per token are forward FLOPs: 2 per weight of every matmul the token passes through, plus
+attention's scores and weighted sum over a full context (halved when causal), times the feedback
+steps. Training costs about three times as much.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.transformer import TransformerConfig
+
+from ..diagnostics import Diagnostic, SpecError
+from ..ir import IR, node_id
+
+MAX_PARAMETERS = 2 * 10**12
+MAX_BLOCKS = 20_000
+
+
+def transformer_parameters(cfg: TransformerConfig) -> int:
+    """Closed-form count, used as a guard before building (and checked against the build in tests)."""
+    w, hw = cfg.width, cfg.head_width
+    qkv = (
+        w * (cfg.heads + 2 * cfg.n_kv_heads) * hw + (cfg.heads + 2 * cfg.n_kv_heads) * hw * cfg.bias
+    )
+    proj = cfg.heads * hw * w + w * cfg.bias
+    fc_out = cfg.inner_width * (2 if cfg.gated else 1)
+    mlp = w * fc_out + fc_out * cfg.bias + cfg.inner_width * w + w * cfg.bias
+    norm = w * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
+    positions = cfg.context * w if cfg.position == "learned" else 0
+    return cfg.layers * (qkv + proj + mlp + 2 * norm) + norm + positions
+
+
+def transformer_flops_per_token(cfg: TransformerConfig) -> int:
+    w, hw = cfg.width, cfg.head_width
+    matmul = w * (cfg.heads + 2 * cfg.n_kv_heads) * hw + cfg.heads * hw * w
+    matmul += w * cfg.inner_width * (2 if cfg.gated else 1) + cfg.inner_width * w
+    attention = 2 * 2 * cfg.context * cfg.heads * hw // (2 if cfg.causal else 1)
+    return cfg.layers * (2 * matmul + attention)
+
+
+def estimate(ir: IR) -> IR:
+    from ..lower import lower
+
+    federation = ir.facts["federation"]
+    blocks = sum(g.config.layers for g in federation.groups)
+    guess = sum(
+        transformer_parameters(ir.graph.nodes[node_id(n)]["config"]) for n in federation.nodes
+    )
+    if guess > MAX_PARAMETERS or blocks > MAX_BLOCKS:
+        what = (
+            f"{guess:,} parameters"
+            if guess > MAX_PARAMETERS
+            else f"{blocks:,} transformer blocks to build"
+        )
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes",), key=True),
+                    f"this spec asks for {what}, beyond what epicycle will build "
+                    f"(at most {MAX_PARAMETERS:,} parameters and {MAX_BLOCKS:,} blocks)",
+                    "check `width`, `layers` and the number of nodes for a typo",
+                )
+            ]
+        )
+    with torch.device("meta"):
+        model = lower(ir)
+    steps = federation.steps
+    rows: dict[str, dict] = {}
+    for g, group in enumerate(federation.groups):
+        members = len(group.nodes)
+        shared = sum(p.numel() for p in model.federation.transformers[g].parameters())
+        shared += sum(p.numel() for p in model.federation.reads[g].parameters())
+        if model.federation.has_bus:
+            shared += sum(p.numel() for p in model.federation.to_bus[g].parameters())
+            shared += sum(p.numel() for p in model.federation.from_bus[g].parameters())
+        flops = transformer_flops_per_token(group.config) * steps
+        for name in group.nodes:
+            rows[name] = {
+                "parameters": shared // members,
+                "flops_per_token": flops,
+                "group": g,
+                "members": members,
+            }
+    shared_parts = {
+        f"inputs.{name}": sum(p.numel() for p in module.parameters())
+        for name, module in model.inputs.items()
+    }
+    seen: set[int] = {id(p) for module in model.inputs.values() for p in module.parameters()}
+    for name, module in model.outputs.items():
+        own = [p for p in module.parameters() if id(p) not in seen]
+        shared_parts[f"outputs.{name}"] = sum(p.numel() for p in own)
+    if model.federation.has_bus:
+        shared_parts["messages"] = sum(p.numel() for p in model.federation.messages.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return ir.with_facts(estimates=rows, parameters_outside_nodes=shared_parts, parameters=total)

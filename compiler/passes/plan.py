@@ -1,0 +1,109 @@
+"""Decide how the graph runs: topological stages, batch groups, the feedback schedule.
+
+* Stages are the topological generations of the delay-0 edges: a node runs after everything it
+  reads within the same step. Delayed edges read the previous step and impose no order.
+* Within a stage, nodes with the same resolved transformer and the same inputs form one batch
+  group, executed as one call with stacked weights (`runtime.layers`): 16 same-shaped gears are
+  one module, never a loop of 16.
+* Nodes sit on the message bus in the order the spec declares them, which keeps plans stable.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from runtime.federation import EdgePlan, FederationPlan, GroupPlan
+from runtime.transformer import TransformerConfig
+
+from ..ir import IR, input_id, node_id
+
+
+def transformer_config(settings: dict, width: int, context: int) -> TransformerConfig:
+    return TransformerConfig(
+        width=width,
+        heads=settings["heads"],
+        layers=settings["layers"],
+        context=context,
+        kv_heads=settings["kv_heads"] if settings["kv_heads"] != settings["heads"] else None,
+        mlp_width=max(1, round(settings["mlp_ratio"] * width)),
+        activation=settings["activation"],
+        norm=settings["norm"],
+        position=settings["position"],
+        rope_theta=float(settings["rope_theta"]),
+        dropout=float(settings["dropout"]),
+        bias=settings["bias"],
+        causal=settings["causal"],
+    )
+
+
+def plan(ir: IR) -> IR:
+    spec, graph = ir.spec, ir.graph.copy()
+    names = list(spec.nodes)
+    position = {name: i for i, name in enumerate(names)}
+    context = max(inp.context for inp in spec.inputs.values())
+
+    reads: dict[str, tuple[tuple[str, int], ...]] = {}
+    for name in names:
+        vertex = node_id(name)
+        config = transformer_config(
+            graph.nodes[vertex]["settings"], graph.nodes[vertex]["width"], context
+        )
+        graph.nodes[vertex]["config"] = config
+        reads[name] = tuple(
+            (graph.nodes[u]["name"], graph.nodes[u]["width"])
+            for u, _, d in sorted(
+                graph.in_edges(vertex, data=True), key=lambda e: str(e[2]["path"])
+            )
+            if d["role"] == "read"
+        )
+
+    instant = nx.DiGraph()
+    instant.add_nodes_from(names)
+    instant.add_edges_from((e.source, e.to) for e in spec.edges if e.delay == 0)
+    stages = []
+    for generation in nx.topological_generations(instant):
+        groups: dict[tuple, list[str]] = {}
+        for name in sorted(generation, key=position.__getitem__):
+            key = (graph.nodes[node_id(name)]["config"], reads[name])
+            groups.setdefault(key, []).append(name)
+        stages.append(
+            tuple(
+                GroupPlan(
+                    nodes=tuple(members),
+                    indices=tuple(position[m] for m in members),
+                    config=config,
+                    inputs=inputs,
+                )
+                for (config, inputs), members in groups.items()
+            )
+        )
+
+    feedback = spec.feedback
+    steps = feedback.steps if feedback else 1
+    backprop = feedback.backprop_steps if feedback and feedback.mode == "truncated" else steps
+    federation = FederationPlan(
+        nodes=tuple(names),
+        stages=tuple(stages),
+        edges=tuple(
+            EdgePlan(
+                position[e.source],
+                position[e.to],
+                e.delay,
+                e.kind,
+                float(e.ratio) if e.ratio else None,
+            )
+            for e in spec.edges
+        ),
+        bus_width=ir.facts["bus_width"],
+        aggregate=spec.defaults.message.aggregate,
+        steps=steps,
+        backprop_steps=backprop,
+    )
+    address = {}
+    for g, group in enumerate(federation.groups):
+        for m, name in enumerate(group.nodes):
+            address[name] = (g, m)
+            graph.nodes[node_id(name)]["group"] = g
+    for name in spec.inputs:
+        graph.nodes[input_id(name)]["context"] = spec.inputs[name].context
+    return ir.with_graph(graph).with_facts(federation=federation, address=address, context=context)

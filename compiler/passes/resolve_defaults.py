@@ -1,0 +1,49 @@
+"""Fill every node's unset transformer settings from `defaults.transformer`, then built-in defaults.
+
+The result, `settings`, is a plain dict per node with every field present (`width` may still be
+None when neither the node nor the defaults set it: `infer_widths` and `check_shapes` handle that),
+and `settings_from`, the path each value was written at, so later errors point at the right line:
+a bad `heads` inherited from `defaults` is reported at `defaults.transformer.heads`.
+"""
+
+from __future__ import annotations
+
+from ..ir import IR
+from ..spec import TransformerSettings
+
+BUILTIN = {
+    "width": None,
+    "heads": 4,
+    "kv_heads": None,
+    "layers": 2,
+    "mlp_ratio": 4.0,
+    "activation": "gelu",
+    "norm": "layernorm",
+    "position": "rope",
+    "rope_theta": 10000.0,
+    "dropout": 0.0,
+    "bias": False,
+    "causal": True,
+}
+assert set(BUILTIN) == set(TransformerSettings.model_fields), (
+    "every transformer setting needs a built-in default"
+)
+
+
+def resolve_defaults(ir: IR) -> IR:
+    graph = ir.graph.copy()
+    defaults = ir.spec.defaults.transformer
+    for vertex, data in ir.vertices("node"):
+        node = data["spec"]
+        settings, origin = {}, {}
+        for key, builtin in BUILTIN.items():
+            own, inherited = getattr(node, key), getattr(defaults, key)
+            if own is not None:
+                settings[key], origin[key] = own, (*data["path"], key)
+            elif inherited is not None:
+                settings[key], origin[key] = inherited, ("defaults", "transformer", key)
+            else:
+                settings[key], origin[key] = builtin, (*data["path"], "kind")
+        graph.nodes[vertex]["settings"] = settings
+        graph.nodes[vertex]["settings_from"] = origin
+    return ir.with_graph(graph)

@@ -1,0 +1,40 @@
+"""The driver: spec file -> LoadedSpec -> IR -> passes -> nn.Module."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from runtime.model import GraphModel
+
+from .diagnostics import raise_if_errors
+from .frontend import LoadedSpec, load_spec
+from .ir import IR, build_ir
+from .lower import lower
+from .passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
+
+
+def analyze(source: str | Path | LoadedSpec) -> IR:
+    """Load, validate, check, plan and estimate a spec without allocating any weight.
+
+    Raises `SpecError` with every located problem; warnings are kept in `ir.facts["warnings"]`.
+    """
+    loaded = source if isinstance(source, LoadedSpec) else load_spec(source)
+    ir = build_ir(loaded)
+    for transform in TRANSFORMS_BEFORE_CHECKS:
+        ir = transform(ir)
+    warnings = raise_if_errors(d for check in CHECKS for d in check(ir))
+    for transform in TRANSFORMS_AFTER_CHECKS:
+        ir = transform(ir)
+    return ir.with_facts(warnings=warnings)
+
+
+def build_model(
+    source: str | Path | LoadedSpec | IR, *, device: str | torch.device | None = None
+) -> GraphModel:
+    """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached)."""
+    ir = source if isinstance(source, IR) else analyze(source)
+    with torch.device(device) if device is not None else nullcontext():
+        return lower(ir)

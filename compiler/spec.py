@@ -1,0 +1,338 @@
+"""Spec version 1: the pydantic models that are the single source of the spec language.
+
+The JSON Schema (`epicycle schema`), the reference in the README and the validation errors all come
+from these classes. They describe structure only: each field's type, range and default, and the
+`kind` that selects a variant. Relations between parts of a spec (an edge naming a node, heads
+dividing a width, cycles, gear trains) are checked by the passes in `compiler/passes/`, which know
+where each part was written.
+
+Size limits are deliberately generous but finite: a width of 10^30 is a typo, not a model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+from .rational import Rational
+
+SPEC_VERSION = 1
+
+MAX_WIDTH = 1 << 20
+MAX_HEADS = 4096
+MAX_LAYERS = 10_000
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 22
+MAX_NODES = 100_000
+MAX_EDGES = 1_000_000
+MAX_STEPS = 4096
+MAX_DELAY = 64
+
+
+def _real_number(value: Any) -> Any:
+    """Floats accept ints but not booleans or strings: `dropout: "0.1"` is a typo worth naming."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError(
+            "number_type", "expected a number, got {type}", {"type": _type_name(value)}
+        )
+    return value
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, (int, float)):
+        return f"`{getattr(value, 'text', None) or value}`"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+Int = Annotated[int, Strict()]
+Real = Annotated[float, BeforeValidator(_real_number)]
+Name = Annotated[
+    str,
+    Strict(),
+    StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$", max_length=64),
+]
+Width = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
+Heads = Annotated[Int, Field(ge=1, le=MAX_HEADS)]
+
+
+def _as_name_list(value: Any) -> Any:
+    """`from: sun` and `from: [sun, moon]` both mean a list of node names."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and len(set(map(str, value))) != len(value):
+        raise PydanticCustomError(
+            "duplicate_name", "a node is listed twice in {value}", {"value": value}
+        )
+    if not isinstance(value, list):
+        raise PydanticCustomError(
+            "sources_type",
+            "expected a node name or a list of node names, got {type}",
+            {"type": _type_name(value)},
+        )
+    return value
+
+
+Sources = Annotated[
+    list[Name],
+    BeforeValidator(_as_name_list),
+    Field(min_length=1, max_length=1024),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ],
+            "description": "A node name, or a list of node names.",
+        }
+    ),
+]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec section: unknown keys are errors, numbers must be finite."""
+
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=False
+    )
+
+
+# --------------------------------------------------------------------------- transformer settings
+
+
+class TransformerSettings(SpecModel):
+    """Settings of a decoder-only transformer (nanoGPT / GPT-2 style, with modern options).
+
+    Every field may be left out; it is then taken from `defaults.transformer`, and failing that
+    from the default shown here.
+    """
+
+    width: Width | None = Field(None, description="Residual stream width (d_model).")
+    heads: Heads | None = Field(None, description="Query heads; must divide `width`. Default 4.")
+    kv_heads: Heads | None = Field(
+        None,
+        description="Key/value heads (multi-query or grouped-query attention); must divide `heads`.",
+    )
+    layers: Annotated[Int, Field(ge=1, le=MAX_LAYERS)] | None = Field(
+        None, description="Blocks. Default 2."
+    )
+    mlp_ratio: Annotated[Real, Field(gt=0, le=64)] | None = Field(
+        None, description="MLP inner width as a multiple of `width`. Default 4."
+    )
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"] | None = Field(
+        None, description="MLP activation; `swiglu`/`geglu` are gated (Shazeer 2020). Default gelu."
+    )
+    norm: Literal["layernorm", "rmsnorm"] | None = Field(None, description="Default layernorm.")
+    position: Literal["rope", "learned", "none"] | None = Field(
+        None,
+        description="Rotary embedding in attention (Su et al. 2021), a learned absolute table "
+        "(GPT-2), or none. Default rope.",
+    )
+    rope_theta: Annotated[Real, Field(gt=0, le=1e9)] | None = Field(
+        None, description="Default 10000."
+    )
+    dropout: Annotated[Real, Field(ge=0, lt=1)] | None = Field(None, description="Default 0.")
+    bias: Annotated[bool, Strict()] | None = Field(
+        None, description="Biases in linear layers and norms. Default false."
+    )
+    causal: Annotated[bool, Strict()] | None = Field(
+        None, description="Causal attention mask. Default true."
+    )
+
+
+class MessageSettings(SpecModel):
+    """How nodes exchange messages along edges (a torch-geometric MessagePassing layer)."""
+
+    width: Width | None = Field(
+        None,
+        description="Width of the message bus; default: the widest node. Nodes of another width project in and out.",
+    )
+    aggregate: Literal["sum", "mean"] = Field(
+        "sum", description="How a node combines its incoming messages."
+    )
+
+
+class Defaults(SpecModel):
+    transformer: TransformerSettings = TransformerSettings()
+    message: MessageSettings = MessageSettings()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class TokensInput(SpecModel):
+    """Integer token ids `(batch, tokens)`, embedded into a learned table."""
+
+    kind: Literal["tokens"]
+    vocab: Annotated[Int, Field(ge=1, le=MAX_VOCAB)] = Field(description="Vocabulary size.")
+    context: Annotated[Int, Field(ge=1, le=MAX_CONTEXT)] = Field(
+        description="Longest sequence the model takes."
+    )
+    width: Width | None = Field(
+        None, description="Embedding width; default: the width of the nodes that read it."
+    )
+
+
+class FeaturesInput(SpecModel):
+    """Real-valued features `(batch, tokens, width)`, projected into each reading node."""
+
+    kind: Literal["features"]
+    width: Width = Field(description="Features per token.")
+    context: Annotated[Int, Field(ge=1, le=MAX_CONTEXT)] = Field(
+        1024, description="Longest sequence."
+    )
+
+
+Input = Annotated[TokensInput | FeaturesInput, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+InputNames = Annotated[
+    list[Name],
+    BeforeValidator(_as_name_list),
+    Field(max_length=64),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+            "description": "An input name, a list of them (their reads are summed), or [] for none.",
+        }
+    ),
+]
+
+
+class TransformerNode(TransformerSettings):
+    """A decoder-only transformer on a token stream `(batch, tokens, width)`."""
+
+    kind: Literal["transformer"]
+    input: InputNames | None = Field(
+        None,
+        description="The input(s) this node reads, or [] for a node driven by messages alone. "
+        "Default: the only input.",
+    )
+
+
+NODE_KINDS: dict[str, type[SpecModel]] = {"transformer": TransformerNode}
+Node = Annotated[tuple(NODE_KINDS.values()), Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+# --------------------------------------------------------------------------- edges and feedback
+
+
+class Edge(SpecModel):
+    """Messages from one node's state to another's, for every token in parallel.
+
+    `delay: d` reads the source's state from `d` feedback steps earlier, which is what makes a
+    directed cycle legal; a cycle of edges all with `delay: 0` is an algebraic loop.
+    """
+
+    source: Name = Field(alias="from", description="The node whose state is sent.")
+    to: Name = Field(description="The node that receives.")
+    kind: Literal["message", "mesh", "feedback"] = Field(
+        "message", description="`mesh` is a gear mesh (issue: gears); `feedback` must have a delay."
+    )
+    delay: Annotated[Int, Field(ge=0, le=MAX_DELAY)] = Field(
+        0, description="Feedback steps of delay."
+    )
+    ratio: Rational | None = Field(
+        None, description="An exact ratio conditioning the message (e.g. `223/19`)."
+    )
+
+
+class Feedback(SpecModel):
+    """Iterate the whole graph `steps` times; delayed edges carry state between iterations."""
+
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] = Field(description="Iterations of the graph.")
+    mode: Literal["unroll", "truncated"] = Field(
+        "unroll",
+        description="`unroll` backpropagates through every step; `truncated` through the last `backprop_steps`.",
+    )
+    backprop_steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
+        None, description="For `truncated`: steps that keep gradients (the last ones)."
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class LMHeadOutput(SpecModel):
+    """Next-token logits `(batch, tokens, vocab)` over a tokens input's vocabulary."""
+
+    kind: Literal["lm_head"]
+    source: Sources = Field(alias="from", description="Node(s) read; several are concatenated.")
+    tie: Annotated[bool, Strict()] = Field(
+        False, description="Share the weights of the token embedding (Press & Wolf 2017)."
+    )
+    vocab_of: Name | None = Field(
+        None, description="The tokens input whose vocabulary is predicted; default: the only one."
+    )
+
+
+class RegressionOutput(SpecModel):
+    """A linear read-out `(batch, tokens, width)`."""
+
+    kind: Literal["regression"]
+    source: Sources = Field(alias="from", description="Node(s) read; several are concatenated.")
+    width: Width = Field(description="Values per token.")
+
+
+class ClassificationOutput(SpecModel):
+    """Class logits `(batch, classes)` from the token states, pooled."""
+
+    kind: Literal["classification"]
+    source: Sources = Field(alias="from", description="Node(s) read; several are concatenated.")
+    classes: Annotated[Int, Field(ge=2, le=MAX_VOCAB)]
+    pool: Literal["mean", "last"] = "mean"
+
+
+Output = Annotated[
+    LMHeadOutput | RegressionOutput | ClassificationOutput, Field(discriminator="kind")
+]
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+class Spec(SpecModel):
+    """An epicycle model: inputs, nodes (sub-models), edges between them, and outputs."""
+
+    spec: Annotated[Int, Field(description="The spec language version; this epicycle reads 1.")]
+    name: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=128)]
+    seed: Annotated[Int, Field(ge=0, lt=1 << 63)] = Field(
+        0, description="Seeds weight initialisation."
+    )
+    defaults: Defaults = Defaults()
+    inputs: Annotated[dict[Name, Input], Field(min_length=1, max_length=64)]
+    nodes: Annotated[dict[Name, Node], Field(min_length=1, max_length=MAX_NODES)]
+    edges: Annotated[list[Edge], Field(max_length=MAX_EDGES)] = []
+    feedback: Feedback | None = None
+    outputs: Annotated[dict[Name, Output], Field(min_length=1, max_length=64)]
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema for editors (yaml-language-server): completion, hover docs, live errors."""
+    schema = Spec.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "epicycle spec, version 1"
+    schema["properties"]["spec"]["const"] = SPEC_VERSION
+    return schema

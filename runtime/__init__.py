@@ -1,0 +1,1 @@
+"""Modules the compiler targets: plain PyTorch parts with no knowledge of YAML."""

@@ -1,0 +1,82 @@
+"""The module the compiler produces: inputs -> federation of sub-models -> outputs.
+
+It is an ordinary `nn.Module`: parameters, `state_dict`, `.to()`, `torch.compile` all behave as
+usual. `forward` takes the spec's inputs (positionally in declaration order, or by name) and
+returns a dict of the spec's outputs by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .federation import Federation
+from .ports import concat_states
+
+
+@dataclass(frozen=True)
+class OutputWiring:
+    """Which node states an output reads: `(group, member)` addresses into the federation."""
+
+    sources: tuple[tuple[int, int], ...]
+
+
+class GraphModel(nn.Module):
+    def __init__(
+        self,
+        inputs: dict[str, nn.Module],
+        federation: Federation,
+        outputs: dict[str, nn.Module],
+        wiring: dict[str, OutputWiring],
+    ):
+        super().__init__()
+        self.inputs = nn.ModuleDict(inputs)
+        self.federation = federation
+        self.outputs = nn.ModuleDict(outputs)
+        self.wiring = wiring
+        self.input_names = tuple(inputs)
+        # Set by the compiler: the validated spec, its text and digest, the resolved plan.
+        self.spec: Any = None
+        self.spec_text: str = ""
+        self.spec_digest: str = ""
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
+        values = self._bind(args, kwargs)
+        embedded = {}
+        for name, module in self.inputs.items():
+            value = values[name]
+            context = getattr(module, "context", None)
+            if context is not None and value.shape[1] > context:
+                raise ValueError(
+                    f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}"
+                )
+            embedded[name] = module(value)
+        states = self.federation(embedded)
+        result = {}
+        for name, head in self.outputs.items():
+            read = [states[g][m] for g, m in self.wiring[name].sources]
+            result[name] = head(concat_states(read))
+        return result
+
+    def _bind(self, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if len(args) > len(self.input_names):
+            raise TypeError(
+                f"the model takes {len(self.input_names)} input(s) {list(self.input_names)}, got {len(args)}"
+            )
+        values = dict(zip(self.input_names, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in self.input_names:
+                raise TypeError(
+                    f"unknown input `{name}`; the spec's inputs are {list(self.input_names)}"
+                )
+            if name in values:
+                raise TypeError(f"input `{name}` given twice")
+            values[name] = value
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise TypeError(
+                f"missing input(s) {missing}; the spec's inputs are {list(self.input_names)}"
+            )
+        return values

@@ -1,0 +1,70 @@
+"""A graph model's inputs (embeddings of what the user feeds) and outputs (read-out heads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TokenInput(nn.Module):
+    """Token ids `(batch, tokens)` to vectors `(batch, tokens, width)`."""
+
+    def __init__(self, vocab: int, width: int, context: int):
+        super().__init__()
+        self.vocab, self.context = vocab, context
+        self.table = nn.Embedding(vocab, width)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(ids)
+
+
+class FeatureInput(nn.Module):
+    """Real features `(batch, tokens, features)` to vectors `(batch, tokens, width)`."""
+
+    def __init__(self, features: int, width: int, context: int):
+        super().__init__()
+        self.context = context
+        self.proj = nn.Linear(features, width)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class LinearHead(nn.Module):
+    """Per-token read-out; `tie_to` shares an embedding table's weight (Press & Wolf 2017)."""
+
+    def __init__(
+        self, width: int, out: int, bias: bool = False, tie_to: nn.Embedding | None = None
+    ):
+        super().__init__()
+        self.proj = nn.Linear(width, out, bias=bias)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        if bias:
+            nn.init.zeros_(self.proj.bias)
+        if tie_to is not None:
+            self.proj.weight = tie_to.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class PooledHead(nn.Module):
+    """Sequence classification: mean or last-token pooling, then a linear map to class logits."""
+
+    def __init__(self, width: int, classes: int, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.proj = nn.Linear(width, classes)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = x.mean(dim=-2) if self.pool == "mean" else x[..., -1, :]
+        return self.proj(pooled)
+
+
+def concat_states(states: list[Tensor]) -> Tensor:
+    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)

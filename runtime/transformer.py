@@ -1,0 +1,173 @@
+"""A decoder-only transformer (Vaswani et al. 2017; GPT-2 layout, Radford et al. 2019), in members.
+
+One screen per idea, as in nanoGPT: `SelfAttention`, `MLP`, `Block`, `Transformer`. Every module
+takes a stream shaped `(members, batch, tokens, width)` and holds `members` independent sets of
+weights (see `runtime.layers`); a single model is `members == 1`. Attention runs through
+`F.scaled_dot_product_attention`, which dispatches to flash or memory-efficient kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """A resolved transformer: every field has its final value (the compiler fills them in)."""
+
+    width: int
+    heads: int
+    layers: int
+    context: int
+    kv_heads: int | None = None
+    mlp_width: int | None = None
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    bias: bool = False
+    causal: bool = True
+
+    @property
+    def head_width(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def inner_width(self) -> int:
+        return self.mlp_width or 4 * self.width
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021, RoFormer), rotating halves of each head (the GPT-NeoX/LLaMA layout)."""
+
+    def __init__(self, head_width: int, context: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_width, 2, dtype=torch.float32) / head_width)
+        )
+        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate `x` shaped `(batch, heads, tokens, head_width)`."""
+        n = x.shape[-2]
+        cos, sin = self.cos[:n].to(x.dtype), self.sin[:n].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, members: int):
+        super().__init__()
+        self.cfg = cfg
+        hw, h, kv = cfg.head_width, cfg.heads, cfg.n_kv_heads
+        self.qkv = MemberLinear(members, cfg.width, (h + 2 * kv) * hw, cfg.bias)
+        self.proj = MemberLinear(members, h * hw, cfg.width, cfg.bias)
+        scaled_init_(self.proj, cfg.layers)
+        self.rotary = (
+            RotaryEmbedding(hw, cfg.context, cfg.rope_theta) if cfg.position == "rope" else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        *lead, n, _ = x.shape
+        h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width
+        qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
+        q, k, v = qkv.split((h, kv, kv), dim=1)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=cfg.causal,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=kv != h,
+        )
+        return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swiglu": F.silu,  # gated: silu(a) * b (Shazeer 2020)
+    "geglu": F.gelu,  # gated: gelu(a) * b
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig, members: int):
+        super().__init__()
+        self.cfg = cfg
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.fc = MemberLinear(
+            members, cfg.width, cfg.inner_width * (2 if cfg.gated else 1), cfg.bias
+        )
+        self.proj = MemberLinear(members, cfg.inner_width, cfg.width, cfg.bias)
+        scaled_init_(self.proj, cfg.layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.cfg.gated:
+            a, b = h.chunk(2, dim=-1)
+            return self.proj(self.act(a) * b)
+        return self.proj(self.act(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: TransformerConfig, members: int):
+        super().__init__()
+        self.norm_attn = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
+        self.attn = SelfAttention(cfg, members)
+        self.norm_mlp = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
+        self.mlp = MLP(cfg, members)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + F.dropout(self.attn(self.norm_attn(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.norm_mlp(x)), self.dropout, self.training)
+
+
+class Transformer(nn.Module):
+    """`members` decoder stacks of one shape; `(members, batch, tokens, width)` in and out.
+
+    The input is an already-embedded stream: embedding tables belong to the spec's inputs, which
+    several nodes may share.
+    """
+
+    def __init__(self, cfg: TransformerConfig, members: int = 1):
+        super().__init__()
+        self.cfg, self.members = cfg, members
+        self.positions = (
+            MemberEmbedding(members, cfg.context, cfg.width) if cfg.position == "learned" else None
+        )
+        self.blocks = nn.ModuleList(Block(cfg, members) for _ in range(cfg.layers))
+        self.norm_out = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.positions is not None:
+            x = x + self.positions(x.shape[-2]).to(x.dtype)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm_out(x)
