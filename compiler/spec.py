@@ -11,7 +11,7 @@ Size limits are deliberately generous but finite: a width of 10^30 is a typo, no
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -233,7 +233,7 @@ class TransformerNode(TransformerSettings):
 
 
 NODE_KINDS: dict[str, type[SpecModel]] = {"transformer": TransformerNode}
-Node = Annotated[tuple(NODE_KINDS.values()), Field(discriminator="kind")]  # type: ignore[valid-type]
+Node = Annotated[Union[tuple(NODE_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 # --------------------------------------------------------------------------- edges and feedback

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import compiler
+
+ROOT = Path(__file__).resolve().parent.parent
+GALLERY = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a YAML snippet (dedented) to `spec.yaml` and return its path."""
+
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def spec_errors(write_spec):
+    """The formatted diagnostics a snippet produces, with the temporary path shortened to `spec.yaml`."""
+
+    def errors(text: str) -> str:
+        path = write_spec(text)
+        with pytest.raises(compiler.SpecError) as info:
+            compiler.analyze(path)
+        return info.value.format().replace(str(path), "spec.yaml")
+
+    return errors
+
+
+TINY = """
+spec: 1
+name: tiny
+inputs:
+  tokens: {kind: tokens, vocab: 17, context: 16}
+nodes:
+  body: {kind: transformer, width: 32, heads: 2, layers: 1}
+outputs:
+  logits: {from: body, kind: lm_head}
+"""

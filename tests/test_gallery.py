@@ -1,0 +1,71 @@
+"""Every spec in `specs/` validates, compiles, runs forward and backward, and captures as one graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compiler
+from tests.conftest import GALLERY, ROOT
+
+
+def random_inputs(spec, batch: int = 2, tokens: int = 8) -> dict[str, torch.Tensor]:
+    inputs = {}
+    for name, inp in spec.inputs.items():
+        if inp.kind == "tokens":
+            inputs[name] = torch.randint(0, inp.vocab, (batch, tokens))
+        else:
+            inputs[name] = torch.randn(batch, tokens, inp.width)
+    return inputs
+
+
+def test_the_gallery_is_not_empty():
+    assert {p.name for p in GALLERY} >= {"transformer.yaml", "federation.yaml"}
+
+
+@pytest.mark.parametrize("path", GALLERY, ids=lambda p: p.name)
+def test_gallery_spec_compiles_and_trains_a_step(path):
+    ir = compiler.analyze(path)
+    assert ir.facts["warnings"] == []
+    model = compiler.build_model(ir)
+    assert model.spec.name == ir.spec.name and model.spec_digest == ir.loaded.digest
+    assert sum(p.numel() for p in model.parameters()) == ir.facts["parameters"]
+    outputs = model(**random_inputs(model.spec))
+    loss = sum(o.float().square().mean() for o in outputs.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("path", GALLERY, ids=lambda p: p.name)
+def test_gallery_spec_compiles_with_fullgraph(path):
+    """`torch.compile(fullgraph=True)` raises on any graph break; aot_eager also traces backward."""
+    torch._dynamo.reset()
+    model = compiler.build_model(path).eval()
+    inputs = random_inputs(model.spec)
+    expected = model(**inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(**inputs)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+    sum(o.square().mean() for o in got.values()).backward()
+
+
+def test_the_federation_learns_on_cpu():
+    """20 AdamW steps on a repeating character pattern: the loss must fall clearly."""
+    torch.manual_seed(0)
+    model = compiler.build_model(ROOT / "specs" / "federation.yaml")
+    text = ("the moon follows the sun; the planets follow both. " * 40).encode()
+    data = torch.tensor(list(text)) % 84
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(20):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[s : s + 33] for s in starts])
+        logits = model(batch[:, :-1])["logits"]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 84), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
