@@ -1,19 +1,24 @@
-"""The driver: spec file -> LoadedSpec -> IR -> passes -> nn.Module."""
+"""The driver: spec file -> LoadedSpec -> IR -> passes -> nn.Module.
+
+torch is imported only once a spec has passed every check (planning and the meta-device estimate
+need it), so a wrong spec is reported in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-
-import torch
-
-from runtime.model import GraphModel
+from typing import TYPE_CHECKING
 
 from .diagnostics import raise_if_errors
 from .frontend import LoadedSpec, load_spec
 from .ir import IR, build_ir
-from .lower import lower
 from .passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.model import GraphModel
 
 
 def analyze(source: str | Path | LoadedSpec) -> IR:
@@ -35,6 +40,10 @@ def build_model(
     source: str | Path | LoadedSpec | IR, *, device: str | torch.device | None = None
 ) -> GraphModel:
     """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached)."""
+    import torch
+
+    from .lower import lower
+
     ir = source if isinstance(source, IR) else analyze(source)
     with torch.device(device) if device is not None else nullcontext():
         return lower(ir)

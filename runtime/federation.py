@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import MemberLinear
-from .message_passing import EdgeConditionedMessage, stage_edges
+from .message_passing import stage_edges
 from .transformer import Transformer, TransformerConfig
 
 
@@ -87,6 +87,10 @@ class Federation(nn.Module):
             self.from_bus = nn.ModuleList(
                 _projection(len(g.nodes), plan.bus_width, g.config.width) for g in groups
             )
+            from .message_passing_layer import (
+                EdgeConditionedMessage,  # torch-geometric: only when needed
+            )
+
             self.messages = EdgeConditionedMessage(plan.bus_width, plan.aggregate)
         self._stage_has_edges: list[bool] = []
         n = len(plan.nodes)

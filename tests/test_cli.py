@@ -34,7 +34,10 @@ def test_validate_exits_1_and_prints_compiler_style_messages(write_spec):
     bad = write_spec(TINY.replace("width: 32", "width: wide"), "bad.yaml")
     result = run("validate", str(good), str(bad))
     assert result.exit_code == 1
-    assert result.stderr == f"{bad}:6:36: error: `width` must be a whole number, got a string ('wide')\n"
+    assert (
+        result.stderr
+        == f"{bad}:6:36: error: `width` must be a whole number, got a string ('wide')\n"
+    )
     assert f"{good}: ok" in result.stdout
 
 
@@ -53,7 +56,14 @@ def test_help_is_everywhere():
 def test_compile_prints_the_node_table_and_runs_a_smoke_forward():
     result = run("compile", str(ROOT / "specs" / "federation.yaml"))
     assert result.exit_code == 0, result.output
-    for expected in ("sun", "moon", "dial", "#1 x4", "FLOPs/token", "smoke forward: logits (2, 16, 84)"):
+    for expected in (
+        "sun",
+        "moon",
+        "dial",
+        "#1 x4",
+        "FLOPs/token",
+        "smoke forward: logits (2, 16, 84)",
+    ):
         assert expected in result.stdout
 
 
@@ -64,7 +74,9 @@ def test_compile_writes_safetensors_that_load_back_exactly(tmp_path):
     loaded = load_checkpoint(tmp_path / "ck")
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    assert (tmp_path / "ck" / "spec.yaml").read_text() == (ROOT / "specs" / "federation.yaml").read_text()
+    assert (tmp_path / "ck" / "spec.yaml").read_text() == (
+        ROOT / "specs" / "federation.yaml"
+    ).read_text()
 
 
 def test_a_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
@@ -92,13 +104,18 @@ def test_schema_is_json_for_editors(tmp_path):
 
 def test_the_shipped_schema_file_is_current():
     shipped = json.loads((ROOT / "schema" / "epicycle.schema.json").read_text())
-    assert shipped == compiler.json_schema(), "regenerate with: epicycle schema -o schema/epicycle.schema.json"
+    assert shipped == compiler.json_schema(), (
+        "regenerate with: epicycle schema -o schema/epicycle.schema.json"
+    )
 
 
 def test_the_real_command_end_to_end(write_spec):
     bad = write_spec(TINY.replace("vocab: 17", "vocab: 17, vocab: 18"))
     proc = subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "validate", str(bad)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "compiler.cli", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert "duplicate key `vocab`" in proc.stderr and "Traceback" not in proc.stderr

@@ -59,7 +59,7 @@ def test_the_federation_learns_on_cpu():
     data = torch.tensor(list(text)) % 84
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(20):
+    for _ in range(20):
         starts = torch.randint(0, len(data) - 33, (8,))
         batch = torch.stack([data[s : s + 33] for s in starts])
         logits = model(batch[:, :-1])["logits"]

@@ -34,9 +34,28 @@ def slice_linear(module: torch.nn.Module, m: int, members: int):
 
 CONFIGS = [
     TransformerConfig(width=32, heads=4, layers=2, context=16),
-    TransformerConfig(width=32, heads=4, kv_heads=2, layers=1, context=16, activation="swiglu", norm="rmsnorm", bias=True),
-    TransformerConfig(width=24, heads=3, layers=1, context=16, position="learned", activation="gelu_tanh", bias=True),
-    TransformerConfig(width=16, heads=2, layers=1, context=16, position="none", causal=False, activation="geglu"),
+    TransformerConfig(
+        width=32,
+        heads=4,
+        kv_heads=2,
+        layers=1,
+        context=16,
+        activation="swiglu",
+        norm="rmsnorm",
+        bias=True,
+    ),
+    TransformerConfig(
+        width=24,
+        heads=3,
+        layers=1,
+        context=16,
+        position="learned",
+        activation="gelu_tanh",
+        bias=True,
+    ),
+    TransformerConfig(
+        width=16, heads=2, layers=1, context=16, position="none", causal=False, activation="geglu"
+    ),
 ]
 
 
@@ -47,7 +66,9 @@ def test_stacked_members_equal_separate_models(cfg):
     x = torch.randn(3, 2, 10, cfg.width)
     y = stacked(x)
     for m in range(3):
-        torch.testing.assert_close(member(stacked, m, 3, cfg)(x[m : m + 1])[0], y[m], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            member(stacked, m, 3, cfg)(x[m : m + 1])[0], y[m], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -101,14 +122,18 @@ def reference_federation(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]
                 bus[index] = slice_linear(fed.to_bus[g], m, members)(y)
         history = [bus, *history]
     return {
-        name: head(torch.cat([states[plan.groups[g].nodes[m]] for g, m in model.wiring[name].sources], -1))
+        name: head(
+            torch.cat([states[plan.groups[g].nodes[m]] for g, m in model.wiring[name].sources], -1)
+        )
         for name, head in model.outputs.items()
     }
 
 
 def test_the_batched_federation_equals_its_node_by_node_definition():
     model = compiler.build_model(ROOT / "specs" / "federation.yaml").eval()
-    assert any(len(g.nodes) > 1 for g in model.federation.plan.groups), "the spec should batch a group"
+    assert any(len(g.nodes) > 1 for g in model.federation.plan.groups), (
+        "the spec should batch a group"
+    )
     tokens = torch.randint(0, 84, (2, 12))
     expected = reference_federation(model, tokens)
     with torch.no_grad():
@@ -120,7 +145,10 @@ def test_the_batched_federation_equals_its_node_by_node_definition():
 def test_truncated_feedback_computes_the_same_values_with_fewer_gradients(tmp_path):
     text = (ROOT / "specs" / "federation.yaml").read_text()
     unroll = compiler.build_model(compiler.load_spec_text(text))
-    truncated_text = text.replace("feedback: {steps: 4, mode: unroll}", "feedback: {steps: 4, mode: truncated, backprop_steps: 1}")
+    truncated_text = text.replace(
+        "feedback: {steps: 4, mode: unroll}",
+        "feedback: {steps: 4, mode: truncated, backprop_steps: 1}",
+    )
     assert truncated_text != text
     truncated = compiler.build_model(compiler.load_spec_text(truncated_text))
     truncated.load_state_dict(unroll.state_dict())
@@ -145,7 +173,9 @@ def test_same_spec_and_seed_give_bit_identical_weights_and_leave_global_rng_alon
     b = compiler.build_model(path).state_dict()
     assert before == after
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = compiler.build_model(compiler.load_spec_text(path.read_text().replace("seed: 0", "seed: 1"))).state_dict()
+    other = compiler.build_model(
+        compiler.load_spec_text(path.read_text().replace("seed: 0", "seed: 1"))
+    ).state_dict()
     assert not torch.equal(a["inputs.tokens.table.weight"], other["inputs.tokens.table.weight"])
 
 

@@ -68,7 +68,11 @@ def test_tags_that_build_objects_are_refused(text):
 
 
 def test_standard_scalar_tags_are_plain_data():
-    assert parse_spec_text("a: !!str 12\nb: !!int '7'\nc: !!float 3\n").data == {"a": "12", "b": 7, "c": 3.0}
+    assert parse_spec_text("a: !!str 12\nb: !!int '7'\nc: !!float 3\n").data == {
+        "a": "12",
+        "b": 7,
+        "c": 3.0,
+    }
 
 
 def test_anchors_aliases_and_merge_keys_share_settings():
@@ -104,7 +108,9 @@ def test_tabs_get_a_message_about_tabs():
 
 def test_files_that_are_not_text():
     assert "binary file" in error_of(b"spec: 1\n\x00\x01\x02")
-    assert error_of(b"spec: 1\nname: caf\xe9\n").startswith("s.yaml:2:10: error: the file is not UTF-8")
+    assert error_of(b"spec: 1\nname: caf\xe9\n").startswith(
+        "s.yaml:2:10: error: the file is not UTF-8"
+    )
     assert "the file is empty" in error_of(b"")
     assert "only comments" in error_of("# nothing here\n")
 

@@ -39,7 +39,11 @@ def test_nodes_inherit_defaults_and_override_them(write_spec):
     a, b = (ir.graph.nodes[f"nodes.{n}"]["config"] for n in "ab")
     assert (a.width, a.heads, a.layers, a.norm) == (64, 8, 3, "rmsnorm")
     assert (b.layers, b.norm) == (1, "rmsnorm")
-    assert ir.graph.nodes["nodes.a"]["settings_from"]["heads"] == ("defaults", "transformer", "heads")
+    assert ir.graph.nodes["nodes.a"]["settings_from"]["heads"] == (
+        "defaults",
+        "transformer",
+        "heads",
+    )
 
 
 def test_a_width_can_come_from_the_input(write_spec):
@@ -65,7 +69,9 @@ def test_ratios_are_exact_rationals_in_the_spec(write_spec):
     ir = compiler.analyze(
         write_spec(
             TINY.replace("outputs:", "edges: []\noutputs:")
-            .replace("nodes:\n", "nodes:\n  gear: {kind: transformer, width: 32, heads: 2, layers: 1}\n")
+            .replace(
+                "nodes:\n", "nodes:\n  gear: {kind: transformer, width: 32, heads: 2, layers: 1}\n"
+            )
             .replace("edges: []", "edges:\n  - {from: gear, to: body, kind: mesh, ratio: 13.368}")
         )
     )
@@ -86,8 +92,12 @@ def test_heads_must_divide_the_width(spec_errors):
 
 
 def test_an_inherited_bad_value_is_reported_where_it_was_written(spec_errors):
-    text = TINY.replace("nodes:", "defaults:\n  transformer: {heads: 3}\nnodes:").replace("heads: 2, ", "")
-    assert spec_errors(text).startswith("spec.yaml:6:24: error: `heads: 3` does not divide node `body`'s width 32")
+    text = TINY.replace("nodes:", "defaults:\n  transformer: {heads: 3}\nnodes:").replace(
+        "heads: 2, ", ""
+    )
+    assert spec_errors(text).startswith(
+        "spec.yaml:6:24: error: `heads: 3` does not divide node `body`'s width 32"
+    )
 
 
 def test_a_cycle_without_delay_is_an_algebraic_loop(spec_errors):
@@ -108,7 +118,9 @@ def test_a_cycle_without_delay_is_an_algebraic_loop(spec_errors):
         "spec.yaml:9:5: error: these edges form a loop with no delay: a -> b -> a\n"
         "  help: add `delay: 1` to one edge of this cycle (it then reads the previous feedback step)"
     )
-    fixed = text.replace("{from: b, to: a}", "{from: b, to: a, delay: 1}") + "feedback: {steps: 3}\n"
+    fixed = (
+        text.replace("{from: b, to: a}", "{from: b, to: a, delay: 1}") + "feedback: {steps: 3}\n"
+    )
     assert "error" not in spec_errors_or_ok(fixed)
 
 
@@ -137,12 +149,18 @@ def test_the_spec_version_is_checked_first(spec_errors):
 
 
 def test_absurd_sizes_are_refused_before_anything_is_built(spec_errors):
-    text = TINY.replace("layers: 1", "layers: 9000").replace("width: 32", "width: 1048576").replace("heads: 2", "heads: 1024")
+    text = (
+        TINY.replace("layers: 1", "layers: 9000")
+        .replace("width: 32", "width: 1048576")
+        .replace("heads: 2", "heads: 1024")
+    )
     assert "beyond what epicycle will build" in spec_errors(text)
 
 
 def test_a_node_that_feeds_nothing_is_a_warning(write_spec):
-    text = TINY.replace("nodes:\n", "nodes:\n  idle: {kind: transformer, width: 32, heads: 2, layers: 1}\n")
+    text = TINY.replace(
+        "nodes:\n", "nodes:\n  idle: {kind: transformer, width: 32, heads: 2, layers: 1}\n"
+    )
     ir = compiler.analyze(write_spec(text))
     (warning,) = ir.facts["warnings"]
     assert warning.severity == "warning" and "node `idle` feeds no output" in warning.message
@@ -151,7 +169,15 @@ def test_a_node_that_feeds_nothing_is_a_warning(write_spec):
 def test_the_json_schema_describes_every_section():
     schema = compiler.json_schema()
     assert set(schema["properties"]) == {
-        "spec", "name", "seed", "defaults", "inputs", "nodes", "edges", "feedback", "outputs",
+        "spec",
+        "name",
+        "seed",
+        "defaults",
+        "inputs",
+        "nodes",
+        "edges",
+        "feedback",
+        "outputs",
     }
     assert schema["properties"]["spec"]["const"] == 1
     node_kinds = schema["$defs"]["TransformerNode"]["properties"]["kind"]

@@ -12,12 +12,13 @@ steps. Training costs about three times as much.
 
 from __future__ import annotations
 
-import torch
-
-from runtime.transformer import TransformerConfig
+from typing import TYPE_CHECKING
 
 from ..diagnostics import Diagnostic, SpecError
 from ..ir import IR, node_id
+
+if TYPE_CHECKING:
+    from runtime.transformer import TransformerConfig
 
 MAX_PARAMETERS = 2 * 10**12
 MAX_BLOCKS = 20_000
@@ -46,6 +47,8 @@ def transformer_flops_per_token(cfg: TransformerConfig) -> int:
 
 
 def estimate(ir: IR) -> IR:
+    import torch
+
     from ..lower import lower
 
     federation = ir.facts["federation"]

@@ -10,15 +10,19 @@
 
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
 
-from runtime.federation import EdgePlan, FederationPlan, GroupPlan
-from runtime.transformer import TransformerConfig
+import networkx as nx
 
 from ..ir import IR, input_id, node_id
 
+if TYPE_CHECKING:
+    from runtime.transformer import TransformerConfig
+
 
 def transformer_config(settings: dict, width: int, context: int) -> TransformerConfig:
+    from runtime.transformer import TransformerConfig
+
     return TransformerConfig(
         width=width,
         heads=settings["heads"],
@@ -37,6 +41,8 @@ def transformer_config(settings: dict, width: int, context: int) -> TransformerC
 
 
 def plan(ir: IR) -> IR:
+    from runtime.federation import EdgePlan, FederationPlan, GroupPlan
+
     spec, graph = ir.spec, ir.graph.copy()
     names = list(spec.nodes)
     position = {name: i for i, name in enumerate(names)}
