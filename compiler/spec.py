@@ -166,8 +166,20 @@ class MessageSettings(SpecModel):
         None,
         description="Width of the message bus; default: the widest node. Nodes of another width project in and out.",
     )
-    aggregate: Literal["sum", "mean"] = Field(
-        "sum", description="How a node combines its incoming messages."
+    aggregate: Literal["sum", "mean", "attention"] = Field(
+        "sum",
+        description="How a node combines its incoming messages: sum, mean, or `attention` (softmax weights "
+        "from a learned query per node, keys of the messages and the edges' features).",
+    )
+
+
+class Perspective(SpecModel):
+    """A learned frame shared by the gears that name it: how they see the shared input."""
+
+    kind: Literal["rotation", "projection", "identity"] = Field(
+        "rotation",
+        description="`rotation`: a learned orthogonal map (exp of a skew-symmetric matrix, starting at the "
+        "identity); `projection`: a learned linear map; `identity`: none.",
     )
 
 
@@ -232,7 +244,31 @@ class TransformerNode(TransformerSettings):
     )
 
 
-NODE_KINDS: dict[str, type[SpecModel]] = {"transformer": TransformerNode}
+class GearNode(TransformerSettings):
+    """A gear of a mechanism (design 000, the Antikythera federated transformer): a sub-transformer
+    whose attention heads rotate at the gear's angular velocity.
+
+    The velocity, in turns per turn of the driver, is exact: `ratio` pins it; otherwise it is derived
+    along `mesh` (teeth ratio), `arbor` (same axle) and `pin_slot` edges. The first gear declared is
+    the driver (ratio 1 unless it says otherwise); a train not connected to it or to a pinned gear
+    is driven by its own first gear.
+    """
+
+    kind: Literal["gear"]
+    teeth: Annotated[Int, Field(ge=1, le=100_000)] | None = Field(None, description="Tooth count.")
+    ratio: Rational | None = Field(
+        None,
+        description="Turns per turn of the driver, exact (`254/19`). Derived from the train when left out.",
+    )
+    perspective: Name | None = Field(
+        None, description="A frame from `perspectives:` through which the gear sees its inputs."
+    )
+    input: InputNames | None = Field(
+        None, description="The input(s) this gear reads, or [] for none. Default: the only input."
+    )
+
+
+NODE_KINDS: dict[str, type[SpecModel]] = {"transformer": TransformerNode, "gear": GearNode}
 Node = Annotated[Union[tuple(NODE_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
 
 
@@ -248,27 +284,39 @@ class Edge(SpecModel):
 
     source: Name = Field(alias="from", description="The node whose state is sent.")
     to: Name = Field(description="The node that receives.")
-    kind: Literal["message", "mesh", "feedback"] = Field(
-        "message", description="`mesh` is a gear mesh (issue: gears); `feedback` must have a delay."
+    kind: Literal["message", "mesh", "arbor", "pin_slot", "feedback", "cross"] = Field(
+        "message",
+        description="`mesh`: meshing teeth (turns scale by teeth_from/teeth_to); `arbor`: same axle (equal "
+        "turns); `pin_slot`: the Antikythera lunar anomaly coupling (mean ratio 1); `feedback`: must have a "
+        "delay; `cross`: token-to-token cross-attention from the source's tokens; `message`: plain.",
     )
     delay: Annotated[Int, Field(ge=0, le=MAX_DELAY)] = Field(
         0, description="Feedback steps of delay."
     )
     ratio: Rational | None = Field(
-        None, description="An exact ratio conditioning the message (e.g. `223/19`)."
+        None,
+        description="Exact turns of `to` per turn of `from` (`223/19`); conditions the message. Between gears it "
+        "defaults to the derived ratio and, on mesh/arbor/pin_slot edges, constrains the train.",
     )
 
 
 class Feedback(SpecModel):
     """Iterate the whole graph `steps` times; delayed edges carry state between iterations."""
 
-    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] = Field(description="Iterations of the graph.")
-    mode: Literal["unroll", "truncated"] = Field(
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] = Field(
+        description="Iterations of the graph (for `equilibrium`: the most solver iterations)."
+    )
+    mode: Literal["unroll", "truncated", "equilibrium"] = Field(
         "unroll",
-        description="`unroll` backpropagates through every step; `truncated` through the last `backprop_steps`.",
+        description="`unroll` backpropagates through every step; `truncated` through the last `backprop_steps`; "
+        "`equilibrium` solves for the fixed point and backpropagates implicitly (memory independent of steps).",
     )
     backprop_steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
         None, description="For `truncated`: steps that keep gradients (the last ones)."
+    )
+    tolerance: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="For `equilibrium`: relative change at which the fixed point counts as found. Default 1e-4.",
     )
 
 
@@ -323,6 +371,7 @@ class Spec(SpecModel):
     )
     defaults: Defaults = Defaults()
     inputs: Annotated[dict[Name, Input], Field(min_length=1, max_length=64)]
+    perspectives: Annotated[dict[Name, Perspective], Field(max_length=256)] = {}
     nodes: Annotated[dict[Name, Node], Field(min_length=1, max_length=MAX_NODES)]
     edges: Annotated[list[Edge], Field(max_length=MAX_EDGES)] = []
     feedback: Feedback | None = None

@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .layers import MemberLinear
+from .cross_attention import CrossAttention
 from .message_passing import stage_edges
+from .perspective import Perspective, apply_frames
 from .transformer import Transformer, TransformerConfig
 
 
@@ -38,6 +40,8 @@ class GroupPlan:
     indices: tuple[int, ...]  # positions on the message bus
     config: TransformerConfig
     inputs: tuple[tuple[str, int], ...]  # (input name, its width); their reads are summed
+    rope_scales: tuple[float, ...] = ()  # per member: a gear's velocity; empty = all 1
+    perspectives: tuple[str | None, ...] = ()  # per member: the frame it sees its inputs through
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class FederationPlan:
     aggregate: str = "sum"
     steps: int = 1
     backprop_steps: int = 1
+    mode: str = "unroll"  # unroll | truncated | equilibrium
+    tolerance: float = 1e-4  # equilibrium: relative change at which the fixed point is reached
+    perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
 
     @property
     def groups(self) -> tuple[GroupPlan, ...]:
@@ -73,7 +80,16 @@ class Federation(nn.Module):
         super().__init__()
         self.plan = plan
         groups = plan.groups
-        self.transformers = nn.ModuleList(Transformer(g.config, len(g.nodes)) for g in groups)
+        self.transformers = nn.ModuleList(
+            Transformer(g.config, len(g.nodes), g.rope_scales or None) for g in groups
+        )
+        kinds = dict(plan.perspectives)
+        frames: dict[str, dict[str, Perspective]] = {}
+        for g in groups:
+            for name in {p for p in g.perspectives if p is not None}:
+                for inp, width in g.inputs:
+                    frames.setdefault(name, {})[inp] = Perspective(kinds[name], width)
+        self.perspectives = nn.ModuleDict({k: nn.ModuleDict(v) for k, v in frames.items()})
         self.reads = nn.ModuleList(
             nn.ModuleList(_projection(len(g.nodes), width, g.config.width) for _, width in g.inputs)
             for g in groups
@@ -91,7 +107,7 @@ class Federation(nn.Module):
                 EdgeConditionedMessage,  # torch-geometric: only when needed
             )
 
-            self.messages = EdgeConditionedMessage(plan.bus_width, plan.aggregate)
+            self.messages = EdgeConditionedMessage(plan.bus_width, plan.aggregate, len(plan.nodes))
         self._stage_has_edges: list[bool] = []
         n = len(plan.nodes)
         for s, stage in enumerate(plan.stages):
@@ -99,75 +115,170 @@ class Federation(nn.Module):
             edges = [
                 (e.source, e.target, e.delay, e.kind, e.ratio)
                 for e in plan.edges
-                if e.target in members
+                if e.target in members and e.kind != "cross"
             ]
             index, attr = stage_edges(edges, n)
             self.register_buffer(f"edge_index_{s}", index, persistent=False)
             self.register_buffer(f"edge_attr_{s}", attr, persistent=False)
             self._stage_has_edges.append(bool(edges))
+        cross: dict[str, CrossAttention] = {}
+        self._cross_edges: list[list[EdgePlan]] = []
         for g, group in enumerate(groups):
             self.register_buffer(
                 f"bus_index_{g}", torch.tensor(group.indices, dtype=torch.long), persistent=False
             )
+            into = [e for e in plan.edges if e.kind == "cross" and e.target in group.indices]
+            self._cross_edges.append(into)
+            if into:
+                cross[str(g)] = CrossAttention(
+                    group.config.width, plan.bus_width, group.config.heads
+                )
+                sources = [e.delay * n + e.source for e in into]
+                members = [group.indices.index(e.target) for e in into]
+                self.register_buffer(f"cross_source_{g}", torch.tensor(sources), persistent=False)
+                self.register_buffer(f"cross_member_{g}", torch.tensor(members), persistent=False)
+        self.cross = nn.ModuleDict(cross)
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
+        if self.plan.mode == "equilibrium":
+            return self._equilibrium(embedded)
         plan = self.plan
-        first = next(iter(embedded.values()))
-        batch, tokens = first.shape[0], first.shape[1]
         history: list[Tensor] = []  # buses of earlier steps, newest first
         outs: list[Tensor] = []
         for step in range(plan.steps):
-            keep_grad = step >= plan.steps - plan.backprop_steps
-            if keep_grad:
-                outs, bus = self._step(embedded, history, batch, tokens)
-            else:
+            if step >= plan.steps - plan.backprop_steps:
+                outs, bus = self._step(embedded, history)
+            else:  # truncated: the early steps run without a tape
                 with torch.no_grad():
-                    outs, bus = self._step(embedded, history, batch, tokens)
+                    outs, bus = self._step(embedded, history)
             if bus is not None and self.max_delay:
                 history = [bus, *history][: self.max_delay]
         return outs
 
+    def _equilibrium(self, embedded: dict[str, Tensor]) -> list[Tensor]:
+        """Deep-equilibrium feedback (Bai, Kolter & Koltun 2019): solve z* = f(z*) for the bus state.
+
+        The fixed point is found without a tape (up to `steps` iterations, stopping at `tolerance`
+        relative change), so memory does not grow with the iterations. Gradients use the implicit
+        function theorem: a hook on z = f(z*) replaces dL/dz by the solution g of
+        g = J_f(z*)^T g + dL/dz, found by the same fixed-point iteration over vector-Jacobian
+        products. `last_iterations` and `last_residual` report the forward solve's convergence.
+        """
+        plan = self.plan
+        _, bus = self._step(embedded, [])
+        z = bus.detach()
+        residual = torch.tensor(float("inf"))
+        iterations = 0
+        with torch.no_grad():
+            for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
+                _, following = self._step(embedded, [z])
+                residual = (following - z).norm() / following.norm().clamp_min(1e-12)
+                z = following
+                if residual < plan.tolerance:
+                    break
+        self.last_iterations, self.last_residual = iterations, float(residual)
+        if not torch.is_grad_enabled():
+            return self._step(embedded, [z])[0]
+        _, z_next = self._step(embedded, [z])  # re-attaches the tape to the parameters
+        z0 = z_next.detach().requires_grad_()
+        _, f0 = self._step(embedded, [z0])
+
+        def implicit_gradient(grad: Tensor) -> Tensor:
+            g = grad
+            for _ in range(plan.steps):
+                (vjp,) = torch.autograd.grad(f0, z0, g, retain_graph=True)
+                following = vjp + grad
+                if (following - g).norm() <= plan.tolerance * following.norm().clamp_min(1e-12):
+                    return following
+                g = following
+            return g
+
+        z_next.register_hook(implicit_gradient)
+        return self._step(embedded, [z_next])[0]
+
     def _step(
-        self, embedded: dict[str, Tensor], history: list[Tensor], batch: int, tokens: int
+        self, embedded: dict[str, Tensor], history: list[Tensor]
     ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan
         n = len(plan.nodes)
         first = next(iter(embedded.values()))
+        batch, tokens = first.shape[0], first.shape[1]
         bus = first.new_zeros(batch, tokens, n, plan.bus_width) if self.has_bus else None
         outs: list[Tensor] = []
         g = 0
         for s, stage in enumerate(plan.stages):
-            incoming = None
-            if bus is not None and self._stage_has_edges[s]:
+            sources = None
+            if bus is not None:
                 past = [
                     history[d] if d < len(history) else torch.zeros_like(bus)
                     for d in range(self.max_delay)
                 ]
                 sources = torch.cat([bus, *past], dim=-2) if past else bus
+            incoming = None
+            if sources is not None and self._stage_has_edges[s]:
                 incoming = self.messages(
                     sources, getattr(self, f"edge_index_{s}"), getattr(self, f"edge_attr_{s}"), n
                 )
             for group in stage:
-                members = len(group.nodes)
-                x = (
-                    first.new_zeros(members, batch, tokens, group.config.width)
-                    if not group.inputs
+                x = self._read(group, g, embedded, batch, tokens)
+                index = getattr(self, f"bus_index_{g}")
+                received = (
+                    incoming.index_select(-2, index).movedim(-2, 0)
+                    if incoming is not None
                     else None
                 )
-                for (name, _), read in zip(group.inputs, self.reads[g], strict=True):
-                    value = embedded[name].unsqueeze(0)
-                    value = read(value.expand(members, *value.shape[1:]))
-                    x = value if x is None else x + value
-                index = getattr(self, f"bus_index_{g}")
-                if incoming is not None:
-                    x = x + self.from_bus[g](incoming.index_select(-2, index).movedim(-2, 0))
+                if self._cross_edges[g]:
+                    attended = self._cross_attend(g, x, sources)
+                    received = attended if received is None else received + attended
+                if received is not None:
+                    x = x + self.from_bus[g](received)
                 y = self.transformers[g](x)
                 outs.append(y)
                 if bus is not None:
                     bus = bus.index_copy(-2, index, self.to_bus[g](y).movedim(0, -2).to(bus.dtype))
                 g += 1
         return outs, bus
+
+    def _read(
+        self, group: GroupPlan, g: int, embedded: dict[str, Tensor], batch: int, tokens: int
+    ) -> Tensor:
+        """The members' view of their inputs, `(members, batch, tokens, width)`: framed, projected, summed."""
+        members = len(group.nodes)
+        first = next(iter(embedded.values()))
+        x = (
+            first.new_zeros(members, batch, tokens, group.config.width)
+            if not group.inputs
+            else None
+        )
+        for (name, _), read in zip(group.inputs, self.reads[g], strict=True):
+            value = embedded[name].unsqueeze(0).expand(members, *embedded[name].shape)
+            if any(p is not None for p in group.perspectives):
+                value = apply_frames(value, self._frames(group, name, value))
+            value = read(value)
+            x = value if x is None else x + value
+        return x
+
+    def _cross_attend(self, g: int, x: Tensor, sources: Tensor) -> Tensor:
+        """Token-to-token messages on `cross` edges: each target member's tokens attend (causally) to
+        its source's tokens; one attention call for all cross edges into the group."""
+        keys = sources.index_select(-2, getattr(self, f"cross_source_{g}")).movedim(
+            -2, 0
+        )  # (edges, B, T, bus)
+        member = getattr(self, f"cross_member_{g}")
+        attended = self.cross[str(g)](x.index_select(0, member), keys)
+        return attended.new_zeros(x.shape[0], *attended.shape[1:]).index_add(0, member, attended)
+
+    def _frames(self, group: GroupPlan, name: str, like: Tensor) -> Tensor:
+        """Each member's perspective matrix on input `name` (identity for members without one)."""
+        eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+        mats = []
+        for perspective in group.perspectives:
+            matrix = (
+                self.perspectives[perspective][name].matrix() if perspective is not None else None
+            )
+            mats.append(eye if matrix is None else matrix.to(like.dtype))
+        return torch.stack(mats)
 
 
 def _projection(members: int, width_in: int, width_out: int) -> nn.Module:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-EDGE_KINDS = ("message", "mesh", "feedback")
+EDGE_KINDS = ("message", "mesh", "arbor", "pin_slot", "feedback", "cross")
 EDGE_FEATURES = len(EDGE_KINDS) + 2  # one-hot kind, log ratio, delay
 
 

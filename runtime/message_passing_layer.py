@@ -15,31 +15,62 @@ no additive term: a source whose state is zero (a delayed edge before its first 
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import softmax
 
 from .message_passing import EDGE_FEATURES
 
 
 class EdgeConditionedMessage(MessagePassing):
-    def __init__(self, width: int, aggregate: str = "sum"):
-        super().__init__(aggr=aggregate, node_dim=-2)
+    """`aggregate` is `sum`, `mean`, or `attention`: softmax weights over a node's incoming edges,
+
+        a_{j->i} = softmax_j( <K x_j, q_i> / sqrt(width) + b(e_{ji}) )      h_i = sum_j a_{j->i} m_{j->i}
+
+    with a learned query `q_i` per receiving node and a bias from the edge's features (GAT-style
+    attention, Velickovic et al. 2018, with dot-product scores), computed for every token.
+    """
+
+    def __init__(self, width: int, aggregate: str = "sum", nodes: int = 0):
+        super().__init__(aggr="sum" if aggregate == "attention" else aggregate, node_dim=-2)
+        self.attention = aggregate == "attention"
         self.lin = nn.Linear(width, width, bias=False)
         self.film = nn.Linear(EDGE_FEATURES, width)
         nn.init.normal_(self.lin.weight, std=0.02)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
+        if self.attention:
+            self.key = nn.Linear(width, width, bias=False)
+            self.query = nn.Parameter(torch.zeros(nodes, width))
+            self.edge_bias = nn.Linear(EDGE_FEATURES, 1)
+            nn.init.normal_(self.key.weight, std=0.02)
+            nn.init.zeros_(self.edge_bias.weight)
+            nn.init.zeros_(self.edge_bias.bias)
 
     def forward(
         self, x_source: Tensor, edge_index: Tensor, edge_attr: Tensor, targets: int
     ) -> Tensor:
         """`x_source`: `(batch, tokens, sources, width)`; returns `(batch, tokens, targets, width)`."""
+        keys = self.key(x_source) if self.attention else None
         return self.propagate(
             edge_index,
             x=(self.lin(x_source), None),
+            keys=(keys, None) if keys is not None else None,
             edge_attr=edge_attr,
             size=(x_source.size(-2), targets),
         )
 
-    def message(self, x_j: Tensor, edge_attr: Tensor) -> Tensor:
-        return x_j * (1.0 + self.film(edge_attr.to(x_j.dtype)))
+    def message(
+        self, x_j: Tensor, edge_attr: Tensor, keys_j: Tensor | None, index: Tensor
+    ) -> Tensor:
+        message = x_j * (1.0 + self.film(edge_attr.to(x_j.dtype)))
+        if keys_j is None:
+            return message
+        query = self.query.index_select(0, index).to(x_j.dtype)  # (edges, width)
+        score = (keys_j * query).sum(-1, keepdim=True) / math.sqrt(x_j.shape[-1])
+        score = score + self.edge_bias(edge_attr.to(x_j.dtype))
+        weight = softmax(score, index, num_nodes=self.query.shape[0], dim=-2)
+        return message * weight

@@ -53,23 +53,37 @@ class TransformerConfig:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021, RoFormer), rotating halves of each head (the GPT-NeoX/LLaMA layout)."""
+    """RoPE (Su et al. 2021, RoFormer), rotating halves of each head (the GPT-NeoX/LLaMA layout).
 
-    def __init__(self, head_width: int, context: int, theta: float):
+    `scales` multiplies every frequency of member `m` by `scales[m]`: a gear turning 254/19 times
+    per driver turn has heads whose phases advance 254/19 times as fast along the sequence (design
+    000: attention-head arrays tuned to the gear ratio). Scales of 1 are plain RoPE.
+    """
+
+    def __init__(
+        self, head_width: int, context: int, theta: float, scales: tuple[float, ...] = (1.0,)
+    ):
         super().__init__()
         inv_freq = 1.0 / (
-            theta ** (torch.arange(0, head_width, 2, dtype=torch.float32) / head_width)
+            theta ** (torch.arange(0, head_width, 2, dtype=torch.float64) / head_width)
         )
-        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        positions = torch.arange(context, dtype=torch.float64)
+        scale = torch.tensor(scales, dtype=torch.float64)
+        angles = scale[:, None, None] * torch.outer(
+            positions, inv_freq
+        )  # (members, context, head_width/2)
+        self.members = len(scales)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Rotate `x` shaped `(batch, heads, tokens, head_width)`."""
+        """Rotate `x` shaped `(members * batch, heads, tokens, head_width)`."""
         n = x.shape[-2]
-        cos, sin = self.cos[:n].to(x.dtype), self.sin[:n].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        cos, sin = self.cos[:, :n].to(x.dtype), self.sin[:, :n].to(x.dtype)
+        shaped = x.reshape(self.members, -1, *x.shape[1:])  # (members, batch, heads, tokens, hw)
+        cos, sin = cos[:, None, None], sin[:, None, None]
+        x1, x2 = shaped.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).reshape(x.shape)
 
 
 class SelfAttention(nn.Module):
@@ -80,18 +94,15 @@ class SelfAttention(nn.Module):
         self.qkv = MemberLinear(members, cfg.width, (h + 2 * kv) * hw, cfg.bias)
         self.proj = MemberLinear(members, h * hw, cfg.width, cfg.bias)
         scaled_init_(self.proj, cfg.layers)
-        self.rotary = (
-            RotaryEmbedding(hw, cfg.context, cfg.rope_theta) if cfg.position == "rope" else None
-        )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
         cfg = self.cfg
         *lead, n, _ = x.shape
         h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width
         qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
         q, k, v = qkv.split((h, kv, kv), dim=1)
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -143,8 +154,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, members)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + F.dropout(self.attn(self.norm_attn(x)), self.dropout, self.training)
+    def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
+        x = x + F.dropout(self.attn(self.norm_attn(x), rotary), self.dropout, self.training)
         return x + F.dropout(self.mlp(self.norm_mlp(x)), self.dropout, self.training)
 
 
@@ -152,12 +163,24 @@ class Transformer(nn.Module):
     """`members` decoder stacks of one shape; `(members, batch, tokens, width)` in and out.
 
     The input is an already-embedded stream: embedding tables belong to the spec's inputs, which
-    several nodes may share.
+    several nodes may share. `rope_scales` gives each member's rotary frequency multiplier.
     """
 
-    def __init__(self, cfg: TransformerConfig, members: int = 1):
+    def __init__(
+        self, cfg: TransformerConfig, members: int = 1, rope_scales: tuple[float, ...] | None = None
+    ):
         super().__init__()
         self.cfg, self.members = cfg, members
+        scales = rope_scales or (1.0,) * members
+        if len(scales) != members:
+            raise ValueError(f"{members} members need {members} rotary scales, got {len(scales)}")
+        if len(set(scales)) == 1:
+            scales = scales[:1]  # one table broadcast over members
+        self.rotary = (
+            RotaryEmbedding(cfg.head_width, cfg.context, cfg.rope_theta, scales)
+            if cfg.position == "rope"
+            else None
+        )
         self.positions = (
             MemberEmbedding(members, cfg.context, cfg.width) if cfg.position == "learned" else None
         )
@@ -169,5 +192,5 @@ class Transformer(nn.Module):
             x = x + self.positions(x.shape[-2]).to(x.dtype)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, self.rotary)
         return self.norm_out(x)

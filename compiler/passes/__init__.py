@@ -9,13 +9,21 @@ from .check_reachability import check_reachability
 from .check_references import check_references
 from .check_shapes import check_shapes
 from .estimate import estimate
+from .gear_trains import check_gear_trains, derive_gear_ratios
 from .infer_widths import infer_widths
 from .plan import plan
 from .resolve_defaults import resolve_defaults
 
 TRANSFORMS_BEFORE_CHECKS = (resolve_defaults, infer_widths)
-CHECKS = (check_references, check_shapes, check_cycles, check_feedback, check_reachability)
-TRANSFORMS_AFTER_CHECKS = (plan, estimate)
+CHECKS = (
+    check_references,
+    check_shapes,
+    check_gear_trains,
+    check_cycles,
+    check_feedback,
+    check_reachability,
+)
+TRANSFORMS_AFTER_CHECKS = (derive_gear_ratios, plan, estimate)
 
 __all__ = [
     "CHECKS",
@@ -23,9 +31,11 @@ __all__ = [
     "TRANSFORMS_BEFORE_CHECKS",
     "check_cycles",
     "check_feedback",
+    "check_gear_trains",
     "check_reachability",
     "check_references",
     "check_shapes",
+    "derive_gear_ratios",
     "estimate",
     "infer_widths",
     "plan",

@@ -56,6 +56,26 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                 f"add `backprop_steps: {max(1, feedback.steps // 2)}`",
             )
         )
+    if feedback.mode == "equilibrium":
+        for i, edge in delayed:
+            if edge.delay != 1:
+                found.append(
+                    ir.error(
+                        ("edges", i, "delay"),
+                        f"`mode: equilibrium` solves for one state, so every delay must be 1; "
+                        f"edge {edge.source} -> {edge.to} has `delay: {edge.delay}`",
+                        "use `delay: 1`, or `mode: unroll`",
+                    )
+                )
+    if feedback.tolerance is not None and feedback.mode != "equilibrium":
+        found.append(
+            ir.error(
+                ("feedback", "tolerance"),
+                "`tolerance` applies only to `mode: equilibrium`",
+                "add `mode: equilibrium`, or remove `tolerance`",
+                key=True,
+            )
+        )
     if feedback.backprop_steps is not None:
         if feedback.mode != "truncated":
             found.append(

@@ -36,6 +36,21 @@ def check_references(ir: IR) -> list[Diagnostic]:
                         f"add `input:` with one of {', '.join(spec.inputs)} (or a list, or [] for none)",
                     )
                 )
+    for name, node in spec.nodes.items():
+        perspective = getattr(node, "perspective", None)
+        if perspective is not None and perspective not in spec.perspectives:
+            guess = did_you_mean(perspective, spec.perspectives)
+            found.append(
+                ir.error(
+                    ("nodes", name, "perspective"),
+                    f"no perspective named `{perspective}`",
+                    f"did you mean `{guess}`?"
+                    if guess
+                    else "declare it under `perspectives:` (e.g. `perspectives: {"
+                    + perspective
+                    + ": {kind: rotation}}`)",
+                )
+            )
     tokens_inputs = [n for n, i in spec.inputs.items() if i.kind == "tokens"]
     for name, out in spec.outputs.items():
         if out.kind != "lm_head":

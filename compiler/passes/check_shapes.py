@@ -45,6 +45,15 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                 )
             )
         head_width = width // heads
+        if data["kind"] == "gear" and s["position"] != "rope":
+            found.append(
+                ir.error(
+                    origin["position"],
+                    f"gear `{name}` has `position: {s['position']}`, but a gear's heads turn at its velocity "
+                    "through rotary positions",
+                    "leave `position` at `rope` for gears, or make the node a `transformer`",
+                )
+            )
         if s["position"] == "rope" and head_width % 2:
             found.append(
                 ir.error(

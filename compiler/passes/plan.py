@@ -79,6 +79,12 @@ def plan(ir: IR) -> IR:
                     indices=tuple(position[m] for m in members),
                     config=config,
                     inputs=inputs,
+                    rope_scales=tuple(
+                        float(graph.nodes[node_id(m)].get("velocity", 1)) for m in members
+                    ),
+                    perspectives=tuple(
+                        getattr(spec.nodes[m], "perspective", None) for m in members
+                    ),
                 )
                 for (config, inputs), members in groups.items()
             )
@@ -92,18 +98,21 @@ def plan(ir: IR) -> IR:
         stages=tuple(stages),
         edges=tuple(
             EdgePlan(
-                position[e.source],
-                position[e.to],
-                e.delay,
-                e.kind,
-                float(e.ratio) if e.ratio else None,
+                position[graph.nodes[u]["name"]],
+                position[graph.nodes[v]["name"]],
+                e["delay"],
+                e["kind"],
+                float(e["ratio"]) if e["ratio"] else None,
             )
-            for e in spec.edges
+            for u, v, e in ir.with_graph(graph).spec_edges()
         ),
+        perspectives=tuple((name, p.kind) for name, p in spec.perspectives.items()),
         bus_width=ir.facts["bus_width"],
         aggregate=spec.defaults.message.aggregate,
         steps=steps,
         backprop_steps=backprop,
+        mode=feedback.mode if feedback else "unroll",
+        tolerance=float(feedback.tolerance) if feedback and feedback.tolerance else 1e-4,
     )
     address = {}
     for g, group in enumerate(federation.groups):

@@ -1,0 +1,160 @@
+"""Gear trains: derive every gear's exact angular velocity, and refuse a mechanism that contradicts itself.
+
+Velocities are in turns per turn of the driver, as exact `Fraction`s. Along an edge between gears:
+
+    mesh      turns(to) = turns(from) * teeth(from) / teeth(to)      (or the edge's `ratio`)
+    arbor     turns(to) = turns(from)                                 (same axle)
+    pin_slot  turns(to) = turns(from) * teeth(from) / teeth(to)      (mean rate; 1 for the
+              Antikythera k1/k2 pair of 50 teeth, whose pin-and-slot only varies the rate within a turn)
+
+The first gear declared is the driver and turns once (unless it sets `ratio`); every gear with
+`ratio:` is pinned; a train connected to neither is driven by its own first gear. Velocities then
+propagate breadth-first from all of these; reaching a gear a
+second time with a different velocity means two paths through the mechanism disagree, which is
+reported with both paths and both products. Rotation direction is not modelled: ratios are magnitudes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+
+import networkx as nx
+
+from ..diagnostics import Diagnostic
+from ..ir import IR, node_id
+
+TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a velocity was reached: the gears passed and the factors multiplied."""
+
+    gears: tuple[str, ...]
+    factors: tuple[Fraction, ...]
+    origin: str  # "ratio" (pinned by the spec) or "driver" (the train's first gear)
+
+    def describe(self) -> str:
+        start = self.gears[0]
+        head = f"`{start}` ({'its `ratio`' if self.origin == 'ratio' else 'the driver'})"
+        if len(self.gears) == 1:
+            return head
+        product = " * ".join(str(f) for f in self.factors)
+        return f"{head} -> " + " -> ".join(f"`{g}`" for g in self.gears[1:]) + f" ({product})"
+
+
+def _factor(ir: IR, edge: dict, source: str, target: str) -> Fraction | None:
+    if edge["ratio"] is not None:
+        return Fraction(edge["ratio"])
+    if edge["kind"] == "arbor":
+        return Fraction(1)
+    teeth_from = ir.graph.nodes[node_id(source)]["spec"].teeth
+    teeth_to = ir.graph.nodes[node_id(target)]["spec"].teeth
+    if teeth_from and teeth_to:
+        return Fraction(teeth_from, teeth_to)
+    return Fraction(1) if edge["kind"] == "pin_slot" else None
+
+
+def solve_trains(ir: IR) -> tuple[dict[str, Fraction], list[Diagnostic]]:
+    """Velocities of every gear (by name) and the problems found on the way."""
+    spec, found = ir.spec, []
+    gears = [name for name, node in spec.nodes.items() if node.kind == "gear"]
+    is_gear = set(gears)
+    constraints = nx.MultiGraph()
+    constraints.add_nodes_from(gears)
+    for u, v, edge in ir.spec_edges():
+        if edge["kind"] not in TRAIN_KINDS:
+            continue
+        a, b = ir.graph.nodes[u]["name"], ir.graph.nodes[v]["name"]
+        if ir.graph.nodes[u]["role"] != "node" or ir.graph.nodes[v]["role"] != "node":
+            continue  # an unknown endpoint: check_references reports it
+        if a not in is_gear or b not in is_gear:
+            other = a if a not in is_gear else b
+            found.append(
+                ir.error(
+                    ("edges", edge["index"], "kind"),
+                    f"a `{edge['kind']}` edge joins gears, but `{other}` is a {spec.nodes[other].kind}",
+                    "make both ends `kind: gear`, or use `kind: message`",
+                )
+            )
+            continue
+        if edge["ratio"] is not None and edge["ratio"] <= 0:
+            found.append(
+                ir.error(
+                    ("edges", edge["index"], "ratio"),
+                    f"a gear ratio must be positive, got {edge['ratio']}",
+                )
+            )
+            continue
+        factor = _factor(ir, edge, a, b)
+        if factor is not None:
+            constraints.add_edge(a, b, factor=factor, source=a, index=edge["index"])
+
+    velocity: dict[str, Fraction] = {}
+    route: dict[str, Route] = {}
+    for name in gears:
+        ratio = spec.nodes[name].ratio
+        if ratio is not None and ratio <= 0:
+            found.append(
+                ir.error(("nodes", name, "ratio"), f"a gear's ratio must be positive, got {ratio}")
+            )
+    order = {name: i for i, name in enumerate(gears)}
+    reported: set[int] = set()
+    for component in sorted(
+        nx.connected_components(constraints), key=lambda c: min(order[g] for g in c)
+    ):
+        for g in sorted(component, key=order.__getitem__):
+            if (spec.nodes[g].ratio or 0) > 0:
+                velocity[g], route[g] = Fraction(spec.nodes[g].ratio), Route((g,), (), "ratio")
+        driver = min(component, key=order.__getitem__)
+        if driver not in velocity and (
+            driver == gears[0] or not any(g in velocity for g in component)
+        ):
+            velocity[driver], route[driver] = Fraction(1), Route((driver,), (), "driver")
+        queue = deque(g for g in sorted(component, key=order.__getitem__) if g in velocity)
+        while queue:
+            here = queue.popleft()
+            for _, there, data in sorted(
+                constraints.edges(here, data=True), key=lambda e: e[2]["index"]
+            ):
+                factor = data["factor"] if data["source"] == here else 1 / data["factor"]
+                value = velocity[here] * factor
+                step = Route(
+                    (*route[here].gears, there), (*route[here].factors, factor), route[here].origin
+                )
+                if there not in velocity:
+                    velocity[there], route[there] = value, step
+                    queue.append(there)
+                elif velocity[there] != value and data["index"] not in reported:
+                    reported.add(data["index"])
+                    found.append(
+                        ir.error(
+                            ("edges", data["index"]),
+                            f"the gear train contradicts itself: `{there}` turns {velocity[there]} per driver turn "
+                            f"via {route[there].describe()}, but {value} via {step.describe()}",
+                            "fix a tooth count or an explicit `ratio`, or break the extra path "
+                            "(use `kind: message` for an edge that carries messages but no motion)",
+                        )
+                    )
+    return velocity, found
+
+
+def check_gear_trains(ir: IR) -> list[Diagnostic]:
+    return solve_trains(ir)[1]
+
+
+def derive_gear_ratios(ir: IR) -> IR:
+    """Record each gear's velocity, and give edges between gears their derived ratio when unset."""
+    velocity, _ = solve_trains(ir)
+    graph = ir.graph.copy()
+    for name, value in velocity.items():
+        graph.nodes[node_id(name)]["velocity"] = value
+    for u, v, key, edge in graph.edges(keys=True, data=True):
+        if edge["role"] != "edge" or edge["ratio"] is not None:
+            continue
+        a, b = graph.nodes[u].get("velocity"), graph.nodes[v].get("velocity")
+        if a is not None and b is not None:
+            graph.edges[u, v, key]["ratio"] = b / a
+    return ir.with_graph(graph)
