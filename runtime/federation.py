@@ -20,16 +20,19 @@ The loops run over the plan, whose length is fixed at compile time, so `torch.co
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .layers import MemberLinear
 from .cross_attention import CrossAttention
+from .layers import MemberLinear
 from .message_passing import stage_edges
 from .perspective import Perspective, apply_frames
 from .transformer import Transformer, TransformerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,14 @@ class Federation(nn.Module):
                 if residual < plan.tolerance:
                     break
         self.last_iterations, self.last_residual = iterations, float(residual)
+        if self.last_residual >= plan.tolerance:
+            log.warning(
+                "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
+                "raise `feedback.steps` or make the feedback map contractive",
+                self.last_residual,
+                iterations,
+                plan.tolerance,
+            )
         if not torch.is_grad_enabled():
             return self._step(embedded, [z])[0]
         _, z_next = self._step(embedded, [z])  # re-attaches the tape to the parameters

@@ -14,7 +14,9 @@ from runtime.transformer import Transformer, TransformerConfig
 from tests.conftest import ROOT
 
 
-def member(module: torch.nn.Module, m: int, members: int, cfg: TransformerConfig, scale: float = 1.0) -> Transformer:
+def member(
+    module: torch.nn.Module, m: int, members: int, cfg: TransformerConfig, scale: float = 1.0
+) -> Transformer:
     """A standalone single transformer holding member `m`'s slice of a stacked one."""
     single = Transformer(cfg, members=1, rope_scales=(scale,))
     stacked = dict(module.named_parameters())
@@ -130,7 +132,9 @@ def reference_federation(model, inputs: dict[str, torch.Tensor]) -> dict[str, to
                         alpha = torch.softmax(torch.stack(weights), dim=0).unsqueeze(-1)
                         received = (alpha * stacked).sum(0)
                     else:
-                        received = stacked.sum(0) / (len(messages) if plan.aggregate == "mean" else 1)
+                        received = stacked.sum(0) / (
+                            len(messages) if plan.aggregate == "mean" else 1
+                        )
                 for edge in plan.edges:
                     if edge.target == index and edge.kind == "cross":
                         attended = fed.cross[str(g)](x[None], source_state(edge, bus)[None])[0]
@@ -143,7 +147,9 @@ def reference_federation(model, inputs: dict[str, torch.Tensor]) -> dict[str, to
                 bus[index] = slice_linear(fed.to_bus[g], m, members)(y)
         history = [bus, *history]
     return {
-        name: head(torch.cat([states[plan.groups[g].nodes[m]] for g, m in model.wiring[name].sources], -1))
+        name: head(
+            torch.cat([states[plan.groups[g].nodes[m]] for g, m in model.wiring[name].sources], -1)
+        )
         for name, head in model.outputs.items()
     }
 
@@ -151,13 +157,19 @@ def reference_federation(model, inputs: dict[str, torch.Tensor]) -> dict[str, to
 @pytest.mark.parametrize("spec", ["federation.yaml", "gear_train.yaml"])
 def test_the_batched_federation_equals_its_node_by_node_definition(spec):
     model = compiler.build_model(ROOT / "specs" / spec).eval()
-    assert any(len(g.nodes) > 1 for g in model.federation.plan.groups), "the spec should batch a group"
-    with torch.no_grad():  # give perspectives and attention something other than their identity start
+    assert any(len(g.nodes) > 1 for g in model.federation.plan.groups), (
+        "the spec should batch a group"
+    )
+    with (
+        torch.no_grad()
+    ):  # give perspectives and attention something other than their identity start
         for p in model.parameters():
             if p.abs().sum() == 0 and p.dim() > 1:
                 p.normal_(std=0.05)
     inputs = {
-        name: torch.randint(0, inp.vocab, (2, 12)) if inp.kind == "tokens" else torch.randn(2, 12, inp.width)
+        name: torch.randint(0, inp.vocab, (2, 12))
+        if inp.kind == "tokens"
+        else torch.randn(2, 12, inp.width)
         for name, inp in model.spec.inputs.items()
     }
     expected = reference_federation(model, inputs)
