@@ -247,7 +247,10 @@ class Federation(nn.Module):
                 y = self.transformers[g](x)
                 outs.append(y)
                 if bus is not None:
-                    bus = bus.index_copy(-2, index, self.to_bus[g](y).movedim(0, -2).to(bus.dtype))
+                    # Each slot starts at zero and is written once per step, so adding equals copying;
+                    # index_add's backward is an index_select, where index_copy's tripped torch 2.11's AOT.
+                    sent = self.to_bus[g](y).movedim(0, -2).to(bus.dtype)
+                    bus = bus.index_add(-2, index, sent)
                 g += 1
         return outs, bus
 

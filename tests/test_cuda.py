@@ -1,0 +1,37 @@
+"""On a CUDA GPU: the gallery runs in bf16, compiles with inductor as one graph, and matches the CPU.
+
+These skip without a GPU (CI has none); they are run on the lent GPU machine, see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compiler
+from tests.conftest import GALLERY
+from tests.test_gallery import random_inputs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("path", GALLERY, ids=lambda p: p.name)
+def test_gallery_matches_the_cpu_and_compiles_with_inductor_on_gpu(path):
+    torch._dynamo.reset()
+    cpu = compiler.build_model(path).eval()
+    gpu = compiler.build_model(path, device="cuda").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    inputs = random_inputs(cpu.spec, batch=4, tokens=64)
+    with torch.no_grad():
+        expected = cpu(**inputs)
+        got = gpu(**{k: v.cuda() for k, v in inputs.items()})
+    for name in expected:
+        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-3, atol=1e-3)
+    compiled = torch.compile(gpu, fullgraph=True)
+    gpu.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = compiled(**{k: v.cuda() for k, v in inputs.items()})
+        loss = sum(o.float().square().mean() for o in outputs.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())
