@@ -82,6 +82,16 @@ def _check_version(data: dict[str, Any], source: SourceMap) -> None:
             ]
         )
     version = data["spec"]
+    if isinstance(version, str) and version.strip() == str(SPEC_VERSION):
+        raise SpecError(
+            [
+                Diagnostic(
+                    source.span(("spec",)),
+                    f"`spec` must be the number {SPEC_VERSION}, not the string {version!r}",
+                    f"write `spec: {SPEC_VERSION}` without quotes",
+                )
+            ]
+        )
     if version != SPEC_VERSION or isinstance(version, bool):
         raise SpecError(
             [
@@ -116,6 +126,15 @@ def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
     kind: str = error["type"]
     ctx: dict[str, Any] = error.get("ctx") or {}
     value = error.get("input")
+    if (
+        loc and loc[-1] == "[key]"
+    ):  # a mapping key that is not a valid name: point at the key itself
+        span, found = source.locate(loc[:-1], key=True)
+        return Diagnostic(
+            span,
+            f"`{loc[-2]}` is not a valid name",
+            "names start with a letter or `_` and hold letters, digits, `_` and `-`",
+        )
     span, found = source.locate(loc, key=kind == "extra_forbidden")
     field = _field_name(loc, found, kind)
     where = _where(found if kind in ("missing", "extra_forbidden") else found[:-1])
@@ -158,6 +177,13 @@ def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
         ) + f"choose one of: {', '.join(choices)}"
         return Diagnostic(span, f"`{field}` cannot be `{_show(value)}`", hint)
     if kind in ("int_type", "int_parsing", "int_from_float", "int_parsing_size"):
+        bound = _bounds(loc).get("le")
+        if isinstance(value, float) and value == value and bound is not None and value > bound:
+            return Diagnostic(
+                span,
+                f"`{field}` is {_show(value)}, which is too large: it must be at most {bound}",
+                _size_hint(field),
+            )
         hint = None
         if (
             isinstance(value, float)
@@ -187,7 +213,7 @@ def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
         return Diagnostic(
             span,
             f"`{field}` is {_show(value)}, which is too large: it must be {word} {bound}",
-            "sizes this large are almost always a typo",
+            _size_hint(field),
         )
     if kind in ("greater_than_equal", "greater_than"):
         bound = ctx.get("ge", ctx.get("gt"))
@@ -201,13 +227,75 @@ def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
         )
     if kind == "list_type":
         return Diagnostic(span, f"`{field}` must be a list, got {_type_name(value)}")
-    if kind in ("too_short", "too_long"):
+    if kind == "too_short":
+        if ctx.get("actual_length") == 0:
+            return Diagnostic(
+                span, f"`{field}` is empty", f"give it at least {ctx.get('min_length', 1)} entry"
+            )
         return Diagnostic(
-            span, f"`{field}`: {error['msg'].lower().replace('dictionary', 'mapping')}"
+            span,
+            f"`{field}` has {ctx.get('actual_length')} entries; it needs at least {ctx.get('min_length')}",
+        )
+    if kind == "too_long":
+        return Diagnostic(
+            span, f"`{field}` has more than {ctx.get('max_length')} entries, the most a spec allows"
         )
     if kind.startswith("rational") or kind in ("sources_type", "duplicate_name"):
         return Diagnostic(span, f"`{field}`: {error['msg']}")
     return Diagnostic(span, f"`{field}`: {error['msg']}")
+
+
+_SIZE_FIELDS = {
+    "width",
+    "heads",
+    "kv_heads",
+    "layers",
+    "vocab",
+    "context",
+    "teeth",
+    "steps",
+    "backprop_steps",
+    "classes",
+}
+_FIELD_HINTS = {
+    "dropout": "dropout is a probability, from 0 up to (not including) 1",
+    "delay": "a delay counts feedback steps; at most 64",
+    "tolerance": "a relative change, between 0 and 1 (e.g. 1.0e-4)",
+    "mlp_ratio": "the MLP width as a multiple of `width`, e.g. 4",
+}
+
+
+def _size_hint(field: str) -> str | None:
+    if field in _SIZE_FIELDS:
+        return "sizes this large are almost always a typo"
+    return _FIELD_HINTS.get(field)
+
+
+def _bounds(loc: tuple[Any, ...]) -> dict[str, Any]:
+    """The numeric bounds (`le`, `ge`, ...) declared on the field at `loc`."""
+    model = _model_at(loc[:-1])
+    field = _find_field(model, loc[-1]) if model is not None and loc else None
+    if field is None:
+        return {}
+    found: dict[str, Any] = {}
+
+    def collect(annotation: Any, metadata: list[Any]) -> None:
+        for item in metadata:
+            for name in ("le", "ge", "lt", "gt"):
+                if getattr(item, name, None) is not None:
+                    found.setdefault(name, getattr(item, name))
+            collect(None, list(getattr(item, "metadata", []) or []))
+        if annotation is None:
+            return
+        if typing.get_origin(annotation) is typing.Annotated:
+            inner, *extra = typing.get_args(annotation)
+            collect(inner, extra)
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            for arg in typing.get_args(annotation):
+                collect(arg, [])
+
+    collect(field.annotation, list(field.metadata))
+    return found
 
 
 def _show(value: Any) -> str:

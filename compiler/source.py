@@ -168,7 +168,7 @@ def _decode(raw: bytes, file: str) -> str:
                     file,
                     line,
                     col,
-                    f"the file is not UTF-8 (byte 0x{raw[exc.start]:02x} cannot start a character)",
+                    f"the file is not UTF-8 (byte 0x{raw[exc.start]:02x} here: {exc.reason})",
                     "save the spec as UTF-8",
                 )
             ]
@@ -182,43 +182,66 @@ def _line_col_of_byte(raw: bytes, offset: int) -> tuple[int, int]:
 
 
 def _prescan(text: str, file: str) -> None:
-    """Walk the event stream (iteratively) to refuse deep nesting before the recursive composer."""
+    """Walk the event stream (iteratively) before composing: refuse deep nesting, recursive aliases
+    and alias bombs here, where each alias still has its own position and nothing has been built."""
     depth = 0
     documents = 0
+    total = 0
+    open_counts: list[list] = []  # [anchor or None, values inside] per open collection
+    anchor_sizes: dict[str, int] = {}
+
+    def refuse(event: yaml.Event, message: str, hint: str) -> SpecError:
+        mark = event.start_mark
+        return SpecError([_diag(file, mark.line + 1, mark.column + 1, message, hint)])
+
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
-                    mark = event.start_mark
-                    raise SpecError(
-                        [
-                            _diag(
-                                file,
-                                mark.line + 1,
-                                mark.column + 1,
-                                "the file holds more than one YAML document",
-                                "put each spec in its own file (remove the `---` line)",
-                            )
-                        ]
+                    raise refuse(
+                        event,
+                        "the file holds more than one YAML document",
+                        "put each spec in its own file (remove the `---` line)",
                     )
             elif isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    mark = event.start_mark
-                    raise SpecError(
-                        [
-                            _diag(
-                                file,
-                                mark.line + 1,
-                                mark.column + 1,
-                                f"nesting deeper than {MAX_DEPTH} levels",
-                                "a spec needs only a few levels; flatten this structure",
-                            )
-                        ]
+                    raise refuse(
+                        event,
+                        f"nesting deeper than {MAX_DEPTH} levels",
+                        "a spec needs only a few levels; flatten this structure",
                     )
+                total += 1
+                for entry in open_counts:
+                    entry[1] += 1
+                open_counts.append([event.anchor, 0])
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+                anchor, size = open_counts.pop()
+                if anchor is not None:
+                    anchor_sizes[anchor] = size + 1
+            elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                size = 1
+                if isinstance(event, yaml.AliasEvent):
+                    if any(entry[0] == event.anchor for entry in open_counts):
+                        raise refuse(
+                            event,
+                            f"the alias `*{event.anchor}` refers to the collection that contains it",
+                            "an alias may only repeat a finished collection",
+                        )
+                    size = anchor_sizes.get(event.anchor, 1)
+                elif event.anchor is not None:
+                    anchor_sizes[event.anchor] = 1
+                total += size
+                for entry in open_counts:
+                    entry[1] += size
+                if total > MAX_VALUES:
+                    raise refuse(
+                        event,
+                        f"the spec expands to more than {MAX_VALUES:,} values here (an alias bomb?)",
+                        "anchors and aliases may share settings, not multiply them",
+                    )
     except yaml.YAMLError as exc:
         raise SpecError([_yaml_error(exc, file)]) from None
 
@@ -235,6 +258,21 @@ def _yaml_error(exc: yaml.YAMLError, file: str) -> Diagnostic:
             col,
             "tab character: YAML indents with spaces only",
             "replace the tabs with spaces",
+        )
+    context_mark = getattr(exc, "context_mark", None)
+    if (
+        problem.startswith("expected ',' or")
+        and context_mark is not None
+        and "flow" in (context or "")
+    ):
+        bracket = "{" if "mapping" in context else "["
+        closing = "}" if bracket == "{" else "]"
+        return _diag(
+            file,
+            context_mark.line + 1,
+            context_mark.column + 1,
+            f"this `{bracket}` is not closed (line {line} goes on without a `,` or `{closing}`)",
+            f"close it with `{closing}`, or separate its items with commas",
         )
     message = f"malformed YAML: {problem}"
     if context:

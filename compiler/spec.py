@@ -75,26 +75,38 @@ Width = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
 Heads = Annotated[Int, Field(ge=1, le=MAX_HEADS)]
 
 
-def _as_name_list(value: Any) -> Any:
-    """`from: sun` and `from: [sun, moon]` both mean a list of node names."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and len(set(map(str, value))) != len(value):
-        raise PydanticCustomError(
-            "duplicate_name", "a node is listed twice in {value}", {"value": value}
-        )
-    if not isinstance(value, list):
-        raise PydanticCustomError(
-            "sources_type",
-            "expected a node name or a list of node names, got {type}",
-            {"type": _type_name(value)},
-        )
-    return value
+def _name_list(what: str):
+    """`from: sun` and `from: [sun, moon]` both mean a list of names (of nodes, or of inputs)."""
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise PydanticCustomError(
+                "sources_type",
+                "expected {article} {what} name or a list of {what} names, got {type}",
+                {
+                    "article": "an" if what[0] in "aeiou" else "a",
+                    "what": what,
+                    "type": _type_name(value),
+                },
+            )
+        seen: set[str] = set()
+        for item in value:
+            if item in seen:
+                raise PydanticCustomError(
+                    "duplicate_name", "`{name}` is listed twice", {"name": item}
+                )
+            if isinstance(item, str):
+                seen.add(item)
+        return value
+
+    return validate
 
 
 Sources = Annotated[
     list[Name],
-    BeforeValidator(_as_name_list),
+    BeforeValidator(_name_list("node")),
     Field(min_length=1, max_length=1024),
     WithJsonSchema(
         {
@@ -222,7 +234,7 @@ Input = Annotated[TokensInput | FeaturesInput, Field(discriminator="kind")]
 
 InputNames = Annotated[
     list[Name],
-    BeforeValidator(_as_name_list),
+    BeforeValidator(_name_list("input")),
     Field(max_length=64),
     WithJsonSchema(
         {
