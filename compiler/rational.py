@@ -18,7 +18,7 @@ import re
 from fractions import Fraction
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 MAX_TEXT = 200
@@ -165,6 +165,14 @@ def to_rational(value: Any) -> Fraction:
     )
 
 
+def _positive(value: Fraction) -> Fraction:
+    if value <= 0:
+        raise PydanticCustomError(
+            "rational_positive", "a ratio must be positive, got {value}", {"value": str(value)}
+        )
+    return value
+
+
 Rational = Annotated[
     Fraction,
     BeforeValidator(to_rational),
@@ -179,3 +187,5 @@ Rational = Annotated[
         }
     ),
 ]
+
+PositiveRational = Annotated[Rational, AfterValidator(_positive)]

@@ -46,6 +46,9 @@ class SpecFloat(float):
         self.text = text
         return self
 
+    def __getnewargs__(self) -> tuple[str]:  # copy and pickle rebuild it from its text
+        return (self.text,)
+
 
 @dataclass
 class SourceMap:

@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .rational import Rational
+from .rational import PositiveRational
 
 SPEC_VERSION = 1
 
@@ -93,12 +93,13 @@ def _name_list(what: str):
             )
         seen: set[str] = set()
         for item in value:
+            if not isinstance(item, str):
+                continue  # the item's own type error is reported by the list's validation
             if item in seen:
                 raise PydanticCustomError(
                     "duplicate_name", "`{name}` is listed twice", {"name": item}
                 )
-            if isinstance(item, str):
-                seen.add(item)
+            seen.add(item)
         return value
 
     return validate
@@ -268,7 +269,7 @@ class GearNode(TransformerSettings):
 
     kind: Literal["gear"]
     teeth: Annotated[Int, Field(ge=1, le=100_000)] | None = Field(None, description="Tooth count.")
-    ratio: Rational | None = Field(
+    ratio: PositiveRational | None = Field(
         None,
         description="Turns per turn of the driver, exact (`254/19`). Derived from the train when left out.",
     )
@@ -305,7 +306,7 @@ class Edge(SpecModel):
     delay: Annotated[Int, Field(ge=0, le=MAX_DELAY)] = Field(
         0, description="Feedback steps of delay."
     )
-    ratio: Rational | None = Field(
+    ratio: PositiveRational | None = Field(
         None,
         description="Exact turns of `to` per turn of `from` (`223/19`); conditions the message. Between gears it "
         "defaults to the derived ratio and, on mesh/arbor/pin_slot edges, constrains the train.",

@@ -88,7 +88,7 @@ def test_the_first_gear_is_the_driver_and_a_separate_train_drives_itself(write_s
     "change, message",
     [
         (("teeth: 64}", "teeth: 64, position: learned}"), "a gear's heads turn at its velocity"),
-        (("ratio: 254/19}", "ratio: 0}"), "a gear's ratio must be positive"),
+        (("ratio: 254/19}", "ratio: 0}"), "a ratio must be positive, got 0"),
         (("ratio: 254/19}", "ratio: 1/0}"), "division by zero"),
         (("teeth: 223}", "teeth: 0}"), "`teeth` is 0: it must be at least 1"),
         (
