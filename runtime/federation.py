@@ -149,6 +149,7 @@ class Federation(nn.Module):
         plan = self.plan
         history: list[Tensor] = []  # buses of earlier steps, newest first
         outs: list[Tensor] = []
+        finite: list[Tensor] = []
         for step in range(plan.steps):
             if step >= plan.steps - plan.backprop_steps:
                 outs, bus = self._step(embedded, history)
@@ -157,7 +158,21 @@ class Federation(nn.Module):
                     outs, bus = self._step(embedded, history)
             if bus is not None and self.max_delay:
                 history = [bus, *history][: self.max_delay]
+                if plan.steps > 1 and not torch.compiler.is_compiling():
+                    finite.append(_finite_per_node(bus))
+        if finite:
+            self._raise_if_not_finite(torch.stack(finite), "feedback step")
         return outs
+
+    def _raise_if_not_finite(self, finite: Tensor, what: str) -> None:
+        """One host sync per forward: name the first (step, node) whose state is NaN or Inf."""
+        if bool(finite.all()):
+            return
+        step, node = (~finite).nonzero()[0].tolist()
+        raise NonFiniteError(
+            f"{what} {step + 1} of {finite.shape[0]}: node `{self.plan.nodes[node]}` produced NaN or Inf; "
+            "the feedback diverged (lower the learning rate, use fewer steps, or make the loop contractive)"
+        )
 
     def _equilibrium(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Deep-equilibrium feedback (Bai, Kolter & Koltun 2019): solve z* = f(z*) for the bus state.
@@ -174,12 +189,15 @@ class Federation(nn.Module):
         residual = torch.tensor(float("inf"))
         iterations = 0
         with torch.no_grad():
+            finite: list[Tensor] = []
             for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
                 _, following = self._step(embedded, [z])
+                finite.append(_finite_per_node(following))
                 residual = (following - z).norm() / following.norm().clamp_min(1e-12)
                 z = following
                 if residual < plan.tolerance:
                     break
+        self._raise_if_not_finite(torch.stack(finite), "equilibrium iteration")
         self.last_iterations, self.last_residual = iterations, float(residual)
         if self.last_residual >= plan.tolerance:
             log.warning(
@@ -293,6 +311,15 @@ class Federation(nn.Module):
             )
             mats.append(eye if matrix is None else matrix.to(like.dtype))
         return torch.stack(mats)
+
+
+class NonFiniteError(FloatingPointError):
+    """A feedback loop produced NaN or Inf; the message names the node and the step."""
+
+
+def _finite_per_node(bus: Tensor) -> Tensor:
+    """`(nodes,)` booleans: is every value of each node's state finite?"""
+    return torch.isfinite(bus).flatten(0, 1).all(0).all(-1)
 
 
 def _projection(members: int, width_in: int, width_out: int) -> nn.Module:

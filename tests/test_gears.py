@@ -221,3 +221,17 @@ def test_equilibrium_reports_when_it_does_not_converge(caplog):
 def test_equilibrium_needs_unit_delays(spec_errors):
     text = LOOP.replace("STEPS", "8").replace("MODE", "equilibrium").replace("delay: 1", "delay: 2")
     assert "`mode: equilibrium` solves for one state, so every delay must be 1" in spec_errors(text)
+
+
+@pytest.mark.parametrize("mode", ["unroll", "equilibrium"])
+def test_a_diverging_loop_stops_naming_the_node_and_step(mode):
+    from runtime.federation import NonFiniteError
+
+    model = compiler.build_model(
+        compiler.load_spec_text(LOOP.replace("STEPS", "4").replace("MODE", mode))
+    )
+    with torch.no_grad():
+        model.federation.messages.lin.weight.fill_(float("inf"))
+    what = "feedback step 1 of 4" if mode == "unroll" else "equilibrium iteration 1 of 4"
+    with pytest.raises(NonFiniteError, match=f"{what}: node `a` produced NaN or Inf"):
+        model(torch.randn(1, 4, 4))
