@@ -155,8 +155,12 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
-        x = x + F.dropout(self.attn(self.norm_attn(x), rotary), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.norm_mlp(x)), self.dropout, self.training)
+        x = x + self._drop(self.attn(self.norm_attn(x), rotary))
+        return x + self._drop(self.mlp(self.norm_mlp(x)))
+
+    def _drop(self, x: Tensor) -> Tensor:
+        # skipped outright at rate 0: F.dropout(p=0) in training mode still launches a kernel
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class Transformer(nn.Module):
@@ -190,7 +194,8 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.positions is not None:
             x = x + self.positions(x.shape[-2]).to(x.dtype)
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        if self.cfg.dropout:
+            x = F.dropout(x, self.cfg.dropout, self.training)
         for block in self.blocks:
             x = block(x, self.rotary)
         return self.norm_out(x)
