@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .diagnostics import Diagnostic, Span, SpecError
+from .diagnostics import Diagnostic, SpecError
 
 app = typer.Typer(
     name="epicycle",
@@ -100,6 +100,12 @@ def compile_(
     smoke: Annotated[bool, typer.Option(help="Run one forward pass on random inputs.")] = True,
     tokens: Annotated[int, typer.Option(min=1, help="Sequence length of the smoke run.")] = 16,
     device: Annotated[str, typer.Option(help="Device for the weights and smoke run.")] = "cpu",
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Memory budget in GiB (default: the device's free memory; 0: no guard)."
+        ),
+    ] = None,
 ) -> None:
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
@@ -112,8 +118,14 @@ def compile_(
     out.print(_table(ir))
     if not smoke and out_dir is None:
         return
-    _check_memory(ir.facts["parameters"], file)
-    model = build_model(ir, device=device)
+    from .resources import check_resources
+
+    budget_bytes = None if budget is None else int(budget * 2**30)
+    if budget_bytes != 0:
+        check_resources(
+            ir, device=device, budget=budget_bytes, batch=2, tokens=min(tokens, ir.facts["context"])
+        )
+    model = build_model(ir, device=device, budget=0)
     if smoke:
         model.eval()
         inputs = _random_inputs(ir, min(tokens, ir.facts["context"]), device)
@@ -213,25 +225,6 @@ def _random_inputs(ir, tokens: int, device: str) -> dict:
         else:
             inputs[name] = torch.randn(2, tokens, spec.width, generator=generator).to(device)
     return inputs
-
-
-def _check_memory(parameters: int, file: str) -> None:
-    """Refuse to allocate weights that cannot fit in free memory (a fuller guard belongs to issue 10)."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    needed = parameters * 4
-    if needed > free:
-        raise SpecError(
-            [
-                Diagnostic(
-                    Span(file, 1, 1),
-                    f"the weights need {needed / 2**30:.1f} GiB in float32 but only {free / 2**30:.1f} GiB is free",
-                    "validate without building (`epicycle validate`), or compile with `--no-smoke` and no `--out`",
-                )
-            ]
-        )
 
 
 def main() -> None:

@@ -37,13 +37,23 @@ def analyze(source: str | Path | LoadedSpec) -> IR:
 
 
 def build_model(
-    source: str | Path | LoadedSpec | IR, *, device: str | torch.device | None = None
+    source: str | Path | LoadedSpec | IR,
+    *,
+    device: str | torch.device | None = None,
+    budget: int | None = None,
 ) -> GraphModel:
-    """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached)."""
+    """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached).
+
+    Before allocating, the weights' size is checked against `budget` bytes (default: the free
+    memory of `device`); `budget=0` turns the guard off. See `compiler.resources`.
+    """
     import torch
 
     from .lower import lower
+    from .resources import check_resources
 
     ir = source if isinstance(source, IR) else analyze(source)
+    if budget != 0:
+        check_resources(ir, device=str(device) if device is not None else None, budget=budget)
     with torch.device(device) if device is not None else nullcontext():
         return lower(ir)

@@ -1,0 +1,48 @@
+"""The resource guard refuses, with the numbers, a model that cannot fit, before allocating anything."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+import compiler
+from compiler.cli import app
+from compiler.resources import estimate_memory
+from tests.conftest import ROOT
+
+TEN_B = ROOT / "tests" / "fixtures" / "ten_billion.yaml"
+
+
+def test_a_ten_billion_parameter_model_is_refused_under_a_small_budget_without_allocating():
+    start = time.perf_counter()
+    with pytest.raises(compiler.SpecError) as info:
+        compiler.build_model(TEN_B, budget=2**30)
+    assert time.perf_counter() - start < 10
+    message = info.value.format()
+    assert "this model needs about 39.62 GiB (parameters 39.62 GiB in float32)" in message
+    assert "but the budget is 1.00 GiB (the budget you set)" in message
+
+
+def test_training_and_activations_add_to_the_estimate():
+    ir = compiler.analyze(ROOT / "specs" / "transformer.yaml")
+    inference = estimate_memory(ir)
+    training = estimate_memory(ir, training=True, batch=8, tokens=256)
+    assert inference.total == 4 * ir.facts["parameters"]
+    assert training.training_state == 3 * inference.parameters
+    cfg = ir.graph.nodes["nodes.body"]["config"]
+    assert training.activations == 4 * 8 * 256 * cfg.layers * (34 * cfg.width + 5 * cfg.heads * 256)
+
+
+def test_compile_reports_an_exceeded_budget_and_zero_turns_the_guard_off():
+    runner = CliRunner()
+    refused = runner.invoke(
+        app, ["compile", str(ROOT / "specs" / "transformer.yaml"), "--budget", "0.001"]
+    )
+    assert refused.exit_code == 1
+    assert "but the budget is 1.0 MiB (the budget you set)" in refused.stderr
+    allowed = runner.invoke(
+        app, ["compile", str(ROOT / "specs" / "transformer.yaml"), "--budget", "0"]
+    )
+    assert allowed.exit_code == 0, allowed.output
