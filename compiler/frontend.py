@@ -198,15 +198,20 @@ def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:
     if kind == "bool_type":
         return Diagnostic(span, f"`{field}` must be `true` or `false`, got {_type_name(value)}")
     if kind == "string_type":
-        return Diagnostic(span, f"`{field}` must be a name or text, got {_type_name(value)}")
+        hint = None
+        if field in ("from", "to") and isinstance(value, list) and "edges" in found:
+            hint = "an edge joins one node to one node: write one edge for each pair"
+        return Diagnostic(span, f"`{field}` must be a name or text, got {_type_name(value)}", hint)
     if kind == "string_pattern_mismatch":
         return Diagnostic(
             span,
             f"`{_show(value)}` is not a valid name",
             "names start with a letter or `_` and hold letters, digits, `_` and `-`",
         )
-    if kind in ("string_too_long", "string_too_short"):
-        return Diagnostic(span, f"`{field}`: {error['msg'].lower()}")
+    if kind == "string_too_long":
+        return Diagnostic(span, f"`{field}` is longer than {ctx.get('max_length')} characters")
+    if kind == "string_too_short":
+        return Diagnostic(span, f"`{field}` is empty", f"give `{field}` a value")
     if kind in ("less_than_equal", "less_than"):
         bound = ctx.get("le", ctx.get("lt"))
         word = "at most" if kind == "less_than_equal" else "less than"

@@ -362,8 +362,12 @@ class ClassificationOutput(SpecModel):
 
     kind: Literal["classification"]
     source: Sources = Field(alias="from", description="Node(s) read; several are concatenated.")
-    classes: Annotated[Int, Field(ge=2, le=MAX_VOCAB)]
-    pool: Literal["mean", "last"] = "mean"
+    classes: Annotated[Int, Field(ge=2, le=MAX_VOCAB)] = Field(
+        description="Number of classes (at least 2)."
+    )
+    pool: Literal["mean", "last"] = Field(
+        "mean", description="Pool the tokens' states by their mean or the last one."
+    )
 
 
 Output = Annotated[
