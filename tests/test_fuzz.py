@@ -3,7 +3,8 @@
 Mutations of every gallery spec (dropped keys, swapped types, huge/negative/non-finite numbers,
 unicode, deep nesting, random bytes) go through the whole front and middle end; the only exception
 allowed out is `SpecError`, and every diagnostic must carry a real `file:line:col`. This is the
-bounded profile that runs in the suite; raise `EPICYCLE_FUZZ_EXAMPLES` for a long run.
+bounded profile that runs in the suite (each case under 2 s and 200 MB of Python allocations); for a
+long run: `EPICYCLE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import tracemalloc
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -88,6 +90,7 @@ def check_outcome(text: str | bytes, tmp_path) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     start = time.perf_counter()
+    tracemalloc.start()
     try:
         compiler.analyze(path)
     except compiler.SpecError as exc:
@@ -95,6 +98,10 @@ def check_outcome(text: str | bytes, tmp_path) -> None:
         for d in exc.diagnostics:
             assert d.span.file == str(path) and d.span.line >= 1 and d.span.col >= 1
             assert d.message and "Traceback" not in d.message
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 200 * 2**20, f"{peak / 2**20:.0f} MB for:\n{text[:2000]!r}"
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"{elapsed:.2f} s for:\n{text[:2000]!r}"
 
