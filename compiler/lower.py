@@ -42,7 +42,7 @@ OUTPUT_BUILDERS: dict[str, OutputBuilder] = {
 }
 
 
-def lower(ir: IR) -> GraphModel:
+def lower(ir: IR, make_transformer: Callable[..., nn.Module] | None = None) -> GraphModel:
     """Build the module (on the current default device: use `torch.device("meta")` to count only)."""
     spec = ir.spec
     with torch.random.fork_rng(devices=[]):
@@ -52,7 +52,11 @@ def lower(ir: IR) -> GraphModel:
             for _, data in ir.vertices("input")
             for name in [data["name"]]
         }
-        federation = Federation(ir.facts["federation"])
+        federation = (
+            Federation(ir.facts["federation"], make_transformer)
+            if make_transformer is not None
+            else Federation(ir.facts["federation"])
+        )
         outputs, wiring = {}, {}
         address = ir.facts["address"]
         for _, data in ir.vertices("output"):

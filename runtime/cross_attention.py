@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import init_normal_
+
 
 class CrossAttention(nn.Module):
     def __init__(self, query_width: int, bus_width: int, heads: int):
@@ -20,7 +22,7 @@ class CrossAttention(nn.Module):
         self.key_value = nn.Linear(bus_width, 2 * bus_width, bias=False)
         self.out = nn.Linear(bus_width, bus_width, bias=False)
         for linear in (self.query, self.key_value, self.out):
-            nn.init.normal_(linear.weight, std=0.02)
+            init_normal_(linear.weight)
 
     def forward(self, x: Tensor, source: Tensor) -> Tensor:
         """`x`: `(edges, batch, tokens, query_width)`; `source`: `(edges, batch, tokens, bus_width)`."""

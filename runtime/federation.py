@@ -21,6 +21,7 @@ The loops run over the plan, whose length is fixed at compile time, so `torch.co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,16 @@ class FederationPlan:
 
 
 class Federation(nn.Module):
-    def __init__(self, plan: FederationPlan):
+    def __init__(
+        self, plan: FederationPlan, make_transformer: Callable[..., nn.Module] = Transformer
+    ):
+        """`make_transformer(config, members, rope_scales)` builds each group's stack; the compiler's
+        estimate pass passes a caching builder on the meta device to count without rebuilding."""
         super().__init__()
         self.plan = plan
         groups = plan.groups
         self.transformers = nn.ModuleList(
-            Transformer(g.config, len(g.nodes), g.rope_scales or None) for g in groups
+            make_transformer(g.config, len(g.nodes), g.rope_scales or None) for g in groups
         )
         kinds = dict(plan.perspectives)
         frames: dict[str, dict[str, Perspective]] = {}

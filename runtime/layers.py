@@ -20,6 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def init_normal_(tensor: Tensor, std: float = 0.02) -> None:
+    """Normal init, skipped on the meta device: there are no values to set, and meta-device init
+    runs through Python decompositions (about a millisecond a call), which dominated estimates."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+def init_zeros_(tensor: Tensor) -> None:
+    if not tensor.is_meta:
+        nn.init.zeros_(tensor)
+
+
 class MemberLinear(nn.Module):
     """`y[m] = x[m] @ W[m].T + b[m]` for each member `m`; `x` is `(members, ..., in)`."""
 
@@ -32,9 +44,9 @@ class MemberLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=std)
+        init_normal_(self.weight, std)
         if self.bias is not None:
-            nn.init.zeros_(self.bias)
+            init_zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.members == 1:
@@ -91,7 +103,7 @@ class MemberEmbedding(nn.Module):
         lead = () if members == 1 else (members,)
         self.members = members
         self.weight = nn.Parameter(torch.empty(*lead, rows, width))
-        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+        init_normal_(self.weight)
 
     def forward(self, n: int) -> Tensor:
         table = self.weight[..., :n, :]

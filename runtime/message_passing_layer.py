@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
+from .layers import init_normal_, init_zeros_
 from .message_passing import EDGE_FEATURES
 
 
@@ -39,16 +40,16 @@ class EdgeConditionedMessage(MessagePassing):
         self.attention = aggregate == "attention"
         self.lin = nn.Linear(width, width, bias=False)
         self.film = nn.Linear(EDGE_FEATURES, width)
-        nn.init.normal_(self.lin.weight, std=0.02)
-        nn.init.zeros_(self.film.weight)
-        nn.init.zeros_(self.film.bias)
+        init_normal_(self.lin.weight)
+        init_zeros_(self.film.weight)
+        init_zeros_(self.film.bias)
         if self.attention:
             self.key = nn.Linear(width, width, bias=False)
             self.query = nn.Parameter(torch.zeros(nodes, width))
             self.edge_bias = nn.Linear(EDGE_FEATURES, 1)
-            nn.init.normal_(self.key.weight, std=0.02)
-            nn.init.zeros_(self.edge_bias.weight)
-            nn.init.zeros_(self.edge_bias.bias)
+            init_normal_(self.key.weight)
+            init_zeros_(self.edge_bias.weight)
+            init_zeros_(self.edge_bias.bias)
 
     def forward(
         self, x_source: Tensor, edge_index: Tensor, edge_attr: Tensor, targets: int

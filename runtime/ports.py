@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .layers import init_normal_, init_zeros_
+
 
 class TokenInput(nn.Module):
     """Token ids `(batch, tokens)` to vectors `(batch, tokens, width)`."""
@@ -13,7 +15,7 @@ class TokenInput(nn.Module):
         super().__init__()
         self.vocab, self.context = vocab, context
         self.table = nn.Embedding(vocab, width)
-        nn.init.normal_(self.table.weight, std=0.02)
+        init_normal_(self.table.weight)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.table(ids)
@@ -26,8 +28,8 @@ class FeatureInput(nn.Module):
         super().__init__()
         self.context = context
         self.proj = nn.Linear(features, width)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        init_normal_(self.proj.weight)
+        init_zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)
@@ -41,9 +43,9 @@ class LinearHead(nn.Module):
     ):
         super().__init__()
         self.proj = nn.Linear(width, out, bias=bias)
-        nn.init.normal_(self.proj.weight, std=0.02)
+        init_normal_(self.proj.weight)
         if bias:
-            nn.init.zeros_(self.proj.bias)
+            init_zeros_(self.proj.bias)
         if tie_to is not None:
             self.proj.weight = tie_to.weight
 
@@ -58,8 +60,8 @@ class PooledHead(nn.Module):
         super().__init__()
         self.pool = pool
         self.proj = nn.Linear(width, classes)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        init_normal_(self.proj.weight)
+        init_zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = x.mean(dim=-2) if self.pool == "mean" else x[..., -1, :]

@@ -28,9 +28,11 @@ def check_reachability(ir: IR) -> list[Diagnostic]:
                     "its nodes read no input (`input: []`) and receive no message from a node that does",
                 )
             )
-    outputs = {v for v, _ in ir.vertices("output")}
+    feeding: set[str] = set()
+    for vertex, _ in ir.vertices("output"):
+        feeding |= nx.ancestors(graph, vertex)
     for vertex, data in ir.vertices("node"):
-        if not (nx.descendants(graph, vertex) & outputs):
+        if vertex not in feeding:
             found.append(
                 ir.warning(
                     data["path"],

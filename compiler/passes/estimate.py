@@ -72,8 +72,20 @@ def estimate(ir: IR) -> IR:
                 )
             ]
         )
+    from runtime.transformer import Transformer
+
+    built: dict[tuple, torch.nn.Module] = {}
+
+    def once_per_shape(
+        config: TransformerConfig, members: int, rope_scales: tuple | None
+    ) -> torch.nn.Module:
+        # identical groups have identical counts: build each (shape, members) once
+        if (config, members) not in built:
+            built[config, members] = Transformer(config, members, rope_scales)
+        return built[config, members]
+
     with torch.device("meta"):
-        model = lower(ir)
+        model = lower(ir, make_transformer=once_per_shape)
     steps = federation.steps
     rows: dict[str, dict] = {}
     for g, group in enumerate(federation.groups):
@@ -101,5 +113,13 @@ def estimate(ir: IR) -> IR:
         shared_parts[f"outputs.{name}"] = sum(p.numel() for p in own)
     if model.federation.has_bus:
         shared_parts["messages"] = sum(p.numel() for p in model.federation.messages.parameters())
-    total = sum(p.numel() for p in model.parameters())
+    outside = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if not n.startswith("federation.transformers.")
+    )
+    total = outside + sum(
+        sum(p.numel() for p in model.federation.transformers[g].parameters())
+        for g in range(len(federation.groups))
+    )
     return ir.with_facts(estimates=rows, parameters_outside_nodes=shared_parts, parameters=total)
