@@ -106,6 +106,15 @@ def compile_(
             min=0, help="Memory budget in GiB (default: the device's free memory; 0: no guard)."
         ),
     ] = None,
+    level: Annotated[
+        int | None,
+        typer.Option(help="Fractal specs: run the smoke forward on a sub-model of this level."),
+    ] = None,
+    index: Annotated[int, typer.Option(help="Fractal specs: which sub-model of `--level`.")] = 0,
+    fractal: Annotated[
+        str | None,
+        typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
+    ] = None,
 ) -> None:
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
@@ -116,6 +125,10 @@ def compile_(
     ir = analyze(file)
     _print_diagnostics(ir.facts["warnings"])
     out.print(_table(ir))
+    for line in _fractal_lines(ir):
+        out.print(line, markup=False)
+    if level is not None:
+        _check_sub_model_address(ir, fractal, level, index)
     if not smoke and out_dir is None:
         return
     from .resources import check_resources
@@ -131,8 +144,13 @@ def compile_(
         inputs = _random_inputs(ir, min(tokens, ir.facts["context"]), device)
         start = time.perf_counter()
         with torch.no_grad():
-            result = model(**inputs)
+            if level is None:
+                result = model(**inputs)
+            else:
+                result = model.fractal(fractal).sub_model(level, index)(**inputs)
         elapsed = time.perf_counter() - start
+        if level is not None:
+            out.print(f"sub-model ({level}, {index}):", markup=False)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
         finite = all(bool(torch.isfinite(v).all()) for v in result.values())
         if not finite:
@@ -205,6 +223,69 @@ def _table(ir) -> Table:
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
     return table
+
+
+def _fractal_lines(ir) -> list[str]:
+    lines = []
+    for name, node in ir.spec.nodes.items():
+        if node.kind != "fractal":
+            continue
+        width = ir.graph.nodes[f"nodes.{name}"]["width"]
+        levels = ", ".join(
+            f"{node.branching**level} x width {width // node.branching**level}"
+            for level in range(node.levels)
+        )
+        lines.append(f"fractal {name} (residual {node.residual}): levels 0..{node.levels - 1}: {levels}")
+    return lines
+
+
+def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> None:
+    """`--level/--index` must name a sub-model; errors point at the fractal in the spec."""
+    fractals = [n for n, node in ir.spec.nodes.items() if node.kind == "fractal"]
+    if fractal is None and len(fractals) != 1:
+        where = ir.span(("nodes",), key=True)
+        message = (
+            "`--level` needs a fractal node, and this spec has none"
+            if not fractals
+            else f"this spec has fractal nodes {', '.join(fractals)}; choose one with `--fractal`"
+        )
+        raise SpecError([Diagnostic(where, message)])
+    name = fractal or fractals[0]
+    if name not in fractals:
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes",), key=True),
+                    f"`--fractal {name}` names no fractal node",
+                    f"fractal nodes: {', '.join(fractals) or 'none'}",
+                )
+            ]
+        )
+    node = ir.spec.nodes[name]
+    if not 0 <= level < node.levels:
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes", name, "levels")),
+                    f"`--level {level}` is out of range: fractal `{name}` has levels 0..{node.levels - 1}",
+                    "level 0 is the full model; pass a level in that range",
+                )
+            ]
+        )
+    count = node.branching**level
+    if not 0 <= index < count:
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes", name, "branching"))
+                    if "branching" in node.model_fields_set
+                    else ir.span(("nodes", name, "levels")),
+                    f"`--index {index}` is out of range: level {level} of fractal `{name}` has sub-models "
+                    f"0..{count - 1}",
+                    "pass an index in that range",
+                )
+            ]
+        )
 
 
 def _count(n: int) -> str:

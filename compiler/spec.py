@@ -281,7 +281,52 @@ class GearNode(TransformerSettings):
     )
 
 
-NODE_KINDS: dict[str, type[SpecModel]] = {"transformer": TransformerNode, "gear": GearNode}
+class FractalBase(TransformerSettings):
+    """The full (level-0) model of a fractal; its sub-models take slices of its weights."""
+
+    kind: Literal["transformer"] = Field("transformer", description="The base is a transformer.")
+
+
+class FractalNode(SpecModel):
+    """FractalFormer (design 001): a transformer holding `branching` smaller copies of itself at every
+    level, whose weights are the diagonal blocks of its own (see `runtime.fractal`).
+
+    Level 0 is `base`; level `l` holds `branching**l` sub-models of width `width / branching**l`, each
+    runnable alone. Every sub-model keeps `heads`; head widths shrink by `branching` a level.
+    """
+
+    kind: Literal["fractal"]
+    levels: Annotated[Int, Field(ge=1, le=16)] = Field(
+        description="Levels of nesting, counting the full model (1 = a plain transformer)."
+    )
+    branching: Annotated[Int, Field(ge=2, le=64)] = Field(
+        2, description="Sub-models each model holds at the next level."
+    )
+    base: FractalBase = Field(
+        FractalBase(), description="The full model's settings (inherited from `defaults.transformer`)."
+    )
+    residual: Literal["none", "upstream", "downstream"] = Field(
+        "none",
+        description="`upstream`: after every block each model's stream receives its children's; `downstream`: "
+        "each receives its slice of its parent's; `none`: levels share weights only.",
+    )
+    level_weights: (
+        Annotated[list[Annotated[Real, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=16)]
+        | None
+    ) = Field(
+        None,
+        description="Loss weight of each level when all are trained at once (one per level). Default: all 1.",
+    )
+    input: InputNames | None = Field(
+        None, description="The input(s) the fractal reads, or [] for none. Default: the only input."
+    )
+
+
+NODE_KINDS: dict[str, type[SpecModel]] = {
+    "transformer": TransformerNode,
+    "gear": GearNode,
+    "fractal": FractalNode,
+}
 Node = Annotated[Union[tuple(NODE_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .cross_attention import CrossAttention
+from .fractal import FractalConfig, FractalTransformer
 from .layers import MemberLinear
 from .message_passing import stage_edges
 from .perspective import Perspective, apply_frames
@@ -46,6 +47,7 @@ class GroupPlan:
     inputs: tuple[tuple[str, int], ...]  # (input name, its width); their reads are summed
     rope_scales: tuple[float, ...] = ()  # per member: a gear's velocity; empty = all 1
     perspectives: tuple[str | None, ...] = ()  # per member: the frame it sees its inputs through
+    fractal: FractalConfig | None = None  # a fractal node (design 001): one member, many levels
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,10 @@ class Federation(nn.Module):
         self.plan = plan
         groups = plan.groups
         self.transformers = nn.ModuleList(
-            make_transformer(g.config, len(g.nodes), g.rope_scales or None) for g in groups
+            FractalTransformer(g.config, g.fractal)
+            if g.fractal is not None
+            else make_transformer(g.config, len(g.nodes), g.rope_scales or None)
+            for g in groups
         )
         kinds = dict(plan.perspectives)
         frames: dict[str, dict[str, Perspective]] = {}

@@ -60,6 +60,28 @@ class GraphModel(nn.Module):
             result[name] = head(concat_states(read))
         return result
 
+    def fractal(self, node: str | None = None):
+        """The model seen through fractal node `node` (default: the only one): every level at once,
+        any sub-model alone, merging. See `runtime.fractal_view.FractalView`."""
+        from .fractal import FractalTransformer
+        from .fractal_view import FractalView
+
+        found = {
+            name: g
+            for g, group in enumerate(self.federation.plan.groups)
+            for name in group.nodes
+            if isinstance(self.federation.transformers[g], FractalTransformer)
+        }
+        if not found:
+            raise ValueError("this model has no fractal node")
+        if node is None:
+            if len(found) > 1:
+                raise ValueError(f"this model has fractal nodes {sorted(found)}; name one")
+            node = next(iter(found))
+        if node not in found:
+            raise ValueError(f"`{node}` is not a fractal node; the fractal nodes are {sorted(found)}")
+        return FractalView(self, node, found[node])
+
     def _bind(self, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
         if len(args) > len(self.input_names):
             raise TypeError(

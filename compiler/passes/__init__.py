@@ -5,6 +5,7 @@ The driver in `compiler.pipeline` runs them in this order; each can be called an
 
 from .check_cycles import check_cycles
 from .check_feedback import check_feedback
+from .check_fractals import check_fractals
 from .check_reachability import check_reachability
 from .check_references import check_references
 from .check_shapes import check_shapes
@@ -18,6 +19,7 @@ TRANSFORMS_BEFORE_CHECKS = (resolve_defaults, infer_widths)
 CHECKS = (
     check_references,
     check_shapes,
+    check_fractals,
     check_gear_trains,
     check_cycles,
     check_feedback,
@@ -31,6 +33,7 @@ __all__ = [
     "TRANSFORMS_BEFORE_CHECKS",
     "check_cycles",
     "check_feedback",
+    "check_fractals",
     "check_gear_trains",
     "check_reachability",
     "check_references",

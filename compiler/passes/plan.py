@@ -42,6 +42,7 @@ def transformer_config(settings: dict, width: int, context: int) -> TransformerC
 
 def plan(ir: IR) -> IR:
     from runtime.federation import EdgePlan, FederationPlan, GroupPlan
+    from runtime.fractal import FractalConfig
 
     spec, graph = ir.spec, ir.graph.copy()
     names = list(spec.nodes)
@@ -70,7 +71,19 @@ def plan(ir: IR) -> IR:
     for generation in nx.topological_generations(instant):
         groups: dict[tuple, list[str]] = {}
         for name in sorted(generation, key=position.__getitem__):
-            key = (graph.nodes[node_id(name)]["config"], reads[name])
+            node = spec.nodes[name]
+            fractal = (
+                FractalConfig(
+                    node.levels,
+                    node.branching,
+                    node.residual,
+                    tuple(float(w) for w in node.level_weights or ()),
+                )
+                if node.kind == "fractal"
+                else None
+            )
+            # a fractal is a group of its own: its levels are its batch
+            key = (graph.nodes[node_id(name)]["config"], reads[name], fractal, fractal and name)
             groups.setdefault(key, []).append(name)
         stages.append(
             tuple(
@@ -85,8 +98,9 @@ def plan(ir: IR) -> IR:
                     perspectives=tuple(
                         getattr(spec.nodes[m], "perspective", None) for m in members
                     ),
+                    fractal=fractal,
                 )
-                for (config, inputs), members in groups.items()
+                for (config, inputs, fractal, _), members in groups.items()
             )
         )
 

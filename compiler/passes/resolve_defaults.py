@@ -35,11 +35,15 @@ def resolve_defaults(ir: IR) -> IR:
     defaults = ir.spec.defaults.transformer
     for vertex, data in ir.vertices("node"):
         node = data["spec"]
+        # a fractal's transformer settings are its `base`'s
+        own_settings, own_path = (
+            (node.base, (*data["path"], "base")) if data["kind"] == "fractal" else (node, data["path"])
+        )
         settings, origin = {}, {}
         for key, builtin in BUILTIN.items():
-            own, inherited = getattr(node, key), getattr(defaults, key)
+            own, inherited = getattr(own_settings, key), getattr(defaults, key)
             if own is not None:
-                settings[key], origin[key] = own, (*data["path"], key)
+                settings[key], origin[key] = own, (*own_path, key)
             elif inherited is not None:
                 settings[key], origin[key] = inherited, ("defaults", "transformer", key)
             else:

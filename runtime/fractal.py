@@ -1,0 +1,345 @@
+"""FractalFormer (design 001; Tunador, github.com/evintunador/FractalFormer): a transformer that
+holds smaller copies of itself, whose weights are slices of its own.
+
+Level 0 is the full model of width `d`. Level `l` holds `k = branching**l` sub-models of width
+`d / k`; sub-model `j` of level `l` owns the `j`-th *diagonal block* of every weight matrix (rows
+and columns `[j*d_l, (j+1)*d_l)` of the residual width, the same blocks of the attention and MLP
+inner widths, and the same slices of norm gains, biases and position tables). Blocks of level `l+1`
+sit inside those of level `l`, as Sierpinski's triangles sit in theirs: self-similar, disjoint
+within a level. Every sub-model keeps the head count; head widths shrink by `branching` a level,
+as in the original (`configs.py`: `head_dim_list`).
+
+Why everything is a "window": the `k` sub-models of a level, laid side by side, fill exactly the
+columns of the full residual stream, so a whole level runs as *one* block-diagonal pass over a
+`(batch, tokens, d)` stream: each linear is one batched matmul over its `k` diagonal blocks (views
+of the parent's weights, never copies per sub-model), norms normalise each block, and attention runs
+all `k * heads` heads in one `scaled_dot_product_attention` call. One sub-model alone is the same
+code over a window of one block. The original looped over sub-models in Python.
+
+Residual variants (the original's later notebooks), applied after every block:
+* `none`: levels are independent models sharing weights;
+* `upstream`: each model's stream receives its children's streams (their concatenation is exactly
+  its own width), so small models feed the large one (`FractalFormer_UpstreamResidual.ipynb`);
+* `downstream`: each model's stream receives its slice of its parent's stream (the mirror image;
+  the original names the idea but ships no code for it).
+In both, the exchange uses every level's output of the same block, before the exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transformer import (
+    _ACTIVATIONS,
+    Block,
+    RotaryEmbedding,
+    Transformer,
+    TransformerConfig,
+)
+
+RESIDUALS = ("none", "upstream", "downstream")
+
+
+@dataclass(frozen=True)
+class FractalConfig:
+    levels: int
+    branching: int
+    residual: str = "none"
+    level_weights: tuple[float, ...] = ()  # loss weight per level; empty = all 1
+
+    def blocks(self, level: int) -> int:
+        """Sub-models at `level`."""
+        return self.branching**level
+
+    def weights(self) -> tuple[float, ...]:
+        return self.level_weights or (1.0,) * self.levels
+
+
+@dataclass(frozen=True)
+class Window:
+    """Blocks `[first, first + count)` of a level: which sub-models a pass computes."""
+
+    level: int
+    first: int
+    count: int
+
+
+def diagonal_blocks(weight: Tensor, k: int) -> Tensor:
+    """`(out, in)` -> `(k, out/k, in/k)`: the `k` diagonal blocks, as a view of `weight`."""
+    o, i = weight.shape[0] // k, weight.shape[1] // k
+    return weight.unflatten(0, (k, o)).unflatten(2, (k, i)).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+class FractalTransformer(Transformer):
+    """The full model is an ordinary `Transformer` (same parameters, same `state_dict`); the other
+    levels are block-diagonal passes over those parameters.
+
+    `forward` takes the federation's `(1, batch, tokens, d)` stream and returns the level-0 state
+    (under `upstream`, with every level run to feed it). `run(x, windows)` runs chosen sub-models.
+    """
+
+    def __init__(self, cfg: TransformerConfig, fractal: FractalConfig):
+        super().__init__(cfg, members=1)
+        self.fractal = fractal
+        k_last = fractal.blocks(fractal.levels - 1)
+        if cfg.width % (cfg.heads * k_last) or cfg.inner_width % k_last:
+            raise ValueError(
+                f"width {cfg.width} (heads {cfg.heads}) and MLP width {cfg.inner_width} must split into "
+                f"{k_last} blocks of whole heads"
+            )
+        self.level_rotary = nn.ModuleList(
+            RotaryEmbedding(cfg.head_width // fractal.blocks(level), cfg.context, cfg.rope_theta)
+            for level in range(1, fractal.levels)
+            if cfg.position == "rope"
+        )
+
+    # ----------------------------------------------------------------- whole model, every level
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fractal.residual != "upstream" or self.fractal.levels == 1:
+            return super().forward(x)  # level 0 depends on no other level
+        return self.run(x[0], self.all_windows())[0].unsqueeze(0)
+
+    def all_windows(self) -> list[Window]:
+        return [Window(level, 0, self.fractal.blocks(level)) for level in range(self.fractal.levels)]
+
+    def sub_model_windows(self, level: int, index: int) -> list[Window]:
+        """What running sub-model `(level, index)` alone needs: itself, plus its descendants
+        (`upstream`) or its ancestors (`downstream`). Its own window is the last."""
+        self.check_address(level, index)
+        b, levels = self.fractal.branching, self.fractal.levels
+        if self.fractal.residual == "upstream":
+            below = [Window(m, index * b ** (m - level), b ** (m - level)) for m in range(level + 1, levels)]
+            return [*below, Window(level, index, 1)]
+        if self.fractal.residual == "downstream":
+            return [Window(m, index // b ** (level - m), 1) for m in range(level + 1)]
+        return [Window(level, index, 1)]
+
+    def check_address(self, level: int, index: int) -> None:
+        f = self.fractal
+        if not 0 <= level < f.levels:
+            raise ValueError(f"level {level} is out of range: this fractal has levels 0..{f.levels - 1}")
+        if not 0 <= index < f.blocks(level):
+            raise ValueError(
+                f"index {index} is out of range: level {level} has sub-models 0..{f.blocks(level) - 1}"
+            )
+
+    def columns(self, window: Window) -> tuple[int, int]:
+        """The residual-stream columns a window covers."""
+        d = self.cfg.width // self.fractal.blocks(window.level)
+        return window.first * d, (window.first + window.count) * d
+
+    def run(self, x: Tensor, windows: list[Window], offset: int = 0) -> list[Tensor]:
+        """Run `windows` (at most one per level) in lock-step, block by block, exchanging residual
+        streams between adjacent levels as `residual` says. `x` is the input stream covering columns
+        `[offset, offset + x.shape[-1])`, which must include every window's columns. Returns each
+        window's final (normed) state, `(batch, tokens, count * d_level)`, in the order given."""
+        states = []
+        for w in windows:
+            a, b = self.columns(w)
+            h = x[..., a - offset : b - offset]
+            if self.positions is not None:
+                h = h + self.positions.weight[: x.shape[-2], a:b].to(h.dtype)
+            if self.cfg.dropout:
+                h = F.dropout(h, self.cfg.dropout, self.training)
+            states.append(h)
+        by_level = {w.level: i for i, w in enumerate(windows)}
+        step = {"upstream": 1, "downstream": -1}.get(self.fractal.residual)
+        for block in self.blocks:
+            outs = [self._block(block, h, w) for h, w in zip(states, windows, strict=True)]
+            if step is None:
+                states = outs
+                continue
+            states = []
+            for i, w in enumerate(windows):
+                other = by_level.get(w.level + step)
+                if other is None:
+                    states.append(outs[i])
+                    continue
+                a, b = self.columns(w)
+                a_other, _ = self.columns(windows[other])
+                states.append(outs[i] + outs[other][..., a - a_other : b - a_other])
+        return [self._norm(self.norm_out, h, w) for h, w in zip(states, windows, strict=True)]
+
+    # ----------------------------------------------------------------- one block over a window
+
+    def _block(self, block: Block, x: Tensor, w: Window) -> Tensor:
+        x = x + block._drop(self._attention(block, self._norm(block.norm_attn, x, w), w))
+        return x + block._drop(self._mlp(block, self._norm(block.norm_mlp, x, w), w))
+
+    def _norm(self, norm: nn.Module, x: Tensor, w: Window) -> Tensor:
+        k = self.fractal.blocks(w.level)
+        d = self.cfg.width // k
+        xb = x.unflatten(-1, (w.count, d))
+        if norm.kind == "rmsnorm":
+            y = F.rms_norm(xb, (d,), None, norm.eps)
+        else:
+            y = F.layer_norm(xb, (d,), None, None, norm.eps)
+        y = y * norm.weight.view(k, d)[w.first : w.first + w.count]
+        if norm.bias is not None:
+            y = y + norm.bias.view(k, d)[w.first : w.first + w.count]
+        return y.flatten(-2)
+
+    def _linear(self, x: Tensor, parts: list[tuple[Tensor, Tensor | None]], w: Window) -> Tensor:
+        """`x` blocked `(..., count, in_k)` through the diagonal blocks of the row-stacked `parts`
+        (a fused qkv weight is three parts, each split into blocks on its own); `(..., count, out_k)`."""
+        k = self.fractal.blocks(w.level)
+        pick = slice(w.first, w.first + w.count)
+        weight = torch.cat([diagonal_blocks(p, k)[pick] for p, _ in parts], dim=1)
+        biases = [b.view(k, -1)[pick] for _, b in parts if b is not None]
+        if w.count == 1:
+            y = F.linear(x.squeeze(-2), weight[0], torch.cat(biases, -1)[0] if biases else None)
+            return y.unsqueeze(-2)
+        y = torch.einsum("...ci,coi->...co", x, weight)
+        return y + torch.cat(biases, -1) if biases else y
+
+    def _attention(self, block: Block, x: Tensor, w: Window) -> Tensor:
+        cfg, attn = self.cfg, block.attn
+        k = self.fractal.blocks(w.level)
+        h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width // k
+        batch, n = x.shape[0], x.shape[-2]
+        rows = (h * cfg.head_width, kv * cfg.head_width, kv * cfg.head_width)
+        qkv_parts = list(zip(attn.qkv.weight.split(rows), _split(attn.qkv.bias, rows), strict=True))
+        y = self._linear(x.unflatten(-1, (w.count, -1)), qkv_parts, w)
+        q, key, v = y.split((h * hw, kv * hw, kv * hw), dim=-1)  # each (B, n, count, heads*hw)
+        q = q.reshape(batch, n, w.count * h, hw).transpose(1, 2)
+        key = key.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
+        v = v.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
+        rotary = self.rotary if w.level == 0 else (self.level_rotary[w.level - 1] if self.level_rotary else None)
+        if rotary is not None:
+            q, key = rotary(q), rotary(key)
+        out = F.scaled_dot_product_attention(
+            q,
+            key,
+            v,
+            is_causal=cfg.causal,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=kv != h,
+        )
+        out = out.transpose(1, 2).reshape(batch, n, w.count, h * hw)
+        return self._linear(out, [(attn.proj.weight, attn.proj.bias)], w).flatten(-2)
+
+    def _mlp(self, block: Block, x: Tensor, w: Window) -> Tensor:
+        cfg, mlp = self.cfg, block.mlp
+        rows = (cfg.inner_width, cfg.inner_width) if cfg.gated else (cfg.inner_width,)
+        parts = list(zip(mlp.fc.weight.split(rows), _split(mlp.fc.bias, rows), strict=True))
+        hidden = self._linear(x.unflatten(-1, (w.count, -1)), parts, w)
+        if cfg.gated:
+            a, b = hidden.chunk(2, dim=-1)
+            hidden = _ACTIVATIONS[cfg.activation](a) * b
+        else:
+            hidden = _ACTIVATIONS[cfg.activation](hidden)
+        return self._linear(hidden, [(mlp.proj.weight, mlp.proj.bias)], w).flatten(-2)
+
+    # ----------------------------------------------------------------- standalone copies and merging
+
+    def sub_config(self, level: int) -> TransformerConfig:
+        """The shape of a standalone transformer equal to a sub-model of `level`."""
+        k = self.fractal.blocks(level)
+        cfg = self.cfg
+        return TransformerConfig(
+            width=cfg.width // k,
+            heads=cfg.heads,
+            layers=cfg.layers,
+            context=cfg.context,
+            kv_heads=cfg.kv_heads,
+            mlp_width=cfg.inner_width // k,
+            activation=cfg.activation,
+            norm=cfg.norm,
+            position=cfg.position,
+            rope_theta=cfg.rope_theta,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            causal=cfg.causal,
+        )
+
+    def sub_model_tensors(self, level: int, index: int) -> dict[str, Tensor]:
+        """Sub-model `(level, index)`'s weights under a standalone `Transformer`'s names, as views
+        into this model's parameters (write into them to merge, read them to extract)."""
+        self.check_address(level, index)
+        k, cfg = self.fractal.blocks(level), self.cfg
+        d = cfg.width // k
+        views: dict[str, list[Tensor]] = {}
+
+        def blocks(name: str, weight: Tensor, rows: tuple[int, ...] | None = None) -> None:
+            parts = weight.split(rows) if rows else [weight]
+            views[name] = [
+                diagonal_blocks(p, k)[index] if p.dim() == 2 else p.view(k, -1)[index] for p in parts
+            ]
+
+        hw = cfg.head_width
+        qkv_rows = (cfg.heads * hw, cfg.n_kv_heads * hw, cfg.n_kv_heads * hw)
+        fc_rows = (cfg.inner_width,) * (2 if cfg.gated else 1)
+        for i, block in enumerate(self.blocks):
+            p = f"blocks.{i}."
+            blocks(p + "attn.qkv.weight", block.attn.qkv.weight, qkv_rows)
+            blocks(p + "attn.proj.weight", block.attn.proj.weight)
+            blocks(p + "mlp.fc.weight", block.mlp.fc.weight, fc_rows)
+            blocks(p + "mlp.proj.weight", block.mlp.proj.weight)
+            if cfg.bias:
+                blocks(p + "attn.qkv.bias", block.attn.qkv.bias, qkv_rows)
+                blocks(p + "attn.proj.bias", block.attn.proj.bias)
+                blocks(p + "mlp.fc.bias", block.mlp.fc.bias, fc_rows)
+                blocks(p + "mlp.proj.bias", block.mlp.proj.bias)
+            for norm in ("norm_attn", "norm_mlp"):
+                for kind in ("weight", "bias"):
+                    tensor = getattr(getattr(block, norm), kind)
+                    if tensor is not None:
+                        blocks(f"{p}{norm}.{kind}", tensor)
+        for kind in ("weight", "bias"):
+            tensor = getattr(self.norm_out, kind)
+            if tensor is not None:
+                blocks(f"norm_out.{kind}", tensor)
+        if self.positions is not None:
+            views["positions.weight"] = [self.positions.weight[:, index * d : (index + 1) * d]]
+        return views  # type: ignore[return-value]
+
+    def extract(self, level: int, index: int) -> Transformer:
+        """A standalone `Transformer` with copies of sub-model `(level, index)`'s weights. Under
+        `residual: none` it computes exactly what the sub-model computes."""
+        sub = Transformer(self.sub_config(level)).to(self.norm_out.weight.device)
+        state = {name: torch.cat(parts, dim=0) for name, parts in self.sub_model_tensors(level, index).items()}
+        sub.load_state_dict(state, strict=True)
+        return sub
+
+    @torch.no_grad()
+    def implant(self, level: int, index: int, source: Transformer) -> None:
+        """Make sub-model `(level, index)` a copy of `source` (model merging: train small models
+        alone, then make them the slices of a larger one). Other blocks keep their values."""
+        expected = self.sub_config(level)
+        if source.cfg != expected:
+            raise ValueError(
+                f"sub-model ({level}, {index}) has the shape {expected}, but the source has {source.cfg}"
+            )
+        own = source.state_dict()
+        for name, parts in self.sub_model_tensors(level, index).items():
+            for part, value in zip(parts, own[name].split([p.shape[0] for p in parts]), strict=True):
+                part.copy_(value)
+
+
+def _split(bias: Tensor | None, rows: tuple[int, ...]) -> list[Tensor | None]:
+    return list(bias.split(rows)) if bias is not None else [None] * len(rows)
+
+
+def level_loss(
+    level_logits: list[Tensor], targets: Tensor, weights: tuple[float, ...] | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Cross-entropy of every sub-model of every level at once.
+
+    `level_logits[l]` is `(batch, tokens, k_l, vocab)`; `targets` `(batch, tokens)`. Returns the
+    weighted sum over levels of each level's mean loss over its sub-models, and the per-level means.
+    (The original summed over sub-models too, which weighs level `l` by `branching**l`; weights
+    `[1, b, b*b, ...]` reproduce that.)
+    """
+    weights = weights or (1.0,) * len(level_logits)
+    per_level = []
+    for logits in level_logits:
+        k = logits.shape[-2]
+        expanded = targets.unsqueeze(-1).expand(*targets.shape, k)
+        per_level.append(F.cross_entropy(logits.flatten(0, -2).float(), expanded.reshape(-1)))
+    total = sum(w * loss for w, loss in zip(weights, per_level, strict=True))
+    return total, per_level

@@ -1,0 +1,215 @@
+"""A compiled model seen through one of its fractal nodes: every level at once, any sub-model alone,
+and merging separately trained models into the slices (design 001, FractalFormer).
+
+`GraphModel.fractal(node)` returns a `FractalView`. The outputs it serves are the spec's outputs
+that read that node alone; a sub-model's output head is the matching column slice of the full
+head (with `tie: true`, the sliced token embedding, as in the original), and its input embedding
+is the matching column slice of the input's table or projection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fractal import FractalTransformer, Window, level_loss
+from .ports import FeatureInput, LinearHead, PooledHead, TokenInput
+
+if TYPE_CHECKING:
+    from .model import GraphModel
+
+
+class FractalView:
+    def __init__(self, model: GraphModel, node: str, group: int):
+        self.model, self.node, self.group = model, node, group
+        self.fractal: FractalTransformer = model.federation.transformers[group]
+        plan = model.federation.plan
+        position = plan.nodes.index(node)
+        if any(e.target == position for e in plan.edges):
+            raise ValueError(
+                f"fractal `{node}` receives messages along edges, so its sub-models cannot run alone; "
+                "levels and sub-models are available for fractals fed by inputs only"
+            )
+        self.inputs = plan.groups[group].inputs
+        self.outputs = [
+            name
+            for name, wiring in model.wiring.items()
+            if [a for a in wiring.sources] == [(group, 0)]
+        ]
+        if not self.outputs:
+            raise ValueError(f"no output reads fractal `{node}` alone; add one, e.g. an lm_head from it")
+
+    @property
+    def levels(self) -> int:
+        return self.fractal.fractal.levels
+
+    def level_weights(self) -> tuple[float, ...]:
+        return self.fractal.fractal.weights()
+
+    # ------------------------------------------------------------------ running
+
+    def all_levels(self, *args: Tensor, **kwargs: Tensor) -> dict[str, list[Tensor]]:
+        """Every sub-model of every level in one lock-step pass. Per output, a list over levels of
+        `(batch, tokens, k_level, out)` (pooled heads: `(batch, k_level, out)`)."""
+        x = self._stream(self.model._bind(args, kwargs), 0, self.fractal.cfg.width)
+        states = self.fractal.run(x, self.fractal.all_windows())
+        return {
+            name: [
+                _blocked_head(self.model.outputs[name], h, self.fractal.fractal.blocks(level))
+                for level, h in enumerate(states)
+            ]
+            for name in self.outputs
+        }
+
+    def loss(
+        self, targets: Tensor, *args: Tensor, output: str | None = None, **kwargs: Tensor
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Cross-entropy over all levels at once, weighted by the spec's `level_weights`; returns the
+        total and each level's mean over its sub-models. `output` defaults to the only one served."""
+        output = output or self._only_output()
+        logits = self.all_levels(*args, **kwargs)[output]
+        return level_loss(logits, targets, self.level_weights())
+
+    def sub_model(self, level: int, index: int = 0) -> FractalSubModel:
+        """Sub-model `(level, index)` as a module of its own; it shares this model's parameters and
+        computes only what it needs (its slice; plus its descendants or ancestors when residual
+        streams are exchanged)."""
+        self.fractal.check_address(level, index)
+        return FractalSubModel(self, level, index)
+
+    # ------------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self, sources: dict[tuple[int, int], GraphModel]) -> None:
+        """Make sub-model `(level, index)` of this model a copy of each source: a model compiled from
+        a plain-transformer spec of the sub-model's shape, with the same inputs and outputs. The
+        transformer's weights go into the diagonal blocks, token tables and head weights into
+        their column slices; blocks no source covers keep their values."""
+        shared_bias: dict[str, tuple[tuple[int, int], Tensor]] = {}
+        for (level, index), source in sources.items():
+            self.fractal.check_address(level, index)
+            where = f"source for sub-model ({level}, {index})"
+            body = source.federation.transformers
+            if len(body) != 1 or len(source.federation.plan.groups[0].nodes) != 1:
+                raise ValueError(f"{where}: expected a model of one transformer node")
+            self.fractal.implant(level, index, body[0])
+            a, b = self.fractal.columns(Window(level, index, 1))
+            for name, _ in self.inputs:
+                mine = self.model.inputs[name]
+                theirs = dict(source.inputs).get(name)
+                if theirs is None or type(theirs) is not type(mine):
+                    raise ValueError(f"{where}: it has no {type(mine).__name__} input `{name}`")
+                if not isinstance(source.federation.reads[0][0], nn.Identity):
+                    raise ValueError(f"{where}: its input `{name}` must have the node's width")
+                if isinstance(mine, TokenInput):
+                    if theirs.vocab != mine.vocab:
+                        raise ValueError(f"{where}: vocabulary {theirs.vocab}, expected {mine.vocab}")
+                    mine.table.weight[:, a:b] = theirs.table.weight
+                else:
+                    mine.proj.weight[a:b] = theirs.proj.weight
+                    mine.proj.bias[a:b] = theirs.proj.bias
+            for name in self.outputs:
+                head = self.model.outputs[name]
+                theirs = dict(source.outputs).get(name)
+                if theirs is None or type(theirs) is not type(head):
+                    raise ValueError(f"{where}: it has no {type(head).__name__} output `{name}`")
+                tied = head.proj.weight is self._token_table_weight()
+                if tied != (theirs.proj.weight is _table_weight(source)):
+                    raise ValueError(f"{where}: output `{name}` must be tied to the embedding exactly when this one is")
+                if not tied:
+                    head.proj.weight[:, a:b] = theirs.proj.weight
+                if head.proj.bias is not None:
+                    earlier = shared_bias.get(name)
+                    if earlier is not None and not torch.equal(earlier[1], theirs.proj.bias):
+                        raise ValueError(
+                            f"{where}: output `{name}`'s bias differs from that of the source for "
+                            f"sub-model {earlier[0]}; every sub-model shares one bias, so both cannot be exact"
+                        )
+                    head.proj.bias.copy_(theirs.proj.bias)
+                    shared_bias[name] = ((level, index), theirs.proj.bias.clone())
+
+    # ------------------------------------------------------------------ internals
+
+    def _only_output(self) -> str:
+        if len(self.outputs) != 1:
+            raise ValueError(f"fractal `{self.node}` feeds outputs {self.outputs}; name one with `output=`")
+        return self.outputs[0]
+
+    def _token_table_weight(self) -> Tensor | None:
+        return _table_weight(self.model)
+
+    def _stream(self, values: dict[str, Tensor], a: int, b: int) -> Tensor:
+        """Columns `[a, b)` of the fractal's input stream, computing only those columns."""
+        reads = self.model.federation.reads[self.group]
+        x = None
+        for (name, _), read in zip(self.inputs, reads, strict=True):
+            module, value = self.model.inputs[name], values[name]
+            _check_context(name, module, value)
+            if isinstance(read, nn.Identity) and isinstance(module, TokenInput):
+                part = F.embedding(value, module.table.weight[:, a:b])
+            elif isinstance(read, nn.Identity) and isinstance(module, FeatureInput):
+                part = F.linear(value, module.proj.weight[a:b], module.proj.bias[a:b])
+            else:
+                part = F.linear(module(value), read.weight[a:b])
+            x = part if x is None else x + part
+        if x is None:
+            raise ValueError(f"fractal `{self.node}` reads no input")
+        return x
+
+
+class FractalSubModel(nn.Module):
+    """One sub-model of a compiled fractal, runnable alone: `forward` takes the spec's inputs and
+    returns the outputs that read the fractal, computed from this sub-model's slices only."""
+
+    def __init__(self, view: FractalView, level: int, index: int):
+        super().__init__()
+        self.model = view.model  # registered: .to(), .eval() and parameters() follow the parent
+        self.view, self.level, self.index = view, level, index
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
+        view, fractal = self.view, self.view.fractal
+        windows = fractal.sub_model_windows(self.level, self.index)
+        lo = min(fractal.columns(w)[0] for w in windows)
+        hi = max(fractal.columns(w)[1] for w in windows)
+        x = view._stream(self.model._bind(args, kwargs), lo, hi)
+        state = fractal.run(x, windows, offset=lo)[-1]
+        a, b = fractal.columns(windows[-1])
+        result = {}
+        for name in view.outputs:
+            head = self.model.outputs[name]
+            read = state
+            if isinstance(head, PooledHead):
+                read = state.mean(dim=-2) if head.pool == "mean" else state[..., -1, :]
+            result[name] = F.linear(read, head.proj.weight[:, a:b], head.proj.bias)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"level={self.level}, index={self.index}, width={self.view.fractal.sub_config(self.level).width}"
+
+
+def _blocked_head(head: nn.Module, state: Tensor, k: int) -> Tensor:
+    """Apply a read-out head to all `k` sub-models of a level at once: sub-model `j` reads the
+    `j`-th column block of the head's weight."""
+    if isinstance(head, PooledHead):
+        state = state.mean(dim=-2) if head.pool == "mean" else state[..., -1, :]
+    elif not isinstance(head, LinearHead):
+        raise TypeError(f"cannot slice a {type(head).__name__} head")
+    weight = head.proj.weight
+    y = torch.einsum(
+        "...ki,oki->...ko", state.unflatten(-1, (k, -1)), weight.unflatten(1, (k, -1))
+    )
+    return y + head.proj.bias if head.proj.bias is not None else y
+
+
+def _table_weight(model: GraphModel) -> Tensor | None:
+    tables = [m.table.weight for m in model.inputs.values() if isinstance(m, TokenInput)]
+    return tables[0] if len(tables) == 1 else None
+
+
+def _check_context(name: str, module: nn.Module, value: Tensor) -> None:
+    context = getattr(module, "context", None)
+    if context is not None and value.shape[1] > context:
+        raise ValueError(f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}")

@@ -1,0 +1,312 @@
+"""Fractal nestings (design 001, FractalFormer): `kind: fractal` with `levels`, `branching`, `base`.
+
+Level 0 is the full model; level `l` holds `branching**l` sub-models whose weights are the diagonal
+blocks of the full model's. Each test below states one promise of the spec kind.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import compiler
+from runtime.fractal import FractalTransformer, level_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fractal_spec(tmp_path: Path, residual: str = "none", base: str = "", extra: str = "") -> Path:
+    text = textwrap.dedent(
+        f"""\
+        spec: 1
+        name: fractal-test
+        seed: 3
+        inputs:
+          tokens: {{kind: tokens, vocab: 40, context: 32}}
+        nodes:
+          lm:
+            kind: fractal
+            levels: 3
+            branching: 2
+            residual: {residual}
+            base: {{width: 64, heads: 4, layers: 2{base}}}
+        {extra}outputs:
+          logits: {{from: lm, kind: lm_head, tie: true}}
+        """
+    )
+    path = tmp_path / f"fractal_{residual}.yaml"
+    path.write_text(text)
+    return path
+
+
+BASES = {
+    "gpt2-like": "",
+    "original (MQA, GeGLU, RMSNorm, theta 100)": ", kv_heads: 1, activation: geglu, norm: rmsnorm, rope_theta: 100",
+    "biases, layernorm, learned positions": ", bias: true, position: learned, kv_heads: 2, activation: swiglu",
+}
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Weights away from their init (norm gains of exactly 1 and zero biases hide slicing bugs)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def tokens(batch: int = 2, n: int = 24, vocab: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------ the spec kind
+
+
+def test_a_fractal_has_the_parameters_of_its_full_model(tmp_path):
+    """The sub-models own no weights of their own: they are slices."""
+    ir = compiler.analyze(fractal_spec(tmp_path))
+    plain = compiler.analyze(small_spec(tmp_path, 64, seed=3))
+    assert ir.facts["parameters"] == plain.facts["parameters"]
+
+
+def test_the_full_model_is_an_ordinary_transformer(tmp_path):
+    """Level 0 of a fractal is computed exactly as a plain transformer with the same weights."""
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path)))
+    fractal = model.federation.transformers[0]
+    assert isinstance(fractal, FractalTransformer)
+    x = torch.randn(1, 2, 24, 64)
+    plain = fractal.extract(0, 0)
+    torch.testing.assert_close(fractal(x), plain(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", list(BASES.values()), ids=list(BASES))
+def test_every_sub_model_equals_a_standalone_transformer_of_its_slices(tmp_path, base):
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=base)))
+    fractal = model.federation.transformers[0]
+    x = torch.randn(2, 24, 64)
+    every_level = fractal.run(x, fractal.all_windows())
+    for level in range(3):
+        k, d = 2**level, 64 // 2**level
+        for index in range(k):
+            standalone = fractal.extract(level, index)
+            assert standalone.cfg.width == d and standalone.cfg.heads == 4
+            expected = standalone(x[None, ..., index * d : (index + 1) * d])[0]
+            torch.testing.assert_close(
+                every_level[level][..., index * d : (index + 1) * d], expected, rtol=0, atol=1e-6
+            )
+            alone = fractal.run(
+                x[..., index * d : (index + 1) * d],
+                fractal.sub_model_windows(level, index),
+                offset=index * d,
+            )[-1]
+            torch.testing.assert_close(alone, expected, rtol=0, atol=1e-6)
+
+
+def test_sub_models_of_a_compiled_model_run_alone_with_sliced_embeddings_and_heads(tmp_path):
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=BASES["gpt2-like"])))
+    view = model.fractal()
+    ids = tokens()
+    every_level = view.all_levels(ids)["logits"]
+    assert [tuple(t.shape) for t in every_level] == [(2, 24, k, 40) for k in (1, 2, 4)]
+    torch.testing.assert_close(every_level[0][..., 0, :], model(ids)["logits"], rtol=0, atol=1e-6)
+    table = model.inputs["tokens"].table.weight
+    for level, index in [(1, 1), (2, 2)]:
+        d = 64 // 2**level
+        sub = view.sub_model(level, index)
+        logits = sub(ids)["logits"]
+        torch.testing.assert_close(logits, every_level[level][..., index, :], rtol=0, atol=1e-6)
+        # the same numbers from a standalone transformer and the sliced (tied) embedding
+        cols = slice(index * d, (index + 1) * d)
+        standalone = model.federation.transformers[0].extract(level, index)
+        state = standalone(torch.nn.functional.embedding(ids, table[:, cols])[None])[0]
+        torch.testing.assert_close(logits, state @ table[:, cols].T, rtol=0, atol=1e-6)
+
+
+def reference_exchange(fractal: FractalTransformer, x: torch.Tensor, residual: str) -> list:
+    """The original notebook's loop, written out: every sub-model a standalone transformer stepped
+    block by block; after each block, parents gain their children's concatenated streams
+    (upstream) or children their slice of the parent's (downstream)."""
+    levels = fractal.fractal.levels
+    subs = [[fractal.extract(lv, j) for j in range(2**lv)] for lv in range(levels)]
+    width = x.shape[-1]
+    states = [
+        [x[None, ..., j * width // 2**lv : (j + 1) * width // 2**lv] for j in range(2**lv)]
+        for lv in range(levels)
+    ]
+    for b in range(fractal.cfg.layers):
+        outs = [
+            [subs[lv][j].blocks[b](states[lv][j], subs[lv][j].rotary) for j in range(2**lv)]
+            for lv in range(levels)
+        ]
+        states = [list(level) for level in outs]
+        for lv in range(levels):
+            for j in range(2**lv):
+                if residual == "upstream" and lv + 1 < levels:
+                    children = torch.cat(outs[lv + 1][2 * j : 2 * j + 2], dim=-1)
+                    states[lv][j] = outs[lv][j] + children
+                if residual == "downstream" and lv > 0:
+                    d = outs[lv][j].shape[-1]
+                    parent = outs[lv - 1][j // 2]
+                    states[lv][j] = outs[lv][j] + parent[..., (j % 2) * d : (j % 2 + 1) * d]
+    return [
+        torch.cat([subs[lv][j].norm_out(states[lv][j]) for j in range(2**lv)], dim=-1)[0]
+        for lv in range(levels)
+    ]
+
+
+@pytest.mark.parametrize("residual", ["upstream", "downstream"])
+def test_residual_variants_match_a_loop_over_sub_models(tmp_path, residual):
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, residual, BASES["gpt2-like"])))
+    fractal = model.federation.transformers[0]
+    x = torch.randn(2, 24, 64)
+    expected = reference_exchange(fractal, x, residual)
+    got = fractal.run(x, fractal.all_windows())
+    for level in range(3):
+        torch.testing.assert_close(got[level], expected[level], rtol=1e-5, atol=1e-5)
+    # the compiled model's level 0 is the full model with its exchanges
+    torch.testing.assert_close(fractal(x[None])[0], expected[0], rtol=1e-5, atol=1e-5)
+    # a sub-model alone runs only what it needs (its descendants or ancestors) and agrees
+    view = model.fractal()
+    ids = tokens()
+    every_level = view.all_levels(ids)["logits"]
+    for level, index in [(0, 0), (1, 1), (2, 3)]:
+        torch.testing.assert_close(
+            view.sub_model(level, index)(ids)["logits"],
+            every_level[level][..., index, :],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_upstream_feeds_the_large_model_and_downstream_the_small_ones(tmp_path):
+    ids = tokens()
+    outputs = {
+        r: compiler.build_model(fractal_spec(tmp_path, r)).fractal().all_levels(ids)["logits"]
+        for r in ("none", "upstream", "downstream")
+    }
+    assert not torch.allclose(outputs["upstream"][0], outputs["none"][0])
+    torch.testing.assert_close(outputs["upstream"][2], outputs["none"][2])  # the leaves feed, not fed
+    torch.testing.assert_close(outputs["downstream"][0], outputs["none"][0])  # the root feeds
+    assert not torch.allclose(outputs["downstream"][2], outputs["none"][2])
+
+
+# ------------------------------------------------------------------ training and inference
+
+
+def test_all_levels_train_together_with_the_specs_level_weights(tmp_path):
+    path = fractal_spec(tmp_path, extra="")
+    path.write_text(path.read_text().replace("residual: none", "level_weights: [1, 0, 2]"))
+    model = compiler.build_model(path)
+    view = model.fractal()
+    assert view.level_weights() == (1.0, 0.0, 2.0)
+    ids = tokens(4, 32)
+    total, per_level = view.loss(ids[:, 1:], ids[:, :-1])
+    torch.testing.assert_close(total, per_level[0] + 2 * per_level[2])
+    # each level's mean over its sub-models
+    logits = view.all_levels(ids[:, :-1])["logits"][1]
+    torch.testing.assert_close(
+        per_level[1],
+        torch.stack(
+            [
+                torch.nn.functional.cross_entropy(logits[..., j, :].flatten(0, 1), ids[:, 1:].flatten())
+                for j in range(2)
+            ]
+        ).mean(),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        total, per_level = view.loss(ids[:, 1:], ids[:, :-1])
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        first = first or [loss.item() for loss in per_level]
+    last = [loss.item() for loss in per_level]
+    assert last[0] < first[0] - 0.5 and last[2] < first[2] - 0.5
+    assert last[1] < first[1]  # weight 0, but level 1's blocks are inside level 0's and train with it
+
+
+def test_level_loss_with_the_originals_sum_over_sub_models():
+    logits = [torch.randn(2, 5, k, 7) for k in (1, 2, 4)]
+    targets = torch.randint(0, 7, (2, 5))
+    total, per_level = level_loss(logits, targets, (1.0, 2.0, 4.0))
+    summed = sum(
+        torch.nn.functional.cross_entropy(lg[..., j, :].flatten(0, 1), targets.flatten())
+        for lg in logits
+        for j in range(lg.shape[-2])
+    )
+    torch.testing.assert_close(total, summed)
+    assert len(per_level) == 3
+
+
+def test_inference_at_any_level_and_clear_errors_out_of_range(tmp_path):
+    model = compiler.build_model(fractal_spec(tmp_path)).eval()
+    view = model.fractal()
+    assert view.sub_model(2, 3)(tokens())["logits"].shape == (2, 24, 40)
+    with pytest.raises(ValueError, match=r"level 3 is out of range: this fractal has levels 0\.\.2"):
+        view.sub_model(3, 0)
+    with pytest.raises(ValueError, match=r"index 2 is out of range: level 1 has sub-models 0\.\.1"):
+        view.sub_model(1, 2)
+    with pytest.raises(ValueError, match="not a fractal node"):
+        model.fractal("nope")
+
+
+# ------------------------------------------------------------------ model merging
+
+
+def small_spec(tmp_path: Path, width: int, seed: int) -> Path:
+    path = tmp_path / f"small_{width}_{seed}.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            spec: 1
+            name: small
+            seed: {seed}
+            inputs:
+              tokens: {{kind: tokens, vocab: 40, context: 32}}
+            nodes:
+              body: {{kind: transformer, width: {width}, heads: 4, layers: 2}}
+            outputs:
+              logits: {{from: body, kind: lm_head, tie: true}}
+            """
+        )
+    )
+    return path
+
+
+def test_merging_separately_trained_models_makes_them_the_slices(tmp_path):
+    model = compiler.build_model(fractal_spec(tmp_path))
+    sources = {
+        (2, j): perturbed(compiler.build_model(small_spec(tmp_path, 16, seed=j)), 0.1)
+        for j in range(4)
+    }
+    sources[(1, 1)] = perturbed(compiler.build_model(small_spec(tmp_path, 32, seed=9)), 0.1)
+    view = model.fractal()
+    view.merge({key: sources[key] for key in [(2, 0), (2, 1)]})  # the level-2 blocks inside (1, 0)
+    view.merge({(1, 1): sources[(1, 1)]})
+    ids = tokens()
+    for key in [(2, 0), (2, 1), (1, 1)]:
+        torch.testing.assert_close(
+            view.sub_model(*key)(ids)["logits"], sources[key](ids)["logits"], rtol=0, atol=1e-6
+        )
+    # merging (1, 1) overwrote the blocks of (2, 2) and (2, 3), which live inside it
+    inner = view.sub_model(2, 2)(ids)["logits"]
+    assert not torch.allclose(inner, sources[(2, 2)](ids)["logits"])
+
+
+def test_merging_refuses_a_source_of_the_wrong_shape(tmp_path):
+    view = compiler.build_model(fractal_spec(tmp_path)).fractal()
+    with pytest.raises(ValueError, match=r"sub-model \(2, 0\) has the shape"):
+        view.merge({(2, 0): compiler.build_model(small_spec(tmp_path, 32, seed=0))})
+
+
+# ------------------------------------------------------------------ the gallery spec
+
+
+def test_the_gallery_fractalformer_has_the_originals_size():
+    ir = compiler.analyze(ROOT / "specs" / "fractalformer.yaml")
+    assert 0.9e6 < ir.facts["parameters"] < 1.1e6
+    node = ir.spec.nodes["lm"]
+    assert (node.levels, node.branching) == (3, 2)
