@@ -235,7 +235,9 @@ def _fractal_lines(ir) -> list[str]:
             f"{node.branching**level} x width {width // node.branching**level}"
             for level in range(node.levels)
         )
-        lines.append(f"fractal {name} (residual {node.residual}): levels 0..{node.levels - 1}: {levels}")
+        lines.append(
+            f"fractal {name} (residual {node.residual}): levels 0..{node.levels - 1}: {levels}"
+        )
     return lines
 
 

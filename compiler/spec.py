@@ -303,7 +303,8 @@ class FractalNode(SpecModel):
         2, description="Sub-models each model holds at the next level."
     )
     base: FractalBase = Field(
-        FractalBase(), description="The full model's settings (inherited from `defaults.transformer`)."
+        FractalBase(),
+        description="The full model's settings (inherited from `defaults.transformer`).",
     )
     residual: Literal["none", "upstream", "downstream"] = Field(
         "none",

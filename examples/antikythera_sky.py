@@ -79,7 +79,8 @@ def ephemeris(first_year: int, last_year: int, cache: Path) -> tuple[np.ndarray,
 def features(years: np.ndarray) -> np.ndarray:
     phase = 2 * math.pi * years
     return np.stack(
-        [(years - EPOCH_YEAR) / HALF_SPAN, np.sin(phase), np.cos(phase), (years % 19.0) / 19.0], axis=-1
+        [(years - EPOCH_YEAR) / HALF_SPAN, np.sin(phase), np.cos(phase), (years % 19.0) / 19.0],
+        axis=-1,
     ).astype(np.float32)
 
 
@@ -108,7 +109,13 @@ def angular_error_degrees(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tens
 class PerDateMLP(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 14))
+        self.net = nn.Sequential(
+            nn.Linear(4, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 14),
+        )
 
     def forward(self, date: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"longitude": self.net(date)}
@@ -124,28 +131,39 @@ def build_models(spec_path: Path, device: str) -> dict[str, nn.Module]:
     # a plain transformer and an MLP sized to the gear federation's parameter count
     best = min(
         ((w, layers) for w in range(32, 257, 8) for layers in (1, 2, 3, 4)),
-        key=lambda c: abs(
-            compiler.analyze(compiler.load_spec_text(PLAIN_SPEC.format(window=WINDOW, width=c[0], layers=c[1]))).facts[
-                "parameters"
-            ]
-            - target
-        )
-        if c[0] % 4 == 0
-        else float("inf"),
+        key=lambda c: (
+            abs(
+                compiler.analyze(
+                    compiler.load_spec_text(
+                        PLAIN_SPEC.format(window=WINDOW, width=c[0], layers=c[1])
+                    )
+                ).facts["parameters"]
+                - target
+            )
+            if c[0] % 4 == 0
+            else float("inf")
+        ),
     )
     plain = compiler.build_model(
-        compiler.load_spec_text(PLAIN_SPEC.format(window=WINDOW, width=best[0], layers=best[1])), device=device
+        compiler.load_spec_text(PLAIN_SPEC.format(window=WINDOW, width=best[0], layers=best[1])),
+        device=device,
     )
-    hidden = int((-(4 + 14 + 2) + math.sqrt((4 + 14 + 2) ** 2 + 4 * target)) / 2)  # h^2 + 20h ~ target
+    hidden = int(
+        (-(4 + 14 + 2) + math.sqrt((4 + 14 + 2) ** 2 + 4 * target)) / 2
+    )  # h^2 + 20h ~ target
     torch.manual_seed(0)
     mlp = PerDateMLP(hidden).to(device)
     return {"gear federation (antikythera.yaml)": gears, "plain transformer": plain, "MLP": mlp}
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float) -> list[float]:
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float
+) -> list[float]:
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1
+    )
     model.train()
     losses = []
     for _ in range(steps):
@@ -168,17 +186,25 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--spec", type=Path, default=ROOT / "specs" / "antikythera.yaml")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a few steps on a few centuries (smoke run)")
-    parser.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "antikythera_sky.json")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps on a few centuries (smoke run)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "examples" / "results" / "antikythera_sky.json"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    first, split_val, split_test, last = (1500, 1900, 1950, 1999) if args.quick else (-200, 1800, 1900, 1999)
+    first, split_val, split_test, last = (
+        (1500, 1900, 1950, 1999) if args.quick else (-200, 1800, 1900, 1999)
+    )
     steps = 5 if args.quick else args.steps
 
     years, longitudes = ephemeris(first, last, ROOT / "examples" / ".cache")
@@ -188,7 +214,9 @@ def main() -> None:
         "validation": (years >= split_val) & (years < split_test),
         "test": years >= split_test,
     }
-    data = {name: [t.to(args.device) for t in windows(x[mask], y[mask])] for name, mask in parts.items()}
+    data = {
+        name: [t.to(args.device) for t in windows(x[mask], y[mask])] for name, mask in parts.items()
+    }
 
     results = {}
     for name, model in build_models(args.spec, args.device).items():
@@ -204,7 +232,10 @@ def main() -> None:
             "test_error_deg": dict(zip(BODIES, map(float, errors), strict=True)),
             "test_mean_error_deg": float(errors.mean()),
         }
-        print(f"{name}: {parameters(model):,} parameters, {seconds:.0f} s, test mean error {errors.mean():.1f} deg", flush=True)
+        print(
+            f"{name}: {parameters(model):,} parameters, {seconds:.0f} s, test mean error {errors.mean():.1f} deg",
+            flush=True,
+        )
 
     header = "| model | parameters | " + " | ".join(BODIES) + " | mean |"
     lines = [header, "|" + "---|" * (len(BODIES) + 3)]
@@ -214,8 +245,13 @@ def main() -> None:
     table = "\n".join(lines)
     print("\nmean angular error (degrees) on the held-out years\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) for k, v in vars(args).items()} | {"years": [first, split_val, split_test, last], "steps": steps}
-    args.out.write_text(json.dumps({"settings": settings, "results": results, "table": table}, indent=2))
+    settings = {k: str(v) for k, v in vars(args).items()} | {
+        "years": [first, split_val, split_test, last],
+        "steps": steps,
+    }
+    args.out.write_text(
+        json.dumps({"settings": settings, "results": results, "table": table}, indent=2)
+    )
 
 
 if __name__ == "__main__":

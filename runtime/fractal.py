@@ -71,7 +71,9 @@ class Window:
 def diagonal_blocks(weight: Tensor, k: int) -> Tensor:
     """`(out, in)` -> `(k, out/k, in/k)`: the `k` diagonal blocks, as a view of `weight`."""
     o, i = weight.shape[0] // k, weight.shape[1] // k
-    return weight.unflatten(0, (k, o)).unflatten(2, (k, i)).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return (
+        weight.unflatten(0, (k, o)).unflatten(2, (k, i)).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    )
 
 
 class FractalTransformer(Transformer):
@@ -105,7 +107,9 @@ class FractalTransformer(Transformer):
         return self.run(x[0], self.all_windows())[0].unsqueeze(0)
 
     def all_windows(self) -> list[Window]:
-        return [Window(level, 0, self.fractal.blocks(level)) for level in range(self.fractal.levels)]
+        return [
+            Window(level, 0, self.fractal.blocks(level)) for level in range(self.fractal.levels)
+        ]
 
     def sub_model_windows(self, level: int, index: int) -> list[Window]:
         """What running sub-model `(level, index)` alone needs: itself, plus its descendants
@@ -113,7 +117,10 @@ class FractalTransformer(Transformer):
         self.check_address(level, index)
         b, levels = self.fractal.branching, self.fractal.levels
         if self.fractal.residual == "upstream":
-            below = [Window(m, index * b ** (m - level), b ** (m - level)) for m in range(level + 1, levels)]
+            below = [
+                Window(m, index * b ** (m - level), b ** (m - level))
+                for m in range(level + 1, levels)
+            ]
             return [*below, Window(level, index, 1)]
         if self.fractal.residual == "downstream":
             return [Window(m, index // b ** (level - m), 1) for m in range(level + 1)]
@@ -122,7 +129,9 @@ class FractalTransformer(Transformer):
     def check_address(self, level: int, index: int) -> None:
         f = self.fractal
         if not 0 <= level < f.levels:
-            raise ValueError(f"level {level} is out of range: this fractal has levels 0..{f.levels - 1}")
+            raise ValueError(
+                f"level {level} is out of range: this fractal has levels 0..{f.levels - 1}"
+            )
         if not 0 <= index < f.blocks(level):
             raise ValueError(
                 f"index {index} is out of range: level {level} has sub-models 0..{f.blocks(level) - 1}"
@@ -209,7 +218,11 @@ class FractalTransformer(Transformer):
         q = q.reshape(batch, n, w.count * h, hw).transpose(1, 2)
         key = key.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
         v = v.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
-        rotary = self.rotary if w.level == 0 else (self.level_rotary[w.level - 1] if self.level_rotary else None)
+        rotary = (
+            self.rotary
+            if w.level == 0
+            else (self.level_rotary[w.level - 1] if self.level_rotary else None)
+        )
         if rotary is not None:
             q, key = rotary(q), rotary(key)
         out = F.scaled_dot_product_attention(
@@ -268,7 +281,8 @@ class FractalTransformer(Transformer):
         def blocks(name: str, weight: Tensor, rows: tuple[int, ...] | None = None) -> None:
             parts = weight.split(rows) if rows else [weight]
             views[name] = [
-                diagonal_blocks(p, k)[index] if p.dim() == 2 else p.view(k, -1)[index] for p in parts
+                diagonal_blocks(p, k)[index] if p.dim() == 2 else p.view(k, -1)[index]
+                for p in parts
             ]
 
         hw = cfg.head_width
@@ -302,7 +316,10 @@ class FractalTransformer(Transformer):
         """A standalone `Transformer` with copies of sub-model `(level, index)`'s weights. Under
         `residual: none` it computes exactly what the sub-model computes."""
         sub = Transformer(self.sub_config(level)).to(self.norm_out.weight.device)
-        state = {name: torch.cat(parts, dim=0) for name, parts in self.sub_model_tensors(level, index).items()}
+        state = {
+            name: torch.cat(parts, dim=0)
+            for name, parts in self.sub_model_tensors(level, index).items()
+        }
         sub.load_state_dict(state, strict=True)
         return sub
 
@@ -317,7 +334,9 @@ class FractalTransformer(Transformer):
             )
         own = source.state_dict()
         for name, parts in self.sub_model_tensors(level, index).items():
-            for part, value in zip(parts, own[name].split([p.shape[0] for p in parts]), strict=True):
+            for part, value in zip(
+                parts, own[name].split([p.shape[0] for p in parts]), strict=True
+            ):
                 part.copy_(value)
 
 

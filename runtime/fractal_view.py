@@ -40,7 +40,9 @@ class FractalView:
             if [a for a in wiring.sources] == [(group, 0)]
         ]
         if not self.outputs:
-            raise ValueError(f"no output reads fractal `{node}` alone; add one, e.g. an lm_head from it")
+            raise ValueError(
+                f"no output reads fractal `{node}` alone; add one, e.g. an lm_head from it"
+            )
 
     @property
     def levels(self) -> int:
@@ -106,7 +108,9 @@ class FractalView:
                     raise ValueError(f"{where}: its input `{name}` must have the node's width")
                 if isinstance(mine, TokenInput):
                     if theirs.vocab != mine.vocab:
-                        raise ValueError(f"{where}: vocabulary {theirs.vocab}, expected {mine.vocab}")
+                        raise ValueError(
+                            f"{where}: vocabulary {theirs.vocab}, expected {mine.vocab}"
+                        )
                     mine.table.weight[:, a:b] = theirs.table.weight
                 else:
                     mine.proj.weight[a:b] = theirs.proj.weight
@@ -118,7 +122,9 @@ class FractalView:
                     raise ValueError(f"{where}: it has no {type(head).__name__} output `{name}`")
                 tied = head.proj.weight is self._token_table_weight()
                 if tied != (theirs.proj.weight is _table_weight(source)):
-                    raise ValueError(f"{where}: output `{name}` must be tied to the embedding exactly when this one is")
+                    raise ValueError(
+                        f"{where}: output `{name}` must be tied to the embedding exactly when this one is"
+                    )
                 if not tied:
                     head.proj.weight[:, a:b] = theirs.proj.weight
                 if head.proj.bias is not None:
@@ -135,7 +141,9 @@ class FractalView:
 
     def _only_output(self) -> str:
         if len(self.outputs) != 1:
-            raise ValueError(f"fractal `{self.node}` feeds outputs {self.outputs}; name one with `output=`")
+            raise ValueError(
+                f"fractal `{self.node}` feeds outputs {self.outputs}; name one with `output=`"
+            )
         return self.outputs[0]
 
     def _token_table_weight(self) -> Tensor | None:
@@ -198,9 +206,7 @@ def _blocked_head(head: nn.Module, state: Tensor, k: int) -> Tensor:
     elif not isinstance(head, LinearHead):
         raise TypeError(f"cannot slice a {type(head).__name__} head")
     weight = head.proj.weight
-    y = torch.einsum(
-        "...ki,oki->...ko", state.unflatten(-1, (k, -1)), weight.unflatten(1, (k, -1))
-    )
+    y = torch.einsum("...ki,oki->...ko", state.unflatten(-1, (k, -1)), weight.unflatten(1, (k, -1)))
     return y + head.proj.bias if head.proj.bias is not None else y
 
 
@@ -212,4 +218,6 @@ def _table_weight(model: GraphModel) -> Tensor | None:
 def _check_context(name: str, module: nn.Module, value: Tensor) -> None:
     context = getattr(module, "context", None)
     if context is not None and value.shape[1] > context:
-        raise ValueError(f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}")
+        raise ValueError(
+            f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}"
+        )

@@ -79,7 +79,9 @@ class GraphModel(nn.Module):
                 raise ValueError(f"this model has fractal nodes {sorted(found)}; name one")
             node = next(iter(found))
         if node not in found:
-            raise ValueError(f"`{node}` is not a fractal node; the fractal nodes are {sorted(found)}")
+            raise ValueError(
+                f"`{node}` is not a fractal node; the fractal nodes are {sorted(found)}"
+            )
         return FractalView(self, node, found[node])
 
     def _bind(self, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:

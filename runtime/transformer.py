@@ -60,7 +60,9 @@ class RotaryEmbedding(nn.Module):
     000: attention-head arrays tuned to the gear ratio). Scales of 1 are plain RoPE.
     """
 
-    def __init__(self, head_width: int, context: int, theta: float, scales: tuple[float, ...] = (1.0,)):
+    def __init__(
+        self, head_width: int, context: int, theta: float, scales: tuple[float, ...] = (1.0,)
+    ):
         super().__init__()
         self.members = len(scales)
         shape = (len(scales), context, head_width // 2)
@@ -71,7 +73,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_width, 2, dtype=torch.float64) / head_width)
         positions = torch.arange(context, dtype=torch.float64)
         scale = torch.tensor(scales, dtype=torch.float64)
-        angles = scale[:, None, None] * torch.outer(positions, inv_freq)  # (members, context, head_width/2)
+        angles = scale[:, None, None] * torch.outer(
+            positions, inv_freq
+        )  # (members, context, head_width/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 

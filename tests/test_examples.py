@@ -16,7 +16,13 @@ pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install 
 def test_antikythera_sky_quick(tmp_path):
     out = tmp_path / "sky.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "antikythera_sky.py"), "--quick", "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "examples" / "antikythera_sky.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -187,7 +187,9 @@ def test_upstream_feeds_the_large_model_and_downstream_the_small_ones(tmp_path):
         for r in ("none", "upstream", "downstream")
     }
     assert not torch.allclose(outputs["upstream"][0], outputs["none"][0])
-    torch.testing.assert_close(outputs["upstream"][2], outputs["none"][2])  # the leaves feed, not fed
+    torch.testing.assert_close(
+        outputs["upstream"][2], outputs["none"][2]
+    )  # the leaves feed, not fed
     torch.testing.assert_close(outputs["downstream"][0], outputs["none"][0])  # the root feeds
     assert not torch.allclose(outputs["downstream"][2], outputs["none"][2])
 
@@ -210,7 +212,9 @@ def test_all_levels_train_together_with_the_specs_level_weights(tmp_path):
         per_level[1],
         torch.stack(
             [
-                torch.nn.functional.cross_entropy(logits[..., j, :].flatten(0, 1), ids[:, 1:].flatten())
+                torch.nn.functional.cross_entropy(
+                    logits[..., j, :].flatten(0, 1), ids[:, 1:].flatten()
+                )
                 for j in range(2)
             ]
         ).mean(),
@@ -225,7 +229,9 @@ def test_all_levels_train_together_with_the_specs_level_weights(tmp_path):
         first = first or [loss.item() for loss in per_level]
     last = [loss.item() for loss in per_level]
     assert last[0] < first[0] - 0.5 and last[2] < first[2] - 0.5
-    assert last[1] < first[1]  # weight 0, but level 1's blocks are inside level 0's and train with it
+    assert (
+        last[1] < first[1]
+    )  # weight 0, but level 1's blocks are inside level 0's and train with it
 
 
 def test_level_loss_with_the_originals_sum_over_sub_models():
@@ -245,7 +251,9 @@ def test_inference_at_any_level_and_clear_errors_out_of_range(tmp_path):
     model = compiler.build_model(fractal_spec(tmp_path)).eval()
     view = model.fractal()
     assert view.sub_model(2, 3)(tokens())["logits"].shape == (2, 24, 40)
-    with pytest.raises(ValueError, match=r"level 3 is out of range: this fractal has levels 0\.\.2"):
+    with pytest.raises(
+        ValueError, match=r"level 3 is out of range: this fractal has levels 0\.\.2"
+    ):
         view.sub_model(3, 0)
     with pytest.raises(ValueError, match=r"index 2 is out of range: level 1 has sub-models 0\.\.1"):
         view.sub_model(1, 2)

@@ -72,7 +72,9 @@ def test_ratios_are_exact_rationals_in_the_spec(write_spec):
             .replace(
                 "nodes:\n", "nodes:\n  gear: {kind: transformer, width: 32, heads: 2, layers: 1}\n"
             )
-            .replace("edges: []", "edges:\n  - {from: gear, to: body, kind: message, ratio: 13.368}")
+            .replace(
+                "edges: []", "edges:\n  - {from: gear, to: body, kind: message, ratio: 13.368}"
+            )
         )
     )
     assert ir.spec.edges[0].ratio == Fraction(13368, 1000)

@@ -37,7 +37,9 @@ def resolve_defaults(ir: IR) -> IR:
         node = data["spec"]
         # a fractal's transformer settings are its `base`'s
         own_settings, own_path = (
-            (node.base, (*data["path"], "base")) if data["kind"] == "fractal" else (node, data["path"])
+            (node.base, (*data["path"], "base"))
+            if data["kind"] == "fractal"
+            else (node, data["path"])
         )
         settings, origin = {}, {}
         for key, builtin in BUILTIN.items():
