@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["compile_latency", "federation_batching", "feedback_memory", "overhead_vs_handwritten"]
+SCRIPTS = [
+    "compile_latency",
+    "federation_batching",
+    "feedback_memory",
+    "overhead_vs_handwritten",
+    "fractal_levels",
+]
 
 
 def main() -> None:

@@ -68,6 +68,16 @@ class Window:
     count: int
 
 
+def to_members(x: Tensor, count: int) -> Tensor:
+    """`(batch, tokens, count * d)` side-by-side streams -> sub-model-major `(count, batch, tokens, d)`."""
+    return x.unflatten(-1, (count, -1)).permute(2, 0, 1, 3).contiguous()
+
+
+def to_columns(x: Tensor) -> Tensor:
+    """The inverse of `to_members`."""
+    return x.permute(1, 2, 0, 3).flatten(-2)
+
+
 def diagonal_blocks(weight: Tensor, k: int) -> Tensor:
     """`(out, in)` -> `(k, out/k, in/k)`: the `k` diagonal blocks, as a view of `weight`."""
     o, i = weight.shape[0] // k, weight.shape[1] // k
@@ -104,7 +114,7 @@ class FractalTransformer(Transformer):
     def forward(self, x: Tensor) -> Tensor:
         if self.fractal.residual != "upstream" or self.fractal.levels == 1:
             return super().forward(x)  # level 0 depends on no other level
-        return self.run(x[0], self.all_windows())[0].unsqueeze(0)
+        return self.run(x[0], self.all_windows(), as_columns=False)[0]
 
     def all_windows(self) -> list[Window]:
         return [
@@ -142,11 +152,14 @@ class FractalTransformer(Transformer):
         d = self.cfg.width // self.fractal.blocks(window.level)
         return window.first * d, (window.first + window.count) * d
 
-    def run(self, x: Tensor, windows: list[Window], offset: int = 0) -> list[Tensor]:
+    def run(
+        self, x: Tensor, windows: list[Window], offset: int = 0, as_columns: bool = True
+    ) -> list[Tensor]:
         """Run `windows` (at most one per level) in lock-step, block by block, exchanging residual
         streams between adjacent levels as `residual` says. `x` is the input stream covering columns
         `[offset, offset + x.shape[-1])`, which must include every window's columns. Returns each
-        window's final (normed) state, `(batch, tokens, count * d_level)`, in the order given."""
+        window's final (normed) state in the order given: `(batch, tokens, count * d_level)`, or
+        with `as_columns=False` the sub-model-major `(count, batch, tokens, d_level)` it ran in."""
         states = []
         for w in windows:
             a, b = self.columns(w)
@@ -155,7 +168,7 @@ class FractalTransformer(Transformer):
                 h = h + self.positions.weight[: x.shape[-2], a:b].to(h.dtype)
             if self.cfg.dropout:
                 h = F.dropout(h, self.cfg.dropout, self.training)
-            states.append(h)
+            states.append(to_members(h, w.count))
         by_level = {w.level: i for i, w in enumerate(windows)}
         step = {"upstream": 1, "downstream": -1}.get(self.fractal.residual)
         for block in self.blocks:
@@ -171,10 +184,15 @@ class FractalTransformer(Transformer):
                     continue
                 a, b = self.columns(w)
                 a_other, _ = self.columns(windows[other])
-                states.append(outs[i] + outs[other][..., a - a_other : b - a_other])
-        return [self._norm(self.norm_out, h, w) for h, w in zip(states, windows, strict=True)]
+                received = to_columns(outs[other])[..., a - a_other : b - a_other]
+                states.append(outs[i] + to_members(received, w.count))
+        finals = [self._norm(self.norm_out, h, w) for h, w in zip(states, windows, strict=True)]
+        return [to_columns(h) for h in finals] if as_columns else finals
 
     # ----------------------------------------------------------------- one block over a window
+    # A window's stream is sub-model-major, `(count, batch, tokens, d_level)`: each linear is one
+    # `bmm` over the window's diagonal weight blocks (as `runtime.layers.MemberLinear` does for
+    # stacked gears), each norm is per sub-model, and attention sees `count * batch` sequences.
 
     def _block(self, block: Block, x: Tensor, w: Window) -> Tensor:
         x = x + block._drop(self._attention(block, self._norm(block.norm_attn, x, w), w))
@@ -183,41 +201,43 @@ class FractalTransformer(Transformer):
     def _norm(self, norm: nn.Module, x: Tensor, w: Window) -> Tensor:
         k = self.fractal.blocks(w.level)
         d = self.cfg.width // k
-        xb = x.unflatten(-1, (w.count, d))
         if norm.kind == "rmsnorm":
-            y = F.rms_norm(xb, (d,), None, norm.eps)
+            y = F.rms_norm(x, (d,), None, norm.eps)
         else:
-            y = F.layer_norm(xb, (d,), None, None, norm.eps)
-        y = y * norm.weight.view(k, d)[w.first : w.first + w.count]
+            y = F.layer_norm(x, (d,), None, None, norm.eps)
+        shape = (w.count, 1, 1, d)
+        y = y * norm.weight.view(k, d)[w.first : w.first + w.count].view(shape)
         if norm.bias is not None:
-            y = y + norm.bias.view(k, d)[w.first : w.first + w.count]
-        return y.flatten(-2)
+            y = y + norm.bias.view(k, d)[w.first : w.first + w.count].view(shape)
+        return y
 
     def _linear(self, x: Tensor, parts: list[tuple[Tensor, Tensor | None]], w: Window) -> Tensor:
-        """`x` blocked `(..., count, in_k)` through the diagonal blocks of the row-stacked `parts`
-        (a fused qkv weight is three parts, each split into blocks on its own); `(..., count, out_k)`."""
+        """`x` `(count, batch, tokens, in_k)` through the diagonal blocks of the row-stacked `parts`
+        (a fused qkv weight is three parts, each split into blocks on its own)."""
         k = self.fractal.blocks(w.level)
         pick = slice(w.first, w.first + w.count)
-        weight = torch.cat([diagonal_blocks(p, k)[pick] for p, _ in parts], dim=1)
+        if len(parts) == 1:
+            weight = diagonal_blocks(parts[0][0], k)[pick]
+        else:
+            weight = torch.cat([diagonal_blocks(p, k)[pick] for p, _ in parts], dim=1)
         biases = [b.view(k, -1)[pick] for _, b in parts if b is not None]
-        if w.count == 1:
-            y = F.linear(x.squeeze(-2), weight[0], torch.cat(biases, -1)[0] if biases else None)
-            return y.unsqueeze(-2)
-        y = torch.einsum("...ci,coi->...co", x, weight)
-        return y + torch.cat(biases, -1) if biases else y
+        flat = x.reshape(w.count, -1, x.shape[-1])
+        if biases:
+            bias = biases[0] if len(biases) == 1 else torch.cat(biases, -1)
+            y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+        else:
+            y = torch.bmm(flat, weight.transpose(1, 2))
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _attention(self, block: Block, x: Tensor, w: Window) -> Tensor:
         cfg, attn = self.cfg, block.attn
         k = self.fractal.blocks(w.level)
         h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width // k
-        batch, n = x.shape[0], x.shape[-2]
+        count, batch, n, _ = x.shape
         rows = (h * cfg.head_width, kv * cfg.head_width, kv * cfg.head_width)
         qkv_parts = list(zip(attn.qkv.weight.split(rows), _split(attn.qkv.bias, rows), strict=True))
-        y = self._linear(x.unflatten(-1, (w.count, -1)), qkv_parts, w)
-        q, key, v = y.split((h * hw, kv * hw, kv * hw), dim=-1)  # each (B, n, count, heads*hw)
-        q = q.reshape(batch, n, w.count * h, hw).transpose(1, 2)
-        key = key.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
-        v = v.reshape(batch, n, w.count * kv, hw).transpose(1, 2)
+        qkv = self._linear(x, qkv_parts, w).view(count * batch, n, h + 2 * kv, hw).transpose(1, 2)
+        q, key, v = qkv.split((h, kv, kv), dim=1)
         rotary = (
             self.rotary
             if w.level == 0
@@ -233,20 +253,20 @@ class FractalTransformer(Transformer):
             dropout_p=cfg.dropout if self.training else 0.0,
             enable_gqa=kv != h,
         )
-        out = out.transpose(1, 2).reshape(batch, n, w.count, h * hw)
-        return self._linear(out, [(attn.proj.weight, attn.proj.bias)], w).flatten(-2)
+        out = out.transpose(1, 2).reshape(count, batch, n, h * hw)
+        return self._linear(out, [(attn.proj.weight, attn.proj.bias)], w)
 
     def _mlp(self, block: Block, x: Tensor, w: Window) -> Tensor:
         cfg, mlp = self.cfg, block.mlp
         rows = (cfg.inner_width, cfg.inner_width) if cfg.gated else (cfg.inner_width,)
         parts = list(zip(mlp.fc.weight.split(rows), _split(mlp.fc.bias, rows), strict=True))
-        hidden = self._linear(x.unflatten(-1, (w.count, -1)), parts, w)
+        hidden = self._linear(x, parts, w)
         if cfg.gated:
             a, b = hidden.chunk(2, dim=-1)
             hidden = _ACTIVATIONS[cfg.activation](a) * b
         else:
             hidden = _ACTIVATIONS[cfg.activation](hidden)
-        return self._linear(hidden, [(mlp.proj.weight, mlp.proj.bias)], w).flatten(-2)
+        return self._linear(hidden, [(mlp.proj.weight, mlp.proj.bias)], w)
 
     # ----------------------------------------------------------------- standalone copies and merging
 
@@ -357,8 +377,8 @@ def level_loss(
     weights = weights or (1.0,) * len(level_logits)
     per_level = []
     for logits in level_logits:
-        k = logits.shape[-2]
-        expanded = targets.unsqueeze(-1).expand(*targets.shape, k)
-        per_level.append(F.cross_entropy(logits.flatten(0, -2).float(), expanded.reshape(-1)))
+        by_model = logits.movedim(-2, 0)  # (k, batch, tokens, vocab): contiguous from all_levels
+        expanded = targets.unsqueeze(0).expand(by_model.shape[:-1])
+        per_level.append(F.cross_entropy(by_model.flatten(0, -2).float(), expanded.reshape(-1)))
     total = sum(w * loss for w, loss in zip(weights, per_level, strict=True))
     return total, per_level

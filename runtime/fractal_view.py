@@ -57,12 +57,9 @@ class FractalView:
         """Every sub-model of every level in one lock-step pass. Per output, a list over levels of
         `(batch, tokens, k_level, out)` (pooled heads: `(batch, k_level, out)`)."""
         x = self._stream(self.model._bind(args, kwargs), 0, self.fractal.cfg.width)
-        states = self.fractal.run(x, self.fractal.all_windows())
+        states = self.fractal.run(x, self.fractal.all_windows(), as_columns=False)
         return {
-            name: [
-                _blocked_head(self.model.outputs[name], h, self.fractal.fractal.blocks(level))
-                for level, h in enumerate(states)
-            ]
+            name: [_blocked_head(self.model.outputs[name], h) for h in states]
             for name in self.outputs
         }
 
@@ -198,16 +195,22 @@ class FractalSubModel(nn.Module):
         return f"level={self.level}, index={self.index}, width={self.view.fractal.sub_config(self.level).width}"
 
 
-def _blocked_head(head: nn.Module, state: Tensor, k: int) -> Tensor:
-    """Apply a read-out head to all `k` sub-models of a level at once: sub-model `j` reads the
-    `j`-th column block of the head's weight."""
+def _blocked_head(head: nn.Module, state: Tensor) -> Tensor:
+    """Apply a read-out head to all `k` sub-models of a level at once, `state` being sub-model-major
+    `(k, batch, tokens, d/k)`: sub-model `j` reads the `j`-th column block of the head's weight.
+    Returns `(batch, tokens, k, out)` (pooled heads `(batch, k, out)`), a view of a
+    sub-model-major result."""
     if isinstance(head, PooledHead):
         state = state.mean(dim=-2) if head.pool == "mean" else state[..., -1, :]
     elif not isinstance(head, LinearHead):
         raise TypeError(f"cannot slice a {type(head).__name__} head")
-    weight = head.proj.weight
-    y = torch.einsum("...ki,oki->...ko", state.unflatten(-1, (k, -1)), weight.unflatten(1, (k, -1)))
-    return y + head.proj.bias if head.proj.bias is not None else y
+    k = state.shape[0]
+    weight = head.proj.weight.unflatten(1, (k, -1)).transpose(0, 1)  # (k, out, d/k)
+    flat = state.reshape(k, -1, state.shape[-1])
+    y = torch.bmm(flat, weight.transpose(1, 2))
+    if head.proj.bias is not None:
+        y = y + head.proj.bias
+    return y.view(*state.shape[:-1], -1).movedim(0, -2)
 
 
 def _table_weight(model: GraphModel) -> Tensor | None:

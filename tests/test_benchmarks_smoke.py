@@ -8,7 +8,13 @@ import sys
 
 from tests.conftest import ROOT
 
-NAMES = ["compile_latency", "federation_batching", "feedback_memory", "overhead_vs_handwritten"]
+NAMES = [
+    "compile_latency",
+    "federation_batching",
+    "feedback_memory",
+    "overhead_vs_handwritten",
+    "fractal_levels",
+]
 
 
 def test_the_suite_runs_in_smoke_mode(tmp_path):

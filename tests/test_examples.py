@@ -10,10 +10,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install -e '.[dev]')")
-
 
 def test_antikythera_sky_quick(tmp_path):
+    pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install -e '.[dev]')")
     out = tmp_path / "sky.json"
     proc = subprocess.run(
         [
@@ -34,3 +33,38 @@ def test_antikythera_sky_quick(tmp_path):
     assert max(sizes) / min(sizes) < 1.1  # the baselines are sized like the federation
     for r in results.values():
         assert all(0 <= e <= 180 for e in r["test_error_deg"].values())
+
+
+def test_fractal_shakespeare_quick(tmp_path):
+    """The FractalFormer example on a small corpus (the real one lies outside the repository)."""
+    corpus = tmp_path / "corpus.txt"
+    lines = [
+        "To be, or not to be, that is the question:",
+        "Whether 'tis nobler in the mind to suffer",
+    ]
+    corpus.write_text("\n".join(lines * 800))
+    out = tmp_path / "fractal.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "fractal_shakespeare.py"),
+            "--quick",
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    levels = json.loads(out.read_text())["levels"]
+    assert [(r["level"], r["sub_models"], r["width"]) for r in levels] == [
+        (0, 1, 128),
+        (1, 2, 64),
+        (2, 4, 32),
+    ]
+    for r in levels:
+        assert len(r["fractal_each"]) == r["sub_models"]
+        assert 0 < r["fractal_best"] <= r["fractal_mean"] < 10 and 0 < r["plain"] < 10

@@ -1,0 +1,243 @@
+"""Train FractalFormer (design 001) on Shakespeare, every level at once, against plain transformers.
+
+Character-level language modelling on `../shared/data/shakespeare.txt` (the last 10% held out).
+`specs/fractalformer.yaml` (~1M parameters, as the original) is trained with the loss of all
+`1 + 2 + 4` sub-models at once; then, with the same budget (steps, batch, learning-rate schedule),
+one plain transformer per level, of that level's width and otherwise the same settings. The table
+gives the validation loss (nats per character) of each level (the mean over its sub-models, and
+the best one) next to the plain transformer of that size.
+
+    python examples/fractal_shakespeare.py                 # a GPU: about a minute on an H100
+    python examples/fractal_shakespeare.py --quick         # a smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compiler  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+
+PLAIN_SPEC = """
+spec: 1
+name: plain-{width}
+seed: 0
+inputs:
+  tokens: {{kind: tokens, vocab: {vocab}, context: {context}}}
+nodes:
+  lm:
+    kind: transformer
+    width: {width}
+    heads: {heads}
+    kv_heads: {kv_heads}
+    layers: {layers}
+    mlp_ratio: {mlp_ratio}
+    activation: {activation}
+    norm: {norm}
+    position: {position}
+    rope_theta: {rope_theta}
+    dropout: {dropout}
+    bias: {bias}
+outputs:
+  logits: {{from: lm, kind: lm_head, tie: true}}
+"""
+
+
+def load_corpus(path: Path, vocab: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    text = path.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    if len(chars) > vocab:
+        raise SystemExit(
+            f"{path} has {len(chars)} distinct characters; the spec's vocab is {vocab}"
+        )
+    index = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([index[c] for c in text], dtype=torch.long)
+    cut = int(0.9 * len(data))
+    return data[:cut], data[cut:], chars
+
+
+def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator):
+    while True:
+        start = torch.randint(0, len(data) - context - 1, (batch,), generator=generator)
+        rows = torch.stack([data[s : s + context + 1] for s in start.tolist()])
+        yield rows[:, :-1], rows[:, 1:]
+
+
+def schedule(optimizer, steps: int, lr: float):
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(args):
+    """bf16 autocast on a GPU (as nanoGPT trains); full precision on the CPU."""
+    cuda = args.device.startswith("cuda")
+    return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda)
+
+
+def train(model, loss_of, train_data, args) -> float:
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
+    )
+    lr_schedule = schedule(optimizer, args.steps, args.lr)
+    stream = batches(train_data, args.batch, args.context, generator)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        x, y = next(stream)
+        with autocast(args):
+            loss = loss_of(x.to(args.device), y.to(args.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def validation_batches(valid_data: torch.Tensor, args):
+    generator = torch.Generator().manual_seed(1)
+    stream = batches(valid_data, args.batch, args.context, generator)
+    return [next(stream) for _ in range(args.eval_batches)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--spec", type=Path, default=ROOT / "specs" / "fractalformer.yaml")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-batches", type=int, default=40)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a few steps on a short context")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "examples" / "results" / "fractal_shakespeare.json"
+    )
+    args = parser.parse_args()
+
+    ir = compiler.analyze(args.spec)
+    (name, node), *_ = [(n, v) for n, v in ir.spec.nodes.items() if v.kind == "fractal"]
+    tokens_input = next(i for i in ir.spec.inputs.values() if i.kind == "tokens")
+    args.context = tokens_input.context
+    if args.quick:
+        args.steps, args.batch, args.context, args.eval_batches = 6, 4, 32, 2
+    train_data, valid_data, chars = load_corpus(args.data, tokens_input.vocab)
+    if args.quick:
+        train_data, valid_data = train_data[:20000], valid_data[:5000]
+    valid = validation_batches(valid_data, args)
+
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "levels": []}
+    torch.manual_seed(0)
+    model = compiler.build_model(ir, device=args.device)
+    view = model.fractal(name)
+    seconds = train(model, lambda x, y: view.loss(y, x)[0], train_data, args)
+    model.eval()
+    per_model = torch.zeros(node.levels, node.branching ** (node.levels - 1), dtype=torch.float64)
+    with torch.no_grad(), autocast(args):
+        for x, y in valid:
+            logits = view.all_levels(x.to(args.device))["logits"]
+            for level, lg in enumerate(logits):
+                for j in range(lg.shape[-2]):
+                    per_model[level, j] += F.cross_entropy(
+                        lg[..., j, :].flatten(0, 1).float(), y.to(args.device).flatten()
+                    ).item() / len(valid)
+    fractal_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"fractal {args.spec.name}: {fractal_params:,} parameters, {seconds:.1f} s for {args.steps} steps",
+        flush=True,
+    )
+    results["fractal"] = {"parameters": fractal_params, "train_seconds": seconds}
+
+    settings = ir.graph.nodes[f"nodes.{name}"]["settings"]
+    width = ir.graph.nodes[f"nodes.{name}"]["width"]
+    for level in range(node.levels):
+        k = node.branching**level
+        spec_text = PLAIN_SPEC.format(
+            width=width // k,
+            vocab=tokens_input.vocab,
+            context=tokens_input.context,
+            heads=settings["heads"],
+            kv_heads=settings["kv_heads"] or settings["heads"],
+            layers=settings["layers"],
+            mlp_ratio=settings["mlp_ratio"],
+            activation=settings["activation"],
+            norm=settings["norm"],
+            position=settings["position"],
+            rope_theta=settings["rope_theta"],
+            dropout=settings["dropout"],
+            bias=str(settings["bias"]).lower(),
+        )
+        torch.manual_seed(0)
+        plain = compiler.build_model(compiler.load_spec_text(spec_text), device=args.device)
+        seconds = train(
+            plain,
+            lambda x, y, m=plain: F.cross_entropy(
+                m(x)["logits"].flatten(0, 1).float(), y.flatten()
+            ),
+            train_data,
+            args,
+        )
+        plain.eval()
+        with torch.no_grad(), autocast(args):
+            plain_loss = sum(
+                F.cross_entropy(
+                    plain(x.to(args.device))["logits"].flatten(0, 1).float(),
+                    y.to(args.device).flatten(),
+                ).item()
+                for x, y in valid
+            ) / len(valid)
+        row = {
+            "level": level,
+            "sub_models": k,
+            "width": width // k,
+            "fractal_mean": float(per_model[level, :k].mean()),
+            "fractal_best": float(per_model[level, :k].min()),
+            "fractal_each": [float(v) for v in per_model[level, :k]],
+            "plain": plain_loss,
+            "plain_parameters": sum(p.numel() for p in plain.parameters()),
+            "plain_train_seconds": seconds,
+        }
+        results["levels"].append(row)
+
+    print(
+        f"\nvalidation loss (nats/char), {args.steps} steps of batch {args.batch} x {args.context}, device {args.device}"
+    )
+    print(
+        "| level | sub-models | width | fractal (mean) | fractal (best) | plain transformer | plain parameters |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results["levels"]:
+        print(
+            f"| {r['level']} | {r['sub_models']} | {r['width']} | {r['fractal_mean']:.3f} | "
+            f"{r['fractal_best']:.3f} | {r['plain']:.3f} | {r['plain_parameters']:,} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
