@@ -11,22 +11,20 @@ import pytest
 from tests.conftest import ROOT
 
 
-def test_antikythera_sky_quick(tmp_path):
-    pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install -e '.[dev]')")
-    out = tmp_path / "sky.json"
+def run_example(script: str, *args: str) -> None:
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "antikythera_sky.py"),
-            "--quick",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "examples" / script), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_antikythera_sky_quick(tmp_path):
+    pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install -e '.[dev]')")
+    out = tmp_path / "sky.json"
+    run_example("antikythera_sky.py", "--out", str(out))
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"gear federation (antikythera.yaml)", "plain transformer", "MLP"}
     sizes = [r["parameters"] for r in results.values()]
@@ -44,21 +42,7 @@ def test_fractal_shakespeare_quick(tmp_path):
     ]
     corpus.write_text("\n".join(lines * 800))
     out = tmp_path / "fractal.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "fractal_shakespeare.py"),
-            "--quick",
-            "--data",
-            str(corpus),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_example("fractal_shakespeare.py", "--data", str(corpus), "--out", str(out))
     levels = json.loads(out.read_text())["levels"]
     assert [(r["level"], r["sub_models"], r["width"]) for r in levels] == [
         (0, 1, 128),
