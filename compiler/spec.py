@@ -129,6 +129,72 @@ class SpecModel(BaseModel):
     )
 
 
+# --------------------------------------------------------------------------- attention layouts
+
+
+class Lattice(SpecModel):
+    """Where the heads sit: an n-dimensional grid, one head per cell, numbered row-major."""
+
+    shape: Annotated[
+        list[Annotated[Int, Field(ge=1, le=4096)]], Field(min_length=1, max_length=8)
+    ] = Field(description="Cells along each dimension; their product must equal the heads.")
+    boundary: Literal["periodic", "open"] = Field(
+        "periodic",
+        description="`periodic` wraps every dimension around (a torus); `open` does not.",
+    )
+    neighbourhood: Literal["von_neumann", "moore"] = Field(
+        "moore",
+        description="`von_neumann`: the cells one step along one axis; `moore`: every cell within one "
+        "step along each axis (diagonals too). Ignored when `radius` is set.",
+    )
+    radius: Annotated[Real, Field(gt=0, le=64)] | None = Field(
+        None, description="Neighbours are all cells within this Euclidean distance."
+    )
+
+
+class Oscillator(SpecModel):
+    """Each head is a Kuramoto oscillator (intrinsic frequency, phase) coupled to its neighbours."""
+
+    frequencies: Literal["learned", "fixed"] = Field(
+        "learned",
+        description="Intrinsic frequencies, drawn from `frequency_range`, learned or fixed.",
+    )
+    frequency_range: Annotated[
+        list[Annotated[Real, Field(gt=0, le=1e3)]], Field(min_length=2, max_length=2)
+    ] = Field(
+        [0.95, 1.05], description="Intrinsic frequencies are drawn uniformly from [low, high]."
+    )
+    coupling: Annotated[Real, Field(ge=0, le=1e3)] = Field(
+        0.1, description="Initial coupling strength K (learned)."
+    )
+    range: Annotated[Real, Field(gt=0, le=1e3)] = Field(
+        1.0,
+        description="Initial lattice constant: neighbours couple with weight exp(-distance / range) (learned).",
+    )
+    dt: Annotated[Real, Field(gt=0, le=10)] = Field(
+        0.1, description="Time step of the Kuramoto update."
+    )
+    substeps: Annotated[Int, Field(ge=1, le=256)] = Field(
+        1, description="Kuramoto updates per forward pass."
+    )
+
+
+class LatticeAttention(SpecModel):
+    """Lattice Oscillator attention (design 002): heads on a lattice, each a Kuramoto oscillator whose
+    phase adds `strength * cos(phase + token_frequency * frequency * (i - j))` to its scores."""
+
+    kind: Literal["lattice"]
+    lattice: Lattice
+    oscillator: Oscillator = Oscillator()
+    strength: Annotated[Real, Field(ge=0, le=1e3)] = Field(
+        1.0, description="Initial amplitude of each head's phase term (learned)."
+    )
+    token_frequency: Annotated[Real, Field(gt=0, le=10)] = Field(
+        0.1,
+        description="Radians per token per unit of intrinsic frequency: how fast the term turns along the sequence.",
+    )
+
+
 # --------------------------------------------------------------------------- transformer settings
 
 
@@ -169,6 +235,11 @@ class TransformerSettings(SpecModel):
     )
     causal: Annotated[bool, Strict()] | None = Field(
         None, description="Causal attention mask. Default true."
+    )
+    attention: LatticeAttention | None = Field(
+        None,
+        description="An attention layout: `{kind: lattice, ...}` puts the heads on a lattice of coupled "
+        "oscillators. Default: plain attention.",
     )
 
 

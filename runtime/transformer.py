@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lattice import PHASE_DIMS, LatticeConfig, LatticeOscillators
 from .layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
 
 
@@ -34,10 +35,16 @@ class TransformerConfig:
     dropout: float = 0.0
     bias: bool = False
     causal: bool = True
+    attention: LatticeConfig | None = None  # a lattice layout (design 002); None: plain attention
 
     @property
     def head_width(self) -> int:
         return self.width // self.heads
+
+    @property
+    def content_width(self) -> int:
+        """Width of each head's content queries and keys (lattice heads give 2 to the phase term)."""
+        return self.head_width - (PHASE_DIMS if self.attention is not None else 0)
 
     @property
     def n_kv_heads(self) -> int:
@@ -93,19 +100,26 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, members: int):
         super().__init__()
         self.cfg = cfg
-        hw, h, kv = cfg.head_width, cfg.heads, cfg.n_kv_heads
-        self.qkv = MemberLinear(members, cfg.width, (h + 2 * kv) * hw, cfg.bias)
+        hw, cw, h, kv = cfg.head_width, cfg.content_width, cfg.heads, cfg.n_kv_heads
+        self.members = members
+        self.qkv = MemberLinear(members, cfg.width, (h + kv) * cw + kv * hw, cfg.bias)
         self.proj = MemberLinear(members, h * hw, cfg.width, cfg.bias)
         scaled_init_(self.proj, cfg.layers)
+        self.lattice = (
+            LatticeOscillators(cfg.attention, members) if cfg.attention is not None else None
+        )
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
         cfg = self.cfg
         *lead, n, _ = x.shape
         h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width
-        qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
-        q, k, v = qkv.split((h, kv, kv), dim=1)
-        if rotary is not None:
-            q, k = rotary(q), rotary(k)
+        if self.lattice is None:
+            qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
+            q, k, v = qkv.split((h, kv, kv), dim=1)
+            if rotary is not None:
+                q, k = rotary(q), rotary(k)
+        else:
+            q, k, v = self._lattice_qkv(x, rotary)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -115,6 +129,27 @@ class SelfAttention(nn.Module):
             enable_gqa=kv != h,
         )
         return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
+
+    def _lattice_qkv(
+        self, x: Tensor, rotary: RotaryEmbedding | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Content queries and keys `d_head - 2` wide (rotated by RoPE if set), each extended by the
+        two phase dimensions of `runtime.lattice`; values keep the full head width."""
+        cfg = self.cfg
+        n = x.shape[-2]
+        h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
+        q, k, v = self.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
+        q = q.reshape(-1, n, h, cw).transpose(1, 2)
+        k = k.reshape(-1, n, h, cw).transpose(1, 2)
+        v = v.reshape(-1, n, h, hw).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        phase_q, phase_k = self.lattice.phase_features(n, hw, q.dtype)  # (members, heads, n, 2)
+        batch = q.shape[0] // self.members
+        expand = (self.members, batch, h, n, PHASE_DIMS)
+        phase_q = phase_q[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
+        phase_k = phase_k[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
+        return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
 
 
 _ACTIVATIONS = {
@@ -184,7 +219,7 @@ class Transformer(nn.Module):
         if len(set(scales)) == 1:
             scales = scales[:1]  # one table broadcast over members
         self.rotary = (
-            RotaryEmbedding(cfg.head_width, cfg.context, cfg.rope_theta, scales)
+            RotaryEmbedding(cfg.content_width, cfg.context, cfg.rope_theta, scales)
             if cfg.position == "rope"
             else None
         )

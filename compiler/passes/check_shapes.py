@@ -62,6 +62,7 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                     "change `heads` or `width`, or set `position: learned` or `none`",
                 )
             )
+        found.extend(_check_lattice(ir, data, head_width))
         if round(s["mlp_ratio"] * width) < 1:
             found.append(
                 ir.error(origin["mlp_ratio"], f"`mlp_ratio` gives node `{name}` an MLP of width 0")
@@ -85,4 +86,63 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                     "read from nodes whose widths add up to the embedding's, set the input's `width:`, or drop `tie`",
                 )
             )
+    return found
+
+
+def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
+    """A lattice layout needs one cell per head, a head per key/value head, and head room for the
+    two phase dimensions."""
+    s, origin, name = data["settings"], data["settings_from"], data["name"]
+    attention = s["attention"]
+    if attention is None:
+        return []
+    where = origin["attention"]
+    found = []
+    cells = 1
+    for n in attention.lattice.shape:
+        cells *= n
+    if data["kind"] == "fractal":
+        found.append(
+            ir.error(
+                where,
+                f"fractal `{name}` cannot use a lattice attention layout: its sub-models' slices of a "
+                "lattice are not defined",
+                "use plain attention in a fractal's base",
+            )
+        )
+    if cells != s["heads"]:
+        shape = " x ".join(map(str, attention.lattice.shape))
+        found.append(
+            ir.error(
+                (*where, "lattice", "shape"),
+                f"the lattice {shape} has {cells} cells but node `{name}` has {s['heads']} heads",
+                "one head sits on each cell: make the product of `shape` equal `heads`",
+            )
+        )
+    if s["kv_heads"] is not None and s["kv_heads"] != s["heads"]:
+        found.append(
+            ir.error(
+                origin["kv_heads"],
+                f"node `{name}` has a lattice layout, whose phase term is per head, and `kv_heads: {s['kv_heads']}`",
+                "leave `kv_heads` unset (every head its own keys) with a lattice layout",
+            )
+        )
+    low, high = attention.oscillator.frequency_range
+    if low > high:
+        found.append(
+            ir.error(
+                (*where, "oscillator", "frequency_range"),
+                f"`frequency_range` runs from {low} down to {high}",
+                "write it as [low, high]",
+            )
+        )
+    if head_width < 4:
+        found.append(
+            ir.error(
+                origin["heads"],
+                f"node `{name}` has heads of width {head_width}; a lattice head gives 2 dimensions to its "
+                "phase term and needs at least 2 for content",
+                "use fewer heads or a wider node (head width at least 4)",
+            )
+        )
     return found

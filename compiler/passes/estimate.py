@@ -26,10 +26,12 @@ MAX_BLOCKS = 20_000
 
 def transformer_parameters(cfg: TransformerConfig) -> int:
     """Closed-form count, used as a guard before building (and checked against the build in tests)."""
-    w, hw = cfg.width, cfg.head_width
-    qkv = (
-        w * (cfg.heads + 2 * cfg.n_kv_heads) * hw + (cfg.heads + 2 * cfg.n_kv_heads) * hw * cfg.bias
-    )
+    w, hw, cw = cfg.width, cfg.head_width, cfg.content_width
+    qkv_out = (cfg.heads + cfg.n_kv_heads) * cw + cfg.n_kv_heads * hw
+    qkv = w * qkv_out + qkv_out * cfg.bias
+    if cfg.attention is not None:  # per head: frequency (if learned), initial phase, strength
+        learned = 3 if cfg.attention.frequencies == "learned" else 2
+        qkv += learned * cfg.heads + 2  # and the coupling and the lattice constant
     proj = cfg.heads * hw * w + w * cfg.bias
     fc_out = cfg.inner_width * (2 if cfg.gated else 1)
     mlp = w * fc_out + fc_out * cfg.bias + cfg.inner_width * w + w * cfg.bias

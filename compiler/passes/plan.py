@@ -37,6 +37,29 @@ def transformer_config(settings: dict, width: int, context: int) -> TransformerC
         dropout=float(settings["dropout"]),
         bias=settings["bias"],
         causal=settings["causal"],
+        attention=lattice_config(settings["attention"]),
+    )
+
+
+def lattice_config(attention):
+    if attention is None:
+        return None
+    from runtime.lattice import LatticeConfig
+
+    lattice, oscillator = attention.lattice, attention.oscillator
+    return LatticeConfig(
+        shape=tuple(lattice.shape),
+        boundary=lattice.boundary,
+        neighbourhood=lattice.neighbourhood,
+        radius=float(lattice.radius) if lattice.radius is not None else None,
+        frequencies=oscillator.frequencies,
+        frequency_range=tuple(float(f) for f in oscillator.frequency_range),
+        coupling=float(oscillator.coupling),
+        range=float(oscillator.range),
+        dt=float(oscillator.dt),
+        substeps=oscillator.substeps,
+        strength=float(attention.strength),
+        token_frequency=float(attention.token_frequency),
     )
 
 

@@ -24,6 +24,7 @@ BUILTIN = {
     "dropout": 0.0,
     "bias": False,
     "causal": True,
+    "attention": None,
 }
 assert set(BUILTIN) == set(TransformerSettings.model_fields), (
     "every transformer setting needs a built-in default"

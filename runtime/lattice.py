@@ -1,0 +1,145 @@
+"""Lattice Oscillator attention (design 002; joshause/lot): attention heads on an n-dimensional
+lattice, each a Kuramoto oscillator coupled to its neighbours, whose phase shapes its scores.
+
+The reading implemented, and why. The authors' code adds `0.1 * cos(phase_h)` to every score of
+head `h`: a constant per head, which the softmax cancels, and it advances the phases in a buffer
+without gradient, so the coupling never learns (SEEDS.md). Here the phase term varies over
+(query, key) and the phases are differentiable:
+
+    score_h(i, j) = q_i . k_j / sqrt(d_head) + alpha_h * cos(theta_h + nu_h * (i - j))
+
+* `theta_h` is head `h`'s phase after `substeps` Kuramoto updates from a learned initial phase:
+  `theta_h += dt * (omega_h + K / |N(h)| * sum_{n in N(h)} exp(-dist(h, n) / lambda) * sin(theta_n - theta_h))`,
+  recomputed (and differentiated) every forward pass: a stateless function of the parameters, so a
+  model's output depends on its weights and inputs only, and K and lambda receive gradients.
+* `nu_h = token_frequency * omega_h` turns the term along the sequence at the head's own
+  frequency; `alpha_h` is a learned amplitude.
+
+The phase term is a rank-2 product, `cos(a + b) = cos a cos b - sin a sin b`, so it folds into Q and
+K as two extra dimensions (as RoPE folds rotations): no `(tokens x tokens)` bias is ever built and
+attention stays one fused `scaled_dot_product_attention` call. The two dimensions are taken from
+the head's width (content queries and keys are `d_head - 2` wide, values `d_head`), so the kernel
+sees the head width the spec asked for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+PHASE_DIMS = 2
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    shape: tuple[int, ...]
+    boundary: str = "periodic"
+    neighbourhood: str = "moore"
+    radius: float | None = None
+    frequencies: str = "learned"
+    frequency_range: tuple[float, float] = (0.95, 1.05)
+    coupling: float = 0.1
+    range: float = 1.0
+    dt: float = 0.1
+    substeps: int = 1
+    strength: float = 1.0
+    token_frequency: float = 0.1
+
+    @property
+    def cells(self) -> int:
+        return math.prod(self.shape)
+
+
+def lattice_distances(cfg: LatticeConfig) -> Tensor:
+    """`(cells, cells)` distances between neighbouring cells (row-major numbering), `inf` elsewhere."""
+    coords = list(itertools.product(*(range(n) for n in cfg.shape)))
+    sizes = torch.tensor(cfg.shape, dtype=torch.float64)
+    points = torch.tensor(coords, dtype=torch.float64).reshape(-1, len(cfg.shape))
+    delta = (points[:, None, :] - points[None, :, :]).abs()
+    if cfg.boundary == "periodic":
+        delta = torch.minimum(delta, sizes - delta)
+    distance = delta.pow(2).sum(-1).sqrt()
+    if cfg.radius is not None:
+        near = distance <= cfg.radius + 1e-9
+    elif cfg.neighbourhood == "von_neumann":
+        near = delta.sum(-1) == 1
+    else:
+        near = delta.max(-1).values <= 1
+    near &= distance > 0
+    return torch.where(near, distance, torch.full_like(distance, math.inf)).float()
+
+
+class LatticeOscillators(nn.Module):
+    """The phases of one attention layer's heads, `members` independent lattices at once."""
+
+    def __init__(self, cfg: LatticeConfig, members: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        heads = cfg.cells
+        distance = lattice_distances(cfg) if not _meta() else torch.empty(heads, heads)
+        # finite distances and a mask: exp(-inf / range) has a NaN gradient in `range`
+        self.register_buffer("neighbour", distance.isfinite(), persistent=False)
+        self.register_buffer(
+            "distance",
+            distance.nan_to_num(posinf=0.0) if not _meta() else distance,
+            persistent=False,
+        )
+        low, high = cfg.frequency_range
+        omega = torch.empty(members, heads)
+        phase = torch.empty(members, heads)
+        if not omega.is_meta:
+            omega.uniform_(low, high)
+            phase.uniform_(0, 2 * math.pi)
+        if cfg.frequencies == "learned":
+            self.omega = nn.Parameter(omega)
+        else:
+            self.register_buffer("omega", omega)
+        self.initial_phase = nn.Parameter(phase)
+        self.coupling = nn.Parameter(torch.full((members, 1), float(cfg.coupling)))
+        self.log_range = nn.Parameter(torch.full((members, 1, 1), math.log(cfg.range)))
+        self.strength = nn.Parameter(torch.full((members, heads), float(cfg.strength)))
+        self.last_phase: Tensor | None = None  # detached, for metrics
+
+    def weights(self) -> Tensor:
+        """`(members, heads, heads)` coupling weights `exp(-distance / range)` (0 off the neighbourhood)."""
+        return torch.exp(-self.distance / self.log_range.exp()) * self.neighbour
+
+    def phases(self) -> Tensor:
+        """`(members, heads)` phases after `substeps` Kuramoto updates from the initial phases."""
+        weights = self.weights()
+        degree = self.neighbour.sum(-1).clamp_min(1)
+        theta = self.initial_phase
+        for _ in range(self.cfg.substeps):
+            pull = (weights * torch.sin(theta[:, None, :] - theta[:, :, None])).sum(-1) / degree
+            theta = theta + self.cfg.dt * (self.omega + self.coupling * pull)
+        if not torch.compiler.is_compiling():
+            self.last_phase = theta.detach()
+        return theta
+
+    def phase_features(
+        self, tokens: int, head_width: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Query and key features `(members, heads, tokens, 2)` whose dot product, under SDPA's
+        `1/sqrt(head_width)` scaling, is `strength * cos(theta + nu * (i - j))`."""
+        theta = self.phases()
+        nu = self.cfg.token_frequency * self.omega
+        position = torch.arange(tokens, device=theta.device, dtype=theta.dtype)
+        key_angle = nu[..., None] * position  # (members, heads, tokens)
+        query_angle = theta[..., None] + key_angle
+        amplitude = (self.strength * math.sqrt(head_width))[..., None]
+        query = torch.stack((query_angle.cos(), query_angle.sin()), -1) * amplitude[..., None]
+        key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
+        return query.to(dtype), key.to(dtype)
+
+    def order_parameter(self) -> Tensor:
+        """Kuramoto's `r = |mean_h exp(i theta_h)|` per member (1: in sync, ~0: incoherent)."""
+        theta = self.phases()
+        return torch.sqrt(theta.cos().mean(-1) ** 2 + theta.sin().mean(-1) ** 2)
+
+
+def _meta() -> bool:
+    return torch.empty(0).is_meta

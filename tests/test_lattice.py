@@ -1,0 +1,165 @@
+"""Lattice layouts (design 002, the Lattice Oscillator Transformer): `attention: {kind: lattice}`.
+
+Heads sit on a lattice, each a Kuramoto oscillator; head `h`'s scores gain
+`strength_h * cos(theta_h + nu_h * (i - j))`, folded into Q/K as two extra dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import compiler
+from compiler.passes.estimate import transformer_parameters
+from runtime.lattice import LatticeConfig, LatticeOscillators, lattice_distances
+from runtime.transformer import SelfAttention, Transformer, TransformerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lattice_spec(tmp_path: Path, attention: str, nodes: str = "body", heads: int = 4) -> Path:
+    body = "\n".join(
+        f"  {name}: {{kind: transformer, width: 64, heads: {heads}, layers: 2, attention: {attention}}}"
+        for name in nodes.split()
+    )
+    path = tmp_path / "lattice.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            spec: 1
+            name: lattice-test
+            inputs:
+              tokens: {kind: tokens, vocab: 40, context: 64}
+            nodes:
+            """
+        )
+        + body
+        + f"\noutputs:\n  logits: {{from: [{', '.join(nodes.split())}], kind: regression, width: 3}}\n"
+    )
+    return path
+
+
+LATTICE = "{kind: lattice, lattice: {shape: [2, 2]}, oscillator: {coupling: 0.5, substeps: 3}}"
+
+
+def naive_attention(attn: SelfAttention, x: torch.Tensor, rotary) -> torch.Tensor:
+    """The design's formula with a dense bias: softmax(q.k/sqrt(d) + alpha cos(theta + nu (i-j)))."""
+    cfg = attn.cfg
+    members, batch, n, _ = x.shape
+    h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
+    q, k, v = attn.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
+    q = q.reshape(members * batch, n, h, cw).transpose(1, 2)
+    k = k.reshape(members * batch, n, h, cw).transpose(1, 2)
+    v = v.reshape(members * batch, n, h, hw).transpose(1, 2)
+    if rotary is not None:
+        q, k = rotary(q), rotary(k)
+    theta = attn.lattice.phases()  # (members, heads)
+    nu = attn.lattice.cfg.token_frequency * attn.lattice.omega
+    alpha = attn.lattice.strength
+    i = torch.arange(n, dtype=torch.float32)
+    offset = i[:, None] - i[None, :]
+    bias = alpha[..., None, None] * torch.cos(theta[..., None, None] + nu[..., None, None] * offset)
+    bias = bias[:, None].expand(members, batch, h, n, n).reshape(members * batch, h, n, n)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hw) + bias
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.softmax(scores, -1) @ v
+    return attn.proj(y.transpose(1, 2).reshape(members, batch, n, h * hw))
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_fused_phase_term_equals_a_dense_bias(members):
+    cfg = TransformerConfig(
+        width=64, heads=4, layers=1, context=32, attention=LatticeConfig(shape=(2, 2), substeps=2)
+    )
+    model = Transformer(cfg, members)
+    with torch.no_grad():
+        model.blocks[0].attn.lattice.strength.uniform_(0.5, 2.0)
+    attn = model.blocks[0].attn
+    x = torch.randn(members, 2, 20, 64)
+    fused = attn(x, model.rotary)
+    torch.testing.assert_close(fused, naive_attention(attn, x, model.rotary), rtol=1e-5, atol=1e-5)
+
+
+def test_the_phase_term_matters_and_the_coupling_learns():
+    """Unlike the seed's constant-per-head bias, the term changes the attention, and gradients
+    reach the coupling strength and the lattice constant through the Kuramoto updates."""
+    cfg = TransformerConfig(
+        width=64, heads=4, layers=1, context=32, attention=LatticeConfig(shape=(4,), substeps=4)
+    )
+    model = Transformer(cfg)
+    x = torch.randn(1, 2, 16, 64)
+    y = model(x)
+    lattice = model.blocks[0].attn.lattice
+    with torch.no_grad():
+        lattice.strength.zero_()
+    assert not torch.allclose(y, model(x))
+    with torch.no_grad():
+        lattice.strength.fill_(1.0)
+    model(x).square().sum().backward()
+    for p in (lattice.coupling, lattice.log_range, lattice.omega, lattice.initial_phase):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_neighbourhoods_on_a_lattice():
+    moore = lattice_distances(LatticeConfig(shape=(3, 3)))
+    assert (moore.isfinite().sum(-1) == 8).all()  # periodic 3x3: every cell has 8 neighbours
+    von_neumann = lattice_distances(LatticeConfig(shape=(3, 3), neighbourhood="von_neumann"))
+    assert (von_neumann.isfinite().sum(-1) == 4).all()
+    open_ = lattice_distances(LatticeConfig(shape=(3, 3), boundary="open"))
+    assert open_.isfinite().sum(-1).tolist() == [3, 5, 3, 5, 8, 5, 3, 5, 3]
+    assert open_[0, 4] == pytest.approx(math.sqrt(2))  # diagonal neighbours are farther
+    radius = lattice_distances(LatticeConfig(shape=(5, 5), boundary="open", radius=2.0))
+    assert radius[12].isfinite().sum() == 12  # the centre: 12 cells within distance 2
+    cube = lattice_distances(LatticeConfig(shape=(2, 2, 2), neighbourhood="von_neumann"))
+    assert (cube.isfinite().sum(-1) == 3).all()
+
+
+def test_kuramoto_dynamics():
+    free = LatticeOscillators(LatticeConfig(shape=(2, 3), coupling=0.0, dt=0.1, substeps=5))
+    torch.testing.assert_close(free.phases(), free.initial_phase + 0.5 * free.omega)
+    coupled = LatticeOscillators(LatticeConfig(shape=(2, 3), coupling=5.0, dt=0.1, substeps=200))
+    with torch.no_grad():
+        coupled.initial_phase.copy_(torch.linspace(0, 2.5, 6)[None])
+    start = LatticeOscillators(LatticeConfig(shape=(2, 3), substeps=1))
+    with torch.no_grad():
+        start.initial_phase.copy_(coupled.initial_phase)
+    assert coupled.order_parameter() > 0.99 > start.order_parameter()
+
+
+def test_parameter_count_of_lattice_transformers():
+    for frequencies in ("learned", "fixed"):
+        cfg = TransformerConfig(
+            width=64,
+            heads=8,
+            layers=2,
+            context=16,
+            bias=True,
+            attention=LatticeConfig(shape=(2, 4), frequencies=frequencies),
+        )
+        assert transformer_parameters(cfg) == sum(p.numel() for p in Transformer(cfg).parameters())
+
+
+def test_a_lattice_spec_compiles_groups_and_trains(tmp_path):
+    model = compiler.build_model(lattice_spec(tmp_path, LATTICE, nodes="a b"))
+    assert len(model.federation.plan.groups) == 1  # two same-shaped lattice nodes: one batched call
+    ids = torch.randint(0, 40, (2, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    target = torch.randn(2, 16, 3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.mse_loss(model(ids)["logits"], target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_the_gallery_lattice_spec():
+    ir = compiler.analyze(ROOT / "specs" / "lattice_oscillator.yaml")
+    cfg = ir.graph.nodes["nodes.body"]["config"]
+    assert cfg.attention is not None and cfg.attention.cells == cfg.heads
