@@ -19,6 +19,7 @@ SCRIPTS = [
     "feedback_memory",
     "overhead_vs_handwritten",
     "fractal_levels",
+    "lattice_attention",
 ]
 
 

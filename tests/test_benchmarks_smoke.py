@@ -14,6 +14,7 @@ NAMES = [
     "feedback_memory",
     "overhead_vs_handwritten",
     "fractal_levels",
+    "lattice_attention",
 ]
 
 
