@@ -179,6 +179,41 @@ class Oscillator(SpecModel):
     )
 
 
+class Regulariser(SpecModel):
+    """A training term with a weight and a schedule over training steps."""
+
+    weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
+        0.0, description="Weight in the loss (0: off)."
+    )
+    schedule: Literal["constant", "warmup", "anneal", "cosine"] = Field(
+        "constant",
+        description="How the weight changes with the step: `warmup` rises linearly to it over `steps`, "
+        "`anneal` falls linearly to 0, `cosine` falls along a half cosine; `constant` stays.",
+    )
+    steps: Annotated[Int, Field(ge=1, le=10**9)] = Field(
+        1000, description="Length of the warm-up or decay, in training steps."
+    )
+
+
+class PhaseRegulariser(Regulariser):
+    target: Literal["synchrony", "diversity"] = Field(
+        "synchrony",
+        description="`synchrony` adds 1 - r (phases pulled together), `diversity` adds r (pushed apart); "
+        "r is each layer's Kuramoto order parameter.",
+    )
+
+
+class LatticeTraining(SpecModel):
+    """The design's training terms, added by `runtime.lattice.lattice_regularisation(model, step)`."""
+
+    phase: PhaseRegulariser = PhaseRegulariser()
+    coherence: Regulariser = Field(
+        Regulariser(),
+        description="Spatial coherence: mean over neighbours of w * (1 - cos(theta_n - theta_h)), w the "
+        "coupling weights: smooth phase fields across the lattice.",
+    )
+
+
 class LatticeAttention(SpecModel):
     """Lattice Oscillator attention (design 002): heads on a lattice, each a Kuramoto oscillator whose
     phase adds `strength * cos(phase + token_frequency * frequency * (i - j))` to its scores."""
@@ -193,6 +228,7 @@ class LatticeAttention(SpecModel):
         0.1,
         description="Radians per token per unit of intrinsic frequency: how fast the term turns along the sequence.",
     )
+    training: LatticeTraining = LatticeTraining()
 
 
 # --------------------------------------------------------------------------- transformer settings

@@ -48,6 +48,11 @@ class LatticeConfig:
     substeps: int = 1
     strength: float = 1.0
     token_frequency: float = 0.1
+    phase_weight: float = 0.0  # training terms (see `lattice_regularisation`)
+    phase_target: str = "synchrony"
+    phase_schedule: tuple[str, int] = ("constant", 1000)
+    coherence_weight: float = 0.0
+    coherence_schedule: tuple[str, int] = ("constant", 1000)
 
     @property
     def cells(self) -> int:
@@ -103,6 +108,8 @@ class LatticeOscillators(nn.Module):
         self.log_range = nn.Parameter(torch.full((members, 1, 1), math.log(cfg.range)))
         self.strength = nn.Parameter(torch.full((members, heads), float(cfg.strength)))
         self.last_phase: Tensor | None = None  # detached, for metrics
+        self.last_entropy: Tensor | None = None  # per head, when `record_entropy` is set
+        self.record_entropy = False
 
     def weights(self) -> Tensor:
         """`(members, heads, heads)` coupling weights `exp(-distance / range)` (0 off the neighbourhood)."""
@@ -135,10 +142,84 @@ class LatticeOscillators(nn.Module):
         key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
         return query.to(dtype), key.to(dtype)
 
-    def order_parameter(self) -> Tensor:
+    def order_parameter(self, theta: Tensor | None = None) -> Tensor:
         """Kuramoto's `r = |mean_h exp(i theta_h)|` per member (1: in sync, ~0: incoherent)."""
-        theta = self.phases()
+        theta = self.phases() if theta is None else theta
         return torch.sqrt(theta.cos().mean(-1) ** 2 + theta.sin().mean(-1) ** 2)
+
+    def coupling_force(self, theta: Tensor | None = None) -> Tensor:
+        """`(members, heads)`: each head's pull `K/|N| * sum_n w * sin(theta_n - theta_h)`."""
+        theta = self.phases() if theta is None else theta
+        pull = (self.weights() * torch.sin(theta[:, None, :] - theta[:, :, None])).sum(-1)
+        return self.coupling * pull / self.neighbour.sum(-1).clamp_min(1)
+
+    def coherence(self, theta: Tensor | None = None) -> Tensor:
+        """Spatial incoherence per member: the coupling-weighted mean of `1 - cos(theta_n - theta_h)`
+        over neighbouring pairs (0: a smooth phase field)."""
+        theta = self.phases() if theta is None else theta
+        weights = self.weights()
+        gap = 1 - torch.cos(theta[:, None, :] - theta[:, :, None])
+        return (weights * gap).sum((-1, -2)) / weights.sum((-1, -2)).clamp_min(1e-12)
+
+    def regularisation(self, step: int) -> dict[str, Tensor]:
+        """This layer's weighted training terms at training step `step` (design 002)."""
+        cfg, theta = self.cfg, self.phases()
+        terms = {}
+        if cfg.phase_weight:
+            r = self.order_parameter(theta).mean()
+            value = 1 - r if cfg.phase_target == "synchrony" else r
+            terms["phase"] = cfg.phase_weight * schedule_factor(*cfg.phase_schedule, step) * value
+        if cfg.coherence_weight:
+            factor = schedule_factor(*cfg.coherence_schedule, step)
+            terms["coherence"] = cfg.coherence_weight * factor * self.coherence(theta).mean()
+        return terms
+
+
+def schedule_factor(kind: str, steps: int, step: int) -> float:
+    """A regulariser's weight multiplier at `step`: constant, warm-up, linear or cosine decay."""
+    progress = min(max(step, 0), steps) / steps
+    if kind == "warmup":
+        return progress
+    if kind == "anneal":
+        return 1 - progress
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def lattice_layers(model: nn.Module) -> list[tuple[str, LatticeOscillators]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LatticeOscillators)]
+
+
+def lattice_regularisation(model: nn.Module, step: int) -> Tensor:
+    """The sum of every lattice layer's weighted training terms (the spec's `training:` weights and
+    schedules); add it to the task loss."""
+    total = None
+    for _, layer in lattice_layers(model):
+        for value in layer.regularisation(step).values():
+            total = value if total is None else total + value
+    if total is None:
+        total = next(model.parameters()).new_zeros(())
+    return total
+
+
+@torch.no_grad()
+def lattice_metrics(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per lattice layer: Kuramoto order parameter, mean |coupling force|, spatial incoherence, and
+    the attention entropy (nats, mean over heads) recorded by the layer's last forward pass."""
+    metrics = {}
+    for name, layer in lattice_layers(model):
+        theta = layer.phases()
+        metrics[name] = {
+            "order_parameter": float(layer.order_parameter(theta).mean()),
+            "coupling_force": float(layer.coupling_force(theta).abs().mean()),
+            "incoherence": float(layer.coherence(theta).mean()),
+            "coupling": float(layer.coupling.mean()),
+            "range": float(layer.log_range.exp().mean()),
+        }
+        if layer.last_entropy is not None:
+            metrics[name]["attention_entropy"] = float(layer.last_entropy.mean())
+    return metrics
 
 
 def _meta() -> bool:

@@ -120,6 +120,8 @@ class SelfAttention(nn.Module):
                 q, k = rotary(q), rotary(k)
         else:
             q, k, v = self._lattice_qkv(x, rotary)
+            if self.lattice.record_entropy and not torch.compiler.is_compiling():
+                self.lattice.last_entropy = _attention_entropy(q[0], k[0], cfg.causal)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -150,6 +152,20 @@ class SelfAttention(nn.Module):
         phase_q = phase_q[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
         phase_k = phase_k[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
         return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
+
+
+@torch.no_grad()
+def _attention_entropy(q: Tensor, k: Tensor, causal: bool, tokens: int = 256) -> Tensor:
+    """Per head, the mean entropy (nats) of one sequence's attention rows over its first `tokens`
+    tokens: a metric probe, computed densely on a small window only."""
+    q, k = q[:, :tokens].float(), k[:, :tokens].float()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        n = scores.shape[-1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    p = scores.softmax(-1)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
 
 
 _ACTIVATIONS = {

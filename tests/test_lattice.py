@@ -163,3 +163,61 @@ def test_the_gallery_lattice_spec():
     ir = compiler.analyze(ROOT / "specs" / "lattice_oscillator.yaml")
     cfg = ir.graph.nodes["nodes.body"]["config"]
     assert cfg.attention is not None and cfg.attention.cells == cfg.heads
+
+
+# ------------------------------------------------------------------ training terms and metrics
+
+
+def test_the_specs_training_terms_and_their_schedules(tmp_path):
+    from runtime.lattice import lattice_regularisation, schedule_factor
+
+    attention = (
+        "{kind: lattice, lattice: {shape: [2, 2]}, training: {phase: {weight: 0.5, target: diversity,"
+        " schedule: warmup, steps: 10}, coherence: {weight: 2.0, schedule: cosine, steps: 4}}}"
+    )
+    model = compiler.build_model(lattice_spec(tmp_path, attention))
+    layers = [m for m in model.modules() if hasattr(m, "regularisation")]
+    assert len(layers) == 2  # one lattice per attention layer
+    # step 2: the warm-up is at 2/10, the cosine decay halfway (0.5)
+    expected = sum(
+        0.5 * 0.2 * layer.order_parameter().mean() + 2.0 * 0.5 * layer.coherence().mean()
+        for layer in layers
+    )
+    torch.testing.assert_close(lattice_regularisation(model, 2), expected)
+    assert schedule_factor("anneal", 10, 5) == 0.5 and schedule_factor("constant", 10, 99) == 1.0
+    # synchrony pulls phases together: minimising it raises the order parameter
+    sync = compiler.build_model(
+        lattice_spec(
+            tmp_path,
+            "{kind: lattice, lattice: {shape: [2, 2]}, training: {phase: {weight: 1.0}}}",
+        )
+    )
+    before = layers_of(sync)[0].order_parameter().mean().item()
+    optimizer = torch.optim.SGD(sync.parameters(), lr=0.5)
+    for step in range(30):
+        loss = lattice_regularisation(sync, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert layers_of(sync)[0].order_parameter().mean().item() > max(before, 0.95)
+
+
+def layers_of(model):
+    from runtime.lattice import lattice_layers
+
+    return [layer for _, layer in lattice_layers(model)]
+
+
+def test_metrics_per_layer(tmp_path):
+    from runtime.lattice import lattice_metrics
+
+    model = compiler.build_model(lattice_spec(tmp_path, LATTICE))
+    for layer in layers_of(model):
+        layer.record_entropy = True
+    model(torch.randint(0, 40, (2, 16)))
+    metrics = lattice_metrics(model)
+    assert len(metrics) == 2
+    for values in metrics.values():
+        assert 0 <= values["order_parameter"] <= 1
+        assert 0 <= values["attention_entropy"] <= math.log(16)
+        assert values["coupling_force"] >= 0 and values["incoherence"] >= 0

@@ -60,6 +60,14 @@ def lattice_config(attention):
         substeps=oscillator.substeps,
         strength=float(attention.strength),
         token_frequency=float(attention.token_frequency),
+        phase_weight=float(attention.training.phase.weight),
+        phase_target=attention.training.phase.target,
+        phase_schedule=(attention.training.phase.schedule, attention.training.phase.steps),
+        coherence_weight=float(attention.training.coherence.weight),
+        coherence_schedule=(
+            attention.training.coherence.schedule,
+            attention.training.coherence.steps,
+        ),
     )
 
 
