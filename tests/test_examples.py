@@ -52,3 +52,16 @@ def test_fractal_shakespeare_quick(tmp_path):
     for r in levels:
         assert len(r["fractal_each"]) == r["sub_models"]
         assert 0 < r["fractal_best"] <= r["fractal_mean"] < 10 and 0 < r["plain"] < 10
+
+
+def test_lattice_oscillators_quick(tmp_path):
+    pytest.importorskip("matplotlib", reason="the lattice example plots with matplotlib")
+    run_example("lattice_oscillators.py", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "lattice_oscillators.json").read_text())["results"]
+    assert set(results) == {"periodic", "hierarchical", "random"}
+    for result in results.values():
+        for record in result["history"]:
+            for layer in record["layers"].values():
+                assert 0 <= layer["order_parameter"] <= 1 and layer["attention_entropy"] >= 0
+    for png in ("lattice_sync.png", "lattice_phases.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
