@@ -318,3 +318,18 @@ def test_the_gallery_fractalformer_has_the_originals_size():
     assert 0.9e6 < ir.facts["parameters"] < 1.1e6
     node = ir.spec.nodes["lm"]
     assert (node.levels, node.branching) == (3, 2)
+
+
+def test_checkpoints_restore_every_sub_model(tmp_path):
+    from compiler.checkpoint import load_checkpoint, save_checkpoint
+
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, "upstream"))).eval()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt")).eval()
+    ids = tokens()
+    for level, index in [(0, 0), (1, 1), (2, 2)]:
+        torch.testing.assert_close(
+            loaded.fractal().sub_model(level, index)(ids)["logits"],
+            model.fractal().sub_model(level, index)(ids)["logits"],
+            rtol=0,
+            atol=0,
+        )

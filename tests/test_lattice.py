@@ -221,3 +221,17 @@ def test_metrics_per_layer(tmp_path):
         assert 0 <= values["order_parameter"] <= 1
         assert 0 <= values["attention_entropy"] <= math.log(16)
         assert values["coupling_force"] >= 0 and values["incoherence"] >= 0
+
+
+def test_checkpoints_keep_phases_and_fixed_frequencies(tmp_path):
+    from compiler.checkpoint import load_checkpoint, save_checkpoint
+
+    attention = "{kind: lattice, lattice: {shape: [2, 2]}, oscillator: {frequencies: fixed}}"
+    model = compiler.build_model(lattice_spec(tmp_path, attention)).eval()
+    with torch.no_grad():
+        for layer in layers_of(model):
+            layer.omega.uniform_(0.5, 2.0)  # a buffer: must travel with the weights
+            layer.initial_phase.uniform_(0, 6)
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt")).eval()
+    ids = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(loaded(ids)["logits"], model(ids)["logits"], rtol=0, atol=0)
