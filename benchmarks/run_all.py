@@ -20,6 +20,7 @@ SCRIPTS = [
     "overhead_vs_handwritten",
     "fractal_levels",
     "lattice_attention",
+    "profile_steps",
 ]
 
 

@@ -15,6 +15,7 @@ NAMES = [
     "overhead_vs_handwritten",
     "fractal_levels",
     "lattice_attention",
+    "profile_steps",
 ]
 
 

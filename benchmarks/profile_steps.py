@@ -1,0 +1,162 @@
+"""Where the time goes (issue 9, item 3): kernel profiles of the steps whose targets are not met.
+
+For each case, a compiled training step (bf16 autocast, fused AdamW) is profiled with
+`torch.profiler` over 5 steps after warm-up; GPU kernel time is grouped into matmul (cuBLAS/
+CUTLASS), attention (flash / efficient SDPA), fused elementwise (Triton kernels that
+`torch.compile` generated) and other, and the 8 largest kernels are listed.
+
+* `gpt2-small`: the overhead benchmark's spec (MFU below the issue's 50% aim);
+* `fractal all levels` / `fractal largest`: the FractalFormer-shaped width-1024 case of
+  `fractal_levels.py` (all levels 2.7x the largest alone, target 1.3x);
+* `lattice 2k` / `sdpa 2k`: one lattice attention layer vs plain SDPA (target 1.15x).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from common import parse_args, report
+from fractal_levels import CASES, SMOKE, spec_text
+from overhead_vs_handwritten import SPEC as GPT_SPEC
+from torch.profiler import ProfilerActivity, profile
+
+import compiler
+from runtime.lattice import LatticeConfig
+from runtime.transformer import SelfAttention, TransformerConfig
+
+GROUPS = (  # in this order: cuDNN's attention kernels' names contain "sm90" too
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("matmul", ("gemm", "sm90", "cutlass", "nvjet", "cublas", "matmul", "addmm", "bmm")),
+    ("fused elementwise (triton)", ("triton",)),
+)
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    for group, keys in GROUPS:
+        if any(k in lowered for k in keys):
+            return group
+    return "other"
+
+
+def training_step(model, loss_of, device):
+    cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    compiled = torch.compile(loss_of) if cuda else loss_of
+
+    def step() -> None:
+        with torch.autocast(device, torch.bfloat16, enabled=cuda):
+            loss = compiled()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def cases(args):
+    device, smoke = args.device, args.smoke
+    vocab, seq, width, heads, layers, batch = (
+        (256, 64, 64, 4, 2, 2) if smoke else (50304, 1024, 768, 12, 12, 16)
+    )
+    gpt = compiler.build_model(
+        compiler.load_spec_text(
+            GPT_SPEC.format(vocab=vocab, seq=seq, width=width, heads=heads, layers=layers)
+        ),
+        device=device,
+    )
+    idx = torch.randint(0, vocab, (batch, seq), device=device)
+    yield (
+        "gpt2-small",
+        training_step(
+            gpt,
+            lambda: F.cross_entropy(gpt(idx)["logits"].float().flatten(0, 1), idx.flatten()),
+            device,
+        ),
+    )
+
+    c = next(iter(SMOKE.values())) if smoke else CASES["larger (w1024 L8 ctx1024 b8)"]
+    fractal = compiler.build_model(compiler.load_spec_text(spec_text(c)), device=device)
+    view = fractal.fractal()
+    ids = torch.randint(0, c["vocab"], (c["batch"], c["context"]), device=device)
+    yield "fractal all levels", training_step(fractal, lambda: view.loss(ids, ids)[0], device)
+    yield (
+        "fractal largest",
+        training_step(
+            fractal,
+            lambda: F.cross_entropy(fractal(ids)["logits"].float().flatten(0, 1), ids.flatten()),
+            device,
+        ),
+    )
+
+    width, heads, tokens, batch = (64, 4, 64, 2) if smoke else (1024, 16, 2048, 4)
+    shape = (2, 2) if smoke else (4, 4)
+    x = torch.randn(1, batch, tokens, width, device=device)
+    for label, attention in (
+        ("lattice 2k", LatticeConfig(shape=shape, substeps=4)),
+        ("sdpa 2k", None),
+    ):
+        cfg = TransformerConfig(
+            width=width, heads=heads, layers=1, context=tokens, attention=attention
+        )
+        layer = SelfAttention(cfg, 1).to(device)
+        yield (
+            label,
+            training_step(
+                layer, lambda layer=layer: layer(x, None).float().square().mean(), device
+            ),
+        )
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    cuda = args.device == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    rows = []
+    summary = {}
+    for label, step in cases(args):
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[activity]) as prof:
+            for _ in range(5):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = [
+            e
+            for e in prof.key_averages()
+            if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
+        ]
+
+        def time_of(e) -> float:
+            return (
+                (e.self_device_time_total if cuda else e.self_cpu_time_total) / 5 / 1000
+            )  # ms/step
+
+        total = sum(time_of(e) for e in events)
+        groups: dict[str, float] = {}
+        kernels = 0
+        for e in events:
+            groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + time_of(e)
+            kernels += e.count
+        summary[f"{label}: ms per step"] = round(total, 3)
+        summary[f"{label}: kernels per step"] = kernels // 5
+        for group, ms in sorted(groups.items(), key=lambda g: -g[1]):
+            rows.append({"case": label, "what": group, "ms_per_step": ms, "share": ms / total})
+        for e in sorted(events, key=time_of, reverse=True)[:8]:
+            rows.append(
+                {
+                    "case": label,
+                    "what": "  " + e.key[:70],
+                    "ms_per_step": time_of(e),
+                    "share": time_of(e) / total,
+                    "calls_per_step": e.count / 5,
+                }
+            )
+    report("profile_steps", args, rows, summary)
+
+
+if __name__ == "__main__":
+    main()
