@@ -33,13 +33,13 @@ CASES = {
 }
 SMOKE = {
     "smoke (w32 L2 ctx32 b2)": dict(
-        width=32, heads=2, kv_heads=1, layers=2, context=32, batch=2, vocab=40
+        width=32, heads=4, kv_heads=1, layers=2, context=32, batch=2, vocab=40
     )
 }
 LEVELS, BRANCHING = 3, 2
 
 
-def spec_text(c: dict) -> str:
+def spec_text(c: dict, heads: str = "narrow") -> str:
     return f"""
 spec: 1
 name: fractal-bench
@@ -50,11 +50,18 @@ nodes:
     kind: fractal
     levels: {LEVELS}
     branching: {BRANCHING}
+    heads: {heads}
     base: {{width: {c["width"]}, heads: {c["heads"]}, kv_heads: {c["kv_heads"]}, layers: {c["layers"]},
             activation: geglu, norm: rmsnorm, rope_theta: 100}}
 outputs:
   logits: {{from: lm, kind: lm_head, tie: true}}
 """
+
+
+def subset_kv(c: dict) -> int:
+    """`heads: subset` splits the kv heads too: keep the case's count where it splits (then level 0
+    is the very same model), else one kv head per query head."""
+    return c["kv_heads"] if c["kv_heads"] % BRANCHING ** (LEVELS - 1) == 0 else c["heads"]
 
 
 def flop_ratio(c: dict) -> float:
@@ -100,13 +107,26 @@ def main() -> None:
                     total = total + loss / k
             return total
 
+        # `heads: subset`: the same weight blocks cut into full-width heads (kv heads split too)
+        subset = compiler.build_model(
+            compiler.load_spec_text(spec_text({**c, "kv_heads": subset_kv(c)}, "subset")),
+            device=args.device,
+        )
+        subset_view = subset.fractal()
+        subset_optimizer = torch.optim.AdamW(subset.parameters(), lr=1e-4, fused=cuda)
+
+        def every_level_subset(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return subset_view.loss(targets, ids)[0]
+
         def step(loss_fn):
+            opt = subset_optimizer if "subset" in getattr(loss_fn, "__name__", "") else optimizer
+
             def run() -> None:
                 with torch.autocast(args.device, torch.bfloat16, enabled=cuda):
                     loss = loss_fn(ids, targets)
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                opt.step()
 
             return run
 
@@ -117,12 +137,16 @@ def main() -> None:
             "largest alone": largest,
             "all levels, one pass": every_level,
             "all levels, loop": loop,
+            "all levels, heads: subset": every_level_subset,
         }
         if cuda:
             # the small model is launch-bound: there, compile with CUDA graphs
             mode = "reduce-overhead" if c["width"] <= 256 else None
             variants["largest alone, compiled"] = torch.compile(largest, mode=mode)
             variants["all levels, one pass, compiled"] = torch.compile(every_level, mode=mode)
+            compiled_subset = torch.compile(every_level_subset, mode=mode)
+            compiled_subset.__name__ = "every_level_subset"
+            variants["all levels, heads: subset, compiled"] = compiled_subset
         times = {}
         for name, fn in variants.items():
             repeats = 3 if args.smoke else 10

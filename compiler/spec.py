@@ -399,7 +399,8 @@ class FractalNode(SpecModel):
     level, whose weights are the diagonal blocks of its own (see `runtime.fractal`).
 
     Level 0 is `base`; level `l` holds `branching**l` sub-models of width `width / branching**l`, each
-    runnable alone. Every sub-model keeps `heads`; head widths shrink by `branching` a level.
+    runnable alone. With `heads: narrow` every sub-model keeps `heads`, head widths shrinking by
+    `branching` a level; with `heads: subset` each takes its share of the heads at full width.
     """
 
     kind: Literal["fractal"]
@@ -417,6 +418,12 @@ class FractalNode(SpecModel):
         "none",
         description="`upstream`: after every block each model's stream receives its children's; `downstream`: "
         "each receives its slice of its parent's; `none`: levels share weights only.",
+    )
+    heads: Literal["narrow", "subset"] = Field(
+        "narrow",
+        description="`narrow` (the original): every sub-model keeps all `heads`, each `branching` times "
+        "narrower a level; `subset`: sub-model j takes its own share of the heads at full width (heads and "
+        "kv_heads must divide by branching**(levels-1)); same weight blocks, faster attention.",
     )
     level_weights: (
         Annotated[list[Annotated[Real, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=16)]

@@ -7,7 +7,9 @@ and columns `[j*d_l, (j+1)*d_l)` of the residual width, the same blocks of the a
 inner widths, and the same slices of norm gains, biases and position tables). Blocks of level `l+1`
 sit inside those of level `l`, as Sierpinski's triangles sit in theirs: self-similar, disjoint
 within a level. Every sub-model keeps the head count; head widths shrink by `branching` a level,
-as in the original (`configs.py`: `head_dim_list`).
+as in the original (`configs.py`: `head_dim_list`); with `heads: subset`, sub-model `j` instead
+owns heads `[j*h/k, (j+1)*h/k)` at full width: the same weight blocks, cut into heads differently,
+which keeps attention at the head width fast kernels are built for.
 
 Why everything is a "window": the `k` sub-models of a level, laid side by side, fill exactly the
 columns of the full residual stream, so a whole level runs as *one* block-diagonal pass over a
@@ -50,6 +52,9 @@ class FractalConfig:
     branching: int
     residual: str = "none"
     level_weights: tuple[float, ...] = ()  # loss weight per level; empty = all 1
+    heads: str = (
+        "narrow"  # narrow: every sub-model keeps all heads, narrower; subset: a share of them
+    )
 
     def blocks(self, level: int) -> int:
         """Sub-models at `level`."""
@@ -98,15 +103,21 @@ class FractalTransformer(Transformer):
         super().__init__(cfg, members=1)
         self.fractal = fractal
         k_last = fractal.blocks(fractal.levels - 1)
-        if cfg.width % (cfg.heads * k_last) or cfg.inner_width % k_last:
+        whole = (
+            cfg.heads % k_last == 0 and cfg.n_kv_heads % k_last == 0
+            if fractal.heads == "subset"
+            else cfg.width % (cfg.heads * k_last) == 0
+        )
+        if not whole or cfg.inner_width % k_last:
             raise ValueError(
                 f"width {cfg.width} (heads {cfg.heads}) and MLP width {cfg.inner_width} must split into "
                 f"{k_last} blocks of whole heads"
             )
+        # narrow heads need a rotary table per head width; a subset of heads keeps level 0's
         self.level_rotary = nn.ModuleList(
             RotaryEmbedding(cfg.head_width // fractal.blocks(level), cfg.context, cfg.rope_theta)
             for level in range(1, fractal.levels)
-            if cfg.position == "rope"
+            if cfg.position == "rope" and fractal.heads == "narrow"
         )
 
     # ----------------------------------------------------------------- whole model, every level
@@ -231,16 +242,17 @@ class FractalTransformer(Transformer):
 
     def _attention(self, block: Block, x: Tensor, w: Window) -> Tensor:
         cfg, attn = self.cfg, block.attn
-        k = self.fractal.blocks(w.level)
-        h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width // k
+        sub = self.sub_config(w.level)
+        h, kv, hw = sub.heads, sub.n_kv_heads, sub.head_width
         count, batch, n, _ = x.shape
-        rows = (h * cfg.head_width, kv * cfg.head_width, kv * cfg.head_width)
+        full = cfg.head_width
+        rows = (cfg.heads * full, cfg.n_kv_heads * full, cfg.n_kv_heads * full)
         qkv_parts = list(zip(attn.qkv.weight.split(rows), _split(attn.qkv.bias, rows), strict=True))
         qkv = self._linear(x, qkv_parts, w).view(count * batch, n, h + 2 * kv, hw).transpose(1, 2)
         q, key, v = qkv.split((h, kv, kv), dim=1)
         rotary = (
             self.rotary
-            if w.level == 0
+            if w.level == 0 or self.fractal.heads == "subset"
             else (self.level_rotary[w.level - 1] if self.level_rotary else None)
         )
         if rotary is not None:
@@ -274,12 +286,13 @@ class FractalTransformer(Transformer):
         """The shape of a standalone transformer equal to a sub-model of `level`."""
         k = self.fractal.blocks(level)
         cfg = self.cfg
+        subset = self.fractal.heads == "subset"
         return TransformerConfig(
             width=cfg.width // k,
-            heads=cfg.heads,
+            heads=cfg.heads // k if subset else cfg.heads,
             layers=cfg.layers,
             context=cfg.context,
-            kv_heads=cfg.kv_heads,
+            kv_heads=(cfg.kv_heads // k if subset else cfg.kv_heads) if cfg.kv_heads else None,
             mlp_width=cfg.inner_width // k,
             activation=cfg.activation,
             norm=cfg.norm,

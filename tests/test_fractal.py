@@ -18,7 +18,9 @@ from runtime.fractal import FractalTransformer, level_loss
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fractal_spec(tmp_path: Path, residual: str = "none", base: str = "", extra: str = "") -> Path:
+def fractal_spec(
+    tmp_path: Path, residual: str = "none", base: str = "", extra: str = "", heads: str = "narrow"
+) -> Path:
     text = textwrap.dedent(
         f"""\
         spec: 1
@@ -32,7 +34,8 @@ def fractal_spec(tmp_path: Path, residual: str = "none", base: str = "", extra: 
             levels: 3
             branching: 2
             residual: {residual}
-            base: {{width: 64, heads: 4, layers: 2{base}}}
+            heads: {heads}
+            base: {{width: 64, layers: 2{base}}}  # heads: 4 unless base says
         {extra}outputs:
           logits: {{from: lm, kind: lm_head, tie: true}}
         """
@@ -42,10 +45,17 @@ def fractal_spec(tmp_path: Path, residual: str = "none", base: str = "", extra: 
     return path
 
 
-BASES = {
-    "gpt2-like": "",
-    "original (MQA, GeGLU, RMSNorm, theta 100)": ", kv_heads: 1, activation: geglu, norm: rmsnorm, rope_theta: 100",
-    "biases, layernorm, learned positions": ", bias: true, position: learned, kv_heads: 2, activation: swiglu",
+BASES = {  # (base settings, heads mode)
+    "gpt2-like": ("", "narrow"),
+    "original (MQA, GeGLU, RMSNorm, theta 100)": (
+        ", kv_heads: 1, activation: geglu, norm: rmsnorm, rope_theta: 100",
+        "narrow",
+    ),
+    "biases, layernorm, learned positions": (
+        ", bias: true, position: learned, kv_heads: 2, activation: swiglu",
+        "narrow",
+    ),
+    "heads: subset, GQA": (", kv_heads: 4, heads: 8", "subset"),
 }
 
 
@@ -81,9 +91,9 @@ def test_the_full_model_is_an_ordinary_transformer(tmp_path):
     torch.testing.assert_close(fractal(x), plain(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("base", list(BASES.values()), ids=list(BASES))
-def test_every_sub_model_equals_a_standalone_transformer_of_its_slices(tmp_path, base):
-    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=base)))
+@pytest.mark.parametrize("base,heads", list(BASES.values()), ids=list(BASES))
+def test_every_sub_model_equals_a_standalone_transformer_of_its_slices(tmp_path, base, heads):
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=base, heads=heads)))
     fractal = model.federation.transformers[0]
     x = torch.randn(2, 24, 64)
     every_level = fractal.run(x, fractal.all_windows())
@@ -91,7 +101,8 @@ def test_every_sub_model_equals_a_standalone_transformer_of_its_slices(tmp_path,
         k, d = 2**level, 64 // 2**level
         for index in range(k):
             standalone = fractal.extract(level, index)
-            assert standalone.cfg.width == d and standalone.cfg.heads == 4
+            expected_heads = 8 // k if heads == "subset" else 4
+            assert standalone.cfg.width == d and standalone.cfg.heads == expected_heads
             expected = standalone(x[None, ..., index * d : (index + 1) * d])[0]
             torch.testing.assert_close(
                 every_level[level][..., index * d : (index + 1) * d], expected, rtol=0, atol=1e-6
@@ -105,7 +116,7 @@ def test_every_sub_model_equals_a_standalone_transformer_of_its_slices(tmp_path,
 
 
 def test_sub_models_of_a_compiled_model_run_alone_with_sliced_embeddings_and_heads(tmp_path):
-    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=BASES["gpt2-like"])))
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, base=BASES["gpt2-like"][0])))
     view = model.fractal()
     ids = tokens()
     every_level = view.all_levels(ids)["logits"]
@@ -158,7 +169,7 @@ def reference_exchange(fractal: FractalTransformer, x: torch.Tensor, residual: s
 
 @pytest.mark.parametrize("residual", ["upstream", "downstream"])
 def test_residual_variants_match_a_loop_over_sub_models(tmp_path, residual):
-    model = perturbed(compiler.build_model(fractal_spec(tmp_path, residual, BASES["gpt2-like"])))
+    model = perturbed(compiler.build_model(fractal_spec(tmp_path, residual, BASES["gpt2-like"][0])))
     fractal = model.federation.transformers[0]
     x = torch.randn(2, 24, 64)
     expected = reference_exchange(fractal, x, residual)

@@ -49,8 +49,11 @@ def check_fractals(ir: IR) -> list[Diagnostic]:
         k = branching ** (levels - 1)
         head_width = width // s["heads"]
         inner = max(1, round(s["mlp_ratio"] * width))
+        if node.heads == "subset":
+            found.extend(_check_subset(ir, data, k, deepest_of(levels, k), inner))
+            continue
         fit = _levels_that_fit(head_width, inner, branching, s["position"] == "rope")
-        deepest = f"level {levels - 1} ({k} sub-models)"
+        deepest = deepest_of(levels, k)
         if width < k:
             found.append(
                 ir.error(
@@ -96,4 +99,35 @@ def check_fractals(ir: IR) -> list[Diagnostic]:
                     f"choose `mlp_ratio` so that mlp_ratio * width is a multiple of {k}, or use at most {fit} level(s)",
                 )
             )
+    return found
+
+
+def deepest_of(levels: int, k: int) -> str:
+    return f"level {levels - 1} ({k} sub-models)"
+
+
+def _check_subset(ir: IR, data: dict, k: int, deepest: str, inner: int) -> list[Diagnostic]:
+    """`heads: subset`: each sub-model of the deepest level takes `heads / k` whole heads (and
+    `kv_heads / k` key/value heads)."""
+    s, origin, name = data["settings"], data["settings_from"], data["name"]
+    found = []
+    for key in ("heads", "kv_heads"):
+        count = s[key]
+        if count is not None and count % k:
+            found.append(
+                ir.error(
+                    origin[key],
+                    f"`{key}: {count}` of fractal `{name}` does not split among the {k} sub-models of "
+                    f"{deepest}: with `heads: subset` each takes a whole share",
+                    f"use a multiple of {k}, fewer levels, or `heads: narrow`",
+                )
+            )
+    if inner % k:
+        found.append(
+            ir.error(
+                origin["mlp_ratio"],
+                f"the MLP width {inner} of fractal `{name}` does not split into {k} at {deepest}",
+                f"choose `mlp_ratio` so that mlp_ratio * width is a multiple of {k}",
+            )
+        )
     return found

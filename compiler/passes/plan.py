@@ -109,6 +109,7 @@ def plan(ir: IR) -> IR:
                     node.branching,
                     node.residual,
                     tuple(float(w) for w in node.level_weights or ()),
+                    node.heads,
                 )
                 if node.kind == "fractal"
                 else None
