@@ -37,7 +37,7 @@ class FractalView:
         self.outputs = [
             name
             for name, wiring in model.wiring.items()
-            if [a for a in wiring.sources] == [(group, 0)]
+            if list(wiring.sources) == [(group, 0)]
         ]
         if not self.outputs:
             raise ValueError(
