@@ -344,3 +344,26 @@ def test_checkpoints_restore_every_sub_model(tmp_path):
             rtol=0,
             atol=0,
         )
+
+
+def test_the_command_runs_one_sub_model_and_locates_a_bad_address():
+    from typer.testing import CliRunner
+
+    from compiler.cli import app
+
+    spec = "specs/fractalformer.yaml"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["compile", str(ROOT / spec), "--level", "2", "--index", "3"])
+    assert ok.exit_code == 0, ok.output
+    assert "sub-model (2, 3)" in ok.output and "logits (2, 16, 84)" in ok.output
+    assert "levels 0..2: 1 x width 128, 2 x width 64, 4 x width 32" in ok.output
+    for args, message in [
+        (["--level", "3"], "`--level 3` is out of range: fractal `lm` has levels 0..2"),
+        (["--level", "1", "--index", "2"], "`--index 2` is out of range: level 1 of fractal `lm`"),
+        (["--level", "0", "--fractal", "body"], "`--fractal body` names no fractal node"),
+    ]:
+        bad = runner.invoke(app, ["compile", str(ROOT / spec), "--no-smoke", *args])
+        assert bad.exit_code == 1
+        assert f"{ROOT / spec}:" in bad.stderr and message in bad.stderr, bad.stderr
+    plain = runner.invoke(app, ["compile", str(ROOT / "specs/transformer.yaml"), "--level", "0"])
+    assert plain.exit_code == 1 and "needs a fractal node" in plain.stderr
