@@ -39,6 +39,10 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 def training_step(model, loss_of, device):
     cuda = device == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
@@ -66,28 +70,15 @@ def cases(args):
         device=device,
     )
     idx = torch.randint(0, vocab, (batch, seq), device=device)
-    yield (
-        "gpt2-small",
-        training_step(
-            gpt,
-            lambda: F.cross_entropy(gpt(idx)["logits"].float().flatten(0, 1), idx.flatten()),
-            device,
-        ),
-    )
+    yield "gpt2-small", training_step(gpt, lambda: lm_loss(gpt(idx)["logits"], idx), device)
 
     c = next(iter(SMOKE.values())) if smoke else CASES["larger (w1024 L8 ctx1024 b8)"]
     fractal = compiler.build_model(compiler.load_spec_text(spec_text(c)), device=device)
     view = fractal.fractal()
     ids = torch.randint(0, c["vocab"], (c["batch"], c["context"]), device=device)
     yield "fractal all levels", training_step(fractal, lambda: view.loss(ids, ids)[0], device)
-    yield (
-        "fractal largest",
-        training_step(
-            fractal,
-            lambda: F.cross_entropy(fractal(ids)["logits"].float().flatten(0, 1), ids.flatten()),
-            device,
-        ),
-    )
+    largest = training_step(fractal, lambda: lm_loss(fractal(ids)["logits"], ids), device)
+    yield "fractal largest", largest
 
     width, heads, tokens, batch = (64, 4, 64, 2) if smoke else (1024, 16, 2048, 4)
     shape = (2, 2) if smoke else (4, 4)

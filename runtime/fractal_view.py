@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fractal import FractalTransformer, Window, level_loss
-from .ports import FeatureInput, LinearHead, PooledHead, TokenInput
+from .ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
 
 if TYPE_CHECKING:
     from .model import GraphModel
@@ -35,9 +35,7 @@ class FractalView:
             )
         self.inputs = plan.groups[group].inputs
         self.outputs = [
-            name
-            for name, wiring in model.wiring.items()
-            if list(wiring.sources) == [(group, 0)]
+            name for name, wiring in model.wiring.items() if list(wiring.sources) == [(group, 0)]
         ]
         if not self.outputs:
             raise ValueError(
@@ -117,7 +115,7 @@ class FractalView:
                 theirs = dict(source.outputs).get(name)
                 if theirs is None or type(theirs) is not type(head):
                     raise ValueError(f"{where}: it has no {type(head).__name__} output `{name}`")
-                tied = head.proj.weight is self._token_table_weight()
+                tied = head.proj.weight is _table_weight(self.model)
                 if tied != (theirs.proj.weight is _table_weight(source)):
                     raise ValueError(
                         f"{where}: output `{name}` must be tied to the embedding exactly when this one is"
@@ -143,16 +141,13 @@ class FractalView:
             )
         return self.outputs[0]
 
-    def _token_table_weight(self) -> Tensor | None:
-        return _table_weight(self.model)
-
     def _stream(self, values: dict[str, Tensor], a: int, b: int) -> Tensor:
         """Columns `[a, b)` of the fractal's input stream, computing only those columns."""
         reads = self.model.federation.reads[self.group]
         x = None
         for (name, _), read in zip(self.inputs, reads, strict=True):
             module, value = self.model.inputs[name], values[name]
-            _check_context(name, module, value)
+            check_context(name, module, value)
             if isinstance(read, nn.Identity) and isinstance(module, TokenInput):
                 part = F.embedding(value, module.table.weight[:, a:b])
             elif isinstance(read, nn.Identity) and isinstance(module, FeatureInput):
@@ -185,9 +180,7 @@ class FractalSubModel(nn.Module):
         result = {}
         for name in view.outputs:
             head = self.model.outputs[name]
-            read = state
-            if isinstance(head, PooledHead):
-                read = state.mean(dim=-2) if head.pool == "mean" else state[..., -1, :]
+            read = head.pool_tokens(state) if isinstance(head, PooledHead) else state
             result[name] = F.linear(read, head.proj.weight[:, a:b], head.proj.bias)
         return result
 
@@ -201,7 +194,7 @@ def _blocked_head(head: nn.Module, state: Tensor) -> Tensor:
     Returns `(batch, tokens, k, out)` (pooled heads `(batch, k, out)`), a view of a
     sub-model-major result."""
     if isinstance(head, PooledHead):
-        state = state.mean(dim=-2) if head.pool == "mean" else state[..., -1, :]
+        state = head.pool_tokens(state)
     elif not isinstance(head, LinearHead):
         raise TypeError(f"cannot slice a {type(head).__name__} head")
     k = state.shape[0]
@@ -216,11 +209,3 @@ def _blocked_head(head: nn.Module, state: Tensor) -> Tensor:
 def _table_weight(model: GraphModel) -> Tensor | None:
     tables = [m.table.weight for m in model.inputs.values() if isinstance(m, TokenInput)]
     return tables[0] if len(tables) == 1 else None
-
-
-def _check_context(name: str, module: nn.Module, value: Tensor) -> None:
-    context = getattr(module, "context", None)
-    if context is not None and value.shape[1] > context:
-        raise ValueError(
-            f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}"
-        )

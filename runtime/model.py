@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .federation import Federation
-from .ports import concat_states
+from .ports import check_context, concat_states
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,7 @@ class GraphModel(nn.Module):
         embedded = {}
         for name, module in self.inputs.items():
             value = values[name]
-            context = getattr(module, "context", None)
-            if context is not None and value.shape[1] > context:
-                raise ValueError(
-                    f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}"
-                )
+            check_context(name, module, value)
             embedded[name] = module(value)
         states = self.federation(embedded)
         result = {}

@@ -64,8 +64,20 @@ class PooledHead(nn.Module):
         init_zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=-2) if self.pool == "mean" else x[..., -1, :]
-        return self.proj(pooled)
+        return self.proj(self.pool_tokens(x))
+
+    def pool_tokens(self, x: Tensor) -> Tensor:
+        """`(..., tokens, width)` -> `(..., width)`: the mean or the last token's state."""
+        return x.mean(dim=-2) if self.pool == "mean" else x[..., -1, :]
+
+
+def check_context(name: str, module: nn.Module, value: Tensor) -> None:
+    """An input longer than its spec's `context` is refused by name (tables have no rows for it)."""
+    context = getattr(module, "context", None)
+    if context is not None and value.shape[1] > context:
+        raise ValueError(
+            f"input `{name}` has {value.shape[1]} tokens but the spec's context is {context}"
+        )
 
 
 def concat_states(states: list[Tensor]) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..diagnostics import Diagnostic
 from ..ir import IR
 
@@ -98,9 +100,7 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
         return []
     where = origin["attention"]
     found = []
-    cells = 1
-    for n in attention.lattice.shape:
-        cells *= n
+    cells = math.prod(attention.lattice.shape)
     if data["kind"] == "fractal":
         found.append(
             ir.error(
