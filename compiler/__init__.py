@@ -9,10 +9,14 @@ from .diagnostics import Diagnostic, Span, SpecError
 from .frontend import LoadedSpec, load_spec, load_spec_text
 from .ir import IR, build_ir
 from .pipeline import analyze, build_model
+from .registry import REGISTRY, ComponentConfig, register
 from .spec import Spec, json_schema
+from .training import build_optimizer, clip_gradients
 
 __all__ = [
     "IR",
+    "REGISTRY",
+    "ComponentConfig",
     "Diagnostic",
     "LoadedSpec",
     "Span",
@@ -21,7 +25,10 @@ __all__ = [
     "analyze",
     "build_ir",
     "build_model",
+    "build_optimizer",
+    "clip_gradients",
     "json_schema",
     "load_spec",
     "load_spec_text",
+    "register",
 ]

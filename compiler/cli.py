@@ -125,6 +125,8 @@ def compile_(
     ir = analyze(file)
     _print_diagnostics(ir.facts["warnings"])
     out.print(_table(ir))
+    for line in _component_lines(ir):
+        out.print(line, markup=False)
     for line in _fractal_lines(ir):
         out.print(line, markup=False)
     if level is not None:
@@ -187,6 +189,52 @@ def schema(
         output.write_text(text, encoding="utf-8")
 
 
+@app.command()
+@_guarded
+def components(
+    family: Annotated[
+        str | None,
+        typer.Argument(
+            help="attention, rotary, optimizer or schedule (default: all).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """List the registered components a spec can choose by `kind`, with their options."""
+    from .registry import FAMILIES, REGISTRY
+
+    if family is not None and family not in FAMILIES:
+        err.print(
+            f"epicycle: unknown component family `{family}`; families: {', '.join(FAMILIES)}",
+            markup=False,
+        )
+        raise typer.Exit(2)
+    for name in [family] if family else FAMILIES:
+        table = Table(title=f"{name} components", title_justify="left", show_lines=True)
+        for column in ("kind", "what it is", "options"):
+            table.add_column(column, overflow="fold")
+        for component in REGISTRY.family(name).values():
+            kind = component.name + (f"\n({component.level})" if component.level else "")
+            table.add_row(kind, component.summary, _options(component.config))
+        out.print(table)
+
+
+def _options(config) -> str:
+    """`name = default: description` per field of a component's config (`kind` left out)."""
+    lines = []
+    for field_name, info in config.model_fields.items():
+        if field_name == "kind":
+            continue
+        default = (
+            "required"
+            if info.is_required()
+            else f"= {info.get_default(call_default_factory=True)!r}"
+        )
+        lines.append(
+            f"{field_name} {default}" + (f": {info.description}" if info.description else "")
+        )
+    return "\n".join(lines) or "-"
+
+
 def _table(ir) -> Table:
     table = Table(
         title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
@@ -223,6 +271,26 @@ def _table(ir) -> Table:
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
     return table
+
+
+def _component_lines(ir) -> list[str]:
+    """Each node's chosen components and, with `variations`, what every layer drew."""
+    lines = []
+    for name in ir.facts["estimates"]:
+        cfg = ir.graph.nodes[f"nodes.{name}"]["config"]
+        chosen = [
+            f"{what} {choice.name}({', '.join(f'{k}={v}' for k, v in choice.options)})"
+            for what, choice in (("attention", cfg.variant), ("rotary", cfg.rotary))
+            if choice is not None
+        ]
+        if chosen:
+            lines.append(f"{name}: " + "; ".join(chosen))
+        for i, layer in enumerate(cfg.layer_settings):
+            lines.append(
+                f"{name} layer {i}: activation {layer.activation}, heads {layer.heads}, "
+                f"dropout {layer.dropout:g}, norm {layer.norm}"
+            )
+    return lines
 
 
 def _fractal_lines(ir) -> list[str]:

@@ -18,6 +18,7 @@ import pydantic
 from pydantic import BaseModel
 
 from .diagnostics import Diagnostic, SpecError, did_you_mean
+from .registry import TAG_PREFIX, ComponentField
 from .source import Document, SourceMap, parse_spec_text, read_spec_file
 from .spec import SPEC_VERSION, Spec, _type_name
 
@@ -351,6 +352,13 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that the data at `loc` was validated against (union tags included)."""
     current: Any = Spec
     for part in loc:
+        component = _component_field(current)
+        if component is not None:  # a registry field: the loc names the chosen kind, as a union tag
+            chosen = isinstance(part, str) and part.startswith(TAG_PREFIX)
+            current = component.config(part[len(TAG_PREFIX) :]) if chosen else None
+            if current is None:
+                return None
+            continue
         members = _union_members(current)
         chosen = [m for m in members if _kind_of(m) == part]
         if chosen:  # a discriminated union: pydantic's loc names the chosen tag
@@ -373,6 +381,19 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     members = _union_members(current)
     if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
         return members[0]
+    return None
+
+
+def _component_field(annotation: Any) -> ComponentField | None:
+    """The registry marker of a field typed `Annotated[Any, ComponentField(...)] | None`."""
+    candidates = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        candidates = list(typing.get_args(annotation))
+    for candidate in candidates:
+        if typing.get_origin(candidate) is typing.Annotated:
+            for meta in candidate.__metadata__:
+                if isinstance(meta, ComponentField):
+                    return meta
     return None
 
 

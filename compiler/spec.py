@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .rational import PositiveRational
+from .registry import FAMILIES, ComponentField, link_components
 
 SPEC_VERSION = 1
 
@@ -234,6 +235,36 @@ class LatticeAttention(SpecModel):
 # --------------------------------------------------------------------------- transformer settings
 
 
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"]
+Norm = Literal["layernorm", "rmsnorm"]
+Dropout = Annotated[Real, Field(ge=0, lt=1)]
+
+
+class DropoutRange(SpecModel):
+    """A dropout rate drawn uniformly from [min, max] for each layer."""
+
+    min: Dropout = Field(description="Lowest rate.")
+    max: Dropout = Field(description="Highest rate.")
+
+
+def _choices(what: str):
+    return Field(None, min_length=1, max_length=64, description=f"The {what} a layer may take.")
+
+
+class Variations(SpecModel):
+    """Per-layer variations (design 003's randomised encoder layers): each layer draws its own value
+    of every field listed here, from the spec's `seed` and the node's name, so the same spec always
+    builds the same layers. `epicycle compile` prints what each layer drew. (The seed drew them
+    from an unseeded `np.random`, so no two builds agreed.)"""
+
+    activation: list[Activation] | None = _choices("activations")
+    heads: list[Heads] | None = _choices("head counts (each must divide `width`)")
+    dropout: Annotated[list[Dropout], Field(min_length=1, max_length=64)] | DropoutRange | None = (
+        Field(None, description="Dropout rates to choose from, or a `{min, max}` range.")
+    )
+    norm: list[Norm] | None = _choices("norms")
+
+
 class TransformerSettings(SpecModel):
     """Settings of a decoder-only transformer (nanoGPT / GPT-2 style, with modern options).
 
@@ -253,10 +284,10 @@ class TransformerSettings(SpecModel):
     mlp_ratio: Annotated[Real, Field(gt=0, le=64)] | None = Field(
         None, description="MLP inner width as a multiple of `width`. Default 4."
     )
-    activation: Literal["gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"] | None = Field(
+    activation: Activation | None = Field(
         None, description="MLP activation; `swiglu`/`geglu` are gated (Shazeer 2020). Default gelu."
     )
-    norm: Literal["layernorm", "rmsnorm"] | None = Field(None, description="Default layernorm.")
+    norm: Norm | None = Field(None, description="Default layernorm.")
     position: Literal["rope", "learned", "none"] | None = Field(
         None,
         description="Rotary embedding in attention (Su et al. 2021), a learned absolute table "
@@ -272,10 +303,20 @@ class TransformerSettings(SpecModel):
     causal: Annotated[bool, Strict()] | None = Field(
         None, description="Causal attention mask. Default true."
     )
-    attention: LatticeAttention | None = Field(
+    attention: Annotated[Any, ComponentField("attention")] | None = Field(
         None,
-        description="An attention layout: `{kind: lattice, ...}` puts the heads on a lattice of coupled "
-        "oscillators. Default: plain attention.",
+        description="The attention component, by `kind`: `sdpa`, `sliding_window`, `adaptive_span`, "
+        "`local_global`, `relative_force`, `myelinated`, `lattice` (heads on a lattice of coupled "
+        "oscillators) or a registered one. Default: plain fused attention.",
+    )
+    rotary: Annotated[Any, ComponentField("rotary")] | None = Field(
+        None,
+        description="The rotary embedding when `position` is `rope`, by `kind`: `rope`, `learned_rope`, "
+        "`givens`, `quaternion` or a registered one. Default: `rope`.",
+    )
+    variations: Variations | None = Field(
+        None,
+        description="Per-layer choices sampled from the spec's seed (design 003's randomised layers).",
     )
 
 
@@ -535,6 +576,31 @@ Output = Annotated[
 ]
 
 
+# --------------------------------------------------------------------------- training
+
+
+class Train(SpecModel):
+    """How the model is trained: `compiler.training.build_optimizer(model)` reads this section."""
+
+    optimizer: Annotated[Any, ComponentField("optimizer")] | None = Field(
+        None,
+        description="The optimizer, by `kind`: `adamw`, `sgd`, `fam` (frequency-adaptive momentum) or a "
+        "registered one. Default: adamw.",
+    )
+    schedule: Annotated[Any, ComponentField("schedule")] | None = Field(
+        None,
+        description="The learning-rate schedule, by `kind`: `constant`, `warmup_cosine` or a registered "
+        "one. Default: constant.",
+    )
+    steps: Annotated[Int, Field(ge=1, le=10**9)] = Field(
+        1000, description="Optimizer steps (the schedule's length)."
+    )
+    batch: Annotated[Int, Field(ge=1, le=1 << 20)] = Field(32, description="Sequences per step.")
+    grad_clip: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
+        1.0, description="Clip the gradients' global norm to this; null: no clipping."
+    )
+
+
 # --------------------------------------------------------------------------- the spec
 
 
@@ -553,6 +619,7 @@ class Spec(SpecModel):
     edges: Annotated[list[Edge], Field(max_length=MAX_EDGES)] = []
     feedback: Feedback | None = None
     outputs: Annotated[dict[Name, Output], Field(min_length=1, max_length=64)]
+    train: Train = Train()
 
 
 def json_schema() -> dict[str, Any]:
@@ -561,4 +628,5 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "epicycle spec, version 1"
     schema["properties"]["spec"]["const"] = SPEC_VERSION
+    schema = link_components(schema, [ComponentField(f) for f in FAMILIES])
     return schema

@@ -56,6 +56,21 @@ class GraphModel(nn.Module):
             result[name] = head(concat_states(read))
         return result
 
+    def auxiliary_loss(self, step: int = 0) -> Tensor:
+        """Every training term the spec declares, summed; add it to the task loss. Lattice phase
+        and coherence terms at their scheduled weights for `step` (design 002), attention
+        components' own penalties such as adaptive span's L1 on spans (design 003)."""
+        from .lattice import LatticeOscillators, lattice_regularisation
+
+        total = lattice_regularisation(self, step)
+        for module in self.modules():
+            term = getattr(module, "regularisation", None)
+            if callable(term) and not isinstance(module, LatticeOscillators):
+                value = term()
+                if value is not None:
+                    total = total + value
+        return total
+
     def fractal(self, node: str | None = None):
         """The model seen through fractal node `node` (default: the only one): every level at once,
         any sub-model alone, merging. See `runtime.fractal_view.FractalView`."""

@@ -8,7 +8,9 @@ weights (see `runtime.layers`); a single model is `members == 1`. Attention runs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,31 @@ from torch import Tensor, nn
 
 from .lattice import PHASE_DIMS, LatticeConfig, LatticeOscillators
 from .layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A registered component chosen by the spec (see `compiler.registry`): its name, its level
+    (attention: `scores` or `mixer`), its builder and its options, hashable so that nodes choosing
+    the same component with the same options still batch together."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    options: tuple[tuple[str, Any], ...] = ()
+    level: str | None = None
+
+    def make(self, **context: Any) -> nn.Module:
+        return self.build(**context, **dict(self.options))
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What one layer drew from the spec's `variations` (design 003's randomised layers)."""
+
+    activation: str
+    heads: int
+    dropout: float
+    norm: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +63,26 @@ class TransformerConfig:
     bias: bool = False
     causal: bool = True
     attention: LatticeConfig | None = None  # a lattice layout (design 002); None: plain attention
+    variant: Choice | None = None  # a registered attention component; None: fused SDPA
+    rotary: Choice | None = (
+        None  # a registered rotary embedding; None: RoPE (when position is rope)
+    )
+    layer_settings: tuple[LayerSettings, ...] = ()  # per layer, when the spec has `variations`
+
+    def layer(self, index: int) -> TransformerConfig:
+        """The config layer `index` is built with: this one, with what that layer drew."""
+        if not self.layer_settings:
+            return self
+        drawn = self.layer_settings[index]
+        return replace(
+            self,
+            activation=drawn.activation,
+            heads=drawn.heads,
+            kv_heads=self.kv_heads if self.kv_heads not in (None, drawn.heads) else None,
+            dropout=drawn.dropout,
+            norm=drawn.norm,
+            layer_settings=(),
+        )
 
     @property
     def head_width(self) -> int:
@@ -108,6 +155,14 @@ class SelfAttention(nn.Module):
         self.lattice = (
             LatticeOscillators(cfg.attention, members) if cfg.attention is not None else None
         )
+        # a registered score-level attention (design 003: sliding window, adaptive span, ...)
+        self.core = (
+            cfg.variant.make(
+                heads=h, kv_heads=kv, head_width=hw, context=cfg.context, members=members
+            )
+            if cfg.variant is not None
+            else None
+        )
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
         cfg = self.cfg
@@ -122,14 +177,13 @@ class SelfAttention(nn.Module):
             q, k, v = self._lattice_qkv(x, rotary)
             if self.lattice.record_entropy and not torch.compiler.is_compiling():
                 self.lattice.last_entropy = _attention_entropy(q[0], k[0], cfg.causal)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=cfg.causal,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=kv != h,
-        )
+        dropout = cfg.dropout if self.training else 0.0
+        if self.core is not None:
+            y = self.core(q, k, v, cfg.causal, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=cfg.causal, dropout_p=dropout, enable_gqa=kv != h
+            )
         return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
 
     def _lattice_qkv(
@@ -202,14 +256,36 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, members: int):
         super().__init__()
-        self.norm_attn = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
-        self.attn = SelfAttention(cfg, members)
+        mixer = cfg.variant is not None and cfg.variant.level == "mixer"
+        if mixer:  # a registered token mixer replaces the attention sub-layer (design 003)
+            self.attn = cfg.variant.make(
+                width=cfg.width,
+                heads=cfg.heads,
+                layers=cfg.layers,
+                context=cfg.context,
+                members=members,
+                causal=cfg.causal,
+                bias=cfg.bias,
+            )
+        else:
+            self.attn = SelfAttention(cfg, members)
+        # a mixer that owns its norms and residual (the myelinated layer) takes the stream itself
+        self.takes_stream = mixer and getattr(self.attn, "takes_stream", False)
+        self.uses_rotary = not mixer
+        self.norm_attn = (
+            None if self.takes_stream else MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
+        )
         self.norm_mlp = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg, members)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
-        x = x + self._drop(self.attn(self.norm_attn(x), rotary))
+    def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        if self.takes_stream:
+            x = self.attn(x)
+        elif self.uses_rotary:
+            x = x + self._drop(self.attn(self.norm_attn(x), rotary))
+        else:
+            x = x + self._drop(self.attn(self.norm_attn(x)))
         return x + self._drop(self.mlp(self.norm_mlp(x)))
 
     def _drop(self, x: Tensor) -> Tensor:
@@ -234,15 +310,32 @@ class Transformer(nn.Module):
             raise ValueError(f"{members} members need {members} rotary scales, got {len(scales)}")
         if len(set(scales)) == 1:
             scales = scales[:1]  # one table broadcast over members
-        self.rotary = (
-            RotaryEmbedding(cfg.content_width, cfg.context, cfg.rope_theta, scales)
-            if cfg.position == "rope"
-            else None
+        layer_cfgs = [cfg.layer(i) for i in range(cfg.layers)]
+
+        def rotary_for(width: int) -> nn.Module:
+            if cfg.rotary is not None:
+                return cfg.rotary.make(
+                    head_width=width, context=cfg.context, theta=cfg.rope_theta, scales=scales
+                )
+            return RotaryEmbedding(width, cfg.context, cfg.rope_theta, scales)
+
+        # token mixers (design 003's relative force, myelinated layer) apply no rotary embedding
+        mixes = cfg.variant is not None and cfg.variant.level == "mixer"
+        rope = cfg.position == "rope" and not mixes
+        self.rotary = rotary_for(cfg.content_width) if rope else None
+        # layers whose drawn head count gives another head width get a rotary of that width
+        other = sorted({c.content_width for c in layer_cfgs} - {cfg.content_width})
+        self.rotary_by_width = (
+            nn.ModuleDict({str(w): rotary_for(w) for w in other}) if rope and other else None
         )
         self.positions = (
             MemberEmbedding(members, cfg.context, cfg.width) if cfg.position == "learned" else None
         )
-        self.blocks = nn.ModuleList(Block(cfg, members) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(c, members) for c in layer_cfgs)
+        self._rotary_keys = tuple(
+            str(c.content_width) if c.content_width != cfg.content_width else None
+            for c in layer_cfgs
+        )
         self.norm_out = MemberNorm(members, cfg.width, cfg.norm, cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -250,6 +343,9 @@ class Transformer(nn.Module):
             x = x + self.positions(x.shape[-2]).to(x.dtype)
         if self.cfg.dropout:
             x = F.dropout(x, self.cfg.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, self.rotary)
+        for block, key in zip(self.blocks, self._rotary_keys, strict=True):
+            rotary = (
+                self.rotary if key is None or self.rotary is None else self.rotary_by_width[key]
+            )
+            x = block(x, rotary)
         return self.norm_out(x)

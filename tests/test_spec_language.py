@@ -181,6 +181,7 @@ def test_the_json_schema_describes_every_section():
         "edges",
         "feedback",
         "outputs",
+        "train",
     }
     assert schema["properties"]["spec"]["const"] == 1
     node_kinds = schema["$defs"]["TransformerNode"]["properties"]["kind"]

@@ -9,11 +9,13 @@ from .check_fractals import check_fractals
 from .check_reachability import check_reachability
 from .check_references import check_references
 from .check_shapes import check_shapes
+from .check_training import check_training
 from .estimate import estimate
 from .gear_trains import check_gear_trains, derive_gear_ratios
 from .infer_widths import infer_widths
 from .plan import plan
 from .resolve_defaults import resolve_defaults
+from .sample_variations import sample_variations
 
 TRANSFORMS_BEFORE_CHECKS = (resolve_defaults, infer_widths)
 CHECKS = (
@@ -24,8 +26,9 @@ CHECKS = (
     check_cycles,
     check_feedback,
     check_reachability,
+    check_training,
 )
-TRANSFORMS_AFTER_CHECKS = (derive_gear_ratios, plan, estimate)
+TRANSFORMS_AFTER_CHECKS = (derive_gear_ratios, sample_variations, plan, estimate)
 
 __all__ = [
     "CHECKS",
@@ -38,9 +41,11 @@ __all__ = [
     "check_reachability",
     "check_references",
     "check_shapes",
+    "check_training",
     "derive_gear_ratios",
     "estimate",
     "infer_widths",
     "plan",
     "resolve_defaults",
+    "sample_variations",
 ]

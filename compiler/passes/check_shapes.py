@@ -56,7 +56,8 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                     "leave `position` at `rope` for gears, or make the node a `transformer`",
                 )
             )
-        if s["position"] == "rope" and head_width % 2:
+        quaternion = s["rotary"] is not None and s["rotary"].kind == "quaternion"
+        if s["position"] == "rope" and head_width % 2 and not quaternion:
             found.append(
                 ir.error(
                     origin["heads"],
@@ -65,6 +66,7 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                 )
             )
         found.extend(_check_lattice(ir, data, head_width))
+        found.extend(_check_components(ir, data, width))
         if round(s["mlp_ratio"] * width) < 1:
             found.append(
                 ir.error(origin["mlp_ratio"], f"`mlp_ratio` gives node `{name}` an MLP of width 0")
@@ -96,7 +98,7 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
     two phase dimensions."""
     s, origin, name = data["settings"], data["settings_from"], data["name"]
     attention = s["attention"]
-    if attention is None:
+    if attention is None or attention.kind != "lattice":
         return []
     where = origin["attention"]
     found = []
@@ -146,3 +148,109 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
             )
         )
     return found
+
+
+def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
+    """Registered components (design 003) that cannot go together: a rotary choice without rotary
+    positions, per-layer head counts that do not divide the width, variations in a fractal."""
+    s, origin, name, kind = data["settings"], data["settings_from"], data["name"], data["kind"]
+    attention, rotary, variations = s["attention"], s["rotary"], s["variations"]
+    found = []
+    mixer = attention is not None and attention.kind in _mixer_kinds()
+    if rotary is not None and s["position"] != "rope":
+        found.append(
+            ir.error(
+                origin["rotary"],
+                f"node `{name}` chooses `rotary: {{kind: {rotary.kind}}}` but has `position: {s['position']}`",
+                "a rotary embedding needs `position: rope` (the default); remove one of the two",
+            )
+        )
+    if mixer and rotary is not None:
+        found.append(
+            ir.error(
+                origin["rotary"],
+                f"node `{name}`'s attention `{attention.kind}` mixes tokens itself and applies no rotary "
+                "embedding",
+                "remove `rotary`, or use a score-level attention (sdpa, sliding_window, adaptive_span, "
+                "local_global)",
+            )
+        )
+    if mixer and kind == "gear":
+        found.append(
+            ir.error(
+                (*origin["attention"], "kind"),
+                f"gear `{name}` cannot use `{attention.kind}`: a gear's heads turn at its velocity through "
+                "rotary positions, which that mixer does not use",
+                "use a score-level attention on gears, or make the node a `transformer`",
+            )
+        )
+    if kind == "fractal":
+        for field, plain in (
+            ("attention", attention is None or attention.kind in ("sdpa", "lattice")),
+            ("rotary", rotary is None or rotary.kind == "rope"),
+            ("variations", variations is None),
+        ):
+            if not plain:
+                found.append(
+                    ir.error(
+                        origin[field],
+                        f"fractal `{name}` cannot use `{field}` here: its sub-models are slices of the "
+                        "base's weights, and slices of this component are not defined",
+                        f"remove `{field}` from the fractal's base",
+                    )
+                )
+    if variations is None:
+        return found
+    where = origin["variations"]
+    for i, heads in enumerate(variations.heads or ()):
+        at = (*where, "heads", i)
+        if width % heads:
+            found.append(
+                ir.error(
+                    at, f"`heads` choice {heads} does not divide node `{name}`'s width {width}"
+                )
+            )
+            continue
+        if s["kv_heads"] is not None and heads % s["kv_heads"]:
+            found.append(
+                ir.error(
+                    at,
+                    f"`heads` choice {heads} is not a multiple of `kv_heads: {s['kv_heads']}`",
+                    "every head count a layer may draw must be a multiple of `kv_heads`",
+                )
+            )
+        head_width = width // heads
+        quaternion = rotary is not None and rotary.kind == "quaternion"
+        if s["position"] == "rope" and head_width % 2 and not quaternion and not mixer:
+            found.append(
+                ir.error(
+                    at,
+                    f"`heads` choice {heads} gives heads of width {head_width}; rotary positions need an "
+                    "even head width",
+                )
+            )
+        if attention is not None and attention.kind == "lattice" and heads != s["heads"]:
+            found.append(
+                ir.error(
+                    at,
+                    f"node `{name}` has a lattice layout with one head per cell; a layer cannot draw "
+                    f"{heads} heads",
+                    "remove `heads` from `variations` on a lattice node",
+                )
+            )
+    dropout = variations.dropout
+    if dropout is not None and not isinstance(dropout, list) and dropout.min > dropout.max:
+        found.append(
+            ir.error(
+                (*where, "dropout"),
+                f"the dropout range runs from {dropout.min} down to {dropout.max}",
+                "write it as {min: low, max: high}",
+            )
+        )
+    return found
+
+
+def _mixer_kinds() -> set[str]:
+    from ..registry import REGISTRY
+
+    return {c.name for c in REGISTRY.family("attention").values() if c.level == "mixer"}

@@ -25,7 +25,18 @@ MAX_BLOCKS = 20_000
 
 
 def transformer_parameters(cfg: TransformerConfig) -> int:
-    """Closed-form count, used as a guard before building (and checked against the build in tests)."""
+    """Closed-form count, used as a guard before building (and checked against the build in tests).
+
+    Registered attention and rotary components (design 003) bring their own few parameters, which
+    this guard leaves out; the reported counts come from the built modules."""
+    w = cfg.width
+    norm = w * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
+    positions = cfg.context * w if cfg.position == "learned" else 0
+    blocks = sum(_block_parameters(cfg.layer(i)) for i in range(cfg.layers))
+    return blocks + norm + positions
+
+
+def _block_parameters(cfg: TransformerConfig) -> int:
     w, hw, cw = cfg.width, cfg.head_width, cfg.content_width
     qkv_out = (cfg.heads + cfg.n_kv_heads) * cw + cfg.n_kv_heads * hw
     qkv = w * qkv_out + qkv_out * cfg.bias
@@ -36,15 +47,20 @@ def transformer_parameters(cfg: TransformerConfig) -> int:
     fc_out = cfg.inner_width * (2 if cfg.gated else 1)
     mlp = w * fc_out + fc_out * cfg.bias + cfg.inner_width * w + w * cfg.bias
     norm = w * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
-    positions = cfg.context * w if cfg.position == "learned" else 0
-    return cfg.layers * (qkv + proj + mlp + 2 * norm) + norm + positions
+    return qkv + proj + mlp + 2 * norm
 
 
 def transformer_flops_per_token(cfg: TransformerConfig) -> int:
+    if cfg.layer_settings:
+        return sum(transformer_flops_per_token(cfg.layer(i)) for i in range(cfg.layers))
     w, hw = cfg.width, cfg.head_width
     matmul = w * (cfg.heads + 2 * cfg.n_kv_heads) * hw + cfg.heads * hw * w
     matmul += w * cfg.inner_width * (2 if cfg.gated else 1) + cfg.inner_width * w
     attention = 2 * 2 * cfg.context * cfg.heads * hw // (2 if cfg.causal else 1)
+    if cfg.attention is None and cfg.variant is not None and cfg.variant.level == "scores":
+        window = dict(cfg.variant.options).get("window")
+        if window:  # a sliding window scores `window` keys per query, not the whole context
+            attention = 2 * 2 * min(window, cfg.context) * cfg.heads * hw
     return cfg.layers * (2 * matmul + attention)
 
 

@@ -20,9 +20,18 @@ if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
 
 
-def transformer_config(settings: dict, width: int, context: int) -> TransformerConfig:
+def transformer_config(
+    settings: dict, width: int, context: int, layer_settings: tuple = ()
+) -> TransformerConfig:
     from runtime.transformer import TransformerConfig
 
+    attention = settings["attention"]
+    lattice = attention if attention is not None and attention.kind == "lattice" else None
+    # `sdpa` is the fused path SelfAttention takes by default: the same computation, no module
+    variant = (
+        attention if attention is not None and attention.kind not in ("lattice", "sdpa") else None
+    )
+    rotary = settings["rotary"]
     return TransformerConfig(
         width=width,
         heads=settings["heads"],
@@ -37,8 +46,34 @@ def transformer_config(settings: dict, width: int, context: int) -> TransformerC
         dropout=float(settings["dropout"]),
         bias=settings["bias"],
         causal=settings["causal"],
-        attention=lattice_config(settings["attention"]),
+        attention=lattice_config(lattice),
+        variant=component_choice("attention", variant),
+        rotary=component_choice(
+            "rotary", rotary if rotary is None or rotary.kind != "rope" else None
+        ),
+        layer_settings=layer_settings,
     )
+
+
+def component_choice(family: str, config):
+    """The runtime's handle on a registered component the spec chose (`runtime.transformer.Choice`)."""
+    if config is None:
+        return None
+    from runtime.transformer import Choice
+
+    from ..registry import REGISTRY
+
+    component = REGISTRY.get(family, config.kind)
+    options = tuple((k, _frozen(v)) for k, v in config.options().items())
+    return Choice(config.kind, component.build, options, component.level)
+
+
+def _frozen(value):
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
 
 
 def lattice_config(attention):
@@ -84,7 +119,10 @@ def plan(ir: IR) -> IR:
     for name in names:
         vertex = node_id(name)
         config = transformer_config(
-            graph.nodes[vertex]["settings"], graph.nodes[vertex]["width"], context
+            graph.nodes[vertex]["settings"],
+            graph.nodes[vertex]["width"],
+            context,
+            graph.nodes[vertex].get("layer_settings", ()),
         )
         graph.nodes[vertex]["config"] = config
         reads[name] = tuple(

@@ -25,6 +25,8 @@ BUILTIN = {
     "bias": False,
     "causal": True,
     "attention": None,
+    "rotary": None,
+    "variations": None,
 }
 assert set(BUILTIN) == set(TransformerSettings.model_fields), (
     "every transformer setting needs a built-in default"
