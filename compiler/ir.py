@@ -4,9 +4,14 @@ Vertex ids are the spec paths `inputs.NAME`, `nodes.NAME`, `outputs.NAME` (the t
 of a spec are separate, so an input and a node may share a name). Every vertex and edge carries
 `path`, its place in the loaded data, which is how any pass turns a finding into `file:line:col`.
 
-Vertex attributes: `role` (input | node | output | unknown), `name`, `kind`, `spec` (the pydantic
-object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read | edge | output),
-plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
+Vertex attributes: `role` (input | node | companion | output | unknown), `name`, `kind`, `spec`
+(the pydantic object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read |
+edge | companion | output), plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
+
+A `kind: companion` node lives in the nodes' namespace but is not a sub-model of the federation:
+it observes one host through a `kind: companion` edge and sends nothing, so both get the role
+`companion` and the passes that plan the federation (which walk `node` vertices and `edge` edges)
+never see them.
 
 An edge or output naming something that does not exist gets an `unknown` vertex, so building never
 fails and `check_references` can report every dangling name at once.
@@ -81,8 +86,9 @@ def build_ir(loaded: LoadedSpec) -> IR:
             input_id(name), role="input", name=name, kind=inp.kind, spec=inp, path=("inputs", name)
         )
     for name, node in spec.nodes.items():
+        role = "companion" if node.kind == "companion" else "node"
         g.add_node(
-            node_id(name), role="node", name=name, kind=node.kind, spec=node, path=("nodes", name)
+            node_id(name), role=role, name=name, kind=node.kind, spec=node, path=("nodes", name)
         )
     for name, out in spec.outputs.items():
         g.add_node(
@@ -101,6 +107,8 @@ def build_ir(loaded: LoadedSpec) -> IR:
 
     only_input = next(iter(spec.inputs)) if len(spec.inputs) == 1 else None
     for name, node in spec.nodes.items():
+        if node.kind == "companion":
+            continue  # a companion reads its host through its edge, never an input
         reads = node.input if node.input is not None else ([only_input] if only_input else [])
         for position, inp in enumerate(reads):
             path = ("nodes", name, "input", position) if node.input is not None else ("nodes", name)
@@ -112,7 +120,7 @@ def build_ir(loaded: LoadedSpec) -> IR:
         g.add_edge(
             u,
             v,
-            role="edge",
+            role="companion" if edge.kind == "companion" else "edge",
             kind=edge.kind,
             delay=edge.delay,
             ratio=edge.ratio,

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.companion import GeoCompanion
 from runtime.federation import Federation
-from runtime.model import GraphModel, OutputWiring
+from runtime.model import CompanionWiring, GraphModel, OutputWiring
 from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput
 
 from .ir import IR
@@ -63,7 +64,16 @@ def lower(ir: IR, make_transformer: Callable[..., nn.Module] | None = None) -> G
             name = data["name"]
             outputs[name] = OUTPUT_BUILDERS[data["kind"]](data["spec"], data["width"], inputs)
             wiring[name] = OutputWiring(tuple(address[source] for source in data["spec"].source))
-    model = GraphModel(inputs, federation, outputs, wiring)
+        companions = {
+            name: GeoCompanion(config) for name, (_, config) in ir.facts["companions"].items()
+        }
+        observed = {
+            name: CompanionWiring(
+                host, bool(ir.spec.nodes[name].detach), float(ir.spec.nodes[name].weight)
+            )
+            for name, (host, _) in ir.facts["companions"].items()
+        }
+    model = GraphModel(inputs, federation, outputs, wiring, companions, observed)
     model.spec = spec
     model.spec_text = ir.loaded.text
     model.spec_digest = ir.loaded.digest

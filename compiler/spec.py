@@ -478,10 +478,78 @@ class FractalNode(SpecModel):
     )
 
 
+class CompanionNode(SpecModel):
+    """The geolip SVAE companion (design 004, AbstractPhil's geolip-svae): a small autoencoder that
+    rides alongside a host node, reading the host's token states through a `companion` edge and
+    reconstructing them through a code of fixed geometry (see `runtime.companion`).
+
+    Each token becomes `rows` unit vectors on S^(sphere_dim-1), lifted by an exactly isometric lens
+    to `lens_dim`; the lensed matrix's column norms (its spectrum) pass a spectral-alpha attention
+    across tokens, `S * (1 + alpha * tanh(SDPA(S)))` with every alpha held in `[0, alpha_max]`, and
+    modulate the decoder. Its reconstruction loss joins `model.auxiliary_loss()`, weighted by
+    `weight`; `model.companion_metrics()` reports the reconstruction cosine, the frame-rigidity
+    deviation against its 0.02*sqrt(sphere_dim) envelope, and the alphas.
+    """
+
+    kind: Literal["companion"]
+    rows: Annotated[Int, Field(ge=2, le=4096)] = Field(
+        32, description="Rows of each token's sphere-normalised matrix (the design: 32)."
+    )
+    sphere_dim: Annotated[Int, Field(ge=2, le=1024)] = Field(
+        4, description="The rows lie on S^(sphere_dim-1) (the design: 4)."
+    )
+    lens_dim: Annotated[Int, Field(ge=2, le=4096)] = Field(
+        16,
+        description="Width of the isometric lens and of the spectrum, >= sphere_dim (the design: 16).",
+    )
+    heads: Heads = Field(
+        4, description="Heads of the spectral attention across tokens; divide lens_dim."
+    )
+    layers: Annotated[Int, Field(ge=1, le=64)] = Field(
+        1, description="Spectral-alpha attention layers."
+    )
+    alpha_max: Annotated[Real, Field(ge=0, le=1)] = Field(
+        0.2, description="Upper bound of every per-mode alpha, in [0, 1] (the design: 0.2)."
+    )
+    alpha_init: Annotated[Real, Field(ge=0, le=1)] = Field(
+        0.024,
+        description="Initial alpha of every mode, in [0, alpha_max] (the design: sigmoid(-2) * 0.2 = 0.024).",
+    )
+    hidden: Width = Field(
+        256, description="Hidden width of the encoder's and decoder's residual MLPs."
+    )
+    depth: Annotated[Int, Field(ge=0, le=64)] = Field(
+        1, description="Residual blocks in the encoder and in the decoder."
+    )
+    causal: Annotated[bool, Strict()] | None = Field(
+        None,
+        description="Causal attention across tokens (token t sees tokens <= t). Default: the host's `causal`.",
+    )
+    canonical_signs: Annotated[bool, Strict()] = Field(
+        True, description="Put every row on one hemisphere (first non-zero coordinate positive)."
+    )
+    lens_trainable: Annotated[bool, Strict()] = Field(
+        True,
+        description="Learn the lens (it stays exactly orthonormal); false: a fixed random one.",
+    )
+    cosine_weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
+        0.0, description="Weight of (1 - cosine) added to the reconstruction's MSE."
+    )
+    weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
+        1.0, description="Weight of the companion's loss in `model.auxiliary_loss()`."
+    )
+    detach: Annotated[bool, Strict()] = Field(
+        True,
+        description="The companion only observes: its loss does not reach the host. false: it also trains "
+        "the host's layers.",
+    )
+
+
 NODE_KINDS: dict[str, type[SpecModel]] = {
     "transformer": TransformerNode,
     "gear": GearNode,
     "fractal": FractalNode,
+    "companion": CompanionNode,
 }
 Node = Annotated[Union[tuple(NODE_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
 
@@ -498,11 +566,12 @@ class Edge(SpecModel):
 
     source: Name = Field(alias="from", description="The node whose state is sent.")
     to: Name = Field(description="The node that receives.")
-    kind: Literal["message", "mesh", "arbor", "pin_slot", "feedback", "cross"] = Field(
+    kind: Literal["message", "mesh", "arbor", "pin_slot", "feedback", "cross", "companion"] = Field(
         "message",
         description="`mesh`: meshing teeth (turns scale by teeth_from/teeth_to); `arbor`: same axle (equal "
         "turns); `pin_slot`: the Antikythera lunar anomaly coupling (mean ratio 1); `feedback`: must have a "
-        "delay; `cross`: token-to-token cross-attention from the source's tokens; `message`: plain.",
+        "delay; `cross`: token-to-token cross-attention from the source's tokens; `companion`: attaches a "
+        "`kind: companion` node to the host it reads; `message`: plain.",
     )
     delay: Annotated[Int, Field(ge=0, le=MAX_DELAY)] = Field(
         0, description="Feedback steps of delay."
@@ -598,6 +667,18 @@ class Train(SpecModel):
     batch: Annotated[Int, Field(ge=1, le=1 << 20)] = Field(32, description="Sequences per step.")
     grad_clip: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
         1.0, description="Clip the gradients' global norm to this; null: no clipping."
+    )
+    eval_every: Annotated[Int, Field(ge=1, le=10**9)] = Field(
+        100,
+        description="`epicycle train`: validation loss and a checkpoint every this many steps "
+        "(and at the end).",
+    )
+    val_fraction: Annotated[Real, Field(gt=0, lt=1)] = Field(
+        0.1, description="`epicycle train`: the last fraction of the text held out for validation."
+    )
+    seed: Annotated[Int, Field(ge=0, lt=1 << 63)] = Field(
+        0,
+        description="`epicycle train`: seeds the batches drawn and dropout (weights: the spec's `seed`).",
     )
 
 

@@ -23,6 +23,16 @@ class OutputWiring:
     sources: tuple[tuple[int, int], ...]
 
 
+@dataclass(frozen=True)
+class CompanionWiring:
+    """Which node state a companion observes, whether its loss may reach that host, and how much
+    the loss weighs in `auxiliary_loss`."""
+
+    host: tuple[int, int]
+    detach: bool
+    weight: float
+
+
 class GraphModel(nn.Module):
     def __init__(
         self,
@@ -30,12 +40,20 @@ class GraphModel(nn.Module):
         federation: Federation,
         outputs: dict[str, nn.Module],
         wiring: dict[str, OutputWiring],
+        companions: dict[str, nn.Module] | None = None,
+        companion_wiring: dict[str, CompanionWiring] | None = None,
     ):
         super().__init__()
         self.inputs = nn.ModuleDict(inputs)
         self.federation = federation
         self.outputs = nn.ModuleDict(outputs)
         self.wiring = wiring
+        # Companions (design 004) observe node states and add a training term; they send nothing,
+        # so the outputs never depend on them. Their results of the latest forward pass are kept in
+        # `companion_outputs` (name -> (features read, CompanionOutput)) for the loss and metrics.
+        self.companions = nn.ModuleDict(companions or {})
+        self.companion_wiring = companion_wiring or {}
+        self.companion_outputs: dict[str, tuple[Tensor, Any]] = {}
         self.input_names = tuple(inputs)
         # Set by the compiler: the validated spec, its text and digest, the resolved plan.
         self.spec: Any = None
@@ -54,12 +72,21 @@ class GraphModel(nn.Module):
         for name, head in self.outputs.items():
             read = [states[g][m] for g, m in self.wiring[name].sources]
             result[name] = head(concat_states(read))
+        if self.companions:
+            observed = {}
+            for name, companion in self.companions.items():
+                wiring = self.companion_wiring[name]
+                features = states[wiring.host[0]][wiring.host[1]]
+                features = features.detach() if wiring.detach else features
+                observed[name] = (features, companion(features))
+            self.companion_outputs = observed
         return result
 
     def auxiliary_loss(self, step: int = 0) -> Tensor:
         """Every training term the spec declares, summed; add it to the task loss. Lattice phase
         and coherence terms at their scheduled weights for `step` (design 002), attention
-        components' own penalties such as adaptive span's L1 on spans (design 003)."""
+        components' own penalties such as adaptive span's L1 on spans (design 003), and each
+        companion's reconstruction loss on the latest forward pass, times its `weight` (design 004)."""
         from .lattice import LatticeOscillators, lattice_regularisation
 
         total = lattice_regularisation(self, step)
@@ -69,7 +96,19 @@ class GraphModel(nn.Module):
                 value = term()
                 if value is not None:
                     total = total + value
+        for name, (features, output) in self.companion_outputs.items():
+            weight = self.companion_wiring[name].weight
+            if weight:
+                total = total + weight * self.companions[name].loss(features, output)
         return total
+
+    def companion_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per companion, on the latest forward pass: reconstruction cosine and loss, the frame
+        deviation against its rigidity envelope, the share of frames inside it, the alphas."""
+        return {
+            name: self.companions[name].summary(features, output)
+            for name, (features, output) in self.companion_outputs.items()
+        }
 
     def fractal(self, node: str | None = None):
         """The model seen through fractal node `node` (default: the only one): every level at once,

@@ -315,3 +315,58 @@ def test_a_block_runs_each_mixer_in_its_place(kind):
     x = torch.randn(2, 3, TOKENS, WIDTH)
     y = block(x, None)
     assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def naive_myelinated(mod: Myelinated, x: torch.Tensor) -> torch.Tensor:
+    """The layer's rules for one example `(n, d)`, non-causal, in eval mode, written as the seed's
+    control flow: a Python pointer over sub-layers, `if`s for skip/attend/jump, and attention as
+    an explicit masked softmax over the important keys (each query keeping itself)."""
+    n, d = x.shape
+    hw = d // mod.heads
+    x0 = h = x
+    pooled = x0.mean(0)
+    policy = torch.softmax(mod.policy_out(F.relu(mod.policy_hidden(pooled))), -1)
+    memory = mod.working_memory
+    last, s = mod.sublayers - 1, 0
+    while s <= last:
+        node = mod.nodes[s]
+        important = torch.sigmoid(node.importance(node.importance_norm(h)))[:, 0]
+        important = important > mod.sparsity_threshold
+        level = important.float().mean()
+        if s > 0 and level < 0.2:  # skipped: no attention, no jump
+            s += 1
+            continue
+        if level > 0.3:
+            normed = node.norm(h)
+            q = normed.view(n, mod.heads, hw).transpose(0, 1)  # (heads, n, hw)
+            scores = q @ q.transpose(-1, -2) / math.sqrt(hw)
+            keys = important[None, :] | torch.eye(n, dtype=torch.bool)
+            mixed = torch.softmax(scores.masked_fill(~keys, float("-inf")), -1) @ q
+            mixed = mixed.transpose(0, 1).reshape(n, d)
+            if node.adapter is not None:
+                mixed = node.adapter(mixed)
+            h = h + torch.sigmoid(node.gate(normed)) * mixed
+            summary = h.mean(0)
+            keep = torch.sigmoid(mod.memory_gate(summary))
+            memory = keep * memory + (1 - keep) * summary
+        if s < last and policy[1] > 0.5:  # eval: jump iff likely, by the likeliest length
+            length = int(policy.argmax())
+            w = mod.jump_weights[length]
+            h = h + w * x0 + (1 - w) * memory
+            s = min(s + 1 + length, last)
+            continue
+        s += 1
+    return h + torch.sigmoid(mod.mlp_gate(h)) * mod.mlp_out(F.gelu(mod.mlp_in(mod.mlp_norm(h))))
+
+
+def test_myelinated_matches_the_seeds_control_flow_example_by_example():
+    mod = vivid_myelinated(causal=False)
+    x = vivid_batch()
+    with torch.no_grad():
+        batched = mod(x)[0]
+        routes = {tuple(r.tolist()) for r in mod.last_route[0, :, 0]}
+        for i in range(x.shape[1]):
+            torch.testing.assert_close(
+                batched[i], naive_myelinated(mod, x[0, i]), atol=1e-5, rtol=1e-5
+            )
+    assert len(routes) > 1  # the examples really take different paths through the sub-layers

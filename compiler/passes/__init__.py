@@ -3,6 +3,7 @@
 The driver in `compiler.pipeline` runs them in this order; each can be called and tested alone.
 """
 
+from .check_companions import check_companions
 from .check_cycles import check_cycles
 from .check_feedback import check_feedback
 from .check_fractals import check_fractals
@@ -24,6 +25,7 @@ CHECKS = (
     check_fractals,
     check_gear_trains,
     check_cycles,
+    check_companions,
     check_feedback,
     check_reachability,
     check_training,
@@ -34,6 +36,7 @@ __all__ = [
     "CHECKS",
     "TRANSFORMS_AFTER_CHECKS",
     "TRANSFORMS_BEFORE_CHECKS",
+    "check_companions",
     "check_cycles",
     "check_feedback",
     "check_fractals",

@@ -131,6 +131,13 @@ def estimate(ir: IR) -> IR:
         shared_parts[f"outputs.{name}"] = sum(p.numel() for p in own)
     if model.federation.has_bus:
         shared_parts["messages"] = sum(p.numel() for p in model.federation.messages.parameters())
+    companions = {
+        name: {
+            "parameters": (count := sum(p.numel() for p in module.parameters())),
+            "flops_per_token": companion_flops_per_token(module.config, count, ir.facts["context"]),
+        }
+        for name, module in model.companions.items()
+    }
     outside = sum(
         p.numel()
         for n, p in model.named_parameters()
@@ -140,4 +147,15 @@ def estimate(ir: IR) -> IR:
         sum(p.numel() for p in model.federation.transformers[g].parameters())
         for g in range(len(federation.groups))
     )
-    return ir.with_facts(estimates=rows, parameters_outside_nodes=shared_parts, parameters=total)
+    return ir.with_facts(
+        estimates=rows,
+        companion_estimates=companions,
+        parameters_outside_nodes=shared_parts,
+        parameters=total,
+    )
+
+
+def companion_flops_per_token(config, parameters: int, context: int) -> int:
+    """Every companion weight is used once a token (a multiply-add each), plus attention across
+    up to `context` tokens over the `lens_dim`-wide spectrum in each layer."""
+    return 2 * parameters + config.layers * 2 * 2 * context * config.lens_dim

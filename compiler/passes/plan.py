@@ -111,7 +111,7 @@ def plan(ir: IR) -> IR:
     from runtime.fractal import FractalConfig
 
     spec, graph = ir.spec, ir.graph.copy()
-    names = list(spec.nodes)
+    names = [name for name, node in spec.nodes.items() if node.kind != "companion"]
     position = {name: i for i, name in enumerate(names)}
     context = max(inp.context for inp in spec.inputs.values())
 
@@ -135,7 +135,9 @@ def plan(ir: IR) -> IR:
 
     instant = nx.DiGraph()
     instant.add_nodes_from(names)
-    instant.add_edges_from((e.source, e.to) for e in spec.edges if e.delay == 0)
+    instant.add_edges_from(
+        (e.source, e.to) for e in spec.edges if e.delay == 0 and e.kind != "companion"
+    )
     stages = []
     for generation in nx.topological_generations(instant):
         groups: dict[tuple, list[str]] = {}
@@ -205,4 +207,38 @@ def plan(ir: IR) -> IR:
             graph.nodes[node_id(name)]["group"] = g
     for name in spec.inputs:
         graph.nodes[input_id(name)]["context"] = spec.inputs[name].context
-    return ir.with_graph(graph).with_facts(federation=federation, address=address, context=context)
+    companions = plan_companions(ir.with_graph(graph), address)
+    return ir.with_graph(graph).with_facts(
+        federation=federation, address=address, context=context, companions=companions
+    )
+
+
+def plan_companions(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+    """Each companion's host address in the federation and its resolved `CompanionConfig`: the
+    input width is the host's, and `causal` follows the host unless the companion says."""
+    from runtime.companion import CompanionConfig
+
+    planned = {}
+    for u, v, role in ir.graph.edges(data="role"):
+        if role != "companion":
+            continue
+        host, spec = ir.graph.nodes[u], ir.graph.nodes[v]["spec"]
+        causal = spec.causal if spec.causal is not None else host["settings"]["causal"]
+        config = CompanionConfig(
+            input_width=host["width"],
+            rows=spec.rows,
+            sphere_dim=spec.sphere_dim,
+            lens_dim=spec.lens_dim,
+            heads=spec.heads,
+            layers=spec.layers,
+            alpha_max=float(spec.alpha_max),
+            alpha_init=float(spec.alpha_init),
+            hidden=spec.hidden,
+            depth=spec.depth,
+            causal=causal,
+            canonical_signs=spec.canonical_signs,
+            lens_trainable=spec.lens_trainable,
+            cosine_weight=float(spec.cosine_weight),
+        )
+        planned[ir.graph.nodes[v]["name"]] = (address[host["name"]], config)
+    return dict(sorted(planned.items(), key=lambda item: list(ir.spec.nodes).index(item[0])))
