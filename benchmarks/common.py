@@ -79,6 +79,29 @@ def peak_memory(fn: Callable[[], object], device: str) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
+def profiled(fn: Callable[[], object], device: str, calls: int = 5) -> list[tuple[str, float, float]]:
+    """`(kernel name, ms per call, launches per call)` of every GPU kernel `fn` runs (CPU ops on
+    the CPU), from `torch.profiler` over `calls` calls after three warm-up calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    found = []
+    for e in prof.key_averages():
+        total = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if total > 0:
+            found.append((e.key, total / calls / 1000, e.count / calls))
+    return found
+
+
 def report(name: str, args: argparse.Namespace, rows: list[dict], summary: dict) -> None:
     """Print a plain table (the last thing a remote run shows) and write the JSON."""
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -6,6 +6,11 @@ Compared at 2k and 8k tokens, 16 heads of 64 (width 1024), causal:
   Kuramoto phases recomputed every pass (4 substeps on a 4 x 4 periodic lattice);
 * `dense bias` (2k only): the design's formula with a `(tokens x tokens)` bias per head, as a
   reference for what folding avoids.
+Each layer runs without and with RoPE (the default position encoding), eager, compiled and compiled
+with CUDA graphs; every compiled arm starts from a reset dynamo cache. Besides the wall time of a
+call, `torch.profiler` gives the GPU kernel time and the kernel count of the non-graph arms: a single
+layer at these sizes leaves the GPU idle between launches, so wall time without CUDA graphs
+measures launch overhead as much as the layer.
 Target: lattice at most 1.15x the time of sdpa, memory linear in tokens.
 """
 
@@ -14,10 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-from common import parse_args, peak_memory, report, time_call
+from common import parse_args, peak_memory, profiled, report, time_call
 
 from runtime.lattice import LatticeConfig
-from runtime.transformer import SelfAttention, TransformerConfig
+from runtime.transformer import RotaryEmbedding, SelfAttention, TransformerConfig
 
 
 def dense_bias_attention(attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +45,20 @@ def dense_bias_attention(attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
     return attn.proj(y.transpose(1, 2).reshape(1, batch, n, h * hw))
 
 
+def arms(plain, latt, rope_plain, rope_latt, cuda: bool):
+    """`(label, module, rotary, compile mode)`: each layer without and with RoPE (the default
+    position encoding, whose rotation the phase dimensions' concatenation fuses into), eager and,
+    on a GPU, compiled and compiled with CUDA graphs."""
+    modes = [("eager", None)] + (
+        [("compiled", "default"), ("CUDA graphs", "reduce-overhead")] if cuda else []
+    )
+    for mode, how in modes:
+        for rotary in (False, True):
+            for name, module, rope in (("sdpa", plain, rope_plain), ("lattice", latt, rope_latt)):
+                label = f"{name}{' + rope' if rotary else ''}, {mode}"
+                yield label, module, rope if rotary else None, how
+
+
 def main() -> None:
     args = parse_args(__doc__)
     cuda = args.device == "cuda"
@@ -55,6 +74,10 @@ def main() -> None:
         )
         plain = SelfAttention(plain_cfg, 1).to(args.device, dtype)
         latt = SelfAttention(lattice_cfg, 1).to(args.device, dtype)
+        rope_plain = RotaryEmbedding(plain_cfg.head_width, tokens, 10000.0).to(args.device)
+        rope_latt = RotaryEmbedding(  # as `Transformer` builds it for lattice heads
+            lattice_cfg.content_width, tokens, 10000.0, padded_to=lattice_cfg.head_width
+        ).to(args.device)
         x = torch.randn(
             1, batch, tokens, width, device=args.device, dtype=dtype, requires_grad=True
         )
@@ -62,48 +85,56 @@ def main() -> None:
             fused, dense = latt(x, None).float(), dense_bias_attention(latt, x).float()
         error = float((fused - dense).abs().max() / dense.abs().max())
         assert error < (5e-2 if cuda else 1e-4), error  # bf16: phase dims carry sqrt(d) * strength
-        variants = {
-            "sdpa": lambda: plain(x, None).sum().backward(),
-            "lattice (fused)": lambda: latt(x, None).sum().backward(),
-        }
-        if cuda:  # compiled, the phase computation fuses into a few kernels
-            plain_c, latt_c = torch.compile(plain), torch.compile(latt)
-            variants["sdpa, compiled"] = lambda: plain_c(x, None).sum().backward()
-            variants["lattice (fused), compiled"] = lambda: latt_c(x, None).sum().backward()
-            # and with CUDA graphs: what is left when kernel launches cost nothing
-            plain_g = torch.compile(plain, mode="reduce-overhead")
-            latt_g = torch.compile(latt, mode="reduce-overhead")
-            variants["sdpa, CUDA graphs"] = lambda: plain_g(x, None).sum().backward()
-            variants["lattice (fused), CUDA graphs"] = lambda: latt_g(x, None).sum().backward()
+        variants = [
+            (label, module, rope, how)
+            for label, module, rope, how in arms(plain, latt, rope_plain, rope_latt, cuda)
+        ]
         if tokens <= 2048:
-            variants["dense bias"] = lambda: dense_bias_attention(latt, x).sum().backward()
-        times = {}
-        for name, fn in variants.items():
+            variants.append(("dense bias, eager", None, None, None))
+        times, kernels = {}, {}
+        for label, module, rope, how in variants:
+            torch._dynamo.reset()  # every compiled arm starts from a clean cache: no recompile limit
+            if module is None:
+                fn = lambda: dense_bias_attention(latt, x).sum().backward()  # noqa: E731
+            else:
+                run = torch.compile(module, mode=how) if how else module
+                fn = lambda run=run, rope=rope: run(x, rope).sum().backward()  # noqa: E731
             timing = time_call(fn, args.device, warmup=3, repeats=3 if args.smoke else 20)
-            times[name] = timing["median_ms"]
+            events = profiled(fn, args.device) if how != "reduce-overhead" else []
+            times[label] = timing["median_ms"]
             peak = peak_memory(fn, args.device)
             rows.append(
                 {
                     "tokens": tokens,
                     "batch": batch,
-                    "variant": name,
+                    "variant": label,
                     "fwd+bwd_ms": timing["median_ms"],
                     "min_ms": timing["min_ms"],
+                    "kernel_ms": sum(ms for _, ms, _ in events) if events else None,
+                    "kernels": round(sum(c for *_, c in events)) if events else None,
                     "peak_MiB": (peak or 0) / 2**20,
                     "peak_KiB_per_token": (peak or 0) / 2**10 / (tokens * batch),
                     "max_rel_error_vs_dense": error,
                 }
             )
+            kernels[label] = rows[-1]["kernel_ms"]
         for row in rows:
-            if row["tokens"] == tokens:
-                base = "sdpa" + row["variant"][len(row["variant"].split(",")[0]) :]
-                base = base if base in times else "sdpa"
-                row["x sdpa"] = row["fwd+bwd_ms"] / times[base]
-    summary = {
-        f"{r['tokens']} tokens: {r['variant']} x sdpa": round(r["x sdpa"], 3)
-        for r in rows
-        if not r["variant"].startswith("sdpa")
-    }
+            if row["tokens"] != tokens:
+                continue
+            name, mode = row["variant"].split(", ")
+            base = ("sdpa + rope" if "rope" in name else "sdpa") + f", {mode}"
+            base = base if base in times else "sdpa, eager"
+            row["x sdpa"] = row["fwd+bwd_ms"] / times[base]
+            if row["kernel_ms"] and kernels.get(base):
+                row["kernel x sdpa"] = row["kernel_ms"] / kernels[base]
+    summary = {}
+    for r in rows:
+        if r["variant"].startswith("lattice") or r["variant"].startswith("dense"):
+            summary[f"{r['tokens']} tokens: {r['variant']} x sdpa"] = round(r["x sdpa"], 3)
+            if r.get("kernel x sdpa"):
+                summary[f"{r['tokens']} tokens: {r['variant']} kernel time x sdpa"] = round(
+                    r["kernel x sdpa"], 3
+                )
     report("lattice_attention", args, rows, summary)
 
 

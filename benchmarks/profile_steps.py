@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from common import parse_args, report
+from common import parse_args, profiled, report
 from fractal_levels import CASES, SMOKE, spec_text
 from overhead_vs_handwritten import SPEC as GPT_SPEC
-from torch.profiler import ProfilerActivity, profile
 
 import compiler
 from runtime.lattice import LatticeConfig
@@ -101,49 +100,26 @@ def cases(args):
 
 def main() -> None:
     args = parse_args(__doc__)
-    cuda = args.device == "cuda"
-    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
     rows = []
     summary = {}
     for label, step in cases(args):
-        for _ in range(3):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        with profile(activities=[activity]) as prof:
-            for _ in range(5):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-        events = [
-            e
-            for e in prof.key_averages()
-            if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
-        ]
-
-        def time_of(e) -> float:
-            return (
-                (e.self_device_time_total if cuda else e.self_cpu_time_total) / 5 / 1000
-            )  # ms/step
-
-        total = sum(time_of(e) for e in events)
+        events = profiled(step, args.device)
+        total = sum(ms for _, ms, _ in events)
         groups: dict[str, float] = {}
-        kernels = 0
-        for e in events:
-            groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + time_of(e)
-            kernels += e.count
+        for key, ms, _ in events:
+            groups[group_of(key)] = groups.get(group_of(key), 0.0) + ms
         summary[f"{label}: ms per step"] = round(total, 3)
-        summary[f"{label}: kernels per step"] = kernels // 5
+        summary[f"{label}: kernels per step"] = round(sum(count for *_, count in events))
         for group, ms in sorted(groups.items(), key=lambda g: -g[1]):
             rows.append({"case": label, "what": group, "ms_per_step": ms, "share": ms / total})
-        for e in sorted(events, key=time_of, reverse=True)[:8]:
+        for key, ms, count in sorted(events, key=lambda e: -e[1])[:8]:
             rows.append(
                 {
                     "case": label,
-                    "what": "  " + e.key[:70],
-                    "ms_per_step": time_of(e),
-                    "share": time_of(e) / total,
-                    "calls_per_step": e.count / 5,
+                    "what": "  " + key[:70],
+                    "ms_per_step": ms,
+                    "share": ms / total,
+                    "calls_per_step": count,
                 }
             )
     report("profile_steps", args, rows, summary)

@@ -115,11 +115,20 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(
-        self, head_width: int, context: int, theta: float, scales: tuple[float, ...] = (1.0,)
+        self,
+        head_width: int,
+        context: int,
+        theta: float,
+        scales: tuple[float, ...] = (1.0,),
+        padded_to: int | None = None,
     ):
+        """`padded_to`: rotate vectors that wide whose halves each end in one dimension the
+        rotation leaves alone (angle 0), around the `head_width` rotated ones: how a lattice head
+        keeps its two phase dimensions beside its content (see `SelfAttention._lattice_qkv`)."""
         super().__init__()
         self.members = len(scales)
-        shape = (len(scales), context, head_width // 2)
+        self.padded_to = padded_to
+        shape = (len(scales), context, (padded_to or head_width) // 2)
         if torch.empty(0).is_meta:  # counting on the meta device: shapes only, nothing to compute
             self.register_buffer("cos", torch.empty(shape), persistent=False)
             self.register_buffer("sin", torch.empty(shape), persistent=False)
@@ -130,8 +139,19 @@ class RotaryEmbedding(nn.Module):
         angles = scale[:, None, None] * torch.outer(
             positions, inv_freq
         )  # (members, context, head_width/2)
+        if padded_to is not None:
+            angles = F.pad(angles, (0, (padded_to - head_width) // 2))
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def rotate_token_major(self, x: Tensor) -> Tensor:
+        """Rotate `x` shaped `(members, batch, tokens, heads, head_width)`: the layout a projection
+        writes, so the rotation reads and writes memory in order (no transposed copy)."""
+        n = x.shape[2]
+        cos = self.cos[:, None, :n, None].to(x.dtype)
+        sin = self.sin[:, None, :n, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate `x` shaped `(members * batch, heads, tokens, head_width)`."""
@@ -186,26 +206,77 @@ class SelfAttention(nn.Module):
             )
         return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
 
-    def _lattice_qkv(
-        self, x: Tensor, rotary: RotaryEmbedding | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Content queries and keys `d_head - 2` wide (rotated by RoPE if set), each extended by the
-        two phase dimensions of `runtime.lattice`; values keep the full head width."""
+    def _lattice_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys of `d_head - 2` content dimensions (rotated by RoPE if set) and the two
+        phase dimensions of `runtime.lattice`, whose dot product is the phase term; values are
+        content at full head width.
+
+        Each query and key head is laid out `[content half, cos slot, content half, sin slot]`:
+        the projection's rows get a zero row at each slot, so one matmul writes whole aligned
+        heads, the phase features are added into the slots, and RoPE (whose tables leave the slot
+        pair unrotated) turns the content pairs in the same pass. Concatenating two dimensions to
+        `d_head - 2`-wide heads instead (the first version) made every copy of q, k and of their
+        gradients unaligned. A registered rotary component, which knows nothing of slots, takes
+        `_lattice_qkv_concat`.
+        """
+        cfg = self.cfg
+        h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
+        if rotary is not None and getattr(rotary, "padded_to", None) != hw:
+            return self._lattice_qkv_concat(x, rotary)
+        n = x.shape[-2]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        rows = 2 * h * cw  # query and key rows; the value rows follow
+        slotted = _with_slots(weight[..., :rows, :], 2 * h, cw, dim=-2, phase=False)
+        weight = torch.cat((slotted, weight[..., rows:, :]), -2)
+        if bias is not None:
+            slotted = _with_slots(bias[..., :rows], 2 * h, cw, dim=-1, phase=False)
+            bias = torch.cat((slotted, bias[..., rows:]), -1)
+        if self.members == 1:
+            qkv = F.linear(x, weight, bias)
+        else:
+            qkv = torch.bmm(x.reshape(self.members, -1, cfg.width), weight.transpose(1, 2))
+            qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
+        qkv = qkv.reshape(self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
+        phase_q, phase_k = self.lattice.phase_features(n, hw, qkv.dtype)  # (members, h, n, 2)
+        phase = torch.cat((phase_q, phase_k), 1).transpose(1, 2).flatten(-2)  # (members, n, 2h*2)
+        phase = _with_slots(phase, 2 * h, cw, dim=-1, phase=True).unflatten(-1, (2 * h, hw))
+        qk = qkv[..., : 2 * h, :]
+        qk = (qk if rotary is None else rotary.rotate_token_major(qk)) + phase[:, None]
+        q, k = qk.flatten(0, 1).transpose(1, 2).split((h, h), dim=1)  # (members * batch, h, n, hw)
+        v = qkv[..., 2 * h :, :].flatten(0, 1).transpose(1, 2)
+        return q, k, v
+
+    def _lattice_qkv_concat(self, x: Tensor, rotary: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Content queries and keys `d_head - 2` wide, rotated by a registered rotary component,
+        each extended by the two phase dimensions; values keep the full head width."""
         cfg = self.cfg
         n = x.shape[-2]
         h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
         q, k, v = self.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
-        q = q.reshape(-1, n, h, cw).transpose(1, 2)
-        k = k.reshape(-1, n, h, cw).transpose(1, 2)
+        q = rotary(q.reshape(-1, n, h, cw).transpose(1, 2))
+        k = rotary(k.reshape(-1, n, h, cw).transpose(1, 2))
         v = v.reshape(-1, n, h, hw).transpose(1, 2)
-        if rotary is not None:
-            q, k = rotary(q), rotary(k)
         phase_q, phase_k = self.lattice.phase_features(n, hw, q.dtype)  # (members, heads, n, 2)
         batch = q.shape[0] // self.members
         expand = (self.members, batch, h, n, PHASE_DIMS)
         phase_q = phase_q[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
         phase_k = phase_k[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
         return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
+
+
+def _with_slots(values: Tensor, heads: int, content_width: int, dim: int, phase: bool) -> Tensor:
+    """Lay `heads` groups along `dim` of `values` out as lattice heads with two phase slots: each
+    half of a head ends in one slot, `[c_0..c_{m-1}, slot, c_m..c_{2m-1}, slot]`, the layout in
+    which RoPE's halves pair the two slots with each other (an odd content width puts both at
+    the end). Groups hold `content_width` content entries (zeros go in the slots) or, with
+    `phase`, the two phase entries (cos, sin), zeros going everywhere else."""
+    x = values.movedim(dim, -1).unflatten(-1, (heads, -1))
+    if content_width % 2 == 0:
+        x = x.unflatten(-1, (2, -1))  # content (2, m) or phase (2, 1)
+        x = F.pad(x, (content_width // 2, 0) if phase else (0, 1)).flatten(-2)
+    else:
+        x = F.pad(x, (content_width, 0) if phase else (0, PHASE_DIMS))
+    return x.flatten(-2).movedim(-1, dim)
 
 
 @torch.no_grad()
@@ -316,6 +387,10 @@ class Transformer(nn.Module):
             if cfg.rotary is not None:
                 return cfg.rotary.make(
                     head_width=width, context=cfg.context, theta=cfg.rope_theta, scales=scales
+                )
+            if cfg.attention is not None:  # a lattice head: content and phase side by side
+                return RotaryEmbedding(
+                    width, cfg.context, cfg.rope_theta, scales, padded_to=cfg.head_width
                 )
             return RotaryEmbedding(width, cfg.context, cfg.rope_theta, scales)
 

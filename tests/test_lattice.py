@@ -15,8 +15,9 @@ import torch
 
 import compiler
 from compiler.passes.estimate import transformer_parameters
+from compiler.passes.plan import component_choice
 from runtime.lattice import LatticeConfig, LatticeOscillators, lattice_distances
-from runtime.transformer import SelfAttention, Transformer, TransformerConfig
+from runtime.transformer import RotaryEmbedding, SelfAttention, Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,18 +71,47 @@ def naive_attention(attn: SelfAttention, x: torch.Tensor, rotary) -> torch.Tenso
     return attn.proj(y.transpose(1, 2).reshape(members, batch, n, h * hw))
 
 
-@pytest.mark.parametrize("members", [1, 3])
-def test_the_fused_phase_term_equals_a_dense_bias(members):
+def rotary_choice(kind: str):
+    from compiler.components import Givens
+
+    return component_choice("rotary", Givens()) if kind == "givens" else None
+
+
+@pytest.mark.parametrize(
+    ("members", "width", "position", "rotary", "bias"),
+    [
+        (1, 64, "rope", None, False),  # RoPE turns the content pairs, leaving the phase slots
+        (3, 64, "rope", None, True),
+        (2, 64, "none", None, True),
+        (1, 60, "none", None, False),  # head width 15: odd content width, slots at the end
+        (3, 64, "rope", "givens", True),  # a registered rotary: content rotated, then concatenated
+    ],
+)
+def test_the_fused_phase_term_equals_a_dense_bias(members, width, position, rotary, bias):
     cfg = TransformerConfig(
-        width=64, heads=4, layers=1, context=32, attention=LatticeConfig(shape=(2, 2), substeps=2)
+        width=width,
+        heads=4,
+        layers=1,
+        context=32,
+        position=position,
+        bias=bias,
+        rotary=rotary_choice(rotary) if rotary else None,
+        attention=LatticeConfig(shape=(2, 2), substeps=2),
     )
-    model = Transformer(cfg, members)
+    model = Transformer(cfg, members, rope_scales=tuple(1.0 + m for m in range(members)))
     with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # biases and strengths off their initial values
         model.blocks[0].attn.lattice.strength.uniform_(0.5, 2.0)
     attn = model.blocks[0].attn
-    x = torch.randn(members, 2, 20, 64)
+    # the reference rotates `d_head - 2`-wide content heads with its own RoPE of that width
+    reference = model.rotary
+    if position == "rope" and rotary is None:
+        scales = tuple(1.0 + m for m in range(members))
+        reference = RotaryEmbedding(cfg.content_width, 32, cfg.rope_theta, scales)
+    x = torch.randn(members, 2, 20, width)
     fused = attn(x, model.rotary)
-    torch.testing.assert_close(fused, naive_attention(attn, x, model.rotary), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, naive_attention(attn, x, reference), rtol=1e-5, atol=1e-5)
 
 
 def test_the_phase_term_matters_and_the_coupling_learns():
