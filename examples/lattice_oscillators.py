@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -117,24 +116,27 @@ def run(name: str, args) -> dict:
 
 
 def plot(results: dict, out: Path) -> list[Path]:
+    """The two figures, panel by panel, with the drawing functions `epicycle viz --lattice` uses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from compiler.viz.lattice import draw_order_parameter, draw_phase_field, layer_label
+
     paths = []
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.4), sharey=True)
     for ax, (name, result) in zip(axes, results.items(), strict=True):
         steps = [h["step"] for h in result["history"]]
-        for layer in result["history"][0]["layers"]:
-            r = [h["layers"][layer]["order_parameter"] for h in result["history"]]
-            ax.plot(steps, r, label=layer.split(".")[-3] if "blocks" in layer else layer)
+        series = {
+            layer_label(layer): (
+                steps,
+                [h["layers"][layer]["order_parameter"] for h in result["history"]],
+            )
+            for layer in result["history"][0]["layers"]
+        }
+        draw_order_parameter(ax, series)
         ax.set_title(name)
-        ax.set_xlabel("training step")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("order parameter r")
-    axes[-1].legend(title="layer", fontsize=8)
     fig.tight_layout()
     paths.append(out / "lattice_sync.png")
     fig.savefig(paths[-1], dpi=120)
@@ -149,27 +151,13 @@ def plot(results: dict, out: Path) -> list[Path]:
     )
     for col, (name, result) in enumerate(results.items()):
         for row, layer in enumerate(layer_names):
-            theta = torch.tensor(result["final_phases"][layer]).reshape(4, 4)
-            ax = axes[row][col]
-            ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
-            ax.quiver(
-                xs,
-                ys,
-                theta.cos(),
-                theta.sin(),
-                torch.remainder(theta, 2 * math.pi),
-                cmap="hsv",
-                clim=(0, 2 * math.pi),
-                pivot="middle",
-                scale=6,
-            )
-            ax.set_xlim(-0.7, 3.7)
-            ax.set_ylim(-0.7, 3.7)
-            ax.set_xticks(range(4))
-            ax.set_yticks(range(4))
-            ax.set_aspect("equal")
             r = result["history"][-1]["layers"][layer]["order_parameter"]
-            ax.set_title(f"{name}, layer {row}: r={r:.2f}", fontsize=9)
+            draw_phase_field(
+                axes[row][col],
+                (4, 4),
+                result["final_phases"][layer],
+                f"{name}, layer {row}: r={r:.2f}",
+            )
     fig.tight_layout()
     paths.append(out / "lattice_phases.png")
     fig.savefig(paths[-1], dpi=120)

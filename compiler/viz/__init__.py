@@ -1,0 +1,159 @@
+"""Seeing the graph (`epicycle viz`): a spec drawn as SVG, PNG, Mermaid or a self-contained HTML page.
+
+    scene = scene_of("specs/gear_train.yaml")          # what to draw (scene.py)
+    result = render(scene, "gear_train.html")          # where it goes (layout.py) and how it looks
+
+The pipeline is scene (drawing-neutral, from the IR or, for an invalid spec, from the raw YAML)
+-> layout (Graphviz `dot` when installed, else pure Python) -> figure (draw.py: shapes) -> SVG,
+PNG (matplotlib), or the HTML page (the SVG with inline JS and CSS). Mermaid text is written from
+the scene alone: Mermaid lays the graph out when it is rendered. `lattice.py` plots a trained
+lattice model's phases and its order parameter over training (`epicycle viz --lattice DIR`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..diagnostics import Diagnostic, Span, SpecError
+from .layout import ENGINES, LayoutUnavailable, choose_engine, layout
+from .scene import Issue, Scene, scene_from_document, scene_from_ir
+
+FORMATS = (".svg", ".png", ".mmd", ".html")
+MERMAID_ENGINE = "none: Mermaid lays the graph out when it is rendered"
+
+__all__ = [
+    "ENGINES",
+    "FORMATS",
+    "Issue",
+    "LayoutUnavailable",
+    "Rendered",
+    "Scene",
+    "UnknownFormat",
+    "choose_engine",
+    "figure_of",
+    "output_format",
+    "render",
+    "scene_of",
+]
+
+
+class UnknownFormat(ValueError):
+    """The output's extension is none of `FORMATS`."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    path: Path
+    format: str
+    engine: str  # the layout used, as the output states it
+    nodes: int
+    edges: int
+    issues: int
+
+
+def output_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        shown = f"`{suffix}`" if suffix else "no extension"
+        raise UnknownFormat(
+            f"cannot draw to {path}: {shown} is not a known format; "
+            f"name the output with one of {', '.join(FORMATS)}"
+        )
+    return suffix
+
+
+def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecError | None]:
+    """The scene of a spec file and, for an invalid one drawn with `errors`, its `SpecError`.
+
+    Without `errors`, an invalid spec raises its `SpecError`. With it, the spec is drawn from its
+    raw YAML with every diagnostic attached, and a valid spec's warnings are attached too."""
+    from ..pipeline import analyze
+    from ..source import read_spec_file
+
+    try:
+        ir = analyze(path)
+    except SpecError as exc:
+        if not errors:
+            raise
+        try:
+            doc = read_spec_file(path)
+        except SpecError:
+            doc = None  # not even YAML: the page shows the errors alone
+        return scene_from_document(doc, exc.diagnostics, str(path)), exc
+    return scene_from_ir(ir, ir.facts.get("warnings", []) if errors else ()), None
+
+
+def figure_of(scene: Scene, engine: str = "auto", *, show_issues: bool = True):
+    from .draw import draw, node_size
+
+    sizes = {node.id: node_size(node) for node in scene.nodes}
+    return draw(scene, layout(scene, sizes, engine), show_issues=show_issues)
+
+
+def render(
+    scene: Scene, out: str | Path, *, engine: str = "auto", show_issues: bool = True
+) -> Rendered:
+    """Draw `scene` to `out` (its extension picks the format); the file is replaced atomically."""
+    out = Path(out)
+    kind = output_format(out)
+    if kind == ".mmd":
+        from .mermaid import to_mermaid
+
+        used = MERMAID_ENGINE
+        _write(out, to_mermaid(scene).encode("utf-8"))
+    else:
+        figure = figure_of(scene, engine, show_issues=show_issues)
+        used = figure.engine
+        if kind == ".svg":
+            from .svg import to_svg
+
+            _write(out, to_svg(figure).encode("utf-8"))
+        elif kind == ".html":
+            from .html import to_html
+
+            _write(out, to_html(scene, figure).encode("utf-8"))
+        else:
+            from .png import write_png
+
+            _write_with(out, lambda tmp: write_png(figure, tmp))
+    return Rendered(
+        out,
+        kind,
+        used,
+        len(scene.nodes),
+        len(scene.edges),
+        len(scene.all_issues()) if show_issues else 0,
+    )
+
+
+def _write(out: Path, data: bytes) -> None:
+    _write_with(out, lambda tmp: tmp.write_bytes(data))
+
+
+def _write_with(out: Path, write) -> None:
+    """Write through a temporary file beside `out`, so a failure never leaves half a picture."""
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=out.suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            write(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SpecError(
+            [
+                Diagnostic(
+                    Span(str(out), 1, 1),
+                    f"cannot write the picture: {reason}",
+                    "choose an output path in an existing directory you can write to",
+                )
+            ]
+        ) from None

@@ -1,0 +1,136 @@
+"""The scene as a Mermaid flowchart (`.mmd`), for READMEs and issues: GitHub renders it inline.
+
+Mermaid lays the graph out itself. Kinds become classes (colours as in the SVG), gear-train edges
+are thick (`==>`), feedback edges dotted and red, cross-attention dotted and blue; batch groups are
+subgraphs; a fractal is nested subgraphs, one per sub-model down to the drawn depth; a lattice layout
+is a grid of heads in its node's label.
+"""
+
+from __future__ import annotations
+
+from .draw import EDGE_STYLES, KIND_COLOURS, _tint, edge_category, kind_colour
+from .scene import Scene, SceneNode
+
+ARROWS = {"gear train": "==>", "feedback": "-.->", "cross": "-.->", "companion": "-.->"}
+MAX_GRID = 16
+
+
+def to_mermaid(scene: Scene) -> str:
+    ids = {node.id: f"n{i}" for i, node in enumerate(scene.nodes)}
+    lines = [f"%% {scene.title}: {scene.summary} (epicycle viz)", "flowchart TD"]
+    classes = {}
+    for node in scene.nodes:
+        name = _class_name(node)
+        colour = kind_colour(node)
+        classes[name] = f"fill:{_tint(colour)},stroke:{colour},color:#1a202c"
+    if any(n.fractal is not None for n in scene.nodes):
+        colour = KIND_COLOURS["fractal"]
+        classes["fractal_leaf"] = f"fill:{_tint(colour, 0.75)},stroke:{colour},color:#1a202c"
+    classes["error"] = "fill:#fff5f5,stroke:#e53e3e,stroke-width:3px,color:#1a202c"
+    classes["unknown"] = (
+        f"fill:{_tint(KIND_COLOURS['unknown'])},stroke:#718096,stroke-dasharray:4 3"
+    )
+    for name, style in classes.items():
+        lines.append(f"  classDef {name} {style}")
+    grouped = {m: g for g in scene.groups for m in g.members}
+    written: set[str] = set()
+    for node in scene.nodes:
+        if node.id in written:
+            continue
+        group = grouped.get(node.id)
+        if group is None:
+            lines.extend(_node(node, ids[node.id], "  "))
+            written.add(node.id)
+            continue
+        lines.append(f'  subgraph group{group.index}["{_escape(group.label)}"]')
+        lines.append("    direction LR")
+        for member in group.members:
+            lines.extend(_node(scene.node(member), ids[member], "    "))
+            written.add(member)
+        lines.append("  end")
+    styles = []
+    index = 0
+    for edge in scene.edges:
+        if edge.folded:
+            continue
+        category = edge_category(edge)
+        arrow = ARROWS.get(category, "-->")
+        label = edge.label or (edge.kind if category in ("cross", "companion") else "")
+        text = f'|"{_escape(label)}"|' if label else ""
+        lines.append(f"  {ids[edge.source]} {arrow}{text} {ids[edge.target]}")
+        style = EDGE_STYLES[category]
+        colour = "#e53e3e" if edge.issues else style.stroke
+        css = f"stroke:{colour},stroke-width:{style.width:g}px"
+        if style.dash:
+            css += f",stroke-dasharray:{' '.join(f'{d:g}' for d in style.dash)}"
+        styles.append(f"  linkStyle {index} {css}")
+        index += 1
+    lines.extend(styles)
+    for issue in scene.issues:
+        lines.append(f"  %% {issue.where}: {issue.severity}: {issue.message}")
+    return "\n".join(lines) + "\n"
+
+
+def _class_name(node: SceneNode) -> str:
+    if node.role in ("input", "output", "unknown"):
+        return node.role
+    return "".join(c if c.isalnum() else "_" for c in node.kind or "node")
+
+
+def _label(node: SceneNode) -> str:
+    parts = [f"<b>{_escape(node.name)}</b>", *(_escape(line) for line in node.lines)]
+    if node.lattice is not None:
+        rows, cols = node.lattice.grid
+        row = "●" * min(cols, MAX_GRID)
+        parts.extend([row] * min(rows, MAX_GRID))
+    for issue in node.issues:
+        parts.append(f"⚠ {_escape(issue.message)}")
+    return "<br/>".join(parts)
+
+
+def _node(node: SceneNode, mid: str, indent: str) -> list[str]:
+    cls = "error" if any(i.severity == "error" for i in node.issues) else _class_name(node)
+    if node.fractal is not None:
+        return _fractal(node, mid, indent, cls)
+    if node.role in ("input", "output"):  # stadium-shaped, as the rounded boxes of the SVG
+        return [f'{indent}{mid}(["{_label(node)}"]):::{cls}']
+    return [f'{indent}{mid}["{_label(node)}"]:::{cls}']
+
+
+def _fractal(node: SceneNode, mid: str, indent: str, cls: str) -> list[str]:
+    """Nested subgraphs: the fractal holds `branching` sub-models, each holding `branching` more."""
+    fractal = node.fractal
+    lines = [f'{indent}subgraph {mid}["{_label(node)}"]']
+
+    def level(path: str, depth: int, pad: str) -> None:
+        width = fractal.width // fractal.branching**depth if fractal.width else None
+        name = f"{mid}_{path}"
+        title = f"level {depth}" + (f" · width {width}" if width else "")
+        if depth == fractal.drawn_levels - 1:
+            lines.append(f'{pad}{name}["{title}"]:::fractal_leaf')
+            return
+        lines.append(f'{pad}subgraph {name}["{title}"]')
+        for j in range(fractal.branching):
+            level(f"{path}{j}", depth + 1, pad + "  ")
+        lines.append(f"{pad}end")
+
+    if fractal.drawn_levels > 1:
+        for j in range(fractal.branching):
+            level(str(j), 1, indent + "  ")
+    else:
+        lines.append(f'{indent}  {mid}_0["level 0"]:::fractal_leaf')
+    lines.append(f"{indent}end")
+    colour = "#e53e3e" if cls == "error" else KIND_COLOURS["fractal"]
+    lines.append(f"{indent}style {mid} fill:{_tint(KIND_COLOURS['fractal'])},stroke:{colour}")
+    return lines
+
+
+def _escape(text: str) -> str:
+    return (
+        str(text)
+        .replace("&", "#amp;")
+        .replace('"', "#quot;")
+        .replace("<", "#lt;")
+        .replace(">", "#gt;")
+        .replace("|", "#124;")
+    )
