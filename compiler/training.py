@@ -241,7 +241,10 @@ def _language_model_loss_class():
                     for o in self.task.outputs
                 ]
             task_loss = sum(losses) / len(losses)
-            return task_loss + self.model.auxiliary_loss(step), task_loss.detach()
+            # the caller detaches the task loss: returned detached from a compiled step beside a
+            # sum it shares a node with (when the spec has no training terms, `+ 0`), inductor
+            # in torch 2.13 handed back the total without its graph
+            return task_loss + self.model.auxiliary_loss(step), task_loss
 
     return LanguageModelLoss
 
@@ -449,6 +452,7 @@ def train(
     while step < stop:
         inputs, targets = _batch(corpus.train, step, settings, task, processes)
         loss, task_loss = step_fn(inputs, targets, step)
+        task_loss = task_loss.detach()
         loss.backward()
         clip_gradients(model, settings)
         lr = optimizer.param_groups[0]["lr"]
