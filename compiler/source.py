@@ -184,9 +184,14 @@ def _line_col_of_byte(raw: bytes, offset: int) -> tuple[int, int]:
     return line, col
 
 
-def _prescan(text: str, file: str) -> None:
+def _prescan(text: str, file: str, loader: type = None) -> None:  # type: ignore[assignment]
     """Walk the event stream (iteratively) before composing: refuse deep nesting, recursive aliases
-    and alias bombs here, where each alias still has its own position and nothing has been built."""
+    and alias bombs here, where each alias still has its own position and nothing has been built.
+
+    libyaml (PyYAML >= 6.0.4) reads flow collections ahead and stops at 1,000 levels itself, before
+    this walk reaches its own limit; the walk is then repeated with the pure-Python parser, which
+    is iterative too and yields events one by one, so the refusal names the 65th level."""
+    loader = loader or _Base
     depth = 0
     documents = 0
     total = 0
@@ -198,7 +203,7 @@ def _prescan(text: str, file: str) -> None:
         return SpecError([_diag(file, mark.line + 1, mark.column + 1, message, hint)])
 
     try:
-        for event in yaml.parse(text, Loader=_Base):
+        for event in yaml.parse(text, Loader=loader):
             if isinstance(event, yaml.DocumentStartEvent):
                 documents += 1
                 if documents > 1:
@@ -246,6 +251,8 @@ def _prescan(text: str, file: str) -> None:
                         "anchors and aliases may share settings, not multiply them",
                     )
     except yaml.YAMLError as exc:
+        if loader is not yaml.SafeLoader and "nesting depth" in str(exc):
+            _prescan(text, file, yaml.SafeLoader)  # raises the located refusal
         raise SpecError([_yaml_error(_python_parser_error(text) or exc, file)]) from None
 
 
@@ -255,6 +262,8 @@ def _python_parser_error(text: str) -> yaml.YAMLError | None:
         yaml.compose(text, Loader=_PythonComposeLoader)
     except yaml.YAMLError as exc:
         return exc
+    except RecursionError:  # the composer recurses per level: keep libyaml's account
+        return None
     return None
 
 

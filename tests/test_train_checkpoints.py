@@ -29,7 +29,8 @@ from compiler.checkpoint import load_checkpoint, read_training_state
 from compiler.cli import app
 from compiler.training import RunOptions, train
 
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "shakespeare.txt"
+# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
+CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
 
 SPEC = """
 spec: 1
