@@ -9,6 +9,14 @@ import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 GALLERY = sorted((ROOT / "specs").glob("*.yaml"))
+# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
+CORPUS = ROOT / "tests" / "fixtures" / "shakespeare_20k.txt"
+
+
+@pytest.fixture
+def text() -> Path:
+    """A small character-level corpus for training tests (read only)."""
+    return CORPUS
 
 
 @pytest.fixture

