@@ -79,7 +79,9 @@ def peak_memory(fn: Callable[[], object], device: str) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
-def profiled(fn: Callable[[], object], device: str, calls: int = 5) -> list[tuple[str, float, float]]:
+def profiled(
+    fn: Callable[[], object], device: str, calls: int = 5
+) -> list[tuple[str, float, float]]:
     """`(kernel name, ms per call, launches per call)` of every GPU kernel `fn` runs (CPU ops on
     the CPU), from `torch.profiler` over `calls` calls after three warm-up calls."""
     from torch.profiler import ProfilerActivity, profile
