@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -224,21 +225,13 @@ def plan_companions(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tu
             continue
         host, spec = ir.graph.nodes[u], ir.graph.nodes[v]["spec"]
         causal = spec.causal if spec.causal is not None else host["settings"]["causal"]
-        config = CompanionConfig(
-            input_width=host["width"],
-            rows=spec.rows,
-            sphere_dim=spec.sphere_dim,
-            lens_dim=spec.lens_dim,
-            heads=spec.heads,
-            layers=spec.layers,
-            alpha_max=float(spec.alpha_max),
-            alpha_init=float(spec.alpha_init),
-            hidden=spec.hidden,
-            depth=spec.depth,
-            causal=causal,
-            canonical_signs=spec.canonical_signs,
-            lens_trainable=spec.lens_trainable,
-            cosine_weight=float(spec.cosine_weight),
-        )
+        chosen = {
+            f.name: getattr(spec, f.name)
+            for f in dataclasses.fields(CompanionConfig)
+            if f.name not in ("input_width", "causal")
+        }
+        floats = ("alpha_max", "alpha_init", "cosine_weight")  # spec numbers as plain floats
+        chosen.update({name: float(chosen[name]) for name in floats})
+        config = CompanionConfig(input_width=host["width"], causal=causal, **chosen)
         planned[ir.graph.nodes[v]["name"]] = (address[host["name"]], config)
     return dict(sorted(planned.items(), key=lambda item: list(ir.spec.nodes).index(item[0])))
