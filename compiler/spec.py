@@ -601,6 +601,19 @@ class Feedback(SpecModel):
         None,
         description="For `equilibrium`: relative change at which the fixed point counts as found. Default 1e-4.",
     )
+    lipschitz: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="For `equilibrium`: bound on the feedback map's local Lipschitz constant, the spectral norm "
+        "of its Jacobian at the fixed point, so the solve and the implicit backward contract. Enforced in "
+        "training by scaling what the delayed edges read (a stored `feedback_gain` <= 1), measured by power "
+        "iteration as spectral normalisation measures a weight. A global bound through attention and "
+        "LayerNorm does not exist; see the README's safety section.",
+    )
+    power_iterations: Annotated[Int, Field(ge=1, le=100)] | None = Field(
+        None,
+        description="For `lipschitz`: power iterations per training step, warm-started from the last step "
+        "(each costs about three graph steps). Default 2.",
+    )
 
 
 # --------------------------------------------------------------------------- outputs

@@ -471,6 +471,7 @@ def train(
             "lr": lr,
             "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0,
         }
+        record.update(_equilibrium(model))  # before validation's forward passes overwrite it
         if evaluate:
             record["val_loss"] = _validation_loss(
                 step_fn, corpus, settings, task, options, processes
@@ -519,6 +520,22 @@ def _validation_loss(
             total += step_fn(x, y, 0)[1]
     step_fn.train()
     return processes.mean(total / options.eval_batches)
+
+
+def _equilibrium(model: nn.Module) -> dict[str, Any]:
+    """The latest training step's solves: iterations and residual forward and backward, and with
+    `feedback.lipschitz` the measured Jacobian norm and the gain that keeps it bounded."""
+    federation = model.federation
+    if federation.plan.mode != "equilibrium" or not hasattr(federation, "last_iterations"):
+        return {}
+    found = {"iterations": federation.last_iterations, "residual": federation.last_residual}
+    if hasattr(federation, "last_backward_iterations"):
+        found["backward_iterations"] = federation.last_backward_iterations
+        found["backward_residual"] = federation.last_backward_residual
+    if federation.plan.lipschitz is not None:
+        found["lipschitz"] = federation.last_lipschitz
+        found["feedback_gain"] = float(federation.feedback_gain)
+    return {"equilibrium": found}
 
 
 def _lattice(root: nn.Module, model: nn.Module, processes: Processes) -> dict[str, Any]:

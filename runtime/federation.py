@@ -70,6 +70,8 @@ class FederationPlan:
     backprop_steps: int = 1
     mode: str = "unroll"  # unroll | truncated | equilibrium
     tolerance: float = 1e-4  # equilibrium: relative change at which the fixed point is reached
+    lipschitz: float | None = None  # equilibrium: bound on the Jacobian's spectral norm at z*
+    power_iterations: int = 2  # per training step, for `lipschitz`
     perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
 
     @property
@@ -151,6 +153,15 @@ class Federation(nn.Module):
                 self.register_buffer(f"cross_source_{g}", torch.tensor(sources), persistent=False)
                 self.register_buffer(f"cross_member_{g}", torch.tensor(members), persistent=False)
         self.cross = nn.ModuleDict(cross)
+        if plan.mode == "equilibrium" and plan.lipschitz is not None:
+            # What the delayed edges read is scaled by this gain (<= 1): the Lipschitz bound's only
+            # lever, kept in the state dict so a checkpoint reproduces the map it was trained on.
+            self.register_buffer("feedback_gain", torch.ones(()))
+            # False until the first forward measures the loop: a fresh model's first solve, in any
+            # mode, sets the gain (as spectral normalisation's power iteration starts at build).
+            self.register_buffer("feedback_gain_measured", torch.zeros((), dtype=torch.bool))
+        self._power_vector: Tensor | None = None  # warm start of the power iteration
+        self.last_lipschitz: float | None = None
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
@@ -184,6 +195,9 @@ class Federation(nn.Module):
             "the feedback diverged (lower the learning rate, use fewer steps, or make the loop contractive)"
         )
 
+    # Eager under torch.compile: the solve stops at a data-dependent iteration, and the implicit
+    # backward replays one step's tape many times, which a compiled backward cannot.
+    @torch.compiler.disable
     def _equilibrium(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Deep-equilibrium feedback (Bai, Kolter & Koltun 2019): solve z* = f(z*) for the bus state.
 
@@ -191,50 +205,175 @@ class Federation(nn.Module):
         relative change), so memory does not grow with the iterations. Gradients use the implicit
         function theorem: a hook on z = f(z*) replaces dL/dz by the solution g of
         g = J_f(z*)^T g + dL/dz, found by the same fixed-point iteration over vector-Jacobian
-        products. `last_iterations` and `last_residual` report the forward solve's convergence.
+        products. `last_iterations` and `last_residual` report the forward solve's convergence,
+        `last_backward_iterations` and `last_backward_residual` the backward's.
+
+        With `lipschitz: c` the map is f(z) = step(gain * z), and in training (and in a fresh model's
+        first forward) the spectral norm of J_f(z*) is measured after the solve (`lipschitz_at`);
+        above `c` the gain is scaled down by
+        `c / sigma` and the fixed point solved again, so both solves contract at rate <= c near z*
+        (Ostrowski). This is spectral normalisation (Miyato et al. 2018) applied to the linearised
+        loop instead of to one weight: a global bound through attention and LayerNorm does not exist.
         """
         plan = self.plan
-        _, bus = self._step(embedded, [])
-        z = bus.detach()
+        start = self._step(embedded, [])[1].detach()
+        gain = self.feedback_gain.clone() if plan.lipschitz is not None else None
+        z = self._solve(embedded, start, gain)
+        if gain is not None and (
+            (self.training and torch.is_grad_enabled()) or not bool(self.feedback_gain_measured)
+        ):
+            z, gain = self._bound_lipschitz(embedded, start, z, gain)
+            self.feedback_gain_measured.fill_(True)
+        if self.last_residual >= plan.tolerance:
+            log.warning(
+                "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
+                "raise `feedback.steps` or bound the loop with `feedback.lipschitz`",
+                self.last_residual,
+                self.last_iterations,
+                plan.tolerance,
+            )
+        if not torch.is_grad_enabled():
+            return self._map(embedded, z, gain)[0]
+        _, z_next = self._map(embedded, z, gain)  # re-attaches the tape to the parameters
+        z0 = z_next.detach().requires_grad_()
+        _, f0 = self._map(embedded, z0, gain)
+
+        def implicit_gradient(grad: Tensor) -> Tensor:
+            g, change = grad, float("inf")
+            for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
+                (vjp,) = torch.autograd.grad(f0, z0, g, retain_graph=True)
+                following = vjp + grad
+                change = float((following - g).norm() / following.norm().clamp_min(1e-12))
+                g = following
+                if change <= plan.tolerance:
+                    break
+            self.last_backward_iterations, self.last_backward_residual = iterations, change
+            if change > plan.tolerance:
+                log.warning(
+                    "equilibrium backward did not converge: relative change %.3g after %d iterations "
+                    "(tolerance %.3g), so the gradient is approximate; bound the loop with "
+                    "`feedback.lipschitz` or raise `feedback.steps`",
+                    change,
+                    iterations,
+                    plan.tolerance,
+                )
+            return g
+
+        z_next.register_hook(implicit_gradient)
+        return self._map(embedded, z_next, gain)[0]
+
+    def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
+        """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""
+        if self.plan.mode != "equilibrium":
+            raise ValueError("only `mode: equilibrium` feedback has a fixed point")
+        gain = self.feedback_gain if self.plan.lipschitz is not None else None
+        with torch.no_grad():
+            start = self._step(embedded, [])[1]
+        return self._solve(embedded, start, gain)
+
+    def _map(
+        self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """f(z): one step of the graph whose delayed edges read `gain * z`."""
+        return self._step(embedded, [z if gain is None else z * gain.to(z.dtype)])
+
+    def _solve(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> Tensor:
+        plan = self.plan
         residual = torch.tensor(float("inf"))
         iterations = 0
+        finite: list[Tensor] = []
         with torch.no_grad():
-            finite: list[Tensor] = []
             for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
-                _, following = self._step(embedded, [z])
+                _, following = self._map(embedded, z, gain)
                 finite.append(_finite_per_node(following))
-                residual = (following - z).norm() / following.norm().clamp_min(1e-12)
+                # Every process stops at the same iteration: under FSDP each step gathers weights.
+                residual = _agreed(
+                    (following - z).norm() / following.norm().clamp_min(1e-12), "max"
+                )
                 z = following
                 if residual < plan.tolerance:
                     break
         self._raise_if_not_finite(torch.stack(finite), "equilibrium iteration")
         self.last_iterations, self.last_residual = iterations, float(residual)
-        if self.last_residual >= plan.tolerance:
+        return z
+
+    def _bound_lipschitz(
+        self, embedded: dict[str, Tensor], start: Tensor, z: Tensor, gain: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Measure ||J_f(z*)||, shrink the gain while it exceeds the bound (re-solving each time),
+        and leave the next step a gain that puts it at `_HEADROOM` of the bound, at most 1."""
+        bound = self.plan.lipschitz
+        assert bound is not None
+        sigma = 0.0
+        for attempt in range(_BOUND_ATTEMPTS):
+            sigma = self.lipschitz_at(embedded, z, gain, self.plan.power_iterations)
+            proposed = gain * (_HEADROOM * bound / max(sigma, 1e-12))
+            if sigma <= bound:
+                self.feedback_gain.copy_(proposed.clamp(max=1.0))
+                break
+            gain = proposed
+            if attempt + 1 < _BOUND_ATTEMPTS:
+                converged = self.last_residual < self.plan.tolerance
+                z = self._solve(embedded, z if converged else start, gain)
+        else:
+            self.feedback_gain.copy_(gain)
             log.warning(
-                "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
-                "raise `feedback.steps` or make the feedback map contractive",
-                self.last_residual,
-                iterations,
-                plan.tolerance,
+                "feedback Lipschitz bound %.3g not reached after %d re-solves (%.3g measured); the gain "
+                "is now %.3g",
+                bound,
+                _BOUND_ATTEMPTS,
+                sigma,
+                float(gain),
             )
-        if not torch.is_grad_enabled():
-            return self._step(embedded, [z])[0]
-        _, z_next = self._step(embedded, [z])  # re-attaches the tape to the parameters
-        z0 = z_next.detach().requires_grad_()
-        _, f0 = self._step(embedded, [z0])
+        self.last_lipschitz = sigma
+        return z, gain
 
-        def implicit_gradient(grad: Tensor) -> Tensor:
-            g = grad
-            for _ in range(plan.steps):
-                (vjp,) = torch.autograd.grad(f0, z0, g, retain_graph=True)
-                following = vjp + grad
-                if (following - g).norm() <= plan.tolerance * following.norm().clamp_min(1e-12):
-                    return following
-                g = following
-            return g
+    def lipschitz_at(
+        self,
+        embedded: dict[str, Tensor],
+        z: Tensor,
+        gain: Tensor | None = None,
+        iterations: int = 20,
+    ) -> float:
+        """The spectral norm of J_f at `z`: the map's local Lipschitz constant, by power iteration
+        on J^T J (warm-started from the previous call when the shape matches; otherwise at least
+        `_COLD_START_ITERATIONS`).
 
-        z_next.register_hook(implicit_gradient)
-        return self._step(embedded, [z_next])[0]
+        One forward with a tape serves every iteration: J^T u is a vector-Jacobian product, and
+        J v the derivative of that (linear) product with respect to u, a double backward. It runs
+        in the math attention kernel (flash kernels have no double backward), without autocast,
+        and under a forked RNG so the caller's dropout stream is untouched.
+        """
+        if gain is None and self.plan.lipschitz is not None:
+            gain = self.feedback_gain
+        v = self._power_vector
+        if v is None or v.shape != z.shape or v.device != z.device:
+            generator = torch.Generator(device=z.device).manual_seed(0)
+            v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            iterations = max(iterations, _COLD_START_ITERATIONS)
+        v = v.to(z.dtype)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        devices = [z.device] if z.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.enable_grad(),
+            torch.autocast(z.device.type, enabled=False),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            point = z.detach().requires_grad_()
+            _, image = self._map(embedded, point, gain)
+            probe = torch.zeros_like(image, requires_grad=True)
+            (transposed,) = torch.autograd.grad(image, point, probe, create_graph=True)
+            sigma = torch.zeros(())
+            for _ in range(iterations):
+                v = v / v.norm().clamp_min(1e-30)
+                (jv,) = torch.autograd.grad(transposed, probe, v, retain_graph=True)
+                u = jv / jv.norm().clamp_min(1e-30)
+                (v,) = torch.autograd.grad(image, point, u, retain_graph=True)
+                sigma = v.norm()  # ||J^T J v|| / ||J v|| >= ||J v||: the sharper lower bound
+        self._power_vector = (v / v.norm().clamp_min(1e-30)).detach()
+        return float(_agreed(sigma.detach(), "max"))
 
     def _step(
         self, embedded: dict[str, Tensor], history: list[Tensor]
@@ -321,6 +460,24 @@ class Federation(nn.Module):
             )
             mats.append(eye if matrix is None else matrix.to(like.dtype))
         return torch.stack(mats)
+
+
+_HEADROOM = (
+    0.95  # the gain grows back only to this share of the bound: a step's drift needs no re-solve
+)
+_BOUND_ATTEMPTS = 10
+_COLD_START_ITERATIONS = 10  # without a warm start (first call, new shape) a few more iterations
+
+
+def _agreed(value: Tensor, op: str) -> Tensor:
+    """`value` reduced over the processes of a distributed run (itself otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return value
 
 
 class NonFiniteError(FloatingPointError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .federation import Federation
@@ -61,13 +62,7 @@ class GraphModel(nn.Module):
         self.spec_digest: str = ""
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
-        values = self._bind(args, kwargs)
-        embedded = {}
-        for name, module in self.inputs.items():
-            value = values[name]
-            check_context(name, module, value)
-            embedded[name] = module(value)
-        states = self.federation(embedded)
+        states = self.federation(self._embed(args, kwargs))
         result = {}
         for name, head in self.outputs.items():
             read = [states[g][m] for g, m in self.wiring[name].sources]
@@ -109,6 +104,25 @@ class GraphModel(nn.Module):
             name: self.companions[name].summary(features, output)
             for name, (features, output) in self.companion_outputs.items()
         }
+
+    def feedback_lipschitz(self, *args: Tensor, iterations: int = 50, **kwargs: Tensor) -> float:
+        """The local Lipschitz constant of the equilibrium feedback map at its fixed point for these
+        inputs: the spectral norm of its Jacobian, by `iterations` power iterations. Below 1 the
+        solve and the implicit backward contract near z*; `feedback.lipschitz` keeps it at most
+        its bound in training."""
+        with torch.no_grad():
+            embedded = self._embed(args, kwargs)
+        z = self.federation.fixed_point(embedded)
+        return self.federation.lipschitz_at(embedded, z, iterations=iterations)
+
+    def _embed(self, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
+        values = self._bind(args, kwargs)
+        embedded = {}
+        for name, module in self.inputs.items():
+            value = values[name]
+            check_context(name, module, value)
+            embedded[name] = module(value)
+        return embedded
 
     def fractal(self, node: str | None = None):
         """The model seen through fractal node `node` (default: the only one): every level at once,

@@ -65,3 +65,13 @@ def test_lattice_oscillators_quick(tmp_path):
                 assert 0 <= layer["order_parameter"] <= 1 and layer["attention_entropy"] >= 0
     for png in ("lattice_sync.png", "lattice_phases.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equilibrium_bound_quick(tmp_path, text):
+    run_example("equilibrium_bound.py", "--data", str(text), "--out", str(tmp_path))
+    results = json.loads((tmp_path / "equilibrium_bound.json").read_text())["results"]
+    assert set(results) == {"bounded", "unbounded"}
+    bounded = results["bounded"]
+    assert bounded["forward_converged"] == bounded["backward_converged"] == 1.0
+    assert all(s["lipschitz"] <= 0.8 for s in bounded["per_step"])
+    assert results["unbounded"]["final_gain"] == 1.0

@@ -42,6 +42,8 @@ def test_gallery_spec_compiles_with_fullgraph(path):
     """`torch.compile(fullgraph=True)` raises on any graph break; aot_eager also traces backward."""
     torch._dynamo.reset()
     model = compiler.build_model(path).eval()
+    if model.federation.plan.mode == "equilibrium":
+        pytest.skip("an equilibrium solve stops at a data-dependent iteration: it runs eagerly")
     inputs = random_inputs(model.spec)
     expected = model(**inputs)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -316,3 +316,32 @@ def test_compile_trains_the_same_model_with_inductor(write_spec, text, tmp_path)
     expected = [r["loss"] for r in records(tmp_path / "eager")]
     assert [r["loss"] for r in records(tmp_path / "compiled")] == pytest.approx(expected, abs=1e-4)
     assert expected[-1] < expected[0]
+
+
+EQUILIBRIUM = """
+spec: 1
+name: tiny-equilibrium
+inputs:
+  tokens: {kind: tokens, vocab: 70, context: 16}
+nodes:
+  reader: {kind: transformer, width: 16, heads: 2, layers: 1}
+  refiner: {kind: transformer, width: 16, heads: 2, layers: 1}
+edges:
+  - {from: reader, to: refiner}
+  - {from: refiner, to: reader, kind: feedback, delay: 1}
+feedback: {steps: 20, mode: equilibrium, lipschitz: 0.8}
+outputs:
+  logits: {from: refiner, kind: lm_head}
+train: {steps: 2, batch: 2, eval_every: 2}
+"""
+
+
+def test_equilibrium_models_log_their_solves_and_the_bound(write_spec, text, tmp_path):
+    train(
+        write_spec(EQUILIBRIUM), RunOptions(data=str(text), out=str(tmp_path / "run"), log_every=1)
+    )
+    for line in records(tmp_path / "run"):
+        solves = line["equilibrium"]
+        assert solves["residual"] < 1e-4 and solves["backward_residual"] < 1e-4
+        assert 1 <= solves["iterations"] <= 20 and 1 <= solves["backward_iterations"] <= 20
+        assert solves["lipschitz"] <= 0.8 and 0 < solves["feedback_gain"] <= 1

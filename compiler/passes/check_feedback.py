@@ -76,6 +76,25 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                 key=True,
             )
         )
+    if feedback.lipschitz is not None and feedback.mode != "equilibrium":
+        found.append(
+            ir.error(
+                ("feedback", "lipschitz"),
+                "`lipschitz` bounds the Jacobian of the map whose fixed point `mode: equilibrium` solves for; "
+                f"`mode: {feedback.mode}` has no fixed point",
+                "add `mode: equilibrium`, or remove `lipschitz`",
+                key=True,
+            )
+        )
+    if feedback.power_iterations is not None and feedback.lipschitz is None:
+        found.append(
+            ir.error(
+                ("feedback", "power_iterations"),
+                "`power_iterations` applies only with `lipschitz`",
+                "add `lipschitz: 0.9`, or remove `power_iterations`",
+                key=True,
+            )
+        )
     if feedback.backprop_steps is not None:
         if feedback.mode != "truncated":
             found.append(
