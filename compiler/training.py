@@ -418,6 +418,20 @@ def train(
                 )
             ]
         )
+    feedback = ir.spec.feedback
+    if processes.strategy == "fsdp" and feedback is not None and feedback.lipschitz is not None:
+        raise SpecError(
+            [
+                ir.error(
+                    ("feedback", "lipschitz"),
+                    "`lipschitz` measures the loop through a double backward, which cannot reach "
+                    "the weights FSDP gathers",
+                    "train this spec with `--strategy ddp` (every process holds the weights), or "
+                    "remove `lipschitz`",
+                    key=True,
+                )
+            ]
+        )
     start = previous.step if previous else 0
     stop = min(options.stop_at or settings.steps, settings.steps)
     if start >= stop:
@@ -528,7 +542,11 @@ def _equilibrium(model: nn.Module) -> dict[str, Any]:
     federation = model.federation
     if federation.plan.mode != "equilibrium" or not hasattr(federation, "last_iterations"):
         return {}
-    found = {"iterations": federation.last_iterations, "residual": federation.last_residual}
+    found = {
+        "iterations": federation.last_iterations,
+        "residual": federation.last_residual,
+        "contraction": federation.last_contraction,
+    }
     if hasattr(federation, "last_backward_iterations"):
         found["backward_iterations"] = federation.last_backward_iterations
         found["backward_residual"] = federation.last_backward_residual

@@ -71,7 +71,7 @@ class FederationPlan:
     mode: str = "unroll"  # unroll | truncated | equilibrium
     tolerance: float = 1e-4  # equilibrium: relative change at which the fixed point is reached
     lipschitz: float | None = None  # equilibrium: bound on the Jacobian's spectral norm at z*
-    power_iterations: int = 2  # per training step, for `lipschitz`
+    power_iterations: int = 4  # per measurement, for `lipschitz`
     perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
 
     @property
@@ -160,8 +160,8 @@ class Federation(nn.Module):
             # False until the first forward measures the loop: a fresh model's first solve, in any
             # mode, sets the gain (as spectral normalisation's power iteration starts at build).
             self.register_buffer("feedback_gain_measured", torch.zeros((), dtype=torch.bool))
-        self._power_vector: Tensor | None = None  # warm start of the power iteration
         self.last_lipschitz: float | None = None
+        self.last_contraction: float | None = None
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
@@ -205,25 +205,29 @@ class Federation(nn.Module):
         relative change), so memory does not grow with the iterations. Gradients use the implicit
         function theorem: a hook on z = f(z*) replaces dL/dz by the solution g of
         g = J_f(z*)^T g + dL/dz, found by the same fixed-point iteration over vector-Jacobian
-        products. `last_iterations` and `last_residual` report the forward solve's convergence,
-        `last_backward_iterations` and `last_backward_residual` the backward's.
+        products. `last_iterations`, `last_residual` and `last_contraction` (the observed rate per
+        iteration) report the forward solve's convergence, `last_backward_iterations` and
+        `last_backward_residual` the backward's.
 
         With `lipschitz: c` the map is f(z) = step(gain * z), and in training (and in a fresh model's
-        first forward) the spectral norm of J_f(z*) is measured after the solve (`lipschitz_at`);
-        above `c` the gain is scaled down by
-        `c / sigma` and the fixed point solved again, so both solves contract at rate <= c near z*
-        (Ostrowski). This is spectral normalisation (Miyato et al. 2018) applied to the linearised
+        first forward) the spectral norm sigma of J_f(z*) is measured after the solve
+        (`lipschitz_at`); above `c` the gain is scaled by `0.95 c / sigma` and the fixed point
+        solved again, so both solves contract at rate <= c near z* (Ostrowski). This is spectral normalisation (Miyato et al. 2018) applied to the linearised
         loop instead of to one weight: a global bound through attention and LayerNorm does not exist.
         """
         plan = self.plan
         start = self._step(embedded, [])[1].detach()
         gain = self.feedback_gain.clone() if plan.lipschitz is not None else None
         z = self._solve(embedded, start, gain)
-        if gain is not None and (
-            (self.training and torch.is_grad_enabled()) or not bool(self.feedback_gain_measured)
-        ):
-            z, gain = self._bound_lipschitz(embedded, start, z, gain)
-            self.feedback_gain_measured.fill_(True)
+        if gain is not None:
+            learning = (self.training and torch.is_grad_enabled()) or not bool(
+                self.feedback_gain_measured
+            )
+            if learning or self.last_residual >= plan.tolerance:
+                # Outside training a solve that fails is bounded too, for this forward only.
+                z, gain = self._bound_lipschitz(embedded, start, z, gain, store=learning)
+            if learning:
+                self.feedback_gain_measured.fill_(True)
         if self.last_residual >= plan.tolerance:
             log.warning(
                 "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
@@ -279,7 +283,7 @@ class Federation(nn.Module):
 
     def _solve(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> Tensor:
         plan = self.plan
-        residual = torch.tensor(float("inf"))
+        residual = first = torch.tensor(float("inf"))
         iterations = 0
         finite: list[Tensor] = []
         with torch.no_grad():
@@ -290,18 +294,32 @@ class Federation(nn.Module):
                 residual = _agreed(
                     (following - z).norm() / following.norm().clamp_min(1e-12), "max"
                 )
+                first = residual if iterations == 2 else first
                 z = following
                 if residual < plan.tolerance:
                     break
         self._raise_if_not_finite(torch.stack(finite), "equilibrium iteration")
         self.last_iterations, self.last_residual = iterations, float(residual)
+        # The observed rate per iteration from the second change on (the first is from the start):
+        # it tends to the spectral radius of J_f(z*), which is what decides convergence.
+        self.last_contraction = (
+            float((residual / first.clamp_min(1e-30)) ** (1 / (iterations - 2)))
+            if iterations > 2
+            else None
+        )
         return z
 
     def _bound_lipschitz(
-        self, embedded: dict[str, Tensor], start: Tensor, z: Tensor, gain: Tensor
+        self,
+        embedded: dict[str, Tensor],
+        start: Tensor,
+        z: Tensor,
+        gain: Tensor,
+        store: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Measure ||J_f(z*)||, shrink the gain while it exceeds the bound (re-solving each time),
-        and leave the next step a gain that puts it at `_HEADROOM` of the bound, at most 1."""
+        and (with `store`) leave the next step a gain that puts it at `_HEADROOM` of the bound, at
+        most 1. Returns the fixed point and the gain this forward uses."""
         bound = self.plan.lipschitz
         assert bound is not None
         sigma = 0.0
@@ -309,22 +327,24 @@ class Federation(nn.Module):
             sigma = self.lipschitz_at(embedded, z, gain, self.plan.power_iterations)
             proposed = gain * (_HEADROOM * bound / max(sigma, 1e-12))
             if sigma <= bound:
-                self.feedback_gain.copy_(proposed.clamp(max=1.0))
+                if store:
+                    self.feedback_gain.copy_(proposed.clamp(max=1.0))
+                break
+            if attempt + 1 == _BOUND_ATTEMPTS:  # this forward keeps the gain z* was solved with
+                if store:
+                    self.feedback_gain.copy_(proposed)
+                log.warning(
+                    "feedback Lipschitz bound %.3g not reached after %d re-solves (%.3g measured); "
+                    "the next step starts from gain %.3g",
+                    bound,
+                    _BOUND_ATTEMPTS,
+                    sigma,
+                    float(proposed),
+                )
                 break
             gain = proposed
-            if attempt + 1 < _BOUND_ATTEMPTS:
-                converged = self.last_residual < self.plan.tolerance
-                z = self._solve(embedded, z if converged else start, gain)
-        else:
-            self.feedback_gain.copy_(gain)
-            log.warning(
-                "feedback Lipschitz bound %.3g not reached after %d re-solves (%.3g measured); the gain "
-                "is now %.3g",
-                bound,
-                _BOUND_ATTEMPTS,
-                sigma,
-                float(gain),
-            )
+            converged = self.last_residual < self.plan.tolerance
+            z = self._solve(embedded, z if converged else start, gain)
         self.last_lipschitz = sigma
         return z, gain
 
@@ -336,22 +356,21 @@ class Federation(nn.Module):
         iterations: int = 20,
     ) -> float:
         """The spectral norm of J_f at `z`: the map's local Lipschitz constant, by power iteration
-        on J^T J (warm-started from the previous call when the shape matches; otherwise at least
-        `_COLD_START_ITERATIONS`).
+        on J^T J from a seeded start.
 
+        No layer mixes the sequences of a batch, so J is block-diagonal over them and its norm is
+        the largest block's: each sequence runs its own power iteration (normalised separately),
+        which converges at its own block's spectral gap instead of the gap between the top blocks.
         One forward with a tape serves every iteration: J^T u is a vector-Jacobian product, and
         J v the derivative of that (linear) product with respect to u, a double backward. It runs
         in the math attention kernel (flash kernels have no double backward), without autocast,
-        and under a forked RNG so the caller's dropout stream is untouched.
+        and under a forked RNG so the caller's dropout stream is untouched. (Not under FSDP: a
+        double backward cannot reach the weights it gathers; training refuses that combination.)
         """
         if gain is None and self.plan.lipschitz is not None:
             gain = self.feedback_gain
-        v = self._power_vector
-        if v is None or v.shape != z.shape or v.device != z.device:
-            generator = torch.Generator(device=z.device).manual_seed(0)
-            v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            iterations = max(iterations, _COLD_START_ITERATIONS)
-        v = v.to(z.dtype)
+        generator = torch.Generator(device=z.device).manual_seed(0)
+        v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         devices = [z.device] if z.device.type == "cuda" else []
@@ -367,12 +386,11 @@ class Federation(nn.Module):
             (transposed,) = torch.autograd.grad(image, point, probe, create_graph=True)
             sigma = torch.zeros(())
             for _ in range(iterations):
-                v = v / v.norm().clamp_min(1e-30)
-                (jv,) = torch.autograd.grad(transposed, probe, v, retain_graph=True)
-                u = jv / jv.norm().clamp_min(1e-30)
-                (v,) = torch.autograd.grad(image, point, u, retain_graph=True)
-                sigma = v.norm()  # ||J^T J v|| / ||J v|| >= ||J v||: the sharper lower bound
-        self._power_vector = (v / v.norm().clamp_min(1e-30)).detach()
+                direction = _per_sequence_unit(v)
+                (jv,) = torch.autograd.grad(transposed, probe, direction, retain_graph=True)
+                (v,) = torch.autograd.grad(image, point, _per_sequence_unit(jv), retain_graph=True)
+                # ||J^T J v|| / ||J v|| >= ||J v|| for a unit v: the sharper lower bound
+                sigma = v.flatten(1).norm(dim=1).max()
         return float(_agreed(sigma.detach(), "max"))
 
     def _step(
@@ -466,7 +484,12 @@ _HEADROOM = (
     0.95  # the gain grows back only to this share of the bound: a step's drift needs no re-solve
 )
 _BOUND_ATTEMPTS = 10
-_COLD_START_ITERATIONS = 10  # without a warm start (first call, new shape) a few more iterations
+
+
+def _per_sequence_unit(t: Tensor) -> Tensor:
+    """`t` scaled so each sequence's slice `t[b]` has unit norm."""
+    norms = t.flatten(1).norm(dim=1).clamp_min(1e-30)
+    return t / norms.view(-1, *[1] * (t.dim() - 1))
 
 
 def _agreed(value: Tensor, op: str) -> Tensor:

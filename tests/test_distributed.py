@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from compiler.checkpoint import load_checkpoint
+from compiler.diagnostics import SpecError
 from compiler.training import RunOptions, train
 
 # the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
@@ -61,6 +62,35 @@ def _runs(spec: str, data: str, out: Path) -> None:
         shutil.copytree(cut, out / "fsdp-at-3")
     torch.distributed.barrier()
     train(spec, RunOptions(out=cut, strategy="fsdp", resume=cut, **options))
+
+
+EQUILIBRIUM = """
+spec: 1
+name: data-parallel-equilibrium
+seed: 2
+inputs:
+  tokens: {kind: tokens, vocab: 70, context: 16}
+nodes:
+  reader: {kind: transformer, width: 16, heads: 2, layers: 1}
+  refiner: {kind: transformer, width: 16, heads: 2, layers: 1}
+edges:
+  - {from: reader, to: refiner}
+  - {from: refiner, to: reader, kind: feedback, delay: 1}
+feedback: {steps: 20, mode: equilibrium, tolerance: 1.0e-6, lipschitz: 0.8}
+outputs:
+  logits: {from: refiner, kind: lm_head}
+train: {steps: 4, batch: 8, eval_every: 2}
+"""
+
+
+def _equilibrium_runs(spec: str, data: str, out: Path) -> None:
+    options = {"data": data, "log_every": 1, "eval_batches": 2}
+    train(spec, RunOptions(out=str(out / "ddp"), strategy="ddp", **options))
+    try:
+        train(spec, RunOptions(out=str(out / "fsdp"), strategy="fsdp", **options))
+    except SpecError as error:  # refused before a weight is built
+        if torch.distributed.get_rank() == 0:
+            (out / "fsdp-refused.txt").write_text(str(error), encoding="utf-8")
 
 
 def _losses(directory: Path) -> list[tuple[int, float, float | None]]:
@@ -108,6 +138,42 @@ def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path)
         torch.testing.assert_close(sharded.state_dict()[name], value, atol=1e-5, rtol=1e-4)
 
 
+def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec, tmp_path):
+    """Under DDP both processes measure the loop's Jacobian on their half of the batch and agree
+    on the larger, which is the whole batch's (the norm is a maximum over sequences), and on when
+    each solve stops. FSDP is refused with a located error: a double backward cannot reach the
+    weights it gathers."""
+    spec = write_spec(EQUILIBRIUM)
+    data = tmp_path / "text.txt"
+    data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--standalone", "--nproc-per-node", "2", __file__, spec, data, tmp_path]
+    done = subprocess.run(
+        [*command, "equilibrium"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tmp_path / "one"
+    train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
+    expected = _losses(reference)
+    one = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])["equilibrium"]
+    refused = (tmp_path / "fsdp-refused.txt").read_text(encoding="utf-8")
+    assert "`lipschitz` measures the loop through a double backward" in refused
+    assert "--strategy ddp" in refused
+    for run in ("ddp",):
+        got = _losses(tmp_path / run)
+        assert [s for s, _, _ in got] == [1, 2, 3, 4], run
+        for (_, loss, _), (_, want, _) in zip(got, expected, strict=True):
+            assert loss == pytest.approx(want, abs=1e-4), run
+        last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+        solves = last["equilibrium"]
+        assert solves["residual"] < 1e-6 and solves["backward_residual"] < 1e-6, run
+        assert solves["feedback_gain"] == pytest.approx(one["feedback_gain"], rel=1e-3), run
+
+
 if __name__ == "__main__":  # the torchrun worker
-    _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[4:] == ["equilibrium"]:
+        _equilibrium_runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    else:
+        _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
     torch.distributed.destroy_process_group()

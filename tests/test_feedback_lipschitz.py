@@ -155,3 +155,15 @@ def test_a_compiled_model_runs_the_equilibrium_eagerly_and_trains():
     compiled(X)["y"].square().sum().backward()
     assert model.federation.last_backward_residual < 1e-6
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_an_evaluation_whose_solve_fails_is_bounded_for_that_forward_only():
+    model = loop(50.0)
+    model(X)  # measured on X
+    model.eval()
+    gain = model.federation.feedback_gain.clone()
+    with torch.no_grad():
+        model.federation.messages.lin.weight.mul_(20.0)  # now the stored gain is far too large
+        model(X)
+    assert model.federation.last_residual < 1e-6 and model.federation.last_lipschitz <= 0.5
+    assert torch.equal(model.federation.feedback_gain, gain)  # evaluation stores nothing

@@ -201,7 +201,7 @@ def plan(ir: IR) -> IR:
         mode=feedback.mode if feedback else "unroll",
         tolerance=float(feedback.tolerance) if feedback and feedback.tolerance else 1e-4,
         lipschitz=float(feedback.lipschitz) if feedback and feedback.lipschitz else None,
-        power_iterations=(feedback.power_iterations or 2) if feedback else 2,
+        power_iterations=(feedback.power_iterations or 4) if feedback else 4,
     )
     address = {}
     for g, group in enumerate(federation.groups):
