@@ -91,6 +91,24 @@ def validate(
         raise typer.Exit(1)
 
 
+def _equilibrium_summary(federation) -> str | None:
+    """One line on the smoke forward's fixed-point solve (and the Lipschitz bound's measurement)."""
+    plan = federation.plan
+    if plan.mode != "equilibrium" or not hasattr(federation, "last_iterations"):
+        return None
+    state = "solved" if federation.last_residual < plan.tolerance else "NOT solved"
+    line = (
+        f"equilibrium: {state} in {federation.last_iterations} of {plan.steps} iterations "
+        f"(relative change {federation.last_residual:.2g}, tolerance {plan.tolerance:g})"
+    )
+    if plan.lipschitz is not None and federation.last_lipschitz is not None:
+        line += (
+            f"; ||J|| at the fixed point {federation.last_lipschitz:.3g} "
+            f"(bound {plan.lipschitz:g}, gain {float(federation.feedback_gain):.3g})"
+        )
+    return line
+
+
 @app.command("compile")
 @_guarded
 def compile_(
@@ -160,6 +178,9 @@ def compile_(
         if not finite:
             raise SpecError([Diagnostic(ir.span(()), "the smoke forward produced NaN or Inf")])
         out.print(f"smoke forward: {shapes} in {elapsed * 1000:.1f} ms", markup=False)
+        solve = _equilibrium_summary(model.federation)
+        if solve:
+            out.print(solve, markup=False)
     if out_dir is not None:
         try:
             path = save_checkpoint(model, out_dir)

@@ -167,3 +167,17 @@ def test_an_evaluation_whose_solve_fails_is_bounded_for_that_forward_only():
         model(X)
     assert model.federation.last_residual < 1e-6 and model.federation.last_lipschitz <= 0.5
     assert torch.equal(model.federation.feedback_gain, gain)  # evaluation stores nothing
+
+
+def test_compile_reports_the_smoke_forwards_solve_and_bound():
+    from typer.testing import CliRunner
+
+    from compiler.cli import app
+    from tests.conftest import ROOT
+
+    result = CliRunner().invoke(app, ["compile", str(ROOT / "specs" / "equilibrium.yaml")])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split("equilibrium: ")[1].split())  # rich wraps long lines
+    assert line.startswith("solved in ") and "of 30 iterations" in line
+    sigma = float(line.split("||J|| at the fixed point ")[1].split()[0])
+    assert sigma <= 0.8 and "(bound 0.8, gain " in line
