@@ -162,6 +162,7 @@ class Federation(nn.Module):
             self.register_buffer("feedback_gain_measured", torch.zeros((), dtype=torch.bool))
         self.last_lipschitz: float | None = None
         self.last_contraction: float | None = None
+        self._mask_seed: int | None = None  # set during an equilibrium forward in training
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
@@ -215,6 +216,16 @@ class Federation(nn.Module):
         solved again, so both solves contract at rate <= c near z* (Ostrowski). This is spectral normalisation (Miyato et al. 2018) applied to the linearised
         loop instead of to one weight: a global bound through attention and LayerNorm does not exist.
         """
+        # One set of dropout masks per forward: with fresh masks at every evaluation, f would be a
+        # different map each iteration and the solve would stall at the noise (the tied masks of
+        # Bai et al.'s variational dropout). Drawn from the global generator, so seeded runs repeat.
+        self._mask_seed = int(torch.randint(2**62, ())) if self.training else None
+        try:
+            return self._equilibrium_with_masks(embedded)
+        finally:
+            self._mask_seed = None
+
+    def _equilibrium_with_masks(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         plan = self.plan
         start = self._step(embedded, [])[1].detach()
         gain = self.feedback_gain.clone() if plan.lipschitz is not None else None
@@ -278,8 +289,15 @@ class Federation(nn.Module):
     def _map(
         self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None
     ) -> tuple[list[Tensor], Tensor | None]:
-        """f(z): one step of the graph whose delayed edges read `gain * z`."""
-        return self._step(embedded, [z if gain is None else z * gain.to(z.dtype)])
+        """f(z): one step of the graph whose delayed edges read `gain * z` (in training, with this
+        forward's dropout masks)."""
+        history = [z if gain is None else z * gain.to(z.dtype)]
+        if self._mask_seed is None:
+            return self._step(embedded, history)
+        devices = [z.device] if z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._mask_seed)
+            return self._step(embedded, history)
 
     def _solve(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> Tensor:
         plan = self.plan

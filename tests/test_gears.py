@@ -235,3 +235,38 @@ def test_a_diverging_loop_stops_naming_the_node_and_step(mode):
     what = "feedback step 1 of 4" if mode == "unroll" else "equilibrium iteration 1 of 4"
     with pytest.raises(NonFiniteError, match=f"{what}: node `a` produced NaN or Inf"):
         model(torch.randn(1, 4, 4))
+
+
+def test_equilibrium_in_training_draws_one_set_of_dropout_masks_per_forward():
+    """Fresh masks at every iteration would make f a new map each time and stall the solve."""
+    from runtime.ports import concat_states
+
+    text = LOOP.replace("STEPS", "60").replace("MODE", "equilibrium, tolerance: 1.0e-6")
+    text = text.replace("layers: 1}", "layers: 1, dropout: 0.2}")
+    model = compiler.build_model(compiler.load_spec_text(text)).train()
+    with torch.no_grad():
+        model.inputs["t"].proj.weight.normal_(std=1.0)
+        model.federation.messages.lin.weight.mul_(0.05)
+    x = torch.randn(2, 8, 4)
+    torch.manual_seed(0)
+    first = model(x)["y"]
+    assert model.federation.last_residual < 1e-6
+    first.square().sum().backward()
+    implicit = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    assert torch.equal(model(x)["y"], first)  # the masks come from the global generator
+    assert not torch.equal(model(x)["y"], first)  # and every forward draws new ones
+
+    model.zero_grad()  # the reference: unroll the same masked map, with its tape
+    torch.manual_seed(0)
+    federation = model.federation
+    federation._mask_seed = int(torch.randint(2**62, ()))
+    inputs = model._embed((x,), {})
+    _, z = federation._step(inputs, [])
+    for _ in range(60):
+        states, z = federation._map(inputs, z, None)
+    federation._mask_seed = None
+    read = [states[g][m] for g, m in model.wiring["y"].sources]
+    model.outputs["y"](concat_states(read)).square().sum().backward()
+    for (name, p), expected in zip(model.named_parameters(), implicit, strict=True):
+        torch.testing.assert_close(expected, p.grad, atol=1e-4, rtol=1e-3, msg=name)
