@@ -93,18 +93,18 @@ def validate(
 
 def _equilibrium_summary(federation) -> str | None:
     """One line on the smoke forward's fixed-point solve (and the Lipschitz bound's measurement)."""
-    plan = federation.plan
-    if plan.mode != "equilibrium" or not hasattr(federation, "last_iterations"):
+    report, plan = federation.solve_report(), federation.plan
+    if report is None:
         return None
-    state = "solved" if federation.last_residual < plan.tolerance else "NOT solved"
+    state = "solved" if report["residual"] < plan.tolerance else "NOT solved"
     line = (
-        f"equilibrium: {state} in {federation.last_iterations} of {plan.steps} iterations "
-        f"(relative change {federation.last_residual:.2g}, tolerance {plan.tolerance:g})"
+        f"equilibrium: {state} in {report['iterations']} of {plan.steps} iterations "
+        f"(relative change {report['residual']:.2g}, tolerance {plan.tolerance:g})"
     )
-    if plan.lipschitz is not None and federation.last_lipschitz is not None:
+    if report.get("lipschitz") is not None:
         line += (
-            f"; ||J|| at the fixed point {federation.last_lipschitz:.3g} "
-            f"(bound {plan.lipschitz:g}, gain {float(federation.feedback_gain):.3g})"
+            f"; ||J|| at the fixed point {report['lipschitz']:.3g} "
+            f"(bound {plan.lipschitz:g}, gain {report['feedback_gain']:.3g})"
         )
     return line
 

@@ -537,23 +537,9 @@ def _validation_loss(
 
 
 def _equilibrium(model: nn.Module) -> dict[str, Any]:
-    """The latest training step's solves: iterations and residual forward and backward, and with
-    `feedback.lipschitz` the measured Jacobian norm and the gain that keeps it bounded."""
-    federation = model.federation
-    if federation.plan.mode != "equilibrium" or not hasattr(federation, "last_iterations"):
-        return {}
-    found = {
-        "iterations": federation.last_iterations,
-        "residual": federation.last_residual,
-        "contraction": federation.last_contraction,
-    }
-    if hasattr(federation, "last_backward_iterations"):
-        found["backward_iterations"] = federation.last_backward_iterations
-        found["backward_residual"] = federation.last_backward_residual
-    if federation.plan.lipschitz is not None:
-        found["lipschitz"] = federation.last_lipschitz
-        found["feedback_gain"] = float(federation.feedback_gain)
-    return {"equilibrium": found}
+    """The latest training step's solves (`Federation.solve_report`), under `equilibrium`."""
+    report = model.federation.solve_report()
+    return {} if report is None else {"equilibrium": report}
 
 
 def _lattice(root: nn.Module, model: nn.Module, processes: Processes) -> dict[str, Any]:

@@ -160,8 +160,13 @@ class Federation(nn.Module):
             # False until the first forward measures the loop: a fresh model's first solve, in any
             # mode, sets the gain (as spectral normalisation's power iteration starts at build).
             self.register_buffer("feedback_gain_measured", torch.zeros((), dtype=torch.bool))
-        self.last_lipschitz: float | None = None
+        # What the latest equilibrium forward and backward reported (None before the first).
+        self.last_iterations: int | None = None
+        self.last_residual: float | None = None
         self.last_contraction: float | None = None
+        self.last_lipschitz: float | None = None
+        self.last_backward_iterations: int | None = None
+        self.last_backward_residual: float | None = None
         self._mask_seed: int | None = None  # set during an equilibrium forward in training
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
@@ -277,6 +282,24 @@ class Federation(nn.Module):
         z_next.register_hook(implicit_gradient)
         return self._map(embedded, z_next, gain)[0]
 
+    def solve_report(self) -> dict[str, float | int | None] | None:
+        """The latest equilibrium solves, for logs and the command line: iterations, residual and
+        contraction forward, iterations and residual backward, and with `lipschitz` the measured
+        Jacobian norm and the stored gain. None for other modes or before the first forward."""
+        if self.plan.mode != "equilibrium" or self.last_iterations is None:
+            return None
+        report = {
+            "iterations": self.last_iterations,
+            "residual": self.last_residual,
+            "contraction": self.last_contraction,
+            "backward_iterations": self.last_backward_iterations,
+            "backward_residual": self.last_backward_residual,
+        }
+        if self.plan.lipschitz is not None:
+            report["lipschitz"] = self.last_lipschitz
+            report["feedback_gain"] = float(self.feedback_gain)
+        return report
+
     def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
         """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""
         if self.plan.mode != "equilibrium":
@@ -309,9 +332,7 @@ class Federation(nn.Module):
                 _, following = self._map(embedded, z, gain)
                 finite.append(_finite_per_node(following))
                 # Every process stops at the same iteration: under FSDP each step gathers weights.
-                residual = _agreed(
-                    (following - z).norm() / following.norm().clamp_min(1e-12), "max"
-                )
+                residual = _agreed((following - z).norm() / following.norm().clamp_min(1e-12))
                 first = residual if iterations == 2 else first
                 z = following
                 if residual < plan.tolerance:
@@ -409,7 +430,7 @@ class Federation(nn.Module):
                 (v,) = torch.autograd.grad(image, point, _per_sequence_unit(jv), retain_graph=True)
                 # ||J^T J v|| / ||J v|| >= ||J v|| for a unit v: the sharper lower bound
                 sigma = v.flatten(1).norm(dim=1).max()
-        return float(_agreed(sigma.detach(), "max"))
+        return float(_agreed(sigma.detach()))
 
     def _step(
         self, embedded: dict[str, Tensor], history: list[Tensor]
@@ -510,14 +531,14 @@ def _per_sequence_unit(t: Tensor) -> Tensor:
     return t / norms.view(-1, *[1] * (t.dim() - 1))
 
 
-def _agreed(value: Tensor, op: str) -> Tensor:
-    """`value` reduced over the processes of a distributed run (itself otherwise)."""
+def _agreed(value: Tensor) -> Tensor:
+    """The largest `value` over the processes of a distributed run (itself otherwise)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
     value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
 
 

@@ -63,10 +63,7 @@ class GraphModel(nn.Module):
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
         states = self.federation(self._embed(args, kwargs))
-        result = {}
-        for name, head in self.outputs.items():
-            read = [states[g][m] for g, m in self.wiring[name].sources]
-            result[name] = head(concat_states(read))
+        result = self.read_outputs(states)
         if self.companions:
             observed = {}
             for name, companion in self.companions.items():
@@ -75,6 +72,14 @@ class GraphModel(nn.Module):
                 features = features.detach() if wiring.detach else features
                 observed[name] = (features, companion(features))
             self.companion_outputs = observed
+        return result
+
+    def read_outputs(self, states: list[Tensor]) -> dict[str, Tensor]:
+        """The spec's outputs by name from the federation's final states (per group)."""
+        result = {}
+        for name, head in self.outputs.items():
+            read = [states[g][m] for g, m in self.wiring[name].sources]
+            result[name] = head(concat_states(read))
         return result
 
     def auxiliary_loss(self, step: int = 0) -> Tensor:

@@ -98,20 +98,35 @@ def _losses(directory: Path) -> list[tuple[int, float, float | None]]:
     return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, lines)]
 
 
-def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
-    spec = write_spec(SPEC)
+def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
+    """Run this file as the torchrun worker on 2 CPU processes; returns the corpus it read."""
     data = tmp_path / "text.txt"
     data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", __file__, spec, data, tmp_path],
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+            spec,
+            data,
+            tmp_path,
+            *worker,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return data
+
+
+def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
+    spec = write_spec(SPEC)
+    data = _two_processes(spec, tmp_path)
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -144,15 +159,7 @@ def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec
     each solve stops. FSDP is refused with a located error: a double backward cannot reach the
     weights it gathers."""
     spec = write_spec(EQUILIBRIUM)
-    data = tmp_path / "text.txt"
-    data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--standalone", "--nproc-per-node", "2", __file__, spec, data, tmp_path]
-    done = subprocess.run(
-        [*command, "equilibrium"], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    data = _two_processes(spec, tmp_path, "equilibrium")
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -160,15 +167,14 @@ def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec
     refused = (tmp_path / "fsdp-refused.txt").read_text(encoding="utf-8")
     assert "`lipschitz` measures the loop through a double backward" in refused
     assert "--strategy ddp" in refused
-    for run in ("ddp",):
-        got = _losses(tmp_path / run)
-        assert [s for s, _, _ in got] == [1, 2, 3, 4], run
-        for (_, loss, _), (_, want, _) in zip(got, expected, strict=True):
-            assert loss == pytest.approx(want, abs=1e-4), run
-        last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
-        solves = last["equilibrium"]
-        assert solves["residual"] < 1e-6 and solves["backward_residual"] < 1e-6, run
-        assert solves["feedback_gain"] == pytest.approx(one["feedback_gain"], rel=1e-3), run
+    got = _losses(tmp_path / "ddp")
+    assert [s for s, _, _ in got] == [1, 2, 3, 4]
+    for (_, loss, _), (_, want, _) in zip(got, expected, strict=True):
+        assert loss == pytest.approx(want, abs=1e-4)
+    last = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
+    solves = last["equilibrium"]
+    assert solves["residual"] < 1e-6 and solves["backward_residual"] < 1e-6
+    assert solves["feedback_gain"] == pytest.approx(one["feedback_gain"], rel=1e-3)
 
 
 if __name__ == "__main__":  # the torchrun worker

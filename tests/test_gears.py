@@ -239,8 +239,6 @@ def test_a_diverging_loop_stops_naming_the_node_and_step(mode):
 
 def test_equilibrium_in_training_draws_one_set_of_dropout_masks_per_forward():
     """Fresh masks at every iteration would make f a new map each time and stall the solve."""
-    from runtime.ports import concat_states
-
     text = LOOP.replace("STEPS", "60").replace("MODE", "equilibrium, tolerance: 1.0e-6")
     text = text.replace("layers: 1}", "layers: 1, dropout: 0.2}")
     model = compiler.build_model(compiler.load_spec_text(text)).train()
@@ -266,7 +264,6 @@ def test_equilibrium_in_training_draws_one_set_of_dropout_masks_per_forward():
     for _ in range(60):
         states, z = federation._map(inputs, z, None)
     federation._mask_seed = None
-    read = [states[g][m] for g, m in model.wiring["y"].sources]
-    model.outputs["y"](concat_states(read)).square().sum().backward()
+    model.read_outputs(states)["y"].square().sum().backward()
     for (name, p), expected in zip(model.named_parameters(), implicit, strict=True):
         torch.testing.assert_close(expected, p.grad, atol=1e-4, rtol=1e-3, msg=name)
