@@ -27,6 +27,11 @@ def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (CI)")
     parser.add_argument(
+        "--only",
+        default="",
+        help="run only the cases whose label contains this (where cases exist)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON"
     )
     args = parser.parse_args()

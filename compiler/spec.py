@@ -466,6 +466,20 @@ class FractalNode(SpecModel):
         "narrower a level; `subset`: sub-model j takes its own share of the heads at full width (heads and "
         "kv_heads must divide by branching**(levels-1)); same weight blocks, faster attention.",
     )
+    schedule: Literal["auto", "stacked", "blocks"] = Field(
+        "auto",
+        description="How all levels run at once (same results): `stacked`, one full-width pass for every "
+        "level (level 0's number of kernels, `levels` times its matmul FLOPs: fastest for small models on a "
+        "GPU); `blocks`, one block-diagonal pass per level (fewest FLOPs); `auto`, stacked on a GPU up to "
+        "width 256, else blocks.",
+    )
+    level_batch: Literal["shared", "split"] = Field(
+        "shared",
+        description="What each level trains on when all train at once: `shared` (the original), the whole "
+        "batch; `split`, its own share of the batch's sequences (level 0 the first), so a step of all levels "
+        "costs about one of the full model alone, each level seeing 1/levels of the data. Needs `residual: "
+        "none` (exchanging streams needs the same sequences).",
+    )
     level_weights: (
         Annotated[list[Annotated[Real, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=16)]
         | None

@@ -7,7 +7,12 @@ one plain transformer per level, of that level's width and otherwise the same se
 gives the validation loss (nats per character) of each level (the mean over its sub-models, and
 the best one) next to the plain transformer of that size.
 
-    python examples/fractal_shakespeare.py                 # a GPU: about a minute on an H100
+`--level-batch shared,split` also trains the fractal with `level_batch: split` (each level on its
+own third of every batch, a step costing about one of the full model alone) with the same steps,
+batch and schedule: what the cheaper step costs each level in validation loss.
+
+    python examples/fractal_shakespeare.py                 # a GPU: a few minutes
+    python examples/fractal_shakespeare.py --level-batch shared,split
     python examples/fractal_shakespeare.py --quick         # a smoke run (seconds)
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -122,6 +128,36 @@ def validation_batches(valid_data: torch.Tensor, args):
     return [next(stream) for _ in range(args.eval_batches)]
 
 
+def with_level_batch(text: str, mode: str) -> str:
+    """The spec's text with its fractal's `level_batch` set to `mode`."""
+    if mode not in ("shared", "split"):
+        raise SystemExit(f"--level-batch takes shared and/or split, got `{mode}`")
+    if re.search(r"^\s+level_batch:", text, flags=re.M):
+        return re.sub(r"^(\s+level_batch:)\s*\w+", rf"\1 {mode}", text, count=1, flags=re.M)
+    return re.sub(
+        r"^(\s+)(kind: fractal)$", rf"\1\2\n\1level_batch: {mode}", text, count=1, flags=re.M
+    )
+
+
+def train_fractal(args, text: str, name: str, node, train_data, valid):
+    """Train the fractal spec `text` on all levels at once; each sub-model's validation loss."""
+    torch.manual_seed(0)
+    model = compiler.build_model(compiler.load_spec_text(text), device=args.device)
+    view = model.fractal(name)
+    seconds = train(model, lambda x, y: view.loss(y, x)[0], train_data, args)
+    model.eval()
+    per_model = torch.zeros(node.levels, node.branching ** (node.levels - 1), dtype=torch.float64)
+    with torch.no_grad(), autocast(args):
+        for x, y in valid:
+            logits = view.all_levels(x.to(args.device))["logits"]
+            for level, lg in enumerate(logits):
+                for j in range(lg.shape[-2]):
+                    per_model[level, j] += F.cross_entropy(
+                        lg[..., j, :].flatten(0, 1).float(), y.to(args.device).flatten()
+                    ).item() / len(valid)
+    return per_model, seconds, sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,6 +170,11 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few steps on a short context")
+    parser.add_argument(
+        "--level-batch",
+        default="shared",
+        help="comma-separated `level_batch` settings to train the fractal with (shared, split)",
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "examples" / "results" / "fractal_shakespeare.json"
     )
@@ -151,26 +192,21 @@ def main() -> None:
     valid = validation_batches(valid_data, args)
 
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "levels": []}
-    torch.manual_seed(0)
-    model = compiler.build_model(ir, device=args.device)
-    view = model.fractal(name)
-    seconds = train(model, lambda x, y: view.loss(y, x)[0], train_data, args)
-    model.eval()
-    per_model = torch.zeros(node.levels, node.branching ** (node.levels - 1), dtype=torch.float64)
-    with torch.no_grad(), autocast(args):
-        for x, y in valid:
-            logits = view.all_levels(x.to(args.device))["logits"]
-            for level, lg in enumerate(logits):
-                for j in range(lg.shape[-2]):
-                    per_model[level, j] += F.cross_entropy(
-                        lg[..., j, :].flatten(0, 1).float(), y.to(args.device).flatten()
-                    ).item() / len(valid)
-    fractal_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"fractal {args.spec.name}: {fractal_params:,} parameters, {seconds:.1f} s for {args.steps} steps",
-        flush=True,
-    )
-    results["fractal"] = {"parameters": fractal_params, "train_seconds": seconds}
+    modes = [m.strip() for m in args.level_batch.split(",") if m.strip()]
+    fractal_loss = {}
+    for mode in modes:
+        fractal_loss[mode], seconds, fractal_params = train_fractal(
+            args, with_level_batch(args.spec.read_text(), mode), name, node, train_data, valid
+        )
+        print(
+            f"fractal {args.spec.name} (level_batch: {mode}): {fractal_params:,} parameters, "
+            f"{seconds:.1f} s for {args.steps} steps",
+            flush=True,
+        )
+        results.setdefault("fractal", {})[mode] = {
+            "parameters": fractal_params,
+            "train_seconds": seconds,
+        }
 
     settings = ir.graph.nodes[f"nodes.{name}"]["settings"]
     width = ir.graph.nodes[f"nodes.{name}"]["width"]
@@ -214,9 +250,15 @@ def main() -> None:
             "level": level,
             "sub_models": k,
             "width": width // k,
-            "fractal_mean": float(per_model[level, :k].mean()),
-            "fractal_best": float(per_model[level, :k].min()),
-            "fractal_each": [float(v) for v in per_model[level, :k]],
+            **{
+                f"fractal_{mode}_{kind}": value
+                for mode, per_model in fractal_loss.items()
+                for kind, value in (
+                    ("mean", float(per_model[level, :k].mean())),
+                    ("best", float(per_model[level, :k].min())),
+                    ("each", [float(v) for v in per_model[level, :k]]),
+                )
+            },
             "plain": plain_loss,
             "plain_parameters": sum(p.numel() for p in plain.parameters()),
             "plain_train_seconds": seconds,
@@ -226,14 +268,16 @@ def main() -> None:
     print(
         f"\nvalidation loss (nats/char), {args.steps} steps of batch {args.batch} x {args.context}, device {args.device}"
     )
-    print(
-        "| level | sub-models | width | fractal (mean) | fractal (best) | plain transformer | plain parameters |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    fractal_columns = "".join(f" fractal, {m} (mean) | fractal, {m} (best) |" for m in modes)
+    print(f"| level | sub-models | width |{fractal_columns} plain transformer | plain parameters |")
+    print("|---|---|---|" + "---|---|" * len(modes) + "---|---|")
     for r in results["levels"]:
+        cells = "".join(
+            f" {r[f'fractal_{m}_mean']:.3f} | {r[f'fractal_{m}_best']:.3f} |" for m in modes
+        )
         print(
-            f"| {r['level']} | {r['sub_models']} | {r['width']} | {r['fractal_mean']:.3f} | "
-            f"{r['fractal_best']:.3f} | {r['plain']:.3f} | {r['plain_parameters']:,} |"
+            f"| {r['level']} | {r['sub_models']} | {r['width']} |{cells} {r['plain']:.3f} | "
+            f"{r['plain_parameters']:,} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

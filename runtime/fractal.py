@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fractal_stacked import LevelStack
 from .transformer import (
     _ACTIVATIONS,
     Block,
@@ -44,6 +45,7 @@ from .transformer import (
 )
 
 RESIDUALS = ("none", "upstream", "downstream")
+STACK_WIDTH = 256  # `schedule: auto` stacks the levels of fractals up to this width on a GPU
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class FractalConfig:
     heads: str = (
         "narrow"  # narrow: every sub-model keeps all heads, narrower; subset: a share of them
     )
+    schedule: str = "auto"  # how all levels run at once: stacked | blocks | auto (see `stacked`)
+    level_batch: str = (
+        "shared"  # shared: every level trains on the whole batch; split: a share each
+    )
 
     def blocks(self, level: int) -> int:
         """Sub-models at `level`."""
@@ -62,6 +68,15 @@ class FractalConfig:
 
     def weights(self) -> tuple[float, ...]:
         return self.level_weights or (1.0,) * self.levels
+
+    def stacked(self, width: int, device: torch.device) -> bool:
+        """Whether all levels run as one stacked pass (`runtime.fractal_stacked`) rather than one
+        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH, where a step
+        is bound by its number of kernels rather than their FLOPs (measured crossover,
+        `benchmarks/fractal_levels.py`); elsewhere the fewer FLOPs of `blocks` win."""
+        if self.schedule == "auto":
+            return device.type == "cuda" and width <= STACK_WIDTH
+        return self.schedule == "stacked"
 
 
 @dataclass(frozen=True)
@@ -119,13 +134,20 @@ class FractalTransformer(Transformer):
             for level in range(1, fractal.levels)
             if cfg.position == "rope" and fractal.heads == "narrow"
         )
+        self.level_stack = LevelStack(cfg, fractal)
 
     # ----------------------------------------------------------------- whole model, every level
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fractal.residual != "upstream" or self.fractal.levels == 1:
             return super().forward(x)  # level 0 depends on no other level
+        if self.stacks(x):
+            return self.level_stack.run(self, x[0])[:1]
         return self.run(x[0], self.all_windows(), as_columns=False)[0]
+
+    def stacks(self, x: Tensor) -> bool:
+        """Whether all levels at once run stacked for this input (`FractalConfig.stacked`)."""
+        return self.fractal.stacked(self.cfg.width, x.device)
 
     def all_windows(self) -> list[Window]:
         return [

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fractal import FractalTransformer, Window, level_loss
+from .fractal_stacked import IGNORED, member_loss, split_batch
 from .ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class FractalView:
     def all_levels(self, *args: Tensor, **kwargs: Tensor) -> dict[str, list[Tensor]]:
         """Every sub-model of every level in one lock-step pass. Per output, a list over levels of
         `(batch, tokens, k_level, out)` (pooled heads: `(batch, k_level, out)`)."""
+        stack = self.fractal.level_stack
+        members = self._stacked_outputs(args, kwargs, self.outputs)
+        if members is not None:
+            return {name: stack.split_levels(y) for name, y in members.items()}
         x = self._stream(self.model._bind(args, kwargs), 0, self.fractal.cfg.width)
         states = self.fractal.run(x, self.fractal.all_windows(), as_columns=False)
         return {
@@ -65,10 +70,42 @@ class FractalView:
         self, targets: Tensor, *args: Tensor, output: str | None = None, **kwargs: Tensor
     ) -> tuple[Tensor, list[Tensor]]:
         """Cross-entropy over all levels at once, weighted by the spec's `level_weights`; returns the
-        total and each level's mean over its sub-models. `output` defaults to the only one served."""
+        total and each level's mean over its sub-models. `output` defaults to the only one served.
+        Under `level_batch: split`, level `l` is trained and scored on the `l`-th of `levels` equal
+        shares of the batch."""
         output = output or self._only_output()
-        logits = self.all_levels(*args, **kwargs)[output]
-        return level_loss(logits, targets, self.level_weights())
+        split = self.fractal.fractal.level_batch == "split"
+        weights = self.level_weights()
+        members = self._stacked_outputs(args, kwargs, [output], split)
+        if members is not None:
+            stack = self.fractal.level_stack
+            each = stack.member_targets(targets, split)
+            return member_loss(members[output], each, stack.members_per_level, weights)
+        if not split:
+            logits = self.all_levels(*args, **kwargs)[output]
+            return level_loss(logits, targets, weights)
+        values = self.model._bind(args, kwargs)
+        x = split_batch(self._stream(values, 0, self.fractal.cfg.width), self.levels, 0.0)
+        shares = split_batch(targets, self.levels, IGNORED)
+        per_level = []
+        for level, window in enumerate(self.fractal.all_windows()):
+            state = self.fractal.run(x[level], [window], as_columns=False)[0]
+            logits = _blocked_head(self.model.outputs[output], state)
+            per_level.append(level_loss([logits], shares[level])[0])
+        total = sum(w * loss for w, loss in zip(weights, per_level, strict=True))
+        return total, per_level
+
+    def _stacked_outputs(
+        self, args: tuple, kwargs: dict, outputs: list[str], split: bool = False
+    ) -> dict[str, Tensor] | None:
+        """Under the stacked schedule, each output of every sub-model, `(members, ...)`; else None."""
+        fractal = self.fractal
+        if not fractal.fractal.stacked(fractal.cfg.width, fractal.norm_out.weight.device):
+            return None
+        stack = fractal.level_stack
+        x = self._stream(self.model._bind(args, kwargs), 0, fractal.cfg.width)
+        states = stack.run(fractal, x, split)
+        return {name: stack.member_outputs(self.model.outputs[name], states) for name in outputs}
 
     def sub_model(self, level: int, index: int = 0) -> FractalSubModel:
         """Sub-model `(level, index)` as a module of its own; it shares this model's parameters and

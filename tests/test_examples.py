@@ -42,7 +42,15 @@ def test_fractal_shakespeare_quick(tmp_path):
     ]
     corpus.write_text("\n".join(lines * 800))
     out = tmp_path / "fractal.json"
-    run_example("fractal_shakespeare.py", "--data", str(corpus), "--out", str(out))
+    run_example(
+        "fractal_shakespeare.py",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--level-batch",
+        "shared,split",
+    )
     levels = json.loads(out.read_text())["levels"]
     assert [(r["level"], r["sub_models"], r["width"]) for r in levels] == [
         (0, 1, 128),
@@ -50,8 +58,10 @@ def test_fractal_shakespeare_quick(tmp_path):
         (2, 4, 32),
     ]
     for r in levels:
-        assert len(r["fractal_each"]) == r["sub_models"]
-        assert 0 < r["fractal_best"] <= r["fractal_mean"] < 10 and 0 < r["plain"] < 10
+        for mode in ("shared", "split"):
+            assert len(r[f"fractal_{mode}_each"]) == r["sub_models"]
+            assert 0 < r[f"fractal_{mode}_best"] <= r[f"fractal_{mode}_mean"] < 10
+        assert 0 < r["plain"] < 10
 
 
 def test_lattice_oscillators_quick(tmp_path):

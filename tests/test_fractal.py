@@ -367,3 +367,116 @@ def test_the_command_runs_one_sub_model_and_locates_a_bad_address():
         assert f"{ROOT / spec}:" in bad.stderr and message in bad.stderr, bad.stderr
     plain = runner.invoke(app, ["compile", str(ROOT / "specs/transformer.yaml"), "--level", "0"])
     assert plain.exit_code == 1 and "needs a fractal node" in plain.stderr
+
+
+# ------------------------------------------------------------------ schedules: stacked and blocks
+
+SCHEDULE_CASES = {  # (base settings, heads mode, residual)
+    "original (MQA, GeGLU, RMSNorm, RoPE)": (
+        ", kv_heads: 1, activation: geglu, norm: rmsnorm, rope_theta: 100",
+        "narrow",
+        "none",
+    ),
+    "biases, layernorm, learned positions, upstream": (
+        ", bias: true, position: learned, kv_heads: 2, activation: swiglu",
+        "narrow",
+        "upstream",
+    ),
+    "heads: subset, GQA, downstream": (", kv_heads: 4, heads: 8", "subset", "downstream"),
+    "no positions, GELU": (", position: none, activation: gelu", "narrow", "none"),
+}
+
+
+def with_schedule(path: Path, schedule: str) -> torch.nn.Module:
+    text = path.read_text().replace("    heads: ", f"    schedule: {schedule}\n    heads: ", 1)
+    torch.manual_seed(0)
+    return perturbed(compiler.build_model(compiler.load_spec_text(text)))
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_stacked_and_blocks_schedules_compute_the_same_levels_and_gradients(tmp_path, case):
+    """`schedule: stacked` runs every level in one full-width pass (masked weights, padded heads);
+    `blocks` one block-diagonal pass per level. Same function of the same parameters."""
+    base, heads, residual = SCHEDULE_CASES[case]
+    path = fractal_spec(tmp_path, residual, base, heads=heads)
+    models = {s: with_schedule(path, s) for s in ("stacked", "blocks")}
+    ids = tokens(3, 20)
+    results = {}
+    for schedule, model in models.items():
+        view = model.fractal()
+        levels = view.all_levels(ids)["logits"]
+        total, per_level = view.loss(ids.roll(-1, 1), ids)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[schedule] = (levels, per_level, grads, model(ids)["logits"])
+    stacked, blocks = results["stacked"], results["blocks"]
+    for a, b in zip(stacked[0], blocks[0], strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(stacked[1]), torch.stack(blocks[1]))
+    for name, grad in stacked[2].items():
+        torch.testing.assert_close(grad, blocks[2][name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(stacked[3], blocks[3], atol=2e-6, rtol=1e-5)  # the full model
+
+
+def test_the_stacked_schedule_reads_pooled_heads_and_ignores_padding_targets(tmp_path):
+    path = fractal_spec(tmp_path)
+    text = path.read_text().replace(
+        "  logits: {from: lm, kind: lm_head, tie: true}",
+        "  logits: {from: lm, kind: lm_head, tie: true}\n  label: {from: lm, kind: classification, classes: 3}",
+    )
+    path.write_text(text)
+    models = {s: with_schedule(path, s) for s in ("stacked", "blocks")}
+    ids = tokens(2, 16)
+    targets = ids.roll(-1, 1).clone()
+    targets[:, -3:] = -100  # ignored, as by F.cross_entropy
+    values = {}
+    for schedule, model in models.items():
+        view = model.fractal()
+        pooled = view.all_levels(ids)["label"]
+        assert [p.shape for p in pooled] == [(2, k, 3) for k in (1, 2, 4)]
+        values[schedule] = (pooled, view.loss(targets, ids, output="logits"))
+    for a, b in zip(values["stacked"][0], values["blocks"][0], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(values["stacked"][1][0], values["blocks"][1][0])
+
+
+def test_auto_stacks_small_fractals_on_a_gpu_only(tmp_path):
+    """`schedule: auto` (the default) stacks where a step is bound by its number of kernels: small
+    widths on a GPU. On the CPU, and for wide models, the fewer FLOPs of `blocks` win."""
+    from runtime.fractal import STACK_WIDTH, FractalConfig
+
+    auto = FractalConfig(levels=3, branching=2)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto.stacked(STACK_WIDTH, gpu) and not auto.stacked(2 * STACK_WIDTH, gpu)
+    assert not auto.stacked(64, cpu)
+    assert FractalConfig(3, 2, schedule="stacked").stacked(4096, cpu)
+    assert not FractalConfig(3, 2, schedule="blocks").stacked(64, gpu)
+    model = compiler.build_model(fractal_spec(tmp_path))
+    assert model.federation.transformers[0].fractal.schedule == "auto"
+    # the stacked schedule's index tables are not part of a checkpoint
+    assert not [k for k in model.state_dict() if "level_stack" in k]
+
+
+def test_training_in_the_stacked_schedule_with_dropout(tmp_path):
+    path = fractal_spec(tmp_path, base=", dropout: 0.2")
+    model = with_schedule(path, "stacked")
+    view = model.fractal()
+    ids = tokens(4, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(20):
+        total, per_level = view.loss(ids[:, 1:], ids[:, :-1])
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        first = first or [loss.item() for loss in per_level]
+    assert all(b < a - 0.3 for a, b in zip(first, (x.item() for x in per_level), strict=True))
+    model.eval()  # no dropout: the schedules agree again
+    blocks = with_schedule(path, "blocks")
+    blocks.load_state_dict(model.state_dict())
+    blocks.eval()
+    for a, b in zip(
+        view.all_levels(ids)["logits"], blocks.fractal().all_levels(ids)["logits"], strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)

@@ -44,6 +44,15 @@ def check_fractals(ir: IR) -> list[Diagnostic]:
                     "give at least one level a positive weight",
                 )
             )
+        if node.level_batch == "split" and node.residual != "none":
+            found.append(
+                ir.error(
+                    (*path, "level_batch"),
+                    f"fractal `{name}` splits the batch among its levels but exchanges residual streams "
+                    f"(`residual: {node.residual}`), which needs every level to read the same sequences",
+                    "use `level_batch: shared`, or `residual: none`",
+                )
+            )
         if width is None or width % s["heads"]:
             continue  # reported by check_shapes
         k = branching ** (levels - 1)

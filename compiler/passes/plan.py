@@ -151,6 +151,8 @@ def plan(ir: IR) -> IR:
                     node.residual,
                     tuple(float(w) for w in node.level_weights or ()),
                     node.heads,
+                    node.schedule,
+                    node.level_batch,
                 )
                 if node.kind == "fractal"
                 else None
