@@ -480,3 +480,45 @@ def test_training_in_the_stacked_schedule_with_dropout(tmp_path):
         view.all_levels(ids)["logits"], blocks.fractal().all_levels(ids)["logits"], strict=True
     ):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ level_batch: split
+
+
+@pytest.mark.parametrize("schedule", ["stacked", "blocks"])
+def test_a_split_batch_trains_each_level_on_its_own_share(tmp_path, schedule):
+    """`level_batch: split`: level `l` is trained and scored on the `l`-th share of the batch's
+    sequences, in the same step as every other level: each level's loss is that of the shared
+    recipe on its share alone."""
+    path = fractal_spec(tmp_path, base=", kv_heads: 1, activation: geglu, norm: rmsnorm")
+    shared = with_schedule(path, schedule)
+    path.write_text(path.read_text().replace("residual: none", "level_batch: split"))
+    split = with_schedule(path, schedule)
+    split.load_state_dict(shared.state_dict())
+    ids = tokens(6, 16)
+    targets = ids.roll(-1, 1)
+    total, per_level = split.fractal().loss(targets, ids)
+    for level in range(3):
+        rows = slice(2 * level, 2 * level + 2)
+        alone = shared.fractal().loss(targets[rows], ids[rows])[1][level]
+        torch.testing.assert_close(per_level[level], alone, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(total, sum(per_level))
+
+
+def test_a_batch_that_does_not_divide_among_the_levels_drops_no_sequence(tmp_path):
+    """7 sequences over 3 levels: shares of 3, 3 and 1 (the last padded with ignored rows)."""
+    path = fractal_spec(tmp_path)
+    path.write_text(path.read_text().replace("residual: none", "level_batch: split"))
+    models = {s: with_schedule(path, s) for s in ("stacked", "blocks")}
+    models["stacked"].load_state_dict(models["blocks"].state_dict())
+    ids = tokens(7, 16)
+    targets = ids.roll(-1, 1)
+    losses = {s: m.fractal().loss(targets, ids)[1] for s, m in models.items()}
+    torch.testing.assert_close(torch.stack(losses["stacked"]), torch.stack(losses["blocks"]))
+    path.write_text(path.read_text().replace("level_batch: split", "level_batch: shared"))
+    shared = with_schedule(path, "blocks")
+    shared.load_state_dict(models["blocks"].state_dict())
+    last = shared.fractal().loss(targets[6:], ids[6:])[1][2]
+    torch.testing.assert_close(losses["blocks"][2], last, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot give each of 3 levels a share"):
+        models["stacked"].fractal().loss(targets[:2], ids[:2])
