@@ -340,7 +340,8 @@ def _fractal_lines(ir) -> list[str]:
             for level in range(node.levels)
         )
         lines.append(
-            f"fractal {name} (residual {node.residual}): levels 0..{node.levels - 1}: {levels}"
+            f"fractal {name} (residual {node.residual}, schedule {node.schedule}, "
+            f"level_batch {node.level_batch}): levels 0..{node.levels - 1}: {levels}"
         )
     return lines
 

@@ -228,12 +228,16 @@ def _language_model_loss_class():
             super().__init__()
             self.model, self.task = model, task
             self.fractal = _fractal_view_or_none(model)
+            self.level_losses: Tensor | None = None  # the last step's, per fractal level
 
         def forward(self, tokens: Tensor, targets: Tensor, step: int) -> tuple[Tensor, Tensor]:
             if self.fractal is not None:
-                losses = [
-                    self.fractal.loss(targets, tokens, output=o)[0] for o in self.task.outputs
-                ]
+                import torch
+
+                results = [self.fractal.loss(targets, tokens, output=o) for o in self.task.outputs]
+                losses = [total for total, _ in results]
+                levels = torch.stack([torch.stack(per_level) for _, per_level in results])
+                self.level_losses = levels.mean(0).detach()
             else:
                 logits = self.model(tokens)
                 losses = [
@@ -486,6 +490,7 @@ def train(
             "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0,
         }
         record.update(_equilibrium(model))  # before validation's forward passes overwrite it
+        record.update(_levels(objective, processes))
         if evaluate:
             record["val_loss"] = _validation_loss(
                 step_fn, corpus, settings, task, options, processes
@@ -534,6 +539,14 @@ def _validation_loss(
             total += step_fn(x, y, 0)[1]
     step_fn.train()
     return processes.mean(total / options.eval_batches)
+
+
+def _levels(objective: nn.Module, processes: Processes) -> dict[str, Any]:
+    """A fractal's training loss per level at the latest step (mean over its sub-models)."""
+    losses = objective.level_losses
+    if losses is None:
+        return {}
+    return {"level_loss": [processes.mean(loss) for loss in losses]}
 
 
 def _equilibrium(model: nn.Module) -> dict[str, Any]:

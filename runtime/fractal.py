@@ -16,7 +16,9 @@ columns of the full residual stream, so a whole level runs as *one* block-diagon
 `(batch, tokens, d)` stream: each linear is one batched matmul over its `k` diagonal blocks (views
 of the parent's weights, never copies per sub-model), norms normalise each block, and attention runs
 all `k * heads` heads in one `scaled_dot_product_attention` call. One sub-model alone is the same
-code over a window of one block. The original looped over sub-models in Python.
+code over a window of one block. The original looped over sub-models in Python. This is the
+`blocks` schedule; `runtime.fractal_stacked` runs every level in one full-width pass instead
+(`schedule: stacked`), which wins where a step is bound by its number of kernels.
 
 Residual variants (the original's later notebooks), applied after every block:
 * `none`: levels are independent models sharing weights;
@@ -71,9 +73,12 @@ class FractalConfig:
 
     def stacked(self, width: int, device: torch.device) -> bool:
         """Whether all levels run as one stacked pass (`runtime.fractal_stacked`) rather than one
-        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH, where a step
-        is bound by its number of kernels rather than their FLOPs (measured crossover,
-        `benchmarks/fractal_levels.py`); elsewhere the fewer FLOPs of `blocks` win."""
+        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH: at the
+        original's width 128 on an H200 stacking took 2.23x the full model's compiled step against
+        3.02x (`benchmarks/fractal_levels.py`). Wider models and the CPU keep `blocks`: stacking
+        costs `levels` times level 0's matmul FLOPs against 1.75x, and on 2 CPU cores at width 128
+        it took 4.6x the full model against 3.4x. The crossover between 128 and 1024 on a GPU is
+        not measured."""
         if self.schedule == "auto":
             return device.type == "cuda" and width <= STACK_WIDTH
         return self.schedule == "stacked"

@@ -71,10 +71,11 @@ class FractalView:
     ) -> tuple[Tensor, list[Tensor]]:
         """Cross-entropy over all levels at once, weighted by the spec's `level_weights`; returns the
         total and each level's mean over its sub-models. `output` defaults to the only one served.
-        Under `level_batch: split`, level `l` is trained and scored on the `l`-th of `levels` equal
-        shares of the batch."""
+        Under `level_batch: split`, a model in training mode trains level `l` on the `l`-th of
+        `levels` shares of the batch; in evaluation mode every level is scored on every sequence,
+        so validation losses compare across recipes."""
         output = output or self._only_output()
-        split = self.fractal.fractal.level_batch == "split"
+        split = self.fractal.fractal.level_batch == "split" and self.model.training
         weights = self.level_weights()
         members = self._stacked_outputs(args, kwargs, [output], split)
         if members is not None:

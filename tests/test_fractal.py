@@ -503,6 +503,12 @@ def test_a_split_batch_trains_each_level_on_its_own_share(tmp_path, schedule):
         alone = shared.fractal().loss(targets[rows], ids[rows])[1][level]
         torch.testing.assert_close(per_level[level], alone, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(total, sum(per_level))
+    # evaluation scores every level on every sequence, as with shared batches
+    split.eval(), shared.eval()
+    torch.testing.assert_close(
+        torch.stack(split.fractal().loss(targets, ids)[1]),
+        torch.stack(shared.fractal().loss(targets, ids)[1]),
+    )
 
 
 def test_a_batch_that_does_not_divide_among_the_levels_drops_no_sequence(tmp_path):
@@ -522,3 +528,5 @@ def test_a_batch_that_does_not_divide_among_the_levels_drops_no_sequence(tmp_pat
     torch.testing.assert_close(losses["blocks"][2], last, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot give each of 3 levels a share"):
         models["stacked"].fractal().loss(targets[:2], ids[:2])
+    models["stacked"].eval()  # evaluation does not split: any batch works
+    assert models["stacked"].fractal().loss(targets[:2], ids[:2])[0].isfinite()
