@@ -530,3 +530,26 @@ def test_a_batch_that_does_not_divide_among_the_levels_drops_no_sequence(tmp_pat
         models["stacked"].fractal().loss(targets[:2], ids[:2])
     models["stacked"].eval()  # evaluation does not split: any batch works
     assert models["stacked"].fractal().loss(targets[:2], ids[:2])[0].isfinite()
+
+
+def test_the_stacked_schedule_compiles_as_one_graph(tmp_path):
+    """`torch.compile(fullgraph=True)` of a training loss in the stacked schedule: no graph break
+    (the head packing's hand-written backward included), the same loss and gradients."""
+    torch._dynamo.reset()
+    path = fractal_spec(tmp_path, base=", kv_heads: 1, activation: geglu, norm: rmsnorm")
+    path.write_text(path.read_text().replace("residual: none", "level_batch: split"))
+    model = with_schedule(path, "stacked")
+    view = model.fractal()
+    ids = tokens(3, 16)
+    expected = view.loss(ids.roll(-1, 1), ids)[0]
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(
+        lambda: view.loss(ids.roll(-1, 1), ids)[0], fullgraph=True, backend="aot_eager"
+    )
+    got = compiled()
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
