@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ports import LinearHead, PooledHead
 from .transformer import _ACTIVATIONS, Block, TransformerConfig
 
 if TYPE_CHECKING:
@@ -61,45 +62,53 @@ class LevelStack(nn.Module):
     def __init__(self, cfg: TransformerConfig, fractal: FractalConfig):
         super().__init__()
         self.cfg, self.fractal = cfg, fractal
-        levels = fractal.levels
-        ks = [fractal.blocks(level) for level in range(levels)]
+        ks = [fractal.blocks(level) for level in range(fractal.levels)]
+        self.members_per_level = tuple(ks)
         hw, heads, kv = cfg.head_width, cfg.heads, cfg.n_kv_heads
-        narrow = fractal.heads == "narrow"
         # per level: (query heads, key-value heads, head width) of the whole level
         self.level_heads = tuple(
-            (k * heads, k * kv, hw // k) if narrow else (heads, kv, hw) for k in ks
+            (k * heads, k * kv, hw // k) if fractal.heads == "narrow" else (heads, kv, hw)
+            for k in ks
         )
+        self.rope = cfg.position == "rope"
+        # on the meta device (the compiler counting parameters) these are shapes only
+        for name, table in {**self._linear_tables(ks), **self._norm_tables(ks)}.items():
+            self.register_buffer(name, table, persistent=False)
+        for name, table in {**self._attention_tables(), **self._readout_tables(ks)}.items():
+            self.register_buffer(name, table, persistent=False)
+
+    def _linear_tables(self, ks: list[int]) -> dict[str, Tensor]:
+        """Per linear, each row's and column's diagonal block at every level: the mask of level
+        `l` is `rows[l, :, None] == cols[l, None, :]`."""
+        cfg = self.cfg
+        hw, heads, kv = cfg.head_width, cfg.heads, cfg.n_kv_heads
         parts = {
             "qkv": ((heads * hw, kv * hw, kv * hw), cfg.width),
             "proj": ((cfg.width,), heads * hw),
             "fc": ((cfg.inner_width,) * (2 if cfg.gated else 1), cfg.width),
             "down": ((cfg.width,), cfg.inner_width),
         }
-        meta = torch.empty(0).is_meta
+        tables = {}
         for name, (rows, cols) in parts.items():
-            if meta:
-                r, c = torch.empty(levels, sum(rows)), torch.empty(levels, cols)
-            else:
-                r = torch.stack([_block_ids(rows, k) for k in ks])
-                c = torch.stack([_block_ids((cols,), k) for k in ks])
-            self.register_buffer(f"{name}_rows", r.to(torch.int32), persistent=False)
-            self.register_buffer(f"{name}_cols", c.to(torch.int32), persistent=False)
-        # norms: chunks of the finest level's width; which chunks form one sub-model per level
+            tables[f"{name}_rows"] = torch.stack([_block_ids(rows, k) for k in ks]).int()
+            tables[f"{name}_cols"] = torch.stack([_block_ids((cols,), k) for k in ks]).int()
+        return tables
+
+    def _norm_tables(self, ks: list[int]) -> dict[str, Tensor]:
+        """Norms reduce over chunks of the finest level's width; `norm_groups[l, i, j]` says
+        whether chunks `i` and `j` belong to one sub-model at level `l`."""
         chunks = ks[-1]
+        ids = torch.arange(chunks)
         same = torch.stack(
-            [
-                (torch.arange(chunks)[:, None] // (chunks // k))
-                == (torch.arange(chunks)[None, :] // (chunks // k))
-                for k in ks
-            ]
+            [ids[:, None] // (chunks // k) == ids[None, :] // (chunks // k) for k in ks]
         )
-        self.register_buffer("norm_groups", same.float(), persistent=False)
-        self.register_buffer(
-            "norm_widths",
-            torch.tensor([cfg.width / k for k in ks]).view(levels, 1, 1, 1),
-            persistent=False,
-        )
-        # attention: per packed query head, the query scale and (with RoPE) the level's angles
+        widths = torch.tensor([self.cfg.width / k for k in ks]).view(len(ks), 1, 1, 1)
+        return {"norm_groups": same.float(), "norm_widths": widths}
+
+    def _attention_tables(self) -> dict[str, Tensor]:
+        """Per packed head, the query scale `sqrt(hw / w_l)` and, with RoPE, its level's angles
+        (zero in the padding), the scale folded into the query tables."""
+        cfg, hw = self.cfg, self.cfg.head_width
         q_heads = [h for h, _, _ in self.level_heads]
         widths = [w for _, _, w in self.level_heads]
         scale = torch.cat(
@@ -107,35 +116,34 @@ class LevelStack(nn.Module):
                 torch.full((h,), math.sqrt(hw / w), dtype=torch.float64)
                 for h, w in zip(q_heads, widths, strict=True)
             ]
+        ).view(-1, 1, 1)
+        tables = {"q_scale": scale.float()}
+        if not self.rope:
+            return tables
+        per_head = []
+        for h, w in zip(q_heads, widths, strict=True):
+            inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, w, 2, dtype=torch.float64) / w)
+            angles = torch.outer(torch.arange(cfg.context, dtype=torch.float64), inv_freq)
+            per_head.append(F.pad(angles, (0, (hw - w) // 2)).unsqueeze(0).expand(h, -1, -1))
+        angles = torch.cat(per_head)  # (query heads, context, hw/2)
+        level_of_kv = torch.cat(
+            [torch.full((k,), i) for i, (_, k, _) in enumerate(self.level_heads)]
         )
-        self.rope = cfg.position == "rope"
-        if self.rope:
-            tables = []
-            for h, w in zip(q_heads, widths, strict=True):
-                inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, w, 2, dtype=torch.float64) / w)
-                angles = torch.outer(torch.arange(cfg.context, dtype=torch.float64), inv_freq)
-                tables.append(F.pad(angles, (0, (hw - w) // 2)).unsqueeze(0).expand(h, -1, -1))
-            angles = torch.cat(tables)  # (query heads, context, hw/2)
-            kv_rows = torch.cat(
-                [torch.full((k,), i) for i, (_, k, _) in enumerate(self.level_heads)]
-            )
-            first = torch.tensor([0, *q_heads]).cumsum(0)[:-1]
-            kv_angles = angles[first[kv_rows]]  # a key head turns like its level's query heads
-            cos, sin = angles.cos(), angles.sin()
-            s = scale.view(-1, 1, 1)
-            self.register_buffer("q_cos", (s * cos).float(), persistent=False)
-            self.register_buffer("q_sin", (s * sin).float(), persistent=False)
-            self.register_buffer("k_cos", kv_angles.cos().float(), persistent=False)
-            self.register_buffer("k_sin", kv_angles.sin().float(), persistent=False)
-        self.register_buffer("q_scale", scale.float().view(-1, 1, 1), persistent=False)
-        # read-out: sub-model m reads its level's stream, masked to its columns
-        member_level = torch.cat([torch.full((k,), level) for level, k in enumerate(ks)])
-        member_cols = torch.cat(
-            [_block_ids((cfg.width,), k).unsqueeze(0) == torch.arange(k)[:, None] for k in ks]
+        first_q = torch.tensor([0, *q_heads]).cumsum(0)[:-1]
+        kv_angles = angles[first_q[level_of_kv]]  # a key head turns like its level's query heads
+        tables["q_cos"] = (scale * angles.cos()).float()
+        tables["q_sin"] = (scale * angles.sin()).float()
+        tables["k_cos"] = kv_angles.cos().float()
+        tables["k_sin"] = kv_angles.sin().float()
+        return tables
+
+    def _readout_tables(self, ks: list[int]) -> dict[str, Tensor]:
+        """Sub-model `m` (ordered level by level) reads its level's stream, masked to its columns."""
+        level = torch.cat([torch.full((k,), i) for i, k in enumerate(ks)])
+        cols = torch.cat(
+            [_block_ids((self.cfg.width,), k).unsqueeze(0) == torch.arange(k)[:, None] for k in ks]
         )
-        self.register_buffer("member_level", member_level, persistent=False)
-        self.register_buffer("member_cols", member_cols.unsqueeze(1), persistent=False)
-        self.members_per_level = tuple(ks)
+        return {"member_level": level, "member_cols": cols.unsqueeze(1)}
 
     # ----------------------------------------------------------------- the pass
 
@@ -242,8 +250,6 @@ class LevelStack(nn.Module):
         """A linear (or pooled) read-out of every sub-model: `(members, batch, tokens, out)`
         (pooled: `(members, batch, out)`), members ordered level by level. Sub-model `m` reads
         its level's state through the head weight's columns of its own block."""
-        from .ports import LinearHead, PooledHead
-
         if isinstance(head, PooledHead):
             states = head.pool_tokens(states)
         elif not isinstance(head, LinearHead):
