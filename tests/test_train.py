@@ -159,10 +159,11 @@ train: {steps: 1, batch: 2, eval_every: 1}
 """
 
 
-def test_a_fractal_trains_all_its_levels_at_once(write_spec, text, tmp_path):
-    spec = write_spec(FRACTAL)
+@pytest.mark.parametrize("level_batch", ["shared", "split"])
+def test_a_fractal_trains_all_its_levels_at_once(write_spec, text, tmp_path, level_batch):
+    spec = write_spec(FRACTAL.replace("levels: 2", f"levels: 2\n    level_batch: {level_batch}"))
     done = train(spec, RunOptions(data=str(text), out=str(tmp_path / "run")))
-    model = compiler.build_model(spec)  # the same initial weights, the same first batch
+    model = compiler.build_model(spec).train()  # the same initial weights and first batch
     corpus = load_corpus(text, val_fraction=0.1, context=16)
     x, y = batch_at(corpus.train, 0, 2, 16, seed=0)
     expected, per_level = model.fractal().loss(y, x)  # every level's, weighted (design 001)
