@@ -477,8 +477,9 @@ class FractalNode(SpecModel):
         "shared",
         description="What each level trains on when all train at once: `shared` (the original), the whole "
         "batch; `split`, its own share of the batch's sequences (level 0 the first), so a step of all levels "
-        "costs about one of the full model alone, each level seeing 1/levels of the data. Needs `residual: "
-        "none` (exchanging streams needs the same sequences).",
+        "costs close to one of the full model alone, each level seeing 1/levels of the data (evaluation "
+        "still scores every level on every sequence). Needs `residual: none` (exchanging streams needs the "
+        "same sequences).",
     )
     level_weights: (
         Annotated[list[Annotated[Real, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=16)]
