@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import compiler
 from runtime.fractal import FractalTransformer, level_loss
@@ -553,3 +555,62 @@ def test_the_stacked_schedule_compiles_as_one_graph(tmp_path):
     torch.testing.assert_close(got, expected)
     for name, grad in grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+@st.composite
+def fractal_shapes(draw) -> dict:
+    """A valid fractal of random shape: branching 2 or 3, 1-3 levels, narrow or subset heads, any
+    grouping of key-value heads, any position, norm, activation, biases and residual exchange."""
+    b, levels = draw(st.sampled_from([2, 3])), draw(st.integers(1, 3))
+    k = b ** (levels - 1)
+    heads_mode = draw(st.sampled_from(["narrow", "subset"]))
+    position = draw(st.sampled_from(["rope", "learned", "none"]))
+    if heads_mode == "narrow":
+        kv = draw(st.sampled_from([1, 2]))
+        heads = kv * draw(st.sampled_from([1, 2]))
+        head_width = 2 * k * draw(st.integers(1, 2))  # even at the deepest level (RoPE)
+    else:
+        kv = k * draw(st.sampled_from([1, 2]))
+        heads = kv * draw(st.sampled_from([1, 2]))
+        head_width = draw(st.sampled_from([4, 8]))
+    return {
+        "levels": levels,
+        "branching": b,
+        "heads": heads_mode,
+        "residual": draw(st.sampled_from(["none", "upstream", "downstream"])),
+        "base": {
+            "width": heads * head_width,
+            "heads": heads,
+            "kv_heads": kv,
+            "layers": 1,
+            "position": position,
+            "norm": draw(st.sampled_from(["layernorm", "rmsnorm"])),
+            "activation": draw(st.sampled_from(["gelu", "geglu", "swiglu"])),
+            "bias": draw(st.booleans()),
+        },
+    }
+
+
+@given(shape=fractal_shapes(), batch=st.integers(1, 3), n=st.integers(1, 8))
+@settings(max_examples=25, deadline=None)
+def test_any_valid_fractal_runs_the_same_in_both_schedules(shape, batch, n):
+    import yaml
+
+    models = {}
+    for schedule in ("stacked", "blocks"):
+        node = {"kind": "fractal", **shape, "schedule": schedule}
+        spec = {
+            "spec": 1,
+            "name": "fuzzed-fractal",
+            "seed": 1,
+            "inputs": {"tokens": {"kind": "tokens", "vocab": 11, "context": 8}},
+            "nodes": {"lm": node},
+            "outputs": {"logits": {"from": "lm", "kind": "lm_head", "tie": True}},
+        }
+        models[schedule] = perturbed(compiler.build_model(compiler.load_spec_text(yaml.dump(spec))))
+    models["stacked"].load_state_dict(models["blocks"].state_dict())
+    ids = torch.randint(0, 11, (batch, n), generator=torch.Generator().manual_seed(n))
+    got = {s: m.fractal().all_levels(ids)["logits"] for s, m in models.items()}
+    assert [g.shape for g in got["stacked"]] == [g.shape for g in got["blocks"]]
+    for a, b in zip(got["stacked"], got["blocks"], strict=True):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
