@@ -2,9 +2,8 @@
 
 The `blocks` schedule (`FractalTransformer.run`) runs each level as its own block-diagonal pass:
 the fewest FLOPs (level `l`'s matmuls cost `1/branching**l` of level 0's), but every operation of a
-step is launched once per level. On a small model, such as the original's 1M parameters on a
-GPU, a step is a chain of kernels each too small to fill the GPU, so its time is set by how many
-kernels run one after another, not by their FLOPs: three levels cost about three steps.
+step is launched once per level: 715 kernels a training step at the original's size against 212
+for the full model alone. On a small model each of those kernels is too small to fill a GPU.
 
 Here the levels are stacked along a leading axis instead, `(levels, batch, tokens, width)`, every
 level's stream in the full model's column layout (sub-model `j` of level `l` in its own columns),
@@ -28,9 +27,13 @@ and each operation of a block runs once for all levels:
   to its columns, and one cross-entropy covers all of them (`member_loss`).
 
 The cost is FLOPs: `levels` times level 0's matmuls instead of `1 + 1/b + 1/b**2 + ...`, and narrow
-heads padded. `auto` (the default, `FractalConfig.resolved_schedule`) therefore stacks small models
-only; `benchmarks/fractal_levels.py` measures both schedules side by side. Both compute the same
-function of the same parameters (tests compare them).
+heads padded. `auto` (the default, `FractalConfig.stacked`) therefore stacks small models on a GPU
+only. Measured at the original's size on an H200 (`benchmarks/fractal_levels.py`, compiled): 248
+kernels, 2.23x the full model's step against 3.02x for `blocks`. What remains is not launches:
+every level's stream is full width, so its attention, activations and norms cost level 0's
+(a profile in BENCHMARKS.md). `level_batch: split` (`run(..., split=True)`) gives each level its
+own share of the batch instead, and the step costs about one of the full model alone. Both
+schedules compute the same function of the same parameters (tests compare them).
 """
 
 from __future__ import annotations
