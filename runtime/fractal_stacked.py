@@ -75,9 +75,13 @@ class LevelStack(nn.Module):
         )
         self.rope = cfg.position == "rope"
         # on the meta device (the compiler counting parameters) these are shapes only
-        for name, table in {**self._linear_tables(ks), **self._norm_tables(ks)}.items():
-            self.register_buffer(name, table, persistent=False)
-        for name, table in {**self._attention_tables(), **self._readout_tables(ks)}.items():
+        tables = {
+            **self._linear_tables(ks),
+            **self._norm_tables(ks),
+            **self._attention_tables(),
+            **self._readout_tables(ks),
+        }
+        for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
 
     def _linear_tables(self, ks: list[int]) -> dict[str, Tensor]:
