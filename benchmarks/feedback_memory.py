@@ -39,7 +39,7 @@ outputs:
 def main() -> None:
     args = parse_args(__doc__)
     # the tolerance is set unreachably low on purpose, to run every iteration: silence its warning
-    logging.getLogger("runtime.federation").setLevel(logging.ERROR)
+    logging.getLogger("runtime.federation.executor").setLevel(logging.ERROR)
     width, heads, layers, batch, tokens = (32, 2, 1, 2, 16) if args.smoke else (512, 8, 2, 8, 1024)
     rows = []
     for mode in ("unroll", "equilibrium"):

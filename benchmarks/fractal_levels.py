@@ -4,7 +4,7 @@ A training step is forward, backward and an AdamW update, under bf16 autocast on
 
 * `largest alone`: the full model (level 0) only, i.e. an ordinary transformer;
 * `all levels, stacked`: every sub-model of every level in one full-width pass whose linears are
-  masked to each level's diagonal blocks (`schedule: stacked`, `runtime.fractal_stacked`): level
+  masked to each level's diagonal blocks (`schedule: stacked`, `runtime.fractal.stacked`): level
   0's number of kernels, `levels` times its matmul FLOPs;
 * `all levels, blocks`: each level one block-diagonal pass over the full model's weights
   (`schedule: blocks`): the fewest FLOPs, `levels` times the kernels;

@@ -21,7 +21,7 @@ import math
 import torch
 from common import parse_args, peak_memory, profiled, report, time_call
 
-from runtime.lattice import LatticeConfig
+from runtime.attention.lattice import LatticeConfig
 from runtime.transformer import RotaryEmbedding, SelfAttention, TransformerConfig
 
 

@@ -20,7 +20,7 @@ from fractal_levels import CASES, SMOKE, spec_text
 from overhead_vs_handwritten import SPEC as GPT_SPEC
 
 import compiler
-from runtime.lattice import LatticeConfig
+from runtime.attention.lattice import LatticeConfig
 from runtime.transformer import SelfAttention, TransformerConfig
 
 GROUPS = (  # in this order: cuDNN's attention kernels' names contain "sm90" too

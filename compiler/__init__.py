@@ -5,13 +5,13 @@ model = compiler.build_model("specs/transformer.yaml")
 logits = model(tokens)["logits"]
 """
 
-from .diagnostics import Diagnostic, Span, SpecError
-from .frontend import LoadedSpec, load_spec, load_spec_text
-from .ir import IR, build_ir
-from .pipeline import analyze, build_model
-from .registry import REGISTRY, ComponentConfig, register
-from .spec import Spec, json_schema
-from .training import build_optimizer, clip_gradients
+from compiler.ir import IR, build_ir
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.language.frontend import LoadedSpec, load_spec, load_spec_text
+from compiler.language.registry import REGISTRY, ComponentConfig, register
+from compiler.language.spec import Spec, json_schema
+from compiler.pipeline import analyze, build_model
+from compiler.tools.training import build_optimizer, clip_gradients
 
 __all__ = [
     "IR",

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
-from .registry import REGISTRY, Component, ComponentConfig, register
-from .spec import Int, LatticeAttention, Real
+from compiler.language.registry import REGISTRY, Component, ComponentConfig, register
+from compiler.language.spec import Int, LatticeAttention, Real
 
 # --------------------------------------------------------------------------- attention
 
@@ -30,7 +30,7 @@ REGISTRY.add(
 
 
 def _lattice(config: LatticeAttention) -> Any:
-    from .passes.plan import lattice_config
+    from compiler.passes.plan import lattice_config
 
     return lattice_config(config)
 
@@ -126,13 +126,13 @@ for _config in (RelativeForce, Myelinated):
 
 
 def _score_module(name: str, options: dict[str, Any]) -> Any:
-    from runtime.attention_variants import ATTENTION_KINDS
+    from runtime.attention.variants import ATTENTION_KINDS
 
     return ATTENTION_KINDS[name](**options)
 
 
 def _mixer_module(name: str, options: dict[str, Any]) -> Any:
-    from runtime.attention_mixers import MIXER_KINDS
+    from runtime.attention.mixers import MIXER_KINDS
 
     return MIXER_KINDS[name](**options)
 
@@ -186,7 +186,7 @@ def _rope(**kw: Any) -> Any:
 
 
 def _rotary(name: str, kw: dict[str, Any]) -> Any:
-    from runtime.rotary import ROTARY_KINDS
+    from runtime.attention.rotary import ROTARY_KINDS
 
     return ROTARY_KINDS[name](**kw)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import networkx as nx
 
-from .diagnostics import Diagnostic, Span
-from .frontend import LoadedSpec
+from compiler.language.diagnostics import Diagnostic, Span
+from compiler.language.frontend import LoadedSpec
 
 
 def input_id(name: str) -> str:

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from compiler.ir import IR
 from runtime.companion import GeoCompanion
-from runtime.federation import Federation
+from runtime.federation.executor import Federation
 from runtime.model import CompanionWiring, GraphModel, OutputWiring
 from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput
-
-from .ir import IR
 
 InputBuilder = Callable[[Any, int], nn.Module]
 OutputBuilder = Callable[[Any, int, dict[str, nn.Module]], nn.Module]

@@ -10,10 +10,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .diagnostics import raise_if_errors
-from .frontend import LoadedSpec, load_spec
-from .ir import IR, build_ir
-from .passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
+from compiler.ir import IR, build_ir
+from compiler.language.diagnostics import raise_if_errors
+from compiler.language.frontend import LoadedSpec, load_spec
+from compiler.passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +49,8 @@ def build_model(
     """
     import torch
 
-    from .lower import lower
-    from .resources import check_resources
+    from compiler.lower import lower
+    from compiler.resources import check_resources
 
     ir = source if isinstance(source, IR) else analyze(source)
     if budget != 0:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .diagnostics import Diagnostic, SpecError
-from .ir import IR, node_id
+from compiler.ir import IR, node_id
+from compiler.language.diagnostics import Diagnostic, SpecError
 
 GiB = 2**30
 

@@ -50,13 +50,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.batch, args.width, args.context = 4, 4, 32, 32
-    logging.getLogger("runtime.federation").setLevel(logging.ERROR)  # counted below instead
+    logging.getLogger("runtime.federation.executor").setLevel(
+        logging.ERROR
+    )  # counted below instead
 
     import torch
 
-    from compiler.checkpoint import load_checkpoint
-    from compiler.data import batch_at, load_corpus
-    from compiler.training import RunOptions, train
+    from compiler.tools.checkpoint import load_checkpoint
+    from compiler.tools.data import batch_at, load_corpus
+    from compiler.tools.training import RunOptions, train
 
     shipped = (ROOT / "specs" / "equilibrium.yaml").read_text(encoding="utf-8")
     shipped = shipped.replace("width: 128", f"width: {args.width}")

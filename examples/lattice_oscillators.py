@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from runtime.lattice import lattice_layers, lattice_metrics, lattice_regularisation  # noqa: E402
+from runtime.attention.lattice import lattice_layers, lattice_metrics, lattice_regularisation  # noqa: E402
 
 VOCAB = 16
 SPEC = """
@@ -122,7 +122,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from compiler.viz.lattice import draw_order_parameter, draw_phase_field, layer_label
+    from compiler.tools.viz.lattice import draw_order_parameter, draw_phase_field, layer_label
 
     paths = []
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.4), sharey=True)

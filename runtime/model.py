@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .federation import Federation
-from .ports import check_context, concat_states
+from runtime.federation.executor import Federation
+from runtime.ports import check_context, concat_states
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class GraphModel(nn.Module):
         and coherence terms at their scheduled weights for `step` (design 002), attention
         components' own penalties such as adaptive span's L1 on spans (design 003), and each
         companion's reconstruction loss on the latest forward pass, times its `weight` (design 004)."""
-        from .lattice import LatticeOscillators, lattice_regularisation
+        from runtime.attention.lattice import LatticeOscillators, lattice_regularisation
 
         total = lattice_regularisation(self, step)
         for module in self.modules():
@@ -131,9 +131,9 @@ class GraphModel(nn.Module):
 
     def fractal(self, node: str | None = None):
         """The model seen through fractal node `node` (default: the only one): every level at once,
-        any sub-model alone, merging. See `runtime.fractal_view.FractalView`."""
-        from .fractal import FractalTransformer
-        from .fractal_view import FractalView
+        any sub-model alone, merging. See `runtime.fractal.view.FractalView`."""
+        from runtime.fractal.transformer import FractalTransformer
+        from runtime.fractal.view import FractalView
 
         found = {
             name: g

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import init_normal_, init_zeros_
+from runtime.layers import init_normal_, init_zeros_
 
 
 class TokenInput(nn.Module):

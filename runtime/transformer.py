@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lattice import PHASE_DIMS, LatticeConfig, LatticeOscillators
-from .layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
+from runtime.attention.lattice import PHASE_DIMS, LatticeConfig, LatticeOscillators
+from runtime.layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A registered component chosen by the spec (see `compiler.registry`): its name, its level
+    """A registered component chosen by the spec (see `compiler.language.registry`): its name, its level
     (attention: `scores` or `mixer`), its builder and its options, hashable so that nodes choosing
     the same component with the same options still batch together."""
 
@@ -208,7 +208,7 @@ class SelfAttention(nn.Module):
 
     def _lattice_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys of `d_head - 2` content dimensions (rotated by RoPE if set) and the two
-        phase dimensions of `runtime.lattice`, whose dot product is the phase term; values are
+        phase dimensions of `runtime.attention.lattice`, whose dot product is the phase term; values are
         content at full head width.
 
         Each query and key head is laid out `[content half, cos slot, content half, sin slot]`:

@@ -1,4 +1,4 @@
-"""Design 003's token mixers (`runtime.attention_mixers`): relative force against a literal
+"""Design 003's token mixers (`runtime.attention.mixers`): relative force against a literal
 pair-tensor reference, causality, the myelinated layer's per-example and straight-through fixes,
 members batching, dtypes and meta-device construction."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.attention_mixers import (
+from runtime.attention.mixers import (
     DISTANCE_EPS,
     MIXER_KINDS,
     ROUTE_ATTENDED,

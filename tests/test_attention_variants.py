@@ -1,4 +1,4 @@
-"""Score-level attention variants (runtime.attention_variants) against naive references.
+"""Score-level attention variants (runtime.attention.variants) against naive references.
 
 The references compute `q . k / sqrt(d)`, build their masks with Python loops over (i, j), take an
 explicit softmax (adaptive span: `m * exp(score)` normalised, the paper's form) and multiply by v,
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from runtime.attention_variants import (
+from runtime.attention.variants import (
     ATTENTION_KINDS,
     AdaptiveSpanAttention,
     LocalGlobalAttention,

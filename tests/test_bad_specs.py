@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from compiler.cli import app
+from compiler.tools.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD_SPECS = ROOT / "tests" / "bad_specs"
@@ -68,7 +68,7 @@ def _validate_in_process(file: str):
 
 def _epicycle() -> list[str]:
     exe = shutil.which("epicycle")
-    return [exe] if exe else [sys.executable, "-m", "compiler.cli"]
+    return [exe] if exe else [sys.executable, "-m", "compiler.tools.cli"]
 
 
 def _validate_subprocess(file: str | Path) -> tuple[subprocess.CompletedProcess, float]:

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 import compiler
-from compiler.checkpoint import load_checkpoint, save_checkpoint
-from compiler.cli import app
+from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
+from compiler.tools.cli import app
 from tests.conftest import GALLERY, ROOT, TINY
 
 runner = CliRunner()
@@ -112,7 +112,7 @@ def test_the_shipped_schema_file_is_current():
 def test_the_real_command_end_to_end(write_spec):
     bad = write_spec(TINY.replace("vocab: 17", "vocab: 17, vocab: 18"))
     proc = subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "validate", str(bad)],
+        [sys.executable, "-m", "compiler.tools.cli", "validate", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,

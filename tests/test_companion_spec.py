@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.checkpoint import load_checkpoint, save_checkpoint
+from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
 from runtime.companion import GeoCompanion
 
 SPEC = """

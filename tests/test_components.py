@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import compiler
-from compiler import registry
-from compiler.registry import REGISTRY, ComponentConfig, UnknownComponent
+from compiler.language import registry
+from compiler.language.registry import REGISTRY, ComponentConfig, UnknownComponent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +145,7 @@ def test_compile_prints_what_each_layer_drew(write_spec):
     path = write_spec(VARIED)
     layers = compiler.analyze(path).graph.nodes["nodes.body"]["config"].layer_settings
     result = subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "compile", str(path), "--no-smoke"],
+        [sys.executable, "-m", "compiler.tools.cli", "compile", str(path), "--no-smoke"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,7 +1,7 @@
 """Data-parallel training under `torchrun`: DDP, and FSDP2 (`fully_shard`) with `--strategy fsdp`.
 
-    torchrun --nproc-per-node 8 -m compiler.cli train spec.yaml --device cuda --out runs/a
-    torchrun --nproc-per-node 8 -m compiler.cli train spec.yaml --device cuda --strategy fsdp ...
+    torchrun --nproc-per-node 8 -m compiler.tools.cli train spec.yaml --device cuda --out runs/a
+    torchrun --nproc-per-node 8 -m compiler.tools.cli train spec.yaml --device cuda --strategy fsdp ...
 
 Every rank draws the same global batch and trains on its own contiguous slice; gradients are
 averaged (DDP) or reduce-scattered (FSDP), so a run on 2 processes follows a 1-process run at the
@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compiler.checkpoint import load_checkpoint
-from compiler.diagnostics import SpecError
-from compiler.training import RunOptions, train
+from compiler.language.diagnostics import SpecError
+from compiler.tools.checkpoint import load_checkpoint
+from compiler.tools.training import RunOptions, train
 
 # the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"

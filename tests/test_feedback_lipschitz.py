@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.checkpoint import load_checkpoint, save_checkpoint
+from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
 from tests.test_gears import LOOP
 
 
@@ -169,7 +169,7 @@ def test_an_evaluation_whose_solve_fails_is_bounded_for_that_forward_only():
 def test_compile_reports_the_smoke_forwards_solve_and_bound():
     from typer.testing import CliRunner
 
-    from compiler.cli import app
+    from compiler.tools.cli import app
     from tests.conftest import ROOT
 
     result = CliRunner().invoke(app, ["compile", str(ROOT / "specs" / "equilibrium.yaml")])

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compiler
-from runtime.fractal import FractalTransformer, level_loss
+from runtime.fractal.transformer import FractalTransformer, level_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,7 +334,7 @@ def test_the_gallery_fractalformer_has_the_originals_size():
 
 
 def test_checkpoints_restore_every_sub_model(tmp_path):
-    from compiler.checkpoint import load_checkpoint, save_checkpoint
+    from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
 
     model = perturbed(compiler.build_model(fractal_spec(tmp_path, "upstream"))).eval()
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt")).eval()
@@ -351,7 +351,7 @@ def test_checkpoints_restore_every_sub_model(tmp_path):
 def test_the_command_runs_one_sub_model_and_locates_a_bad_address():
     from typer.testing import CliRunner
 
-    from compiler.cli import app
+    from compiler.tools.cli import app
 
     spec = "specs/fractalformer.yaml"
     runner = CliRunner()
@@ -446,7 +446,7 @@ def test_the_stacked_schedule_reads_pooled_heads_and_ignores_padding_targets(tmp
 def test_auto_stacks_small_fractals_on_a_gpu_only(tmp_path):
     """`schedule: auto` (the default) stacks where a step is bound by its number of kernels: small
     widths on a GPU. On the CPU, and for wide models, the fewer FLOPs of `blocks` win."""
-    from runtime.fractal import STACK_WIDTH, FractalConfig
+    from runtime.fractal.transformer import STACK_WIDTH, FractalConfig
 
     auto = FractalConfig(levels=3, branching=2)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")

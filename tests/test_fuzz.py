@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compiler
-from compiler.source import parse_spec_text
+from compiler.language.source import parse_spec_text
 from tests.conftest import GALLERY
 
 EXAMPLES = int(os.environ.get("EPICYCLE_FUZZ_EXAMPLES", "60"))

@@ -225,7 +225,7 @@ def test_equilibrium_needs_unit_delays(spec_errors):
 
 @pytest.mark.parametrize("mode", ["unroll", "equilibrium"])
 def test_a_diverging_loop_stops_naming_the_node_and_step(mode):
-    from runtime.federation import NonFiniteError
+    from runtime.federation.executor import NonFiniteError
 
     model = compiler.build_model(
         compiler.load_spec_text(LOOP.replace("STEPS", "4").replace("MODE", mode))

@@ -17,9 +17,9 @@ import torch
 from typer.testing import CliRunner
 
 import compiler
-from compiler import interop
-from compiler.checkpoint import load_checkpoint, save_checkpoint
-from compiler.cli import app
+from compiler.tools import interop
+from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
+from compiler.tools.cli import app
 from tests.conftest import ROOT
 
 runner = CliRunner()
@@ -245,7 +245,7 @@ def test_export_command_errors(write_spec, tmp_path):
 
 def test_optional_packages_are_not_imported_by_validate():
     code = (
-        "import sys; from compiler.cli import app; import compiler.interop\n"
+        "import sys; from compiler.tools.cli import app; import compiler.tools.interop\n"
         "try: app(['validate', 'specs/transformer.yaml'])\n"
         "except SystemExit: pass\n"
         "print(sorted(m for m in ('transformers', 'onnxruntime', 'onnx', 'onnxscript', "

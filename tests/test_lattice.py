@@ -16,7 +16,7 @@ import torch
 import compiler
 from compiler.passes.estimate import transformer_parameters
 from compiler.passes.plan import component_choice
-from runtime.lattice import LatticeConfig, LatticeOscillators, lattice_distances
+from runtime.attention.lattice import LatticeConfig, LatticeOscillators, lattice_distances
 from runtime.transformer import RotaryEmbedding, SelfAttention, Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def test_the_gallery_lattice_spec():
 
 
 def test_the_specs_training_terms_and_their_schedules(tmp_path):
-    from runtime.lattice import lattice_regularisation, schedule_factor
+    from runtime.attention.lattice import lattice_regularisation, schedule_factor
 
     attention = (
         "{kind: lattice, lattice: {shape: [2, 2]}, training: {phase: {weight: 0.5, target: diversity,"
@@ -233,13 +233,13 @@ def test_the_specs_training_terms_and_their_schedules(tmp_path):
 
 
 def layers_of(model):
-    from runtime.lattice import lattice_layers
+    from runtime.attention.lattice import lattice_layers
 
     return [layer for _, layer in lattice_layers(model)]
 
 
 def test_metrics_per_layer(tmp_path):
-    from runtime.lattice import lattice_metrics
+    from runtime.attention.lattice import lattice_metrics
 
     model = compiler.build_model(lattice_spec(tmp_path, LATTICE))
     for layer in layers_of(model):
@@ -254,7 +254,7 @@ def test_metrics_per_layer(tmp_path):
 
 
 def test_checkpoints_keep_phases_and_fixed_frequencies(tmp_path):
-    from compiler.checkpoint import load_checkpoint, save_checkpoint
+    from compiler.tools.checkpoint import load_checkpoint, save_checkpoint
 
     attention = "{kind: lattice, lattice: {shape: [2, 2]}, oscillator: {frequencies: fixed}}"
     model = compiler.build_model(lattice_spec(tmp_path, attention)).eval()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.rational import RationalSyntaxError, parse_rational
+from compiler.language.rational import RationalSyntaxError, parse_rational
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 import compiler
-from compiler.cli import app
 from compiler.resources import estimate_memory
+from compiler.tools.cli import app
 from tests.conftest import ROOT
 
 TEN_B = ROOT / "tests" / "fixtures" / "ten_billion.yaml"

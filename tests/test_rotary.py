@@ -1,4 +1,4 @@
-"""Rotary position encodings of `runtime.rotary` (seed 003): rotations, relativity, RoPE equality.
+"""Rotary position encodings of `runtime.attention.rotary` (seed 003): rotations, relativity, RoPE equality.
 
 References here are written independently of the module: RoPE with complex numbers, the quaternion
 rotation with an explicit Hamilton product.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.rotary import (
+from runtime.attention.rotary import (
     ROTARY_KINDS,
     GivensRotary,
     LearnedFrequencyRotary,

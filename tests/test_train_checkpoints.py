@@ -25,9 +25,9 @@ import torch
 from typer.testing import CliRunner
 
 import compiler
-from compiler.checkpoint import load_checkpoint, read_training_state
-from compiler.cli import app
-from compiler.training import RunOptions, train
+from compiler.tools.checkpoint import load_checkpoint, read_training_state
+from compiler.tools.cli import app
+from compiler.tools.training import RunOptions, train
 from tests.conftest import CORPUS
 
 SPEC = """
@@ -211,7 +211,7 @@ def test_a_damaged_checkpoint_is_refused_clearly(write_spec, text, tmp_path, dam
 
 def test_the_old_checkpoint_api_is_unchanged(tmp_path):
     model = compiler.build_model(compiler.load_spec_text(SPEC % ADAMW))
-    compiler.checkpoint.save_checkpoint(model, tmp_path / "ck")
+    compiler.tools.checkpoint.save_checkpoint(model, tmp_path / "ck")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model.safetensors", "spec.yaml"]
     loaded = load_checkpoint(tmp_path / "ck")
     for name, value in model.state_dict().items():

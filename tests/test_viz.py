@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 import compiler
-from compiler.cli import app
-from compiler.viz import render, scene_of
-from compiler.viz.draw import node_size
-from compiler.viz.layout import dot_program, forward_and_side, layout, python_layout
-from compiler.viz.mermaid import to_mermaid
+from compiler.tools.cli import app
+from compiler.tools.viz import render, scene_of
+from compiler.tools.viz.draw import node_size
+from compiler.tools.viz.layout import dot_program, forward_and_side, layout, python_layout
+from compiler.tools.viz.mermaid import to_mermaid
 from tests.conftest import GALLERY, ROOT
 
 runner = CliRunner()
@@ -287,7 +287,7 @@ def test_a_missing_output_or_an_unknown_layout_is_a_usage_error(tmp_path):
 
 @pytest.fixture
 def lattice_checkpoint(tmp_path):
-    from compiler.checkpoint import save_checkpoint
+    from compiler.tools.checkpoint import save_checkpoint
 
     model = compiler.build_model(compiler.load_spec_text(TINY_LATTICE))
     directory = tmp_path / "run"
@@ -297,7 +297,7 @@ def lattice_checkpoint(tmp_path):
 
 def write_metrics(directory, model, steps=(0, 10, 20, 30)):
     """metrics.jsonl as training writes it: `step` and `lattice_metrics(model)` per line."""
-    from runtime.lattice import lattice_metrics
+    from runtime.attention.lattice import lattice_metrics
 
     with open(directory / "metrics.jsonl", "w") as f:
         for step in steps:
@@ -310,7 +310,7 @@ def test_lattice_writes_the_phase_field_and_the_order_parameter_over_steps(latti
     pytest.importorskip("matplotlib", reason="the lattice plots use matplotlib")
     from PIL import Image
 
-    from compiler.viz.lattice import order_parameter_series, phase_fields, read_metrics
+    from compiler.tools.viz.lattice import order_parameter_series, phase_fields, read_metrics
 
     directory, model = lattice_checkpoint
     write_metrics(directory, model)
@@ -319,7 +319,7 @@ def test_lattice_writes_the_phase_field_and_the_order_parameter_over_steps(latti
     for name in ("lattice_phases.png", "lattice_order.png"):
         with Image.open(directory / name) as image:
             assert image.format == "PNG" and image.width > 300
-    fields = phase_fields(compiler.checkpoint.load_checkpoint(directory))
+    fields = phase_fields(compiler.tools.checkpoint.load_checkpoint(directory))
     assert [(f.node, f.block, f.shape, len(f.phases)) for f in fields] == [
         ("body", 0, (2, 2), 4),
         ("body", 1, (2, 2), 4),
@@ -355,7 +355,7 @@ def test_lattice_metrics_with_a_broken_line_is_a_located_error(lattice_checkpoin
 
 
 def test_lattice_of_a_model_without_lattice_layers_is_refused(tmp_path):
-    from compiler.checkpoint import save_checkpoint
+    from compiler.tools.checkpoint import save_checkpoint
 
     save_checkpoint(compiler.build_model(SPECS / "transformer.yaml"), tmp_path / "plain")
     result = run("viz", "--lattice", str(tmp_path / "plain"))

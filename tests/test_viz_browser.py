@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from compiler.cli import app
+from compiler.tools.cli import app
 from tests.conftest import ROOT
 from tests.test_viz import BROKEN
 

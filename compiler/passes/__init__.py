@@ -3,20 +3,20 @@
 The driver in `compiler.pipeline` runs them in this order; each can be called and tested alone.
 """
 
-from .check_companions import check_companions
-from .check_cycles import check_cycles
-from .check_feedback import check_feedback
-from .check_fractals import check_fractals
-from .check_reachability import check_reachability
-from .check_references import check_references
-from .check_shapes import check_shapes
-from .check_training import check_training
-from .estimate import estimate
-from .gear_trains import check_gear_trains, derive_gear_ratios
-from .infer_widths import infer_widths
-from .plan import plan
-from .resolve_defaults import resolve_defaults
-from .sample_variations import sample_variations
+from compiler.passes.check_companions import check_companions
+from compiler.passes.check_cycles import check_cycles
+from compiler.passes.check_feedback import check_feedback
+from compiler.passes.check_fractals import check_fractals
+from compiler.passes.check_reachability import check_reachability
+from compiler.passes.check_references import check_references
+from compiler.passes.check_shapes import check_shapes
+from compiler.passes.check_training import check_training
+from compiler.passes.estimate import estimate
+from compiler.passes.gear_trains import check_gear_trains, derive_gear_ratios
+from compiler.passes.infer_widths import infer_widths
+from compiler.passes.plan import plan
+from compiler.passes.resolve_defaults import resolve_defaults
+from compiler.passes.sample_variations import sample_variations
 
 TRANSFORMS_BEFORE_CHECKS = (resolve_defaults, infer_widths)
 CHECKS = (

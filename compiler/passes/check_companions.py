@@ -6,8 +6,8 @@ cannot narrow; the spectral attention splits `lens_dim` into heads; alpha starts
 
 from __future__ import annotations
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 ATTACH = "connect it with `{from: HOST, to: %s, kind: companion}`"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 
 def check_feedback(ir: IR) -> list[Diagnostic]:

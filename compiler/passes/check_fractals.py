@@ -6,8 +6,8 @@ Level `l` of a fractal cuts the base's residual width, each head and the MLP's i
 
 from __future__ import annotations
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 
 def _levels_that_fit(head_width: int, inner: int, branching: int, rope: bool) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 
 def check_reachability(ir: IR) -> list[Diagnostic]:

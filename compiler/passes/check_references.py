@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..diagnostics import Diagnostic, did_you_mean
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic, did_you_mean
 
 
 def check_references(ir: IR) -> list[Diagnostic]:

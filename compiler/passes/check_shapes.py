@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 
 def _divisors(n: int, limit: int = 12) -> str:
@@ -251,6 +251,6 @@ def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
 
 
 def _mixer_kinds() -> set[str]:
-    from ..registry import REGISTRY
+    from compiler.language.registry import REGISTRY
 
     return {c.name for c in REGISTRY.family("attention").values() if c.level == "mixer"}

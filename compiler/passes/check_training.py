@@ -3,8 +3,8 @@ schedule that would end above the learning rate it decays from."""
 
 from __future__ import annotations
 
-from ..diagnostics import Diagnostic
-from ..ir import IR
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
 
 
 def check_training(ir: IR) -> list[Diagnostic]:
@@ -33,7 +33,7 @@ def check_training(ir: IR) -> list[Diagnostic]:
         )
     lr = getattr(train.optimizer, "lr", None)
     if lr is None and train.optimizer is None:
-        from ..components import AdamW
+        from compiler.components import AdamW
 
         lr = AdamW().lr
     for field in ("min_lr", "warmup_start_lr"):

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..diagnostics import Diagnostic, SpecError
-from ..ir import IR, node_id
+from compiler.ir import IR, node_id
+from compiler.language.diagnostics import Diagnostic, SpecError
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -67,7 +67,7 @@ def transformer_flops_per_token(cfg: TransformerConfig) -> int:
 def estimate(ir: IR) -> IR:
     import torch
 
-    from ..lower import lower
+    from compiler.lower import lower
 
     federation = ir.facts["federation"]
     blocks = sum(g.config.layers for g in federation.groups)

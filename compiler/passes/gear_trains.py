@@ -22,8 +22,8 @@ from fractions import Fraction
 
 import networkx as nx
 
-from ..diagnostics import Diagnostic
-from ..ir import IR, node_id
+from compiler.ir import IR, node_id
+from compiler.language.diagnostics import Diagnostic
 
 TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
 

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from ..ir import IR
+from compiler.ir import IR
 
 
 def infer_widths(ir: IR) -> IR:

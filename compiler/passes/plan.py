@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from ..ir import IR, input_id, node_id
+from compiler.ir import IR, input_id, node_id
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -60,9 +60,8 @@ def component_choice(family: str, config):
     """The runtime's handle on a registered component the spec chose (`runtime.transformer.Choice`)."""
     if config is None:
         return None
+    from compiler.language.registry import REGISTRY
     from runtime.transformer import Choice
-
-    from ..registry import REGISTRY
 
     component = REGISTRY.get(family, config.kind)
     options = tuple((k, _frozen(v)) for k, v in config.options().items())
@@ -80,7 +79,7 @@ def _frozen(value):
 def lattice_config(attention):
     if attention is None:
         return None
-    from runtime.lattice import LatticeConfig
+    from runtime.attention.lattice import LatticeConfig
 
     lattice, oscillator = attention.lattice, attention.oscillator
     return LatticeConfig(
@@ -108,8 +107,8 @@ def lattice_config(attention):
 
 
 def plan(ir: IR) -> IR:
-    from runtime.federation import EdgePlan, FederationPlan, GroupPlan
-    from runtime.fractal import FractalConfig
+    from runtime.federation.executor import EdgePlan, FederationPlan, GroupPlan
+    from runtime.fractal.transformer import FractalConfig
 
     spec, graph = ir.spec, ir.graph.copy()
     names = [name for name, node in spec.nodes.items() if node.kind != "companion"]

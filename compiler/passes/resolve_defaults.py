@@ -8,8 +8,8 @@ a bad `heads` inherited from `defaults` is reported at `defaults.transformer.hea
 
 from __future__ import annotations
 
-from ..ir import IR
-from ..spec import TransformerSettings
+from compiler.ir import IR
+from compiler.language.spec import TransformerSettings
 
 BUILTIN = {
     "width": None,

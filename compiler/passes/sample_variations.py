@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from ..ir import IR
+from compiler.ir import IR
 
 
 def layer_generator(seed: int, node: str) -> random.Random:

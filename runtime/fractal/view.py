@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fractal import FractalTransformer, Window, level_loss
-from .fractal_stacked import IGNORED, member_loss, split_batch
-from .ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
+from runtime.fractal.stacked import IGNORED, member_loss, split_batch
+from runtime.fractal.transformer import FractalTransformer, Window, level_loss
+from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
 
 if TYPE_CHECKING:
-    from .model import GraphModel
+    from runtime.model import GraphModel
 
 
 class FractalView:

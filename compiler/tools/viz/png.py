@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .draw import Circle, Curve, Figure, Poly, Rect, Style, Text
+from compiler.tools.viz.draw import Circle, Curve, Figure, Poly, Rect, Style, Text
 
 PT = 0.72  # points per CSS pixel at 100 dpi
 MAX_PIXELS = 8000

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from ..diagnostics import Diagnostic
-from ..source import Document, SourceMap
+from compiler.language.diagnostics import Diagnostic
+from compiler.language.source import Document, SourceMap
 
 GEAR_TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
 MAX_FRACTAL_LEAVES = 64  # nested boxes drawn for at most this many smallest sub-models

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ports import LinearHead, PooledHead
-from .transformer import _ACTIVATIONS, Block, TransformerConfig
+from runtime.ports import LinearHead, PooledHead
+from runtime.transformer import _ACTIVATIONS, Block, TransformerConfig
 
 if TYPE_CHECKING:
-    from .fractal import FractalConfig, FractalTransformer
+    from runtime.fractal.transformer import FractalConfig, FractalTransformer
 
 
 def _block_ids(sizes: tuple[int, ...], k: int) -> Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .layout import Box, Layout, Point
-from .scene import GEAR_TRAIN_KINDS, Scene, SceneEdge, SceneNode
+from compiler.tools.viz.layout import Box, Layout, Point
+from compiler.tools.viz.scene import GEAR_TRAIN_KINDS, Scene, SceneEdge, SceneNode
 
 FONT = "DejaVu Sans, Verdana, Arial, sans-serif"
 PAD = 10.0

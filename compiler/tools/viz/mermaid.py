@@ -8,8 +8,8 @@ is a grid of heads in its node's label.
 
 from __future__ import annotations
 
-from .draw import EDGE_STYLES, KIND_COLOURS, _tint, edge_category, kind_colour
-from .scene import Scene, SceneNode
+from compiler.tools.viz.draw import EDGE_STYLES, KIND_COLOURS, _tint, edge_category, kind_colour
+from compiler.tools.viz.scene import Scene, SceneNode
 
 ARROWS = {"gear train": "==>", "feedback": "-.->", "cross": "-.->", "companion": "-.->"}
 MAX_GRID = 16

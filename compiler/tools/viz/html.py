@@ -16,9 +16,9 @@ import json
 from dataclasses import asdict
 from xml.sax.saxutils import escape
 
-from .draw import Figure
-from .scene import Scene
-from .svg import to_svg
+from compiler.tools.viz.draw import Figure
+from compiler.tools.viz.scene import Scene
+from compiler.tools.viz.svg import to_svg
 
 CSS = """
 * { box-sizing: border-box; }

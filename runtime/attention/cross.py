@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import init_normal_
+from runtime.layers import init_normal_
 
 
 class CrossAttention(nn.Module):

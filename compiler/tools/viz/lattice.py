@@ -6,7 +6,7 @@
   stacked down (row-major, as the heads are numbered).
 * `lattice_order.png`: `r` of every layer against the training step, read from the checkpoint
   directory's `metrics.jsonl` (one JSON object per line: `step` and `lattice`, the
-  `runtime.lattice.lattice_metrics` dict of layer -> {"order_parameter": ...}).
+  `runtime.attention.lattice.lattice_metrics` dict of layer -> {"order_parameter": ...}).
 
 `draw_phase_field` and `draw_order_parameter` draw onto a matplotlib axis, so
 `examples/lattice_oscillators.py` composes its multi-dataset figures from the same code.
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..diagnostics import Diagnostic, Span, SpecError
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 METRICS = "metrics.jsonl"
 PHASES_PNG = "lattice_phases.png"
@@ -52,7 +52,7 @@ def phase_fields(model) -> list[PhaseField]:
     """The phases of every lattice layer of `model`, one field per node (batched nodes split)."""
     import torch
 
-    from runtime.lattice import lattice_layers
+    from runtime.attention.lattice import lattice_layers
 
     groups = model.federation.plan.groups if hasattr(model, "federation") else ()
     fields = []
@@ -212,7 +212,7 @@ class LatticePlots:
 
 def plot_checkpoint(directory: str | Path, out: str | Path | None = None) -> LatticePlots:
     """Both plots for a checkpoint directory (written into `out`, default the directory itself)."""
-    from ..checkpoint import load_checkpoint
+    from compiler.tools.checkpoint import load_checkpoint
 
     directory = Path(directory)
     model = load_checkpoint(directory)

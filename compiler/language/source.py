@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .diagnostics import Diagnostic, Span, SpecError
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64

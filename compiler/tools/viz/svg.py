@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape, quoteattr
 
-from .draw import FONT, Circle, Curve, Element, Figure, Poly, Rect, Style, Text
+from compiler.tools.viz.draw import FONT, Circle, Curve, Element, Figure, Poly, Rect, Style, Text
 
 
 def to_svg(figure: Figure, *, element_ids: bool = True) -> str:

@@ -5,7 +5,7 @@ A component is a pydantic config (the spec's view: fields, ranges, docs) paired 
 documented in the JSON Schema and checked with located errors, all from the one config class:
 
     from typing import Literal
-    from compiler.registry import ComponentConfig, register
+    from compiler.language.registry import ComponentConfig, register
 
     class Talking(ComponentConfig):
         '''Talking-heads attention (Shazeer et al. 2020).'''

@@ -17,10 +17,10 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel
 
-from .diagnostics import Diagnostic, SpecError, did_you_mean
-from .registry import TAG_PREFIX, ComponentField
-from .source import Document, SourceMap, parse_spec_text, read_spec_file
-from .spec import SPEC_VERSION, Spec, _type_name
+from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
+from compiler.language.registry import TAG_PREFIX, ComponentField
+from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
+from compiler.language.spec import SPEC_VERSION, Spec, _type_name
 
 MAX_REPORTED = 50
 

@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .rational import PositiveRational
-from .registry import FAMILIES, ComponentField, link_components
+from compiler.language.rational import PositiveRational
+from compiler.language.registry import FAMILIES, ComponentField, link_components
 
 SPEC_VERSION = 1
 
@@ -205,7 +205,7 @@ class PhaseRegulariser(Regulariser):
 
 
 class LatticeTraining(SpecModel):
-    """The design's training terms, added by `runtime.lattice.lattice_regularisation(model, step)`."""
+    """The design's training terms, added by `runtime.attention.lattice.lattice_regularisation(model, step)`."""
 
     phase: PhaseRegulariser = PhaseRegulariser()
     coherence: Regulariser = Field(
@@ -437,7 +437,7 @@ class FractalBase(TransformerSettings):
 
 class FractalNode(SpecModel):
     """FractalFormer (design 001): a transformer holding `branching` smaller copies of itself at every
-    level, whose weights are the diagonal blocks of its own (see `runtime.fractal`).
+    level, whose weights are the diagonal blocks of its own (see `runtime.fractal.transformer`).
 
     Level 0 is `base`; level `l` holds `branching**l` sub-models of width `width / branching**l`, each
     runnable alone. With `heads: narrow` every sub-model keeps `heads`, head widths shrinking by
@@ -677,7 +677,7 @@ Output = Annotated[
 
 
 class Train(SpecModel):
-    """How the model is trained: `compiler.training.build_optimizer(model)` reads this section."""
+    """How the model is trained: `compiler.tools.training.build_optimizer(model)` reads this section."""
 
     optimizer: Annotated[Any, ComponentField("optimizer")] | None = Field(
         None,

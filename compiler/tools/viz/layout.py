@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from .scene import Scene, SceneEdge
+from compiler.tools.viz.scene import Scene, SceneEdge
 
 log = logging.getLogger(__name__)
 

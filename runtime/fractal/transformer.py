@@ -17,7 +17,7 @@ columns of the full residual stream, so a whole level runs as *one* block-diagon
 of the parent's weights, never copies per sub-model), norms normalise each block, and attention runs
 all `k * heads` heads in one `scaled_dot_product_attention` call. One sub-model alone is the same
 code over a window of one block. The original looped over sub-models in Python. This is the
-`blocks` schedule; `runtime.fractal_stacked` runs every level in one full-width pass instead
+`blocks` schedule; `runtime.fractal.stacked` runs every level in one full-width pass instead
 (`schedule: stacked`), which wins where a step is bound by its number of kernels.
 
 Residual variants (the original's later notebooks), applied after every block:
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fractal_stacked import LevelStack
-from .transformer import (
+from runtime.fractal.stacked import LevelStack
+from runtime.transformer import (
     _ACTIVATIONS,
     Block,
     RotaryEmbedding,
@@ -72,7 +72,7 @@ class FractalConfig:
         return self.level_weights or (1.0,) * self.levels
 
     def stacked(self, width: int, device: torch.device) -> bool:
-        """Whether all levels run as one stacked pass (`runtime.fractal_stacked`) rather than one
+        """Whether all levels run as one stacked pass (`runtime.fractal.stacked`) rather than one
         block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH: at the
         original's width 128 on an H200 stacking took 2.23x the full model's compiled step against
         3.02x (`benchmarks/fractal_levels.py`). Wider models and the CPU keep `blocks`: stacking

@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..diagnostics import Diagnostic, Span, SpecError
-from .layout import ENGINES, LayoutUnavailable, choose_engine, layout
-from .scene import Issue, Scene, scene_from_document, scene_from_ir
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.tools.viz.layout import ENGINES, LayoutUnavailable, choose_engine, layout
+from compiler.tools.viz.scene import Issue, Scene, scene_from_document, scene_from_ir
 
 FORMATS = (".svg", ".png", ".mmd", ".html")
 MERMAID_ENGINE = "none: Mermaid lays the graph out when it is rendered"
@@ -70,8 +70,8 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
 
     Without `errors`, an invalid spec raises its `SpecError`. With it, the spec is drawn from its
     raw YAML with every diagnostic attached, and a valid spec's warnings are attached too."""
-    from ..pipeline import analyze
-    from ..source import read_spec_file
+    from compiler.language.source import read_spec_file
+    from compiler.pipeline import analyze
 
     try:
         ir = analyze(path)
@@ -87,7 +87,7 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
 
 
 def figure_of(scene: Scene, engine: str = "auto", *, show_issues: bool = True):
-    from .draw import draw, node_size
+    from compiler.tools.viz.draw import draw, node_size
 
     sizes = {node.id: node_size(node) for node in scene.nodes}
     return draw(scene, layout(scene, sizes, engine), show_issues=show_issues)
@@ -100,7 +100,7 @@ def render(
     out = Path(out)
     kind = output_format(out)
     if kind == ".mmd":
-        from .mermaid import to_mermaid
+        from compiler.tools.viz.mermaid import to_mermaid
 
         used = MERMAID_ENGINE
         _write(out, to_mermaid(scene).encode("utf-8"))
@@ -108,15 +108,15 @@ def render(
         figure = figure_of(scene, engine, show_issues=show_issues)
         used = figure.engine
         if kind == ".svg":
-            from .svg import to_svg
+            from compiler.tools.viz.svg import to_svg
 
             _write(out, to_svg(figure).encode("utf-8"))
         elif kind == ".html":
-            from .html import to_html
+            from compiler.tools.viz.html import to_html
 
             _write(out, to_html(scene, figure).encode("utf-8"))
         else:
-            from .png import write_png
+            from compiler.tools.viz.png import write_png
 
             _write_with(out, lambda tmp: write_png(figure, tmp))
     return Rendered(

