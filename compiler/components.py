@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
+from compiler.language.capabilities import Capabilities
 from compiler.language.registry import REGISTRY, Component, ComponentConfig, register
 from compiler.language.spec import Int, LatticeAttention, Real
 
@@ -110,8 +111,11 @@ class Myelinated(ComponentConfig):
     )
 
 
+# plain attention and RoPE slice into a fractal's sub-models; the other components do not
+register("attention", config=SDPA, level="scores", capabilities=Capabilities(in_fractal=True))(
+    lambda **kw: _score_module("sdpa", kw)
+)
 for _config, _level in (
-    (SDPA, "scores"),
     (SlidingWindow, "scores"),
     (AdaptiveSpan, "scores"),
     (LocalGlobal, "scores"),
@@ -191,7 +195,7 @@ def _rotary(name: str, kw: dict[str, Any]) -> Any:
     return ROTARY_KINDS[name](**kw)
 
 
-register("rotary", config=Rope)(_rope)
+register("rotary", config=Rope, capabilities=Capabilities(in_fractal=True))(_rope)
 for _config in (LearnedRope, Givens, Quaternion):
     register("rotary", config=_config)(
         lambda *, _name=_config.model_fields["kind"].default, **kw: _rotary(_name, kw)

@@ -8,10 +8,10 @@ Vertex attributes: `role` (input | node | companion | output | unknown), `name`,
 (the pydantic object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read |
 edge | companion | output), plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
 
-A `kind: companion` node lives in the nodes' namespace but is not a sub-model of the federation:
-it observes one host through a `kind: companion` edge and sends nothing, so both get the role
-`companion` and the passes that plan the federation (which walk `node` vertices and `edge` edges)
-never see them.
+A node of an observer kind (`kind: companion`) lives in the nodes' namespace but is not a
+sub-model of the federation: it observes one host through a `kind: companion` edge and sends
+nothing, so both get the role `companion` and the passes that plan the federation (which walk
+`node` vertices and `edge` edges) never see them.
 
 An edge or output naming something that does not exist gets an `unknown` vertex, so building never
 fails and `check_references` can report every dangling name at once.
@@ -26,6 +26,7 @@ import networkx as nx
 
 from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
+from compiler.language.kinds import KINDS
 
 
 def input_id(name: str) -> str:
@@ -86,7 +87,7 @@ def build_ir(loaded: LoadedSpec) -> IR:
             input_id(name), role="input", name=name, kind=inp.kind, spec=inp, path=("inputs", name)
         )
     for name, node in spec.nodes.items():
-        role = "companion" if node.kind == "companion" else "node"
+        role = "companion" if KINDS.get(node.kind).observer else "node"
         g.add_node(
             node_id(name), role=role, name=name, kind=node.kind, spec=node, path=("nodes", name)
         )
@@ -107,11 +108,10 @@ def build_ir(loaded: LoadedSpec) -> IR:
 
     only_input = next(iter(spec.inputs)) if len(spec.inputs) == 1 else None
     for name, node in spec.nodes.items():
-        if node.kind == "companion":
-            continue  # a companion reads its host through its edge, never an input
-        reads = node.input if node.input is not None else ([only_input] if only_input else [])
+        declared = KINDS.get(node.kind).reads(node)
+        reads = declared if declared is not None else ([only_input] if only_input else [])
         for position, inp in enumerate(reads):
-            path = ("nodes", name, "input", position) if node.input is not None else ("nodes", name)
+            path = ("nodes", name, "input", position) if declared is not None else ("nodes", name)
             g.add_edge(endpoint(input_id(inp), inp, path), node_id(name), role="read", path=path)
     for index, edge in enumerate(spec.edges):
         path = ("edges", index)

@@ -1,4 +1,4 @@
-"""Back end: builders, keyed by kind, that turn the planned IR into runtime modules.
+"""Back end: builders that turn the planned IR into runtime modules (nodes through their kinds' `build` hooks).
 
 Each builder takes the resolved vertex data and returns a module from `runtime/`, which knows
 nothing of YAML. Weights are drawn from a generator seeded by the spec's `seed`, inside a forked
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compiler.ir import IR
-from runtime.companion import GeoCompanion
+from compiler.language.kinds import KINDS
 from runtime.federation.executor import Federation
 from runtime.model import CompanionWiring, GraphModel, OutputWiring
 from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput
@@ -42,7 +42,12 @@ OUTPUT_BUILDERS: dict[str, OutputBuilder] = {
 }
 
 
-def lower(ir: IR, make_transformer: Callable[..., nn.Module] | None = None) -> GraphModel:
+def build_group(group: Any) -> nn.Module:
+    """A batch group's module, from its node kind's `build` hook."""
+    return KINDS.get(group.kind).build(group)
+
+
+def lower(ir: IR, make_group: Callable[[Any], nn.Module] = build_group) -> GraphModel:
     """Build the module (on the current default device: use `torch.device("meta")` to count only)."""
     spec = ir.spec
     with torch.random.fork_rng(devices=[]):
@@ -52,11 +57,7 @@ def lower(ir: IR, make_transformer: Callable[..., nn.Module] | None = None) -> G
             for _, data in ir.vertices("input")
             for name in [data["name"]]
         }
-        federation = (
-            Federation(ir.facts["federation"], make_transformer)
-            if make_transformer is not None
-            else Federation(ir.facts["federation"])
-        )
+        federation = Federation(ir.facts["federation"], make_group)
         outputs, wiring = {}, {}
         address = ir.facts["address"]
         for _, data in ir.vertices("output"):
@@ -64,7 +65,8 @@ def lower(ir: IR, make_transformer: Callable[..., nn.Module] | None = None) -> G
             outputs[name] = OUTPUT_BUILDERS[data["kind"]](data["spec"], data["width"], inputs)
             wiring[name] = OutputWiring(tuple(address[source] for source in data["spec"].source))
         companions = {
-            name: GeoCompanion(config) for name, (_, config) in ir.facts["companions"].items()
+            name: KINDS.get(ir.spec.nodes[name].kind).build(config)
+            for name, (_, config) in ir.facts["companions"].items()
         }
         observed = {
             name: CompanionWiring(

@@ -45,6 +45,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError, core_schema
 
+from compiler.language.capabilities import Capabilities
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "epicycle.components"
@@ -75,6 +77,7 @@ class Component:
     config: type[BaseModel]
     build: Callable[..., Any]
     level: str | None = None  # attention: "scores", "mixer" or "lattice"
+    capabilities: Capabilities = Capabilities()  # what a node using it can take part in
 
     @property
     def summary(self) -> str:
@@ -105,15 +108,16 @@ class Registry:
         *,
         config: type[BaseModel],
         level: str | None = None,
+        capabilities: Capabilities | None = None,
         replace: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register a builder (a module class or factory) under `family` and `name`
         (default: the config's `kind` literal)."""
 
         def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(
-                Component(family, name or kind_of(config), config, build, level), replace=replace
-            )
+            chosen = capabilities or Capabilities()
+            component = Component(family, name or kind_of(config), config, build, level, chosen)
+            self.add(component, replace=replace)
             return build
 
         return decorate
@@ -224,6 +228,10 @@ class ComponentField:
         # the registry can grow after the spec's classes are built
         return {PLACEHOLDER: self.schema_name}
 
+    def known(self) -> list[str]:
+        """The kinds an error message lists."""
+        return sorted(c.name for c in self.components())
+
     def config(self, name: str) -> type[BaseModel] | None:
         for component in self.components():
             if component.name == name:
@@ -241,7 +249,7 @@ class ComponentField:
                 "expected a mapping with a `kind`, got {type}",
                 {"type": type(value).__name__},
             )
-        known = sorted(c.name for c in self.components())
+        known = self.known()
         tags = ", ".join(f"'{k}'" for k in known)
         if "kind" not in value:
             raise PydanticCustomError(
@@ -276,7 +284,8 @@ def _relocated(exc: ValidationError, tag: str) -> ValidationError:
             detail["ctx"] = error["ctx"]
         try:
             ValidationError.from_exception_data("check", [detail])
-        except KeyError:  # a project-defined error type: keep its message as it was written
+        except (KeyError, TypeError):  # a project-defined error type (or one reusing a built-in
+            # type name with other context): keep its message as it was written
             message = error["msg"].replace("{", "{{").replace("}", "}}")
             detail["type"] = PydanticCustomError(error["type"], message, error.get("ctx"))
             detail.pop("ctx", None)
@@ -321,6 +330,10 @@ def component_schemas(fields: list[ComponentField]) -> dict[str, Any]:
                 "propertyName": "kind",
                 "mapping": {c.name: refs[(c.config, "validation")]["$ref"] for c in components},
             },
-            "description": f"A registered {spec_field.family} component, chosen by `kind`.",
+            "description": getattr(
+                spec_field,
+                "description",
+                f"A registered {spec_field.family} component, chosen by `kind`.",
+            ),
         }
     return defs

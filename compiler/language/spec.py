@@ -11,7 +11,7 @@ Size limits are deliberately generous but finite: a width of 10^30 is a typo, no
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from compiler.language.kinds import NodeField
 from compiler.language.rational import PositiveRational
 from compiler.language.registry import FAMILIES, ComponentField, link_components
 
@@ -394,179 +395,8 @@ InputNames = Annotated[
 ]
 
 
-class TransformerNode(TransformerSettings):
-    """A decoder-only transformer on a token stream `(batch, tokens, width)`."""
-
-    kind: Literal["transformer"]
-    input: InputNames | None = Field(
-        None,
-        description="The input(s) this node reads, or [] for a node driven by messages alone. "
-        "Default: the only input.",
-    )
-
-
-class GearNode(TransformerSettings):
-    """A gear of a mechanism (design 000, the Antikythera federated transformer): a sub-transformer
-    whose attention heads rotate at the gear's angular velocity.
-
-    The velocity, in turns per turn of the driver, is exact: `ratio` pins it; otherwise it is derived
-    along `mesh` (teeth ratio), `arbor` (same axle) and `pin_slot` edges. The first gear declared is
-    the driver (ratio 1 unless it says otherwise); a train not connected to it or to a pinned gear
-    is driven by its own first gear.
-    """
-
-    kind: Literal["gear"]
-    teeth: Annotated[Int, Field(ge=1, le=100_000)] | None = Field(None, description="Tooth count.")
-    ratio: PositiveRational | None = Field(
-        None,
-        description="Turns per turn of the driver, exact (`254/19`). Derived from the train when left out.",
-    )
-    perspective: Name | None = Field(
-        None, description="A frame from `perspectives:` through which the gear sees its inputs."
-    )
-    input: InputNames | None = Field(
-        None, description="The input(s) this gear reads, or [] for none. Default: the only input."
-    )
-
-
-class FractalBase(TransformerSettings):
-    """The full (level-0) model of a fractal; its sub-models take slices of its weights."""
-
-    kind: Literal["transformer"] = Field("transformer", description="The base is a transformer.")
-
-
-class FractalNode(SpecModel):
-    """FractalFormer (design 001): a transformer holding `branching` smaller copies of itself at every
-    level, whose weights are the diagonal blocks of its own (see `runtime.fractal.transformer`).
-
-    Level 0 is `base`; level `l` holds `branching**l` sub-models of width `width / branching**l`, each
-    runnable alone. With `heads: narrow` every sub-model keeps `heads`, head widths shrinking by
-    `branching` a level; with `heads: subset` each takes its share of the heads at full width.
-    """
-
-    kind: Literal["fractal"]
-    levels: Annotated[Int, Field(ge=1, le=16)] = Field(
-        description="Levels of nesting, counting the full model (1 = a plain transformer)."
-    )
-    branching: Annotated[Int, Field(ge=2, le=64)] = Field(
-        2, description="Sub-models each model holds at the next level."
-    )
-    base: FractalBase = Field(
-        FractalBase(),
-        description="The full model's settings (inherited from `defaults.transformer`).",
-    )
-    residual: Literal["none", "upstream", "downstream"] = Field(
-        "none",
-        description="`upstream`: after every block each model's stream receives its children's; `downstream`: "
-        "each receives its slice of its parent's; `none`: levels share weights only.",
-    )
-    heads: Literal["narrow", "subset"] = Field(
-        "narrow",
-        description="`narrow` (the original): every sub-model keeps all `heads`, each `branching` times "
-        "narrower a level; `subset`: sub-model j takes its own share of the heads at full width (heads and "
-        "kv_heads must divide by branching**(levels-1)); same weight blocks, faster attention.",
-    )
-    schedule: Literal["auto", "stacked", "blocks"] = Field(
-        "auto",
-        description="How all levels run at once (same results): `stacked`, one full-width pass for every "
-        "level (level 0's number of kernels, `levels` times its matmul FLOPs: fastest for small models on a "
-        "GPU); `blocks`, one block-diagonal pass per level (fewest FLOPs); `auto`, stacked on a GPU up to "
-        "width 256, else blocks.",
-    )
-    level_batch: Literal["shared", "split"] = Field(
-        "shared",
-        description="What each level trains on when all train at once: `shared` (the original), the whole "
-        "batch; `split`, its own share of the batch's sequences (level 0 the first), so a step of all levels "
-        "costs close to one of the full model alone, each level seeing 1/levels of the data (evaluation "
-        "still scores every level on every sequence). Needs `residual: none` (exchanging streams needs the "
-        "same sequences).",
-    )
-    level_weights: (
-        Annotated[list[Annotated[Real, Field(ge=0, le=1e6)]], Field(min_length=1, max_length=16)]
-        | None
-    ) = Field(
-        None,
-        description="Loss weight of each level when all are trained at once (one per level). Default: all 1.",
-    )
-    input: InputNames | None = Field(
-        None, description="The input(s) the fractal reads, or [] for none. Default: the only input."
-    )
-
-
-class CompanionNode(SpecModel):
-    """The geolip SVAE companion (design 004, AbstractPhil's geolip-svae): a small autoencoder that
-    rides alongside a host node, reading the host's token states through a `companion` edge and
-    reconstructing them through a code of fixed geometry (see `runtime.companion`).
-
-    Each token becomes `rows` unit vectors on S^(sphere_dim-1), lifted by an exactly isometric lens
-    to `lens_dim`; the lensed matrix's column norms (its spectrum) pass a spectral-alpha attention
-    across tokens, `S * (1 + alpha * tanh(SDPA(S)))` with every alpha held in `[0, alpha_max]`, and
-    modulate the decoder. Its reconstruction loss joins `model.auxiliary_loss()`, weighted by
-    `weight`; `model.companion_metrics()` reports the reconstruction cosine, the frame-rigidity
-    deviation against its 0.02*sqrt(sphere_dim) envelope, and the alphas.
-    """
-
-    kind: Literal["companion"]
-    rows: Annotated[Int, Field(ge=2, le=4096)] = Field(
-        32, description="Rows of each token's sphere-normalised matrix (the design: 32)."
-    )
-    sphere_dim: Annotated[Int, Field(ge=2, le=1024)] = Field(
-        4, description="The rows lie on S^(sphere_dim-1) (the design: 4)."
-    )
-    lens_dim: Annotated[Int, Field(ge=2, le=4096)] = Field(
-        16,
-        description="Width of the isometric lens and of the spectrum, >= sphere_dim (the design: 16).",
-    )
-    heads: Heads = Field(
-        4, description="Heads of the spectral attention across tokens; divide lens_dim."
-    )
-    layers: Annotated[Int, Field(ge=1, le=64)] = Field(
-        1, description="Spectral-alpha attention layers."
-    )
-    alpha_max: Annotated[Real, Field(ge=0, le=1)] = Field(
-        0.2, description="Upper bound of every per-mode alpha, in [0, 1] (the design: 0.2)."
-    )
-    alpha_init: Annotated[Real, Field(ge=0, le=1)] = Field(
-        0.024,
-        description="Initial alpha of every mode, in [0, alpha_max] (the design: sigmoid(-2) * 0.2 = 0.024).",
-    )
-    hidden: Width = Field(
-        256, description="Hidden width of the encoder's and decoder's residual MLPs."
-    )
-    depth: Annotated[Int, Field(ge=0, le=64)] = Field(
-        1, description="Residual blocks in the encoder and in the decoder."
-    )
-    causal: Annotated[bool, Strict()] | None = Field(
-        None,
-        description="Causal attention across tokens (token t sees tokens <= t). Default: the host's `causal`.",
-    )
-    canonical_signs: Annotated[bool, Strict()] = Field(
-        True, description="Put every row on one hemisphere (first non-zero coordinate positive)."
-    )
-    lens_trainable: Annotated[bool, Strict()] = Field(
-        True,
-        description="Learn the lens (it stays exactly orthonormal); false: a fixed random one.",
-    )
-    cosine_weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
-        0.0, description="Weight of (1 - cosine) added to the reconstruction's MSE."
-    )
-    weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
-        1.0, description="Weight of the companion's loss in `model.auxiliary_loss()`."
-    )
-    detach: Annotated[bool, Strict()] = Field(
-        True,
-        description="The companion only observes: its loss does not reach the host. false: it also trains "
-        "the host's layers.",
-    )
-
-
-NODE_KINDS: dict[str, type[SpecModel]] = {
-    "transformer": TransformerNode,
-    "gear": GearNode,
-    "fractal": FractalNode,
-    "companion": CompanionNode,
-}
-Node = Annotated[Union[tuple(NODE_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007
+Node = Annotated[Any, NodeField()]
+"""A node of the graph, by `kind`: any registered node kind (see `compiler.language.kinds`)."""
 
 
 # --------------------------------------------------------------------------- edges and feedback
@@ -737,5 +567,5 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "epicycle spec, version 1"
     schema["properties"]["spec"]["const"] = SPEC_VERSION
-    schema = link_components(schema, [ComponentField(f) for f in FAMILIES])
+    schema = link_components(schema, [NodeField(), *(ComponentField(f) for f in FAMILIES)])
     return schema

@@ -19,6 +19,17 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
     for _, data in ir.vertices("node"):
         name, s, origin = data["name"], data["settings"], data["settings_from"]
         width = data["width"]
+        if width is None and s is None:
+            found.append(
+                ir.error(
+                    (*data["path"], "kind"),
+                    f"node `{name}` has no width",
+                    "set `width:` on the node, or on the input it reads",
+                )
+            )
+            continue
+        if s is None:
+            continue  # a kind without transformer settings checks its own shapes
         if width is None:
             found.append(
                 ir.error(
@@ -47,15 +58,6 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                 )
             )
         head_width = width // heads
-        if data["kind"] == "gear" and s["position"] != "rope":
-            found.append(
-                ir.error(
-                    origin["position"],
-                    f"gear `{name}` has `position: {s['position']}`, but a gear's heads turn at its velocity "
-                    "through rotary positions",
-                    "leave `position` at `rope` for gears, or make the node a `transformer`",
-                )
-            )
         quaternion = s["rotary"] is not None and s["rotary"].kind == "quaternion"
         if s["position"] == "rope" and head_width % 2 and not quaternion:
             found.append(
@@ -103,15 +105,6 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
     where = origin["attention"]
     found = []
     cells = math.prod(attention.lattice.shape)
-    if data["kind"] == "fractal":
-        found.append(
-            ir.error(
-                where,
-                f"fractal `{name}` cannot use a lattice attention layout: its sub-models' slices of a "
-                "lattice are not defined",
-                "use plain attention in a fractal's base",
-            )
-        )
     if cells != s["heads"]:
         shape = " x ".join(map(str, attention.lattice.shape))
         found.append(
@@ -152,8 +145,9 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
 
 def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
     """Registered components (design 003) that cannot go together: a rotary choice without rotary
-    positions, per-layer head counts that do not divide the width, variations in a fractal."""
-    s, origin, name, kind = data["settings"], data["settings_from"], data["name"], data["kind"]
+    positions, per-layer head counts that do not divide the width. (What a kind needs of its
+    components, it checks itself: a gear's rotary heads, a fractal's slices.)"""
+    s, origin, name = data["settings"], data["settings_from"], data["name"]
     attention, rotary, variations = s["attention"], s["rotary"], s["variations"]
     found = []
     mixer = attention is not None and attention.kind in _mixer_kinds()
@@ -175,30 +169,6 @@ def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
                 "local_global)",
             )
         )
-    if mixer and kind == "gear":
-        found.append(
-            ir.error(
-                (*origin["attention"], "kind"),
-                f"gear `{name}` cannot use `{attention.kind}`: a gear's heads turn at its velocity through "
-                "rotary positions, which that mixer does not use",
-                "use a score-level attention on gears, or make the node a `transformer`",
-            )
-        )
-    if kind == "fractal":
-        for field, plain in (
-            ("attention", attention is None or attention.kind in ("sdpa", "lattice")),
-            ("rotary", rotary is None or rotary.kind == "rope"),
-            ("variations", variations is None),
-        ):
-            if not plain:
-                found.append(
-                    ir.error(
-                        origin[field],
-                        f"fractal `{name}` cannot use `{field}` here: its sub-models are slices of the "
-                        "base's weights, and slices of this component are not defined",
-                        f"remove `{field}` from the fractal's base",
-                    )
-                )
     if variations is None:
         return found
     where = origin["variations"]

@@ -12,10 +12,11 @@ steps. Training costs about three times as much.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from compiler.ir import IR, node_id
+from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic, SpecError
+from compiler.language.kinds import KINDS
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -67,13 +68,11 @@ def transformer_flops_per_token(cfg: TransformerConfig) -> int:
 def estimate(ir: IR) -> IR:
     import torch
 
-    from compiler.lower import lower
+    from compiler.lower import build_group, lower
 
     federation = ir.facts["federation"]
-    blocks = sum(g.config.layers for g in federation.groups)
-    guess = sum(
-        transformer_parameters(ir.graph.nodes[node_id(n)]["config"]) for n in federation.nodes
-    )
+    blocks = sum(getattr(g.config, "layers", 1) for g in federation.groups)
+    guess = sum(KINDS.get(g.kind).parameters(g.config) * len(g.nodes) for g in federation.groups)
     if guess > MAX_PARAMETERS or blocks > MAX_BLOCKS:
         what = (
             f"{guess:,} parameters"
@@ -90,20 +89,17 @@ def estimate(ir: IR) -> IR:
                 )
             ]
         )
-    from runtime.transformer import Transformer
-
     built: dict[tuple, torch.nn.Module] = {}
 
-    def once_per_shape(
-        config: TransformerConfig, members: int, rope_scales: tuple | None
-    ) -> torch.nn.Module:
-        # identical groups have identical counts: build each (shape, members) once
-        if (config, members) not in built:
-            built[config, members] = Transformer(config, members, rope_scales)
-        return built[config, members]
+    def once_per_shape(group: Any) -> torch.nn.Module:
+        # identical groups have identical counts: build each (kind, shape, members) once
+        key = (group.kind, group.config, len(group.nodes), group.options)
+        if key not in built:
+            built[key] = build_group(group)
+        return built[key]
 
     with torch.device("meta"):
-        model = lower(ir, make_transformer=once_per_shape)
+        model = lower(ir, make_group=once_per_shape)
     steps = federation.steps
     rows: dict[str, dict] = {}
     for g, group in enumerate(federation.groups):
@@ -113,7 +109,7 @@ def estimate(ir: IR) -> IR:
         if model.federation.has_bus:
             shared += sum(p.numel() for p in model.federation.to_bus[g].parameters())
             shared += sum(p.numel() for p in model.federation.from_bus[g].parameters())
-        flops = transformer_flops_per_token(group.config) * steps
+        flops = KINDS.get(group.kind).flops_per_token(group.config) * steps
         for name in group.nodes:
             rows[name] = {
                 "parameters": shared // members,
@@ -134,7 +130,9 @@ def estimate(ir: IR) -> IR:
     companions = {
         name: {
             "parameters": (count := sum(p.numel() for p in module.parameters())),
-            "flops_per_token": companion_flops_per_token(module.config, count, ir.facts["context"]),
+            "flops_per_token": KINDS.get(ir.spec.nodes[name].kind).flops_per_token(
+                module.config, count, ir.facts["context"]
+            ),
         }
         for name, module in model.companions.items()
     }
@@ -153,9 +151,3 @@ def estimate(ir: IR) -> IR:
         parameters_outside_nodes=shared_parts,
         parameters=total,
     )
-
-
-def companion_flops_per_token(config, parameters: int, context: int) -> int:
-    """Every companion weight is used once a token (a multiply-add each), plus attention across
-    up to `context` tokens over the `lens_dim`-wide spectrum in each layer."""
-    return 2 * parameters + config.layers * 2 * 2 * context * config.lens_dim

@@ -11,13 +11,19 @@
 from __future__ import annotations
 
 from compiler.ir import IR
+from compiler.language.kinds import KINDS
 
 
 def infer_widths(ir: IR) -> IR:
     graph = ir.graph.copy()
     nodes = graph.nodes
     for vertex, data in ir.vertices("node"):
-        width = data["settings"]["width"]
+        settings = data["settings"]
+        width = (
+            settings["width"]
+            if settings is not None
+            else KINDS.get(data["kind"]).declared_width(data["spec"])
+        )
         if width is None:
             declared = [
                 nodes[u]["spec"].width

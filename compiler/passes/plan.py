@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from compiler.ir import IR, input_id, node_id
+from compiler.language.kinds import KINDS, NodePlan
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -108,23 +108,20 @@ def lattice_config(attention):
 
 def plan(ir: IR) -> IR:
     from runtime.federation.executor import EdgePlan, FederationPlan, GroupPlan
-    from runtime.fractal.transformer import FractalConfig
 
-    spec, graph = ir.spec, ir.graph.copy()
-    names = [name for name, node in spec.nodes.items() if node.kind != "companion"]
-    position = {name: i for i, name in enumerate(names)}
+    spec = ir.spec
     context = max(inp.context for inp in spec.inputs.values())
+    ir = ir.with_facts(context=context)
+    graph = ir.graph.copy()
+    names = [data["name"] for _, data in ir.vertices("node")]
+    position = {name: i for i, name in enumerate(names)}
 
+    planned: dict[str, NodePlan] = {}
     reads: dict[str, tuple[tuple[str, int], ...]] = {}
     for name in names:
         vertex = node_id(name)
-        config = transformer_config(
-            graph.nodes[vertex]["settings"],
-            graph.nodes[vertex]["width"],
-            context,
-            graph.nodes[vertex].get("layer_settings", ()),
-        )
-        graph.nodes[vertex]["config"] = config
+        planned[name] = KINDS.get(graph.nodes[vertex]["kind"]).plan(ir, vertex)
+        graph.nodes[vertex]["config"] = planned[name].config
         reads[name] = tuple(
             (graph.nodes[u]["name"], graph.nodes[u]["width"])
             for u, _, d in sorted(
@@ -136,45 +133,34 @@ def plan(ir: IR) -> IR:
     instant = nx.DiGraph()
     instant.add_nodes_from(names)
     instant.add_edges_from(
-        (e.source, e.to) for e in spec.edges if e.delay == 0 and e.kind != "companion"
+        (graph.nodes[u]["name"], graph.nodes[v]["name"])
+        for u, v, e in ir.spec_edges()
+        if e["delay"] == 0
     )
     stages = []
     for generation in nx.topological_generations(instant):
         groups: dict[tuple, list[str]] = {}
         for name in sorted(generation, key=position.__getitem__):
-            node = spec.nodes[name]
-            fractal = (
-                FractalConfig(
-                    node.levels,
-                    node.branching,
-                    node.residual,
-                    tuple(float(w) for w in node.level_weights or ()),
-                    node.heads,
-                    node.schedule,
-                    node.level_batch,
-                )
-                if node.kind == "fractal"
-                else None
-            )
-            # a fractal is a group of its own: its levels are its batch
-            key = (graph.nodes[node_id(name)]["config"], reads[name], fractal, fractal and name)
+            node_kind = KINDS.get(graph.nodes[node_id(name)]["kind"])
+            node = planned[name]
+            # kinds that build alike batch alike (a gear with a transformer of its shape);
+            # a kind that cannot batch is a group of its own
+            alone = None if node_kind.capabilities.batched else name
+            key = (type(node_kind).build, node.config, reads[name], node.batch_key, alone)
             groups.setdefault(key, []).append(name)
         stages.append(
             tuple(
                 GroupPlan(
                     nodes=tuple(members),
                     indices=tuple(position[m] for m in members),
-                    config=config,
-                    inputs=inputs,
-                    rope_scales=tuple(
-                        float(graph.nodes[node_id(m)].get("velocity", 1)) for m in members
-                    ),
-                    perspectives=tuple(
-                        getattr(spec.nodes[m], "perspective", None) for m in members
-                    ),
-                    fractal=fractal,
+                    config=planned[members[0]].config,
+                    inputs=reads[members[0]],
+                    rope_scales=tuple(planned[m].rope_scale for m in members),
+                    perspectives=tuple(planned[m].perspective for m in members),
+                    kind=graph.nodes[node_id(members[0])]["kind"],
+                    options=planned[members[0]].options,
                 )
-                for (config, inputs, fractal, _), members in groups.items()
+                for members in groups.values()
             )
         )
 
@@ -211,30 +197,19 @@ def plan(ir: IR) -> IR:
             graph.nodes[node_id(name)]["group"] = g
     for name in spec.inputs:
         graph.nodes[input_id(name)]["context"] = spec.inputs[name].context
-    companions = plan_companions(ir.with_graph(graph), address)
+    companions = plan_observers(ir.with_graph(graph), address)
     return ir.with_graph(graph).with_facts(
-        federation=federation, address=address, context=context, companions=companions
+        federation=federation, address=address, companions=companions
     )
 
 
-def plan_companions(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tuple]:
-    """Each companion's host address in the federation and its resolved `CompanionConfig`: the
-    input width is the host's, and `causal` follows the host unless the companion says."""
-    from runtime.companion import CompanionConfig
-
-    planned = {}
-    for u, v, role in ir.graph.edges(data="role"):
-        if role != "companion":
-            continue
-        host, spec = ir.graph.nodes[u], ir.graph.nodes[v]["spec"]
-        causal = spec.causal if spec.causal is not None else host["settings"]["causal"]
-        chosen = {
-            f.name: getattr(spec, f.name)
-            for f in dataclasses.fields(CompanionConfig)
-            if f.name not in ("input_width", "causal")
-        }
-        floats = ("alpha_max", "alpha_init", "cosine_weight")  # spec numbers as plain floats
-        chosen.update({name: float(chosen[name]) for name in floats})
-        config = CompanionConfig(input_width=host["width"], causal=causal, **chosen)
-        planned[ir.graph.nodes[v]["name"]] = (address[host["name"]], config)
-    return dict(sorted(planned.items(), key=lambda item: list(ir.spec.nodes).index(item[0])))
+def plan_observers(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tuple]:
+    """Each observer's (companion's) host address in the federation and its resolved config,
+    in the order the spec declares them."""
+    graph, planned = ir.graph, {}
+    for vertex, data in ir.vertices("companion"):
+        config = KINDS.get(data["kind"]).plan(ir, vertex).config
+        graph.nodes[vertex]["config"] = config
+        host = next(u for u, _, role in graph.in_edges(vertex, data="role") if role == "companion")
+        planned[data["name"]] = (address[graph.nodes[host]["name"]], config)
+    return planned

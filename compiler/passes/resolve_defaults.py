@@ -2,13 +2,15 @@
 
 The result, `settings`, is a plain dict per node with every field present (`width` may still be
 None when neither the node nor the defaults set it: `infer_widths` and `check_shapes` handle that),
-and `settings_from`, the path each value was written at, so later errors point at the right line:
+and `settings_from`, the path each value was written at (both None for a kind without transformer
+settings: its hook `transformer_settings` says where they sit, a fractal's in its `base`), so later errors point at the right line:
 a bad `heads` inherited from `defaults` is reported at `defaults.transformer.heads`.
 """
 
 from __future__ import annotations
 
 from compiler.ir import IR
+from compiler.language.kinds import KINDS
 from compiler.language.spec import TransformerSettings
 
 BUILTIN = {
@@ -37,13 +39,11 @@ def resolve_defaults(ir: IR) -> IR:
     graph = ir.graph.copy()
     defaults = ir.spec.defaults.transformer
     for vertex, data in ir.vertices("node"):
-        node = data["spec"]
-        # a fractal's transformer settings are its `base`'s
-        own_settings, own_path = (
-            (node.base, (*data["path"], "base"))
-            if data["kind"] == "fractal"
-            else (node, data["path"])
-        )
+        located = KINDS.get(data["kind"]).transformer_settings(data["spec"])
+        if located is None:  # a kind without transformer settings
+            graph.nodes[vertex]["settings"] = graph.nodes[vertex]["settings_from"] = None
+            continue
+        own_settings, own_path = located[0], (*data["path"], *located[1])
         settings, origin = {}, {}
         for key, builtin in BUILTIN.items():
             own, inherited = getattr(own_settings, key), getattr(defaults, key)

@@ -25,7 +25,8 @@ def sample_variations(ir: IR) -> IR:
     graph = ir.graph.copy()
     for vertex, data in ir.vertices("node"):
         s = data["settings"]
-        variations = s["variations"]
+        graph.nodes[vertex]["layer_settings"] = ()
+        variations = s["variations"] if s is not None else None
         if variations is None:
             continue
         rng = layer_generator(ir.spec.seed, data["name"])

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.language.kinds import KINDS
 
 app = typer.Typer(
     name="epicycle",
@@ -145,9 +146,7 @@ def compile_(
     ir = analyze(file)
     _print_diagnostics(ir.facts["warnings"])
     out.print(_table(ir))
-    for line in _component_lines(ir):
-        out.print(line, markup=False)
-    for line in _fractal_lines(ir):
+    for line in _kind_notes(ir):
         out.print(line, markup=False)
     if level is not None:
         _check_sub_model_address(ir, fractal, level, index)
@@ -241,6 +240,29 @@ def components(
         out.print(table)
 
 
+@app.command()
+@_guarded
+def kinds() -> None:
+    """List the registered node kinds a spec can use, with their options and capabilities."""
+    from compiler.language.capabilities import Capabilities
+    from compiler.language.kinds import KINDS
+
+    table = Table(title="node kinds", title_justify="left", show_lines=True)
+    for column in ("kind", "what it is", "options", "capabilities"):
+        table.add_column(column, overflow="fold")
+    for node_kind in KINDS:
+        caps = node_kind.capabilities
+        shown = [
+            f"{'yes' if getattr(caps, name) else 'no '} {name}"
+            for name in Capabilities.names()
+            if name != "in_fractal"
+        ]
+        if node_kind.observer:
+            shown.insert(0, "observer (reads a host through a companion edge)")
+        table.add_row(node_kind.name, node_kind.summary, _options(node_kind.Spec), "\n".join(shown))
+    out.print(table)
+
+
 def _options(config) -> str:
     """`name = default: description` per field of a component's config (`kind` left out)."""
     lines = []
@@ -276,30 +298,29 @@ def _table(ir) -> Table:
             column, justify="left" if column in ("node", "kind", "batch group") else "right"
         )
     for name, row in ir.facts["estimates"].items():
-        data = ir.graph.nodes[f"nodes.{name}"]
-        cfg = data["config"]
+        vertex = f"nodes.{name}"
+        described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         group = f"#{row['group']} x{row['members']}" if row["members"] > 1 else f"#{row['group']}"
-        heads = f"{cfg.heads}/{cfg.kv_heads}kv" if cfg.kv_heads else str(cfg.heads)
         table.add_row(
             name,
-            data["kind"],
-            group,
-            str(cfg.width),
-            heads,
-            str(cfg.layers),
+            ir.graph.nodes[vertex]["kind"],
+            described.group or group,
+            described.width,
+            described.heads,
+            described.layers,
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
-    for name, (host, config) in ir.facts["companions"].items():
-        row = ir.facts["companion_estimates"][name]
-        host_name = ir.facts["federation"].groups[host[0]].nodes[host[1]]
+    for name in ir.facts["companions"]:
+        row, vertex = ir.facts["companion_estimates"][name], f"nodes.{name}"
+        described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         table.add_row(
             name,
-            "companion",
-            f"observes {host_name}",
-            f"{config.rows}x{config.sphere_dim}->{config.lens_dim}",
-            str(config.heads),
-            str(config.layers),
+            ir.graph.nodes[vertex]["kind"],
+            described.group or "",
+            described.width,
+            described.heads,
+            described.layers,
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
@@ -309,41 +330,13 @@ def _table(ir) -> Table:
     return table
 
 
-def _component_lines(ir) -> list[str]:
-    """Each node's chosen components and, with `variations`, what every layer drew."""
-    lines = []
-    for name in ir.facts["estimates"]:
-        cfg = ir.graph.nodes[f"nodes.{name}"]["config"]
-        chosen = [
-            f"{what} {choice.name}({', '.join(f'{k}={v}' for k, v in choice.options)})"
-            for what, choice in (("attention", cfg.variant), ("rotary", cfg.rotary))
-            if choice is not None
-        ]
-        if chosen:
-            lines.append(f"{name}: " + "; ".join(chosen))
-        for i, layer in enumerate(cfg.layer_settings):
-            lines.append(
-                f"{name} layer {i}: activation {layer.activation}, heads {layer.heads}, "
-                f"dropout {layer.dropout:g}, norm {layer.norm}"
-            )
-    return lines
-
-
-def _fractal_lines(ir) -> list[str]:
-    lines = []
-    for name, node in ir.spec.nodes.items():
-        if node.kind != "fractal":
-            continue
-        width = ir.graph.nodes[f"nodes.{name}"]["width"]
-        levels = ", ".join(
-            f"{node.branching**level} x width {width // node.branching**level}"
-            for level in range(node.levels)
-        )
-        lines.append(
-            f"fractal {name} (residual {node.residual}, schedule {node.schedule}, "
-            f"level_batch {node.level_batch}): levels 0..{node.levels - 1}: {levels}"
-        )
-    return lines
+def _kind_notes(ir) -> list[str]:
+    """What each node's kind adds below the table (a fractal's levels and schedule)."""
+    return [
+        note
+        for vertex, data in ir.vertices("node")
+        for note in KINDS.get(data["kind"]).describe(ir, vertex).notes
+    ]
 
 
 def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> None:
@@ -593,7 +586,7 @@ def export(
     from compiler.tools import interop
 
     fmt = format_.value if format_ is not None else _export_format(output)
-    model = _model_for_export(source)
+    model = _model_for_export(source, "export" if fmt == "pt2" else "onnx")
     inputs = interop.example_inputs(model, batch, tokens)
     try:
         with _quiet_exporters():
@@ -658,14 +651,27 @@ def _export_format(output: Path) -> str:
     return formats[output.suffix]
 
 
-def _model_for_export(source: str):
-    """A checkpoint (directory or .safetensors) is loaded; anything else is compiled as a spec."""
-    from compiler.pipeline import build_model
+def _model_for_export(source: str, capability: str):
+    """A checkpoint (directory or .safetensors) is loaded; anything else is compiled as a spec.
+    Either way the spec's capabilities are asked first, so a part that cannot be exported is a
+    located error now rather than an exporter's failure minutes later."""
+    from compiler.language.frontend import load_spec_text
+    from compiler.passes.check_capabilities import require
+    from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import load_checkpoint
 
+    action = "export to ONNX" if capability == "onnx" else "export with torch.export"
+    hint = "export a spec without it, or choose the other format (`-o model.pt2` / `.onnx`)"
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors":
-        return load_checkpoint(path)
+        model = load_checkpoint(path)
+        require(
+            analyze(load_spec_text(model.spec_text, f"{source} (its spec)")),
+            capability,
+            action,
+            hint,
+        )
+        return model
     if not path.exists():
         raise SpecError(
             [
@@ -677,7 +683,9 @@ def _model_for_export(source: str):
                 )
             ]
         )
-    return build_model(path)
+    ir = analyze(path)
+    require(ir, capability, action, hint)
+    return build_model(ir)
 
 
 @app.command()

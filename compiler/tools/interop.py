@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from runtime.model import GraphModel
+from runtime.transformer import Transformer
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -575,9 +576,11 @@ def load_gpt2_weights(
                 "remove `kv_heads`",
             )
         )
-    if group.fractal is not None:
+    if type(model.federation.transformers[g]) is not Transformer:
         problems.append(
-            Diagnostic(span("kind"), f"node `{name}` is a fractal; GPT-2 is a plain transformer")
+            Diagnostic(
+                span("kind"), f"node `{name}` is a {group.kind}; GPT-2 is a plain transformer"
+            )
         )
     token_input = _token_input(model, g, name, span, problems)
     if problems:

@@ -23,16 +23,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from runtime.attention.cross import CrossAttention
 from runtime.federation.messages import stage_edges
-from runtime.fractal.transformer import FractalConfig, FractalTransformer
 from runtime.layers import MemberLinear
 from runtime.perspective import Perspective, apply_frames
-from runtime.transformer import Transformer, TransformerConfig
+from runtime.transformer import TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class GroupPlan:
     inputs: tuple[tuple[str, int], ...]  # (input name, its width); their reads are summed
     rope_scales: tuple[float, ...] = ()  # per member: a gear's velocity; empty = all 1
     perspectives: tuple[str | None, ...] = ()  # per member: the frame it sees its inputs through
-    fractal: FractalConfig | None = None  # a fractal node (design 001): one member, many levels
+    kind: str = "transformer"  # the node kind whose `build` hook makes the group's module
+    options: Any = None  # what that hook needs beyond `config` (a fractal's levels)
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,14 @@ class FederationPlan:
 
 
 class Federation(nn.Module):
-    def __init__(
-        self, plan: FederationPlan, make_transformer: Callable[..., nn.Module] = Transformer
-    ):
-        """`make_transformer(config, members, rope_scales)` builds each group's stack; the compiler's
-        estimate pass passes a caching builder on the meta device to count without rebuilding."""
+    def __init__(self, plan: FederationPlan, make_group: Callable[[GroupPlan], nn.Module]):
+        """`make_group(group)` builds each batch group's module, which maps a stream
+        `(members, batch, tokens, width)` to one of the same shape: the compiler passes its node
+        kinds' `build` hooks (and, counting on the meta device, a caching builder)."""
         super().__init__()
         self.plan = plan
         groups = plan.groups
-        self.transformers = nn.ModuleList(
-            FractalTransformer(g.config, g.fractal)
-            if g.fractal is not None
-            else make_transformer(g.config, len(g.nodes), g.rope_scales or None)
-            for g in groups
-        )
+        self.transformers = nn.ModuleList(make_group(g) for g in groups)
         kinds = dict(plan.perspectives)
         frames: dict[str, dict[str, Perspective]] = {}
         for g in groups:

@@ -35,11 +35,7 @@ NEST_LABEL = 13.0
 MARGIN = 20.0
 HEADER = 62.0
 
-KIND_COLOURS = {
-    "transformer": "#2b6cb0",
-    "gear": "#b7791f",
-    "fractal": "#6b46c1",
-    "companion": "#2c7a7b",
+KIND_COLOURS = {  # roles; node kinds bring their own (`NodeKind.colour`)
     "input": "#2f855a",
     "output": "#c05621",
     "unknown": "#718096",
@@ -141,7 +137,7 @@ def text_width(text: str, size: float, bold: bool = False) -> float:
 
 
 def node_size(node: SceneNode) -> tuple[float, float]:
-    width = text_width(node.name, NAME_SIZE, bold=True) + (COG + 6 if node.kind == "gear" else 0)
+    width = text_width(node.name, NAME_SIZE, bold=True) + (COG + 6 if node.cog else 0)
     width = max([width] + [text_width(line, LINE_SIZE) for line in node.lines])
     height = PAD + NAME_HEIGHT + LINE_HEIGHT * len(node.lines)
     if node.lattice is not None:
@@ -232,7 +228,11 @@ def draw(scene: Scene, placed: Layout, *, show_issues: bool = True) -> Figure:
 def kind_colour(node: SceneNode) -> str:
     if node.role in ("input", "output", "unknown"):
         return KIND_COLOURS[node.role]
-    return KIND_COLOURS.get(node.kind or "", OTHER_KIND)
+    from compiler.language.kinds import KINDS
+
+    if node.kind is not None and node.kind in KINDS:
+        return KINDS.get(node.kind).colour or OTHER_KIND
+    return OTHER_KIND
 
 
 def _tint(colour: str, amount: float = 0.9) -> str:
@@ -254,7 +254,7 @@ def _node(node: SceneNode, box: Box) -> Element:
         )
     )
     x, y = box.x + PAD, box.y + PAD
-    if node.kind == "gear":
+    if node.cog:
         element.shapes.extend(_cog(x + COG / 2, y + COG / 2 - 3, COG / 2, node.teeth, colour))
         x += COG + 6
     element.shapes.append(Text(x, y + 13, node.name, NAME_SIZE, TEXT, "bold"))

@@ -23,8 +23,9 @@ def to_mermaid(scene: Scene) -> str:
         name = _class_name(node)
         colour = kind_colour(node)
         classes[name] = f"fill:{_tint(colour)},stroke:{colour},color:#1a202c"
-    if any(n.fractal is not None for n in scene.nodes):
-        colour = KIND_COLOURS["fractal"]
+    nested = [n for n in scene.nodes if n.fractal is not None]
+    if nested:
+        colour = kind_colour(nested[0])
         classes["fractal_leaf"] = f"fill:{_tint(colour, 0.75)},stroke:{colour},color:#1a202c"
     classes["error"] = "fill:#fff5f5,stroke:#e53e3e,stroke-width:3px,color:#1a202c"
     classes["unknown"] = (
@@ -120,8 +121,9 @@ def _fractal(node: SceneNode, mid: str, indent: str, cls: str) -> list[str]:
     else:
         lines.append(f'{indent}  {mid}_0["level 0"]:::fractal_leaf')
     lines.append(f"{indent}end")
-    colour = "#e53e3e" if cls == "error" else KIND_COLOURS["fractal"]
-    lines.append(f"{indent}style {mid} fill:{_tint(KIND_COLOURS['fractal'])},stroke:{colour}")
+    tint = kind_colour(node)
+    colour = "#e53e3e" if cls == "error" else tint
+    lines.append(f"{indent}style {mid} fill:{_tint(tint)},stroke:{colour}")
     return lines
 
 

@@ -21,6 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 from compiler.language.diagnostics import Diagnostic
+from compiler.language.kinds import KINDS, Description
 from compiler.language.source import Document, SourceMap
 
 GEAR_TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
@@ -83,6 +84,7 @@ class SceneNode:
     kind: str | None
     lines: list[str] = field(default_factory=list)  # what the box says under the name
     details: dict[str, Any] = field(default_factory=dict)  # what a click shows (JSON-able)
+    cog: bool = False  # drawn with a cog of `teeth` teeth (a gear)
     teeth: int | None = None
     velocity: str | None = None
     fractal: Fractal | None = None
@@ -170,7 +172,7 @@ def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
         elif role == "unknown":
             nodes.append(SceneNode(vertex, data["name"], role, None, ["not declared"]))
         else:
-            nodes.append(_model_node(vertex, data, estimates.get(data["name"]), spec))
+            nodes.append(_model_node(ir, vertex, estimates.get(data["name"])))
     edges = []
     reads = outputs = 0
     for u, v, data in graph.edges(data=True):
@@ -265,44 +267,24 @@ def _output_node(vertex: str, data: dict, parameters: int | None) -> SceneNode:
     return SceneNode(vertex, data["name"], "output", data["kind"], lines, details)
 
 
-def _model_node(vertex: str, data: dict, estimate: dict | None, spec) -> SceneNode:
+def _model_node(ir: Any, vertex: str, estimate: dict | None) -> SceneNode:
+    data = ir.graph.nodes[vertex]
     kind, node_spec = data["kind"], data["spec"]
     settings = data.get("settings") or {}
     config = data.get("config")
     node = SceneNode(vertex, data["name"], data["role"], kind, group=data.get("group"))
     node.details = {"role": data["role"], "kind": kind}
-    summary = [kind]
-    if kind == "gear":
-        node.teeth = node_spec.teeth
-        if data.get("velocity") is not None:
-            node.velocity = _ratio_text(data["velocity"])
-        if node.teeth:
-            summary.append(f"{node.teeth} teeth")
-        if node.velocity:
-            summary.append(f"ω {node.velocity}")
-        node.details.update(teeth=node.teeth, velocity=node.velocity)
-        if node_spec.perspective:
-            node.details["perspective"] = node_spec.perspective
-    if kind == "fractal":
-        node.fractal = Fractal(node_spec.levels, node_spec.branching, data.get("width"))
-        summary.append(f"{node_spec.levels} levels × {node_spec.branching}")
-        width = data.get("width")
-        node.details["levels"] = [
-            f"level {level}: {node_spec.branching**level} × width "
-            + (str(width // node_spec.branching**level) if width else "?")
-            for level in range(node_spec.levels)
-        ]
-        node.details["residual"] = node_spec.residual
+    described = KINDS.get(kind).describe(ir, vertex)
+    _apply_glyph(node, described)
+    node.details.update(described.details)
+    summary = [kind, *described.lines[:-1]] if described.lines else [kind]
     attention = settings.get("attention")
     if attention is not None and getattr(attention, "kind", None) == "lattice":
         lattice = attention.lattice
         node.lattice = Lattice(tuple(lattice.shape), lattice.boundary, lattice.neighbourhood)
     node.lines.append(" · ".join(summary))
-    if "width" in settings or data.get("width") is not None:
-        width = data.get("width", settings.get("width"))
-        node.lines.append(
-            f"w{width} · {settings.get('heads', '?')} heads · {settings.get('layers', '?')} layers"
-        )
+    if described.lines:
+        node.lines.append(described.lines[-1])
     if node.lattice is not None:
         node.lines.append(f"lattice {'×'.join(map(str, node.lattice.shape))} heads")
     if estimate is not None:
@@ -361,24 +343,17 @@ def scene_from_document(
     for key, raw in declared.items():
         raw = _mapping(raw)
         kind = _text(raw.get("kind"))
-        role = "companion" if kind == "companion" else "node"
+        node_kind = KINDS.get(kind) if kind is not None and kind in KINDS else None
+        role = "companion" if node_kind is not None and node_kind.observer else "node"
         node = SceneNode(f"nodes.{key}", str(key), role, kind)
         node.details = {"kind": kind, "as written": _plain(raw)}
         summary = [kind or "node (no kind)"]
-        if kind == "gear":
-            node.teeth = raw.get("teeth") if _is_int(raw.get("teeth")) else None
-            if node.teeth:
-                summary.append(f"{node.teeth} teeth")
-            if raw.get("ratio") is not None:
-                node.velocity = str(raw["ratio"])
-                summary.append(f"ω {node.velocity}")
-        settings = _mapping(raw.get("base")) if kind == "fractal" else raw
-        if kind == "fractal" and _is_int(raw.get("levels")) and 1 <= raw["levels"] <= 16:
-            branching = raw.get("branching", 2)
-            if _is_int(branching) and 2 <= branching <= 64:
-                width = settings.get("width") if _is_int(settings.get("width")) else None
-                node.fractal = Fractal(raw["levels"], branching, width)
-                summary.append(f"{raw['levels']} levels × {branching}")
+        written = node_kind.describe_written(raw) if node_kind is not None else None
+        settings = raw
+        if written is not None:
+            _apply_glyph(node, written)
+            summary.extend(written.lines)
+            settings = _mapping(written.details.get("settings", raw))
         attention = _mapping(settings.get("attention"))
         shape = _mapping(attention.get("lattice")).get("shape")
         if (
@@ -570,3 +545,15 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def _apply_glyph(node: SceneNode, described: Description) -> None:
+    """The drawing a kind asks for: a cog (`("cog", teeth, velocity)`) or nested boxes
+    (`("nest", levels, branching, width)`)."""
+    glyph = described.glyph
+    if glyph is None:
+        return
+    if glyph[0] == "cog":
+        node.cog, node.teeth, node.velocity = True, glyph[1], glyph[2]
+    elif glyph[0] == "nest":
+        node.fractal = Fractal(*glyph[1:])

@@ -1,4 +1,7 @@
-"""Gear trains: derive every gear's exact angular velocity, and refuse a mechanism that contradicts itself.
+"""`kind: gear`: a transformer whose attention heads turn at an exact angular velocity.
+
+Gear trains: derive every gear's exact angular velocity, and refuse a mechanism that contradicts itself.
+Gear trains: derive every gear's exact angular velocity, and refuse a mechanism that contradicts itself.
 
 Velocities are in turns per turn of the driver, as exact `Fraction`s. Along an edge between gears:
 
@@ -19,13 +22,43 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Annotated, Any, Literal
 
 import networkx as nx
+from pydantic import Field
 
 from compiler.ir import IR, node_id
+from compiler.kinds.transformer import TransformerKind, transformer_config_of
 from compiler.language.diagnostics import Diagnostic
+from compiler.language.kinds import Capabilities, Description, NodePlan, kind
+from compiler.language.rational import PositiveRational
+from compiler.language.spec import InputNames, Int, Name, TransformerSettings
 
 TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
+
+
+class GearNode(TransformerSettings):
+    """A gear of a mechanism (design 000, the Antikythera federated transformer): a sub-transformer
+    whose attention heads rotate at the gear's angular velocity.
+
+    The velocity, in turns per turn of the driver, is exact: `ratio` pins it; otherwise it is derived
+    along `mesh` (teeth ratio), `arbor` (same axle) and `pin_slot` edges. The first gear declared is
+    the driver (ratio 1 unless it says otherwise); a train not connected to it or to a pinned gear
+    is driven by its own first gear.
+    """
+
+    kind: Literal["gear"]
+    teeth: Annotated[Int, Field(ge=1, le=100_000)] | None = Field(None, description="Tooth count.")
+    ratio: PositiveRational | None = Field(
+        None,
+        description="Turns per turn of the driver, exact (`254/19`). Derived from the train when left out.",
+    )
+    perspective: Name | None = Field(
+        None, description="A frame from `perspectives:` through which the gear sees its inputs."
+    )
+    input: InputNames | None = Field(
+        None, description="The input(s) this gear reads, or [] for none. Default: the only input."
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +93,7 @@ def _factor(ir: IR, edge: dict, source: str, target: str) -> Fraction | None:
 def solve_trains(ir: IR) -> tuple[dict[str, Fraction], list[Diagnostic]]:
     """Velocities of every gear (by name) and the problems found on the way."""
     spec, found = ir.spec, []
-    gears = [name for name, node in spec.nodes.items() if node.kind == "gear"]
+    gears = [name for name, node in spec.nodes.items() if node.kind == Gear.name]
     is_gear = set(gears)
     constraints = nx.MultiGraph()
     constraints.add_nodes_from(gears)
@@ -144,3 +177,78 @@ def derive_gear_ratios(ir: IR) -> IR:
         if a is not None and b is not None:
             graph.edges[u, v, key]["ratio"] = b / a
     return ir.with_graph(graph)
+
+
+def _rotary_rules(ir: IR, vertex: str) -> list[Diagnostic]:
+    """A gear's heads turn at its velocity through rotary positions: it needs them, and an
+    attention that uses them."""
+    data = ir.graph.nodes[vertex]
+    name, s, origin = data["name"], data["settings"], data["settings_from"]
+    found = []
+    if s["position"] != "rope":
+        found.append(
+            ir.error(
+                origin["position"],
+                f"gear `{name}` has `position: {s['position']}`, but a gear's heads turn at its velocity "
+                "through rotary positions",
+                "leave `position` at `rope` for gears, or make the node a `transformer`",
+            )
+        )
+    attention = s["attention"]
+    if attention is not None and not component_uses_rotary("attention", attention.kind):
+        found.append(
+            ir.error(
+                (*origin["attention"], "kind"),
+                f"gear `{name}` cannot use `{attention.kind}`: a gear's heads turn at its velocity through "
+                "rotary positions, which that mixer does not use",
+                "use a score-level attention on gears, or make the node a `transformer`",
+            )
+        )
+    return found
+
+
+def component_uses_rotary(family: str, name: str) -> bool:
+    from compiler.language.registry import REGISTRY
+
+    return REGISTRY.get(family, name).level != "mixer"
+
+
+@kind("gear")
+class Gear(TransformerKind):
+    Spec = GearNode
+    capabilities = Capabilities()
+    graph_checks = (check_gear_trains,)
+    graph_transforms = (derive_gear_ratios,)
+    colour = "#b7791f"
+
+    def check(self, ir: IR, vertex: str) -> list[Diagnostic]:
+        return _rotary_rules(ir, vertex)
+
+    def plan(self, ir: IR, vertex: str) -> NodePlan:
+        data = ir.graph.nodes[vertex]
+        return NodePlan(
+            transformer_config_of(ir, vertex),
+            rope_scale=float(data["velocity"]),
+            perspective=data["spec"].perspective,
+        )
+
+    def describe(self, ir: IR, vertex: str) -> Description:
+        described = super().describe(ir, vertex)
+        data = ir.graph.nodes[vertex]
+        teeth, velocity = data["spec"].teeth, data["velocity"]
+        velocity_text = str(velocity.numerator) if velocity.denominator == 1 else str(velocity)
+        described.lines.insert(
+            0, " · ".join([*([f"{teeth} teeth"] if teeth else []), f"ω {velocity_text}"])
+        )
+        described.details.update(teeth=teeth, velocity=velocity_text)
+        if data["spec"].perspective:
+            described.details["perspective"] = data["spec"].perspective
+        described.glyph = ("cog", teeth, velocity_text)
+        return described
+
+    def describe_written(self, raw: dict[str, Any]) -> Description:
+        teeth = raw.get("teeth")
+        teeth = teeth if isinstance(teeth, int) and not isinstance(teeth, bool) else None
+        ratio = str(raw["ratio"]) if raw.get("ratio") is not None else None
+        lines = [*([f"{teeth} teeth"] if teeth else []), *([f"ω {ratio}"] if ratio else [])]
+        return Description(lines=lines, glyph=("cog", teeth, ratio))

@@ -1,0 +1,28 @@
+"""Each node kind's own rules: its `check` hook on every node of the kind, and the whole-graph
+checks it brings (`graph_checks`: a gear's trains, a companion's attachment), for every kind
+registered, since an edge kind that belongs to one (`mesh`) can be misused without it."""
+
+from __future__ import annotations
+
+from compiler.ir import IR
+from compiler.language.diagnostics import Diagnostic
+from compiler.language.kinds import KINDS
+
+
+def check_kinds(ir: IR) -> list[Diagnostic]:
+    found: list[Diagnostic] = []
+    for vertex, data in ir.vertices("node"):
+        found.extend(KINDS.get(data["kind"]).check(ir, vertex))
+    for node_kind in KINDS:
+        for check in node_kind.graph_checks:
+            found.extend(check(ir))
+    return found
+
+
+def apply_kind_transforms(ir: IR) -> IR:
+    """The whole-graph transforms kinds bring (`graph_transforms`: a gear's velocities), after
+    every check has passed."""
+    for node_kind in KINDS:
+        for transform in node_kind.graph_transforms:
+            ir = transform(ir)
+    return ir
