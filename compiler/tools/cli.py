@@ -200,11 +200,23 @@ def schema(
     output: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write to a file instead of stdout.")
     ] = None,
+    markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown", help="The readable reference (docs/spec.md) instead of the JSON Schema."
+        ),
+    ] = False,
 ) -> None:
-    """Print the JSON Schema of spec files (for yaml-language-server and other editors)."""
-    from compiler.language.spec import json_schema
+    """Print the JSON Schema of spec files (for yaml-language-server and other editors), or with
+    --markdown the spec reference: every field with its type, default and meaning."""
+    if markdown:
+        from compiler.language.reference import spec_reference
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
+        text = spec_reference()
+    else:
+        from compiler.language.spec import json_schema
+
+        text = json.dumps(json_schema(), indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
     else:
