@@ -127,18 +127,40 @@ class Federation(nn.Module):
         )
         self.has_bus = bool(plan.edges)
         self.max_delay = plan.max_delay  # a plain int: torch.compile traces it as a constant
+        # Only the parts some edge uses are built, so every parameter gets a gradient (DDP refuses
+        # unused ones): `to_bus` for groups that send on any edge (a `cross` edge attends to its
+        # source's bus row too), `from_bus` for groups that receive, and the message layer only if
+        # some edge is not `cross`. Entries of groups that need none stay `nn.Identity`, never
+        # called: per-group indexing holds, and counting their parameters gives zero.
+        senders = {e.source for e in plan.edges}
+        receivers = {e.target for e in plan.edges}
+        self._sends = [any(i in senders for i in g.indices) for g in groups]
+        self._receives = [any(i in receivers for i in g.indices) for g in groups]
+        passing = [e for e in plan.edges if e.kind != "cross"]
+        self._receives_messages = [any(e.target in g.indices for e in passing) for g in groups]
         if self.has_bus:
             self.to_bus = nn.ModuleList(
-                _projection(len(g.nodes), g.config.width, plan.bus_width) for g in groups
+                _projection(len(g.nodes), g.config.width, plan.bus_width)
+                if sends
+                else nn.Identity()
+                for g, sends in zip(groups, self._sends, strict=True)
             )
             self.from_bus = nn.ModuleList(
-                _projection(len(g.nodes), plan.bus_width, g.config.width) for g in groups
+                _projection(len(g.nodes), plan.bus_width, g.config.width)
+                if receives
+                else nn.Identity()
+                for g, receives in zip(groups, self._receives, strict=True)
             )
-            from runtime.federation.message_layer import (
-                EdgeConditionedMessage,  # torch-geometric: only when needed
-            )
+            if passing:
+                from runtime.federation.message_layer import (
+                    EdgeConditionedMessage,  # torch-geometric: only when needed
+                )
 
-            self.messages = EdgeConditionedMessage(plan.bus_width, plan.aggregate, len(plan.nodes))
+                self.messages = EdgeConditionedMessage(
+                    plan.bus_width, plan.aggregate, len(plan.nodes)
+                )
+            else:
+                self.messages = nn.Identity()
         self._stage_has_edges: list[bool] = []
         n = len(plan.nodes)
         for s, stage in enumerate(plan.stages):
@@ -292,11 +314,9 @@ class Federation(nn.Module):
             for group in stage:
                 x = self._read(group, g, embedded, batch, tokens)
                 index = getattr(self, f"bus_index_{g}")
-                received = (
-                    incoming.index_select(-2, index).movedim(-2, 0)
-                    if incoming is not None
-                    else None
-                )
+                received = None
+                if self._receives_messages[g]:
+                    received = incoming.index_select(-2, index).movedim(-2, 0)
                 if self._cross_edges[g]:
                     attended = self._cross_attend(g, x, sources)
                     received = attended if received is None else received + attended
@@ -304,7 +324,7 @@ class Federation(nn.Module):
                     x = x + self.from_bus[g](received)
                 y = self.transformers[g](x)
                 outs.append(y)
-                if bus is not None:
+                if self._sends[g]:  # a row no edge reads stays zero, out of an equilibrium residual
                     # Each slot starts at zero and is written once per step, so adding equals copying;
                     # index_add's backward is an index_select, where index_copy's tripped torch 2.11's AOT.
                     sent = self.to_bus[g](y).movedim(0, -2).to(bus.dtype)
