@@ -16,11 +16,12 @@ with their delays, and the feedback schedule. The forward pass is then:
 Every step reads the inputs afresh (the seed sketch's loop began from zeros and never saw them);
 a delayed edge reads the bus of `delay` steps before, which is zero before the first step.
 The loops run over the plan, whose length is fixed at compile time, so `torch.compile` unrolls them.
+Under `mode: equilibrium` the steps are not unrolled: an `EquilibriumSolver` (equilibrium.py)
+solves for the bus state that one more step leaves unchanged, iterating this module's `_step`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from runtime.attention.cross import CrossAttention
+from runtime.federation.equilibrium import (
+    EquilibriumSolver,
+    NonFiniteError,  # noqa: F401 - raised by the unrolled loop too, and imported from here
+    finite_per_node,
+    raise_if_not_finite,
+)
 from runtime.federation.messages import stage_edges
 from runtime.layers import MemberLinear
 from runtime.perspective import Perspective, apply_frames
 from runtime.transformer import TransformerConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,17 @@ class FederationPlan:
         return max((e.delay for e in self.edges), default=0)
 
 
+def _reported(field: str) -> property:
+    """`Federation.last_<field>`: the equilibrium solver's latest report of `field`."""
+
+    def get(self: Federation) -> float | int | None:
+        return None if self.equilibrium is None else getattr(self.equilibrium, field)
+
+    return property(
+        get, doc=f"The latest equilibrium solve's `{field}` (None before it, or in other modes)."
+    )
+
+
 class Federation(nn.Module):
     def __init__(self, plan: FederationPlan, make_group: Callable[[GroupPlan], nn.Module]):
         """`make_group(group)` builds each batch group's module, which maps a stream
@@ -106,18 +122,40 @@ class Federation(nn.Module):
         )
         self.has_bus = bool(plan.edges)
         self.max_delay = plan.max_delay  # a plain int: torch.compile traces it as a constant
+        # Only the parts some edge uses are built, so every parameter gets a gradient (DDP refuses
+        # unused ones): `to_bus` for groups that send on any edge (a `cross` edge attends to its
+        # source's bus row too), `from_bus` for groups that receive, and the message layer only if
+        # some edge is not `cross`. Entries of groups that need none stay `nn.Identity`, never
+        # called: per-group indexing holds, and counting their parameters gives zero.
+        senders = {e.source for e in plan.edges}
+        receivers = {e.target for e in plan.edges}
+        self._sends = [any(i in senders for i in g.indices) for g in groups]
+        self._receives = [any(i in receivers for i in g.indices) for g in groups]
+        passing = [e for e in plan.edges if e.kind != "cross"]
+        self._receives_messages = [any(e.target in g.indices for e in passing) for g in groups]
         if self.has_bus:
             self.to_bus = nn.ModuleList(
-                _projection(len(g.nodes), g.config.width, plan.bus_width) for g in groups
+                _projection(len(g.nodes), g.config.width, plan.bus_width)
+                if sends
+                else nn.Identity()
+                for g, sends in zip(groups, self._sends, strict=True)
             )
             self.from_bus = nn.ModuleList(
-                _projection(len(g.nodes), plan.bus_width, g.config.width) for g in groups
+                _projection(len(g.nodes), plan.bus_width, g.config.width)
+                if receives
+                else nn.Identity()
+                for g, receives in zip(groups, self._receives, strict=True)
             )
-            from runtime.federation.message_layer import (
-                EdgeConditionedMessage,  # torch-geometric: only when needed
-            )
+            if passing:
+                from runtime.federation.message_layer import (
+                    EdgeConditionedMessage,  # torch-geometric: only when needed
+                )
 
-            self.messages = EdgeConditionedMessage(plan.bus_width, plan.aggregate, len(plan.nodes))
+                self.messages = EdgeConditionedMessage(
+                    plan.bus_width, plan.aggregate, len(plan.nodes)
+                )
+            else:
+                self.messages = nn.Identity()
         self._stage_has_edges: list[bool] = []
         n = len(plan.nodes)
         for s, stage in enumerate(plan.stages):
@@ -155,20 +193,26 @@ class Federation(nn.Module):
             # False until the first forward measures the loop: a fresh model's first solve, in any
             # mode, sets the gain (as spectral normalisation's power iteration starts at build).
             self.register_buffer("feedback_gain_measured", torch.zeros((), dtype=torch.bool))
-        # What the latest equilibrium forward and backward reported (None before the first).
-        self.last_iterations: int | None = None
-        self.last_residual: float | None = None
-        self.last_contraction: float | None = None
-        self.last_lipschitz: float | None = None
-        self.last_backward_iterations: int | None = None
-        self.last_backward_residual: float | None = None
-        self._mask_seed: int | None = None  # set during an equilibrium forward in training
+        # The solver iterates this federation's own step; it holds no tensors of its own.
+        self.equilibrium = (
+            EquilibriumSolver(
+                self._step,
+                plan.nodes,
+                plan.steps,
+                plan.tolerance,
+                plan.lipschitz,
+                plan.power_iterations,
+            )
+            if plan.mode == "equilibrium"
+            else None
+        )
 
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
-        if self.plan.mode == "equilibrium":
-            return self._equilibrium(embedded)
         plan = self.plan
+        if self.equilibrium is not None:
+            measured = self.feedback_gain_measured if plan.lipschitz is not None else None
+            return self.equilibrium.solve(embedded, self.training, self._gain(), measured)
         history: list[Tensor] = []  # buses of earlier steps, newest first
         outs: list[Tensor] = []
         finite: list[Tensor] = []
@@ -181,206 +225,16 @@ class Federation(nn.Module):
             if bus is not None and self.max_delay:
                 history = [bus, *history][: self.max_delay]
                 if plan.steps > 1 and not torch.compiler.is_compiling():
-                    finite.append(_finite_per_node(bus))
+                    finite.append(finite_per_node(bus))
         if finite:
-            self._raise_if_not_finite(torch.stack(finite), "feedback step")
+            raise_if_not_finite(torch.stack(finite), "feedback step", plan.nodes)
         return outs
-
-    def _raise_if_not_finite(self, finite: Tensor, what: str) -> None:
-        """One host sync per forward: name the first (step, node) whose state is NaN or Inf."""
-        if bool(finite.all()):
-            return
-        step, node = (~finite).nonzero()[0].tolist()
-        raise NonFiniteError(
-            f"{what} {step + 1} of {finite.shape[0]}: node `{self.plan.nodes[node]}` produced NaN or Inf; "
-            "the feedback diverged (lower the learning rate, use fewer steps, or make the loop contractive)"
-        )
-
-    # Eager under torch.compile: the solve stops at a data-dependent iteration, and the implicit
-    # backward replays one step's tape many times, which a compiled backward cannot.
-    @torch.compiler.disable
-    def _equilibrium(self, embedded: dict[str, Tensor]) -> list[Tensor]:
-        """Deep-equilibrium feedback (Bai, Kolter & Koltun 2019): solve z* = f(z*) for the bus state.
-
-        The fixed point is found without a tape (up to `steps` iterations, stopping at `tolerance`
-        relative change), so memory does not grow with the iterations. Gradients use the implicit
-        function theorem: a hook on z = f(z*) replaces dL/dz by the solution g of
-        g = J_f(z*)^T g + dL/dz, found by the same fixed-point iteration over vector-Jacobian
-        products. `last_iterations`, `last_residual` and `last_contraction` (the observed rate per
-        iteration) report the forward solve's convergence, `last_backward_iterations` and
-        `last_backward_residual` the backward's.
-
-        With `lipschitz: c` the map is f(z) = step(gain * z), and in training (and in a fresh model's
-        first forward) the spectral norm sigma of J_f(z*) is measured after the solve
-        (`lipschitz_at`); above `c` the gain is scaled by `0.95 c / sigma` and the fixed point
-        solved again, so both solves contract at rate <= c near z* (Ostrowski). This is spectral normalisation (Miyato et al. 2018) applied to the linearised
-        loop instead of to one weight: a global bound through attention and LayerNorm does not exist.
-        """
-        # One set of dropout masks per forward: with fresh masks at every evaluation, f would be a
-        # different map each iteration and the solve would stall at the noise (the tied masks of
-        # Bai et al.'s variational dropout). Drawn from the global generator, so seeded runs repeat.
-        self._mask_seed = int(torch.randint(2**62, ())) if self.training else None
-        try:
-            return self._equilibrium_with_masks(embedded)
-        finally:
-            self._mask_seed = None
-
-    def _equilibrium_with_masks(self, embedded: dict[str, Tensor]) -> list[Tensor]:
-        plan = self.plan
-        start = self._step(embedded, [])[1].detach()
-        gain = self.feedback_gain.clone() if plan.lipschitz is not None else None
-        z = self._solve(embedded, start, gain)
-        if gain is not None:
-            learning = (self.training and torch.is_grad_enabled()) or not bool(
-                self.feedback_gain_measured
-            )
-            if learning or self.last_residual >= plan.tolerance:
-                # Outside training a solve that fails is bounded too, for this forward only.
-                z, gain = self._bound_lipschitz(embedded, start, z, gain, store=learning)
-            if learning:
-                self.feedback_gain_measured.fill_(True)
-        if self.last_residual >= plan.tolerance:
-            log.warning(
-                "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
-                "raise `feedback.steps` or bound the loop with `feedback.lipschitz`",
-                self.last_residual,
-                self.last_iterations,
-                plan.tolerance,
-            )
-        if not torch.is_grad_enabled():
-            return self._map(embedded, z, gain)[0]
-        _, z_next = self._map(embedded, z, gain)  # re-attaches the tape to the parameters
-        z0 = z_next.detach().requires_grad_()
-        _, f0 = self._map(embedded, z0, gain)
-
-        def implicit_gradient(grad: Tensor) -> Tensor:
-            g, change = grad, float("inf")
-            for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
-                (vjp,) = torch.autograd.grad(f0, z0, g, retain_graph=True)
-                following = vjp + grad
-                change = float((following - g).norm() / following.norm().clamp_min(1e-12))
-                g = following
-                if change <= plan.tolerance:
-                    break
-            self.last_backward_iterations, self.last_backward_residual = iterations, change
-            if change > plan.tolerance:
-                log.warning(
-                    "equilibrium backward did not converge: relative change %.3g after %d iterations "
-                    "(tolerance %.3g), so the gradient is approximate; bound the loop with "
-                    "`feedback.lipschitz` or raise `feedback.steps`",
-                    change,
-                    iterations,
-                    plan.tolerance,
-                )
-            return g
-
-        z_next.register_hook(implicit_gradient)
-        return self._map(embedded, z_next, gain)[0]
-
-    def solve_report(self) -> dict[str, float | int | None] | None:
-        """The latest equilibrium solves, for logs and the command line: iterations, residual and
-        contraction forward, iterations and residual backward, and with `lipschitz` the measured
-        Jacobian norm and the stored gain. None for other modes or before the first forward."""
-        if self.plan.mode != "equilibrium" or self.last_iterations is None:
-            return None
-        report = {
-            "iterations": self.last_iterations,
-            "residual": self.last_residual,
-            "contraction": self.last_contraction,
-            "backward_iterations": self.last_backward_iterations,
-            "backward_residual": self.last_backward_residual,
-        }
-        if self.plan.lipschitz is not None:
-            report["lipschitz"] = self.last_lipschitz
-            report["feedback_gain"] = float(self.feedback_gain)
-        return report
 
     def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
         """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""
-        if self.plan.mode != "equilibrium":
+        if self.equilibrium is None:
             raise ValueError("only `mode: equilibrium` feedback has a fixed point")
-        gain = self.feedback_gain if self.plan.lipschitz is not None else None
-        with torch.no_grad():
-            start = self._step(embedded, [])[1]
-        return self._solve(embedded, start, gain)
-
-    def _map(
-        self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None
-    ) -> tuple[list[Tensor], Tensor | None]:
-        """f(z): one step of the graph whose delayed edges read `gain * z` (in training, with this
-        forward's dropout masks)."""
-        history = [z if gain is None else z * gain.to(z.dtype)]
-        if self._mask_seed is None:
-            return self._step(embedded, history)
-        devices = [z.device] if z.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._mask_seed)
-            return self._step(embedded, history)
-
-    def _solve(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> Tensor:
-        plan = self.plan
-        residual = first = torch.tensor(float("inf"))
-        iterations = 0
-        finite: list[Tensor] = []
-        with torch.no_grad():
-            for iterations in range(1, plan.steps + 1):  # noqa: B007 - reported below
-                _, following = self._map(embedded, z, gain)
-                finite.append(_finite_per_node(following))
-                # Every process stops at the same iteration: under FSDP each step gathers weights.
-                residual = _agreed((following - z).norm() / following.norm().clamp_min(1e-12))
-                first = residual if iterations == 2 else first
-                z = following
-                if residual < plan.tolerance:
-                    break
-        self._raise_if_not_finite(torch.stack(finite), "equilibrium iteration")
-        self.last_iterations, self.last_residual = iterations, float(residual)
-        # The observed rate per iteration from the second change on (the first is from the start):
-        # it tends to the spectral radius of J_f(z*), which is what decides convergence.
-        self.last_contraction = (
-            float((residual / first.clamp_min(1e-30)) ** (1 / (iterations - 2)))
-            if iterations > 2
-            else None
-        )
-        return z
-
-    def _bound_lipschitz(
-        self,
-        embedded: dict[str, Tensor],
-        start: Tensor,
-        z: Tensor,
-        gain: Tensor,
-        store: bool = True,
-    ) -> tuple[Tensor, Tensor]:
-        """Measure ||J_f(z*)||, shrink the gain while it exceeds the bound (re-solving each time),
-        and (with `store`) leave the next step a gain that puts it at `_HEADROOM` of the bound, at
-        most 1. Returns the fixed point and the gain this forward uses."""
-        bound = self.plan.lipschitz
-        assert bound is not None
-        sigma = 0.0
-        for attempt in range(_BOUND_ATTEMPTS):
-            sigma = self.lipschitz_at(embedded, z, gain, self.plan.power_iterations)
-            proposed = gain * (_HEADROOM * bound / max(sigma, 1e-12))
-            if sigma <= bound:
-                if store:
-                    self.feedback_gain.copy_(proposed.clamp(max=1.0))
-                break
-            if attempt + 1 == _BOUND_ATTEMPTS:  # this forward keeps the gain z* was solved with
-                if store:
-                    self.feedback_gain.copy_(proposed)
-                log.warning(
-                    "feedback Lipschitz bound %.3g not reached after %d re-solves (%.3g measured); "
-                    "the next step starts from gain %.3g",
-                    bound,
-                    _BOUND_ATTEMPTS,
-                    sigma,
-                    float(proposed),
-                )
-                break
-            gain = proposed
-            converged = self.last_residual < self.plan.tolerance
-            z = self._solve(embedded, z if converged else start, gain)
-        self.last_lipschitz = sigma
-        return z, gain
+        return self.equilibrium.fixed_point(embedded, self._gain())
 
     def lipschitz_at(
         self,
@@ -389,43 +243,45 @@ class Federation(nn.Module):
         gain: Tensor | None = None,
         iterations: int = 20,
     ) -> float:
-        """The spectral norm of J_f at `z`: the map's local Lipschitz constant, by power iteration
-        on J^T J from a seeded start.
+        """The spectral norm of the feedback map's Jacobian at `z` (`EquilibriumSolver.lipschitz_at`),
+        under `gain` or else the stored one."""
+        if self.equilibrium is None:
+            raise ValueError("only `mode: equilibrium` feedback has a fixed point to measure at")
+        return self.equilibrium.lipschitz_at(
+            embedded, z, gain if gain is not None else self._gain(), iterations
+        )
 
-        No layer mixes the sequences of a batch, so J is block-diagonal over them and its norm is
-        the largest block's: each sequence runs its own power iteration (normalised separately),
-        which converges at its own block's spectral gap instead of the gap between the top blocks.
-        One forward with a tape serves every iteration: J^T u is a vector-Jacobian product, and
-        J v the derivative of that (linear) product with respect to u, a double backward. It runs
-        in the math attention kernel (flash kernels have no double backward), without autocast,
-        and under a forked RNG so the caller's dropout stream is untouched. (Not under FSDP: a
-        double backward cannot reach the weights it gathers; training refuses that combination.)
-        """
-        if gain is None and self.plan.lipschitz is not None:
-            gain = self.feedback_gain
-        generator = torch.Generator(device=z.device).manual_seed(0)
-        v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def solve_report(self) -> dict[str, float | int | None] | None:
+        """The latest equilibrium solves, for logs and the command line: iterations, residual and
+        contraction forward, iterations and residual backward, and with `lipschitz` the measured
+        Jacobian norm and the stored gain. None for other modes or before the first forward."""
+        return None if self.equilibrium is None else self.equilibrium.report(self._gain())
 
-        devices = [z.device] if z.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.enable_grad(),
-            torch.autocast(z.device.type, enabled=False),
-            sdpa_kernel(SDPBackend.MATH),
-        ):
-            point = z.detach().requires_grad_()
-            _, image = self._map(embedded, point, gain)
-            probe = torch.zeros_like(image, requires_grad=True)
-            (transposed,) = torch.autograd.grad(image, point, probe, create_graph=True)
-            sigma = torch.zeros(())
-            for _ in range(iterations):
-                direction = _per_sequence_unit(v)
-                (jv,) = torch.autograd.grad(transposed, probe, direction, retain_graph=True)
-                (v,) = torch.autograd.grad(image, point, _per_sequence_unit(jv), retain_graph=True)
-                # ||J^T J v|| / ||J v|| >= ||J v|| for a unit v: the sharper lower bound
-                sigma = v.flatten(1).norm(dim=1).max()
-        return float(_agreed(sigma.detach()))
+    def _map(
+        self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """f(z), the map the equilibrium solves (tests compare its Jacobian and unrolled gradients)."""
+        return self.equilibrium.map(embedded, z, gain)
+
+    def _gain(self) -> Tensor | None:
+        return self.feedback_gain if self.plan.lipschitz is not None else None
+
+    # What the latest equilibrium forward and backward reported (None before the first, and in
+    # other modes); the solver holds them.
+    last_iterations = _reported("iterations")
+    last_residual = _reported("residual")
+    last_contraction = _reported("contraction")
+    last_lipschitz = _reported("lipschitz")
+    last_backward_iterations = _reported("backward_iterations")
+    last_backward_residual = _reported("backward_residual")
+
+    @property
+    def _mask_seed(self) -> int | None:
+        return None if self.equilibrium is None else self.equilibrium.mask_seed
+
+    @_mask_seed.setter
+    def _mask_seed(self, seed: int | None) -> None:  # tests replay a training solve's masks
+        self.equilibrium.mask_seed = seed
 
     def _step(
         self, embedded: dict[str, Tensor], history: list[Tensor]
@@ -453,11 +309,9 @@ class Federation(nn.Module):
             for group in stage:
                 x = self._read(group, g, embedded, batch, tokens)
                 index = getattr(self, f"bus_index_{g}")
-                received = (
-                    incoming.index_select(-2, index).movedim(-2, 0)
-                    if incoming is not None
-                    else None
-                )
+                received = None
+                if self._receives_messages[g]:
+                    received = incoming.index_select(-2, index).movedim(-2, 0)
                 if self._cross_edges[g]:
                     attended = self._cross_attend(g, x, sources)
                     received = attended if received is None else received + attended
@@ -465,7 +319,7 @@ class Federation(nn.Module):
                     x = x + self.from_bus[g](received)
                 y = self.transformers[g](x)
                 outs.append(y)
-                if bus is not None:
+                if self._sends[g]:  # a row no edge reads stays zero, out of an equilibrium residual
                     # Each slot starts at zero and is written once per step, so adding equals copying;
                     # index_add's backward is an index_select, where index_copy's tripped torch 2.11's AOT.
                     sent = self.to_bus[g](y).movedim(0, -2).to(bus.dtype)
@@ -512,38 +366,6 @@ class Federation(nn.Module):
             )
             mats.append(eye if matrix is None else matrix.to(like.dtype))
         return torch.stack(mats)
-
-
-_HEADROOM = (
-    0.95  # the gain grows back only to this share of the bound: a step's drift needs no re-solve
-)
-_BOUND_ATTEMPTS = 10
-
-
-def _per_sequence_unit(t: Tensor) -> Tensor:
-    """`t` scaled so each sequence's slice `t[b]` has unit norm."""
-    norms = t.flatten(1).norm(dim=1).clamp_min(1e-30)
-    return t / norms.view(-1, *[1] * (t.dim() - 1))
-
-
-def _agreed(value: Tensor) -> Tensor:
-    """The largest `value` over the processes of a distributed run (itself otherwise)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
-
-
-class NonFiniteError(FloatingPointError):
-    """A feedback loop produced NaN or Inf; the message names the node and the step."""
-
-
-def _finite_per_node(bus: Tensor) -> Tensor:
-    """`(nodes,)` booleans: is every value of each node's state finite?"""
-    return torch.isfinite(bus).flatten(0, 1).all(0).all(-1)
 
 
 def _projection(members: int, width_in: int, width_out: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """Edge features and per-stage edge lists for the federation's message passing.
 
-The layer itself is in `message_passing_layer` (importing torch-geometric costs a second, paid
+The layer itself is in `message_layer` (importing torch-geometric costs a second, paid
 only by models that have edges).
 """
 
