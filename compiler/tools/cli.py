@@ -150,7 +150,7 @@ def compile_(
     for line in _fractal_lines(ir):
         out.print(line, markup=False)
     if level is not None:
-        _check_sub_model_address(ir, fractal, level, index)
+        fractal = _check_sub_model_address(ir, fractal, level, index)
     if not smoke and out_dir is None:
         return
     from compiler.resources import check_resources
@@ -169,7 +169,7 @@ def compile_(
             if level is None:
                 result = model(**inputs)
             else:
-                result = model.fractal(fractal).sub_model(level, index)(**inputs)
+                result = model.node(fractal).fractal.sub_model(level, index)(**inputs)
         elapsed = time.perf_counter() - start
         if level is not None:
             out.print(f"sub-model ({level}, {index}):", markup=False)
@@ -290,9 +290,10 @@ def _table(ir) -> Table:
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
-    for name, (host, config) in ir.facts["companions"].items():
+    observed = {e.to: e.source for e in ir.spec.edges if e.kind == "companion"}
+    for name, (_, config) in ir.facts["companions"].items():
         row = ir.facts["companion_estimates"][name]
-        host_name = ir.facts["federation"].groups[host[0]].nodes[host[1]]
+        host_name = observed[name]
         table.add_row(
             name,
             "companion",
@@ -346,8 +347,9 @@ def _fractal_lines(ir) -> list[str]:
     return lines
 
 
-def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> None:
-    """`--level/--index` must name a sub-model; errors point at the fractal in the spec."""
+def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> str:
+    """`--level/--index` must name a sub-model; errors point at the fractal in the spec. Returns
+    the fractal's name."""
     fractals = [n for n, node in ir.spec.nodes.items() if node.kind == "fractal"]
     if fractal is None and len(fractals) != 1:
         where = ir.span(("nodes",), key=True)
@@ -393,6 +395,7 @@ def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) ->
                 )
             ]
         )
+    return name
 
 
 def _count(n: int) -> str:
