@@ -255,3 +255,38 @@ def test_two_fractals_train_every_level_of_both(write_spec, text, tmp_path):
         expected = [float(v.detach()) for v in per_level]
         assert lines[0]["level_loss"][node] == pytest.approx(expected, rel=1e-5)
     assert lines[0]["loss"] == pytest.approx(sum(totals) / 2, rel=1e-5)  # the task loss: their mean
+
+
+FED_FRACTAL = """
+spec: 1
+name: fed-fractal
+inputs:
+  tokens: {kind: tokens, vocab: 70, context: 16}
+nodes:
+  feeder: {kind: transformer, width: 32, heads: 2, layers: 1}
+  lm:
+    kind: fractal
+    levels: 2
+    base: {width: 32, heads: 2, layers: 1}
+edges:
+  - {from: feeder, to: lm}
+outputs:
+  logits: {from: lm, kind: lm_head}
+train: {steps: 1, batch: 2, eval_every: 1}
+"""
+
+
+def test_a_fractal_that_receives_messages_trains_as_one_model_and_the_log_says_why(
+    write_spec, text, tmp_path, caplog
+):
+    from compiler.tools.training import RunOptions, train
+
+    spec = write_spec(FED_FRACTAL)
+    lm = compiler.build_model(spec, device="meta", budget=0).node("lm")
+    assert "receives messages along edges" in lm.fractal_problem
+    with pytest.raises(ValueError, match="receives messages along edges"):
+        _ = lm.fractal
+    with caplog.at_level("WARNING", logger="compiler.tools.training"):
+        done = train(spec, RunOptions(data=str(text), out=str(tmp_path / "run")))
+    assert "fractal `lm` trains without level losses" in caplog.text
+    assert "level_loss" not in done[0] and done[0]["loss"] > 0
