@@ -290,3 +290,24 @@ def test_a_fractal_that_receives_messages_trains_as_one_model_and_the_log_says_w
         done = train(spec, RunOptions(data=str(text), out=str(tmp_path / "run")))
     assert "fractal `lm` trains without level losses" in caplog.text
     assert "level_loss" not in done[0] and done[0]["loss"] > 0
+
+
+def test_lattice_records_name_their_node_and_layer(write_spec, text, tmp_path):
+    from compiler.tools.training import RunOptions, train
+    from compiler.tools.viz.lattice import layer_label
+
+    spec = write_spec(
+        LATTICE.replace("context: 8}", "context: 16}").replace("vocab: 20", "vocab: 70")
+    )
+    spec.write_text(spec.read_text() + "train: {steps: 1, batch: 2, eval_every: 1}\n")
+    done = train(spec, RunOptions(data=str(text), out=str(tmp_path / "run")))
+    layers = list(done[0]["lattice"])  # from model.report(): NODE.LAYER, one entry per node
+    assert layers == [f"{n}.blocks.{i}.attn.lattice" for n in ("a", "b") for i in (0, 1)]
+    assert [layer_label(name) for name in layers] == [
+        "a layer 0",
+        "a layer 1",
+        "b layer 0",
+        "b layer 1",
+    ]
+    model = compiler.build_model(spec, device="meta", budget=0)  # lattice_metrics' module names
+    assert layer_label("federation.transformers.0.blocks.1.attn.lattice", model) == "a+b layer 1"
