@@ -74,7 +74,8 @@ def lower(ir: IR, make_group: Callable[[Any], nn.Module] = build_group) -> Graph
             )
             for name, (host, _) in ir.facts["companions"].items()
         }
-    model = GraphModel(inputs, federation, outputs, wiring, companions, observed)
+    kinds = {name: node.kind for name, node in spec.nodes.items()}
+    model = GraphModel(inputs, federation, outputs, wiring, companions, observed, kinds)
     model.spec = spec
     model.spec_text = ir.loaded.text
     model.spec_digest = ir.loaded.digest

@@ -3,18 +3,26 @@
 It is an ordinary `nn.Module`: parameters, `state_dict`, `.to()`, `torch.compile` all behave as
 usual. `forward` takes the spec's inputs (positionally in declaration order, or by name) and
 returns a dict of the spec's outputs by name.
+
+Tools reach inside it two ways only: `model.node(name)`, a `NodeHandle` on one spec node (its
+kind, its place in the federation, its state, its module, its fractal view), and
+`model.report()`, what the latest forward pass did, as plain JSON values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from runtime.federation.executor import Federation
+from runtime.federation.executor import Federation, GroupPlan
 from runtime.ports import check_context, concat_states
+
+if TYPE_CHECKING:
+    from runtime.fractal.view import FractalView
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,145 @@ class CompanionWiring:
     weight: float
 
 
+@runtime_checkable
+class Reports(Protocol):
+    """A runtime part that says what it did in the latest forward pass, as plain JSON values
+    (floats, ints, strings, lists, dicts). Any part of a node's module that has `report()`
+    contributes to that node's entry in `GraphModel.report()`, under its module path."""
+
+    def report(self) -> dict[str, Any]: ...
+
+
+class UnknownNode(KeyError):
+    """`model.node(name)` for a name the spec does not declare; the message lists the nodes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class NodeHandle:
+    """One node of the spec inside a compiled model: `model.node(name)`.
+
+    `address` is its `(group, member)` place in the federation: batch group `group` runs it as
+    member `member` of one stacked module, `module`. A companion sends nothing to the federation:
+    its address is None, `module` is the companion and `observes` names its host.
+    """
+
+    name: str
+    kind: str  # the spec's `kind`
+    address: tuple[int, int] | None
+    module: nn.Module = field(repr=False, compare=False)
+    model: GraphModel = field(repr=False, compare=False)
+    observes: str | None = None
+
+    @property
+    def group(self) -> int:
+        return self._placed()[0]
+
+    @property
+    def member(self) -> int:
+        return self._placed()[1]
+
+    @property
+    def plan(self) -> GroupPlan:
+        """Its batch group's plan: the resolved transformer config, the inputs it reads, etc."""
+        return self.model.federation.plan.groups[self.group]
+
+    @property
+    def reads(self) -> nn.ModuleList:
+        """Its group's projection of each input it reads, in `plan.inputs` order (`nn.Identity`
+        where the widths agree)."""
+        return self.model.federation.reads[self.group]
+
+    @property
+    def receives_messages(self) -> bool:
+        """Whether any edge of the graph sends it messages."""
+        position = self.plan.indices[self.member]
+        return any(e.target == position for e in self.model.federation.plan.edges)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The spec's outputs that read this node and nothing else."""
+        if self.address is None:
+            return ()
+        return tuple(n for n, w in self.model.wiring.items() if w.sources == (self.address,))
+
+    def states(self, states: list[Tensor]) -> Tensor:
+        """This node's `(batch, tokens, width)` state out of the federation's per-group states
+        (`model.federation(...)`, `(members, batch, tokens, width)` per group)."""
+        g, m = self._placed()
+        return states[g][m]
+
+    @property
+    def nests(self) -> bool:
+        """Whether its module holds runnable sub-models (a fractal's levels)."""
+        from runtime.fractal.transformer import FractalTransformer
+
+        return isinstance(self.module, FractalTransformer)
+
+    @property
+    def fractal(self) -> FractalView:
+        """The model seen through this fractal node: every level at once, any sub-model alone,
+        merging (`runtime.fractal.view.FractalView`). One view per node, kept by the model."""
+        problem = self.fractal_problem
+        if problem is not None:
+            raise ValueError(problem)
+        views = self.model._fractal_views
+        if self.name not in views:
+            from runtime.fractal.view import FractalView
+
+            views[self.name] = FractalView(self)
+        return views[self.name]
+
+    @property
+    def fractal_problem(self) -> str | None:
+        """Why `.fractal` is not available for this node, or None when it is."""
+        if not self.nests:
+            return f"node `{self.name}` is `kind: {self.kind}`, not a fractal node"
+        if self.receives_messages:
+            return (
+                f"fractal `{self.name}` receives messages along edges, so its sub-models cannot "
+                "run alone; levels and sub-models are available for fractals fed by inputs only"
+            )
+        if not self.outputs:
+            return f"no output reads fractal `{self.name}` alone; add one, e.g. an lm_head from it"
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """What this node's module reports about the latest forward pass (see `GraphModel.report`)."""
+        entry: dict[str, Any] = {"kind": self.kind}
+        if self.address is None:
+            entry["observes"] = self.observes
+            observed = self.model.companion_outputs.get(self.name)
+            if observed is not None:
+                with torch.no_grad():
+                    entry["companion"] = self.module.summary(*observed)
+            return entry
+        from runtime.attention.lattice import lattice_layers
+
+        lattice = {
+            path: _lattice_entry(layer, self.member) for path, layer in lattice_layers(self.module)
+        }
+        if lattice:
+            entry["lattice"] = lattice
+        if self.nests:
+            view = self.model._fractal_views.get(self.name)
+            entry["fractal"] = view.report() if view is not None else _fractal_entry(self.module)
+        for path, part in self.module.named_modules():
+            if isinstance(part, Reports):
+                entry[path or "module"] = _plain(part.report())
+        return entry
+
+    def _placed(self) -> tuple[int, int]:
+        if self.address is None:
+            raise ValueError(
+                f"`{self.name}` is a {self.kind} observing `{self.observes}`: it has no state in "
+                f"the federation; read its host's, `model.node({self.observes!r})`"
+            )
+        return self.address
+
+
 class GraphModel(nn.Module):
     def __init__(
         self,
@@ -43,7 +190,9 @@ class GraphModel(nn.Module):
         wiring: dict[str, OutputWiring],
         companions: dict[str, nn.Module] | None = None,
         companion_wiring: dict[str, CompanionWiring] | None = None,
+        kinds: dict[str, str] | None = None,
     ):
+        """`kinds`: each node's spec `kind` (by default read from `spec`, which the compiler sets)."""
         super().__init__()
         self.inputs = nn.ModuleDict(inputs)
         self.federation = federation
@@ -60,6 +209,8 @@ class GraphModel(nn.Module):
         self.spec: Any = None
         self.spec_text: str = ""
         self.spec_digest: str = ""
+        self.kinds = dict(kinds or {})
+        self._fractal_views: dict[str, FractalView] = {}
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
         states = self.federation(self._embed(args, kwargs))
@@ -129,29 +280,89 @@ class GraphModel(nn.Module):
             embedded[name] = module(value)
         return embedded
 
-    def fractal(self, node: str | None = None):
-        """The model seen through fractal node `node` (default: the only one): every level at once,
-        any sub-model alone, merging. See `runtime.fractal.view.FractalView`."""
-        from runtime.fractal.transformer import FractalTransformer
-        from runtime.fractal.view import FractalView
+    def node(self, name: str) -> NodeHandle:
+        """The spec node `name` in this model (`NodeHandle`): its kind, its `(group, member)`
+        address, its state, its module and, for a fractal, its view. Unknown names raise
+        `UnknownNode` (a `KeyError`) listing the nodes."""
+        addresses = self._addresses()
+        if name in addresses:
+            g, m = addresses[name]
+            module = self.federation.transformers[g]
+            return NodeHandle(name, self._kind(name, "transformer"), (g, m), module, self)
+        if name in self.companions:
+            host = self.companion_wiring[name].host
+            observes = next(n for n, a in addresses.items() if a == host)
+            kind = self._kind(name, "companion")
+            return NodeHandle(name, kind, None, self.companions[name], self, observes)
+        known = [*addresses, *self.companions]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise UnknownNode(f"no node `{name}` (the nodes are {', '.join(known)}){hint}")
 
-        found = {
-            name: g
-            for g, group in enumerate(self.federation.plan.groups)
-            for name in group.nodes
-            if isinstance(self.federation.transformers[g], FractalTransformer)
+    def nodes(self) -> list[NodeHandle]:
+        """Every spec node, federation nodes in bus order, then the companions."""
+        return [self.node(name) for name in (*self.federation.plan.nodes, *self.companions)]
+
+    def report(self) -> dict[str, Any]:
+        """Everything a tool logs about the latest forward pass, as plain JSON values:
+
+            {
+              "nodes": {                            # every spec node, by name
+                NAME: {
+                  "kind": "transformer",            # the spec's kind
+                  "lattice": {LAYER: {...}},        # lattice attention layers, by module path
+                                                    #   under the node's module: order_parameter,
+                                                    #   coupling_force, incoherence, coupling,
+                                                    #   range (and attention_entropy when recorded)
+                  "fractal": {"levels": 3, "level_weights": [...],
+                              "level_loss": [...]}, # level_loss: the view's latest `loss()`
+                  "observes": HOST,                 # companions: the host node, and after a
+                  "companion": {...},               #   forward `companion_metrics()`'s entry
+                  PATH: {...},                      # any part with `report()` (`Reports`)
+                },
+              },
+              "feedback": {"mode": "equilibrium",   # only under equilibrium feedback, after a
+                           "iterations": ..., ...}, #   forward: `Federation.solve_report()`
+            }
+
+        Entries appear only where the node has them. Reading lattice phases computes them from
+        the weights (no forward needed); everything else is what the latest forward recorded.
+        """
+        result: dict[str, Any] = {
+            "nodes": {handle.name: handle.report() for handle in self.nodes()}
         }
-        if not found:
+        solve = self.federation.solve_report()
+        if solve is not None:
+            result["feedback"] = {"mode": self.federation.plan.mode, **_plain(solve)}
+        return result
+
+    def fractal(self, node: str | None = None) -> FractalView:
+        """The model seen through fractal node `node` (default: the only one); the same as
+        `model.node(node).fractal`. See `runtime.fractal.view.FractalView`."""
+        fractals = [h.name for h in self.nodes() if h.nests]
+        if not fractals:
             raise ValueError("this model has no fractal node")
         if node is None:
-            if len(found) > 1:
-                raise ValueError(f"this model has fractal nodes {sorted(found)}; name one")
-            node = next(iter(found))
-        if node not in found:
-            raise ValueError(
-                f"`{node}` is not a fractal node; the fractal nodes are {sorted(found)}"
-            )
-        return FractalView(self, node, found[node])
+            if len(fractals) > 1:
+                raise ValueError(f"this model has fractal nodes {fractals}; name one")
+            node = fractals[0]
+        if node not in fractals:
+            raise ValueError(f"`{node}` is not a fractal node; the fractal nodes are {fractals}")
+        return self.node(node).fractal
+
+    def _addresses(self) -> dict[str, tuple[int, int]]:
+        return {
+            name: (g, m)
+            for g, group in enumerate(self.federation.plan.groups)
+            for m, name in enumerate(group.nodes)
+        }
+
+    def _kind(self, name: str, default: str) -> str:
+        if name in self.kinds:
+            return self.kinds[name]
+        if self.spec is not None and name in self.spec.nodes:
+            return self.spec.nodes[name].kind
+        return default
 
     def _bind(self, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> dict[str, Tensor]:
         if len(args) > len(self.input_names):
@@ -173,3 +384,35 @@ class GraphModel(nn.Module):
                 f"missing input(s) {missing}; the spec's inputs are {list(self.input_names)}"
             )
         return values
+
+
+@torch.no_grad()
+def _lattice_entry(layer: nn.Module, member: int) -> dict[str, float]:
+    """`lattice_metrics`' numbers for one member of a batched lattice layer."""
+    theta = layer.phases()
+    entry = {
+        "order_parameter": float(layer.order_parameter(theta)[member]),
+        "coupling_force": float(layer.coupling_force(theta)[member].abs().mean()),
+        "incoherence": float(layer.coherence(theta)[member]),
+        "coupling": float(layer.coupling[member].mean()),
+        "range": float(layer.log_range[member].exp().mean()),
+    }
+    if layer.last_entropy is not None and member == 0:  # recorded for the first member only
+        entry["attention_entropy"] = float(layer.last_entropy.mean())
+    return entry
+
+
+def _fractal_entry(module: nn.Module) -> dict[str, Any]:
+    fractal = module.fractal
+    return {"levels": fractal.levels, "level_weights": list(fractal.weights())}
+
+
+def _plain(value: Any) -> Any:
+    """`value` with tensors turned into floats or lists, so that `json.dumps` takes it."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

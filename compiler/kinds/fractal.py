@@ -264,6 +264,9 @@ class Fractal(TransformerKind):
     def check(self, ir: IR, vertex: str) -> list[Diagnostic]:
         return check_fractal(ir, vertex)
 
+    def sub_models(self, node: Any) -> tuple[int, ...]:
+        return tuple(node.branching**level for level in range(node.levels))
+
     def plan(self, ir: IR, vertex: str) -> NodePlan:
         from runtime.fractal.transformer import FractalConfig
 

@@ -79,6 +79,7 @@ class NodeKind:
       (the settings `defaults.transformer` fills in): `(model, path suffix)`, or None.
     * `declared_width(node)`: the width of a node with no transformer settings.
     * `check(ir, vertex)`: kind-specific rules, as located diagnostics.
+    * `sub_models(node)`: runnable sub-models per level (a fractal's), or None.
     * `graph_checks` / `graph_transforms`: whole-graph passes the kind brings (gear trains).
     * `plan(ir, vertex)`: the node's resolved runtime config (`NodePlan`).
     * `build(group)`: the runtime module for a batch group of this kind; no YAML below this line.
@@ -114,6 +115,11 @@ class NodeKind:
 
     def check(self, ir: Any, vertex: str) -> list:
         return []
+
+    def sub_models(self, node: Any) -> tuple[int, ...] | None:
+        """How many runnable sub-models each level of the node holds (`compile --level`), or
+        None for a node without them."""
+        return None
 
     def plan(self, ir: Any, vertex: str) -> NodePlan:
         raise NotImplementedError(f"node kind `{self.name}` has no plan hook")

@@ -32,10 +32,10 @@ def check_training(ir: IR) -> list[Diagnostic]:
             )
         )
     lr = getattr(train.optimizer, "lr", None)
-    if lr is None and train.optimizer is None:
-        from compiler.components import AdamW
+    if lr is None and train.optimizer is None:  # the default optimizer, at its default rate
+        from compiler.language.registry import REGISTRY
 
-        lr = AdamW().lr
+        lr = REGISTRY.get("optimizer", "adamw").config().lr
     for field in ("min_lr", "warmup_start_lr"):
         value = getattr(schedule, field)
         if lr is not None and value > lr:

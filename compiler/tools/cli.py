@@ -149,7 +149,7 @@ def compile_(
     for line in _kind_notes(ir):
         out.print(line, markup=False)
     if level is not None:
-        _check_sub_model_address(ir, fractal, level, index)
+        fractal = _check_sub_model_address(ir, fractal, level, index)
     if not smoke and out_dir is None:
         return
     from compiler.resources import check_resources
@@ -168,7 +168,7 @@ def compile_(
             if level is None:
                 result = model(**inputs)
             else:
-                result = model.fractal(fractal).sub_model(level, index)(**inputs)
+                result = model.node(fractal).fractal.sub_model(level, index)(**inputs)
         elapsed = time.perf_counter() - start
         if level is not None:
             out.print(f"sub-model ({level}, {index}):", markup=False)
@@ -351,9 +351,12 @@ def _kind_notes(ir) -> list[str]:
     ]
 
 
-def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> None:
-    """`--level/--index` must name a sub-model; errors point at the fractal in the spec."""
-    fractals = [n for n, node in ir.spec.nodes.items() if node.kind == "fractal"]
+def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> str:
+    """`--level/--index` must name a sub-model; errors point at the fractal in the spec. Returns
+    the fractal's name."""
+    fractals = [
+        n for n, node in ir.spec.nodes.items() if KINDS.get(node.kind).sub_models(node) is not None
+    ]
     if fractal is None and len(fractals) != 1:
         where = ir.span(("nodes",), key=True)
         message = (
@@ -374,17 +377,18 @@ def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) ->
             ]
         )
     node = ir.spec.nodes[name]
-    if not 0 <= level < node.levels:
+    counts = KINDS.get(node.kind).sub_models(node)
+    if not 0 <= level < len(counts):
         raise SpecError(
             [
                 Diagnostic(
                     ir.span(("nodes", name, "levels")),
-                    f"`--level {level}` is out of range: fractal `{name}` has levels 0..{node.levels - 1}",
+                    f"`--level {level}` is out of range: fractal `{name}` has levels 0..{len(counts) - 1}",
                     "level 0 is the full model; pass a level in that range",
                 )
             ]
         )
-    count = node.branching**level
+    count = counts[level]
     if not 0 <= index < count:
         raise SpecError(
             [
@@ -398,6 +402,7 @@ def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) ->
                 )
             ]
         )
+    return name
 
 
 def _count(n: int) -> str:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
-from runtime.model import GraphModel
+from runtime.model import GraphModel, NodeHandle
 from runtime.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -103,7 +103,15 @@ def _hub_class() -> type:
         def from_model(cls, model: GraphModel) -> HubGraphModel:
             if isinstance(model, cls):
                 return model
-            hub_model = cls(model.inputs, model.federation, model.outputs, model.wiring)
+            hub_model = cls(
+                model.inputs,
+                model.federation,
+                model.outputs,
+                model.wiring,
+                dict(model.companions),
+                model.companion_wiring,
+                model.kinds,
+            )
             hub_model.spec, hub_model.spec_text = model.spec, model.spec_text
             hub_model.spec_digest = model.spec_digest
             return hub_model.train(model.training)
@@ -527,9 +535,8 @@ def load_gpt2_weights(
 
     source_map = load_spec_text(model.spec_text, f"<{model.spec.name} spec>").source
     problems: list[Diagnostic] = []
-    g, member, name = _find_transformer(model, node)
-    group = model.federation.plan.groups[g]
-    cfg = group.config
+    target = _find_transformer(model, node)
+    name, cfg = target.name, target.plan.config
     span = functools.partial(_setting_span, source_map, name)
 
     expected = {
@@ -542,7 +549,7 @@ def load_gpt2_weights(
     if config is not None:
         c = _config_dict(config)
         activation = _GPT2_ACTIVATIONS.get(c.get("activation_function", "gelu_new"), "?")
-        eps = model.federation.transformers[g].norm_out.eps
+        eps = target.module.norm_out.eps
         problems += _gpt2_config_problems(c, cfg, eps, span, source)
     expected["activation"] = (activation, "GPT-2's MLP activation (gelu_new is tanh-GELU)")
     for setting, (want, why) in expected.items():
@@ -576,21 +583,20 @@ def load_gpt2_weights(
                 "remove `kv_heads`",
             )
         )
-    if type(model.federation.transformers[g]) is not Transformer:
+    if type(target.module) is not Transformer:
         problems.append(
             Diagnostic(
-                span("kind"), f"node `{name}` is a {group.kind}; GPT-2 is a plain transformer"
+                span("kind"), f"node `{name}` is a {target.kind}; GPT-2 is a plain transformer"
             )
         )
-    token_input = _token_input(model, g, name, span, problems)
+    token_input = _token_input(model, target, span, problems)
     if problems:
         raise SpecError(problems)
 
-    transformer = model.federation.transformers[g]
     weights = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-    copies, used = _gpt2_copies(model, transformer, member, token_input, weights)
+    copies, used = _gpt2_copies(model, target.module, target.member, token_input, weights)
     problems += _state_dict_problems(weights, used, source)
-    problems += _head_problems(model, g, member, token_input, weights, copies, source)
+    problems += _head_problems(model, target, token_input, weights, copies, source)
     for target, value, label in copies:
         if tuple(target.shape) != tuple(value.shape):
             problems.append(
@@ -611,21 +617,15 @@ def load_gpt2_weights(
     return sorted({_parameter_name(t, written) for t, _, _ in copies})
 
 
-def _find_transformer(model: GraphModel, node: str | None) -> tuple[int, int, str]:
-    """(group, member, name) of the node to load into."""
-    found = {
-        name: (g, m)
-        for g, group in enumerate(model.federation.plan.groups)
-        for m, name in enumerate(group.nodes)
-    }
-    if node is None:
-        if len(found) != 1:
-            raise ValueError(f"this model has nodes {sorted(found)}; name the one to load into")
-        node = next(iter(found))
-    if node not in found:
-        raise ValueError(f"no node `{node}`; the nodes are {sorted(found)}")
-    g, m = found[node]
-    return g, m, node
+def _find_transformer(model: GraphModel, node: str | None) -> NodeHandle:
+    """The node to load into: `node`, or the model's only sub-model."""
+    if node is not None:
+        return model.node(node)
+    found = [n for n in model.nodes() if n.address is not None]
+    if len(found) != 1:
+        names = [n.name for n in found]
+        raise ValueError(f"this model has nodes {names}; name the one to load into")
+    return found[0]
 
 
 def _setting_span(source_map: Any, node: str, setting: str) -> Span:
@@ -697,13 +697,12 @@ def _gpt2_config_problems(
 
 
 def _token_input(
-    model: GraphModel, g: int, name: str, span: Any, problems: list[Diagnostic]
+    model: GraphModel, target: NodeHandle, span: Any, problems: list[Diagnostic]
 ) -> str:
     """The node's one token input, read without a projection (then its table is GPT-2's wte)."""
     from runtime.ports import TokenInput
 
-    group = model.federation.plan.groups[g]
-    read = model.federation.reads[g]
+    group, read = target.plan, target.reads
     inputs = [inp for inp, _ in group.inputs]
     if (
         len(inputs) != 1
@@ -714,7 +713,7 @@ def _token_input(
         problems.append(
             Diagnostic(
                 span("input"),
-                f"node `{name}` must read exactly one token input of its own width, without a "
+                f"node `{target.name}` must read exactly one token input of its own width, without a "
                 "perspective, to take GPT-2's token embedding",
                 "give the node `input: tokens` with a tokens input",
             )
@@ -796,8 +795,7 @@ def _state_dict_problems(
 
 def _head_problems(
     model: GraphModel,
-    g: int,
-    member: int,
+    target: NodeHandle,
     token_input: str,
     weights: dict[str, Tensor],
     copies: list[tuple[Tensor, Tensor, str]],
@@ -814,7 +812,7 @@ def _head_problems(
     problems = []
     for name, spec in model.spec.outputs.items():
         module = model.outputs[name]
-        if spec.kind != "lm_head" or model.wiring[name].sources != ((g, member),):
+        if spec.kind != "lm_head" or name not in target.outputs:
             continue
         if getattr(spec, "vocab_of", None) not in (None, token_input):
             continue

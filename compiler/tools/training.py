@@ -221,29 +221,25 @@ def _language_model_loss_class():
 
     class LanguageModelLoss(nn.Module):
         """Next-token cross-entropy of the spec's LM heads plus the spec's training terms, in one
-        forward, so DDP and FSDP see the whole step. A model with one fractal node trains every
-        level of it at once (design 001), weighted by its `level_weights`."""
+        forward, so DDP and FSDP see the whole step. Every fractal node trains all its levels at
+        once (design 001), weighted by its `level_weights`: an output that reads a fractal alone
+        is scored through that fractal's view, the other outputs through the model's forward."""
 
         def __init__(self, model: nn.Module, task: LanguageTask):
             super().__init__()
             self.model, self.task = model, task
-            self.fractal = _fractal_view_or_none(model)
-            self.level_losses: Tensor | None = None  # the last step's, per fractal level
+            self.fractals = level_trained_fractals(model)
+            self.scored_by = {o: view for view in self.fractals.values() for o in view.outputs}
 
         def forward(self, tokens: Tensor, targets: Tensor, step: int) -> tuple[Tensor, Tensor]:
-            if self.fractal is not None:
-                import torch
-
-                results = [self.fractal.loss(targets, tokens, output=o) for o in self.task.outputs]
-                losses = [total for total, _ in results]
-                levels = torch.stack([torch.stack(per_level) for _, per_level in results])
-                self.level_losses = levels.mean(0).detach()
-            else:
-                logits = self.model(tokens)
-                losses = [
-                    F.cross_entropy(logits[o].flatten(0, -2), targets.flatten())
-                    for o in self.task.outputs
-                ]
+            plain = [o for o in self.task.outputs if o not in self.scored_by]
+            logits = self.model(tokens) if plain else {}
+            losses = [
+                self.scored_by[o].loss(targets, tokens, output=o)[0]
+                if o in self.scored_by
+                else F.cross_entropy(logits[o].flatten(0, -2), targets.flatten())
+                for o in self.task.outputs
+            ]
             task_loss = sum(losses) / len(losses)
             # the caller detaches the task loss: returned detached from a compiled step beside a
             # sum it shares a node with (when the spec has no training terms, `+ 0`), inductor
@@ -253,11 +249,21 @@ def _language_model_loss_class():
     return LanguageModelLoss
 
 
-def _fractal_view_or_none(model: nn.Module) -> Any:
-    try:
-        return model.fractal()
-    except ValueError:  # no fractal node, several, or one that cannot run its levels alone
-        return None
+def level_trained_fractals(model: nn.Module) -> dict[str, Any]:
+    """The fractal nodes whose levels train at once, by name, with their views. A fractal that
+    cannot run its levels alone (it receives messages, or no output reads it alone) trains as one
+    model; the log says why."""
+    views = {}
+    for node in model.nodes():
+        if not node.nests:
+            continue
+        if node.fractal_problem is not None:
+            log.warning(
+                "fractal `%s` trains without level losses: %s", node.name, node.fractal_problem
+            )
+            continue
+        views[node.name] = node.fractal
+    return views
 
 
 # --------------------------------------------------------------------------- processes
@@ -326,7 +332,7 @@ def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
         from runtime.transformer import Block, Transformer
 
         model = objective.model
-        blocks_alone = objective.fractal is None and not any(
+        blocks_alone = not objective.fractals and not any(
             hasattr(m, "regularisation") for m in model.modules()
         )
         if blocks_alone:
@@ -489,13 +495,13 @@ def train(
             "lr": lr,
             "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0,
         }
-        record.update(_equilibrium(model))  # before validation's forward passes overwrite it
-        record.update(_levels(objective, processes))
+        with gathered(root, processes):  # lattice phases read the weights
+            report = model.report()  # before validation's forward passes overwrite it
+        record.update(_from_report(report, objective, processes))
         if evaluate:
             record["val_loss"] = _validation_loss(
                 step_fn, corpus, settings, task, options, processes
             )
-        record.update(_lattice(root, model, processes))
         if processes.leader:
             _append_metric(out, record)
             records.append(record)
@@ -541,27 +547,41 @@ def _validation_loss(
     return processes.mean(total / options.eval_batches)
 
 
-def _levels(objective: nn.Module, processes: Processes) -> dict[str, Any]:
-    """A fractal's training loss per level at the latest step (mean over its sub-models)."""
-    losses = objective.level_losses
-    if losses is None:
-        return {}
-    return {"level_loss": [processes.mean(loss) for loss in losses]}
+def _from_report(
+    report: dict[str, Any], objective: nn.Module, processes: Processes
+) -> dict[str, Any]:
+    """The metrics.jsonl fields from `GraphModel.report()` of the latest training step:
 
+    * `level_loss`: each fractal's training loss per level (mean over its sub-models and over
+      the ranks): a list for a model with one level-trained fractal, `{node: list}` for several;
+    * `equilibrium`: the solves (`Federation.solve_report`), under `mode: equilibrium`;
+    * `lattice`: `{"NODE.LAYER": metrics}`, every lattice attention layer of every node.
+    """
+    import torch
 
-def _equilibrium(model: nn.Module) -> dict[str, Any]:
-    """The latest training step's solves (`Federation.solve_report`), under `equilibrium`."""
-    report = model.federation.solve_report()
-    return {} if report is None else {"equilibrium": report}
-
-
-def _lattice(root: nn.Module, model: nn.Module, processes: Processes) -> dict[str, Any]:
-    from runtime.attention.lattice import lattice_layers, lattice_metrics
-
-    if not lattice_layers(model):
-        return {}
-    with gathered(root, processes):
-        return {"lattice": lattice_metrics(model)}
+    record: dict[str, Any] = {}
+    levels = {
+        name: [
+            processes.mean(torch.tensor(v))
+            for v in report["nodes"][name]["fractal"].get("level_loss", [])
+        ]
+        for name in objective.fractals
+    }
+    if len(levels) == 1:
+        record["level_loss"] = next(iter(levels.values()))
+    elif levels:
+        record["level_loss"] = levels
+    feedback = report.get("feedback")
+    if feedback is not None:
+        record["equilibrium"] = {k: v for k, v in feedback.items() if k != "mode"}
+    lattice = {
+        f"{node}.{layer}": metrics
+        for node, entry in report["nodes"].items()
+        for layer, metrics in entry.get("lattice", {}).items()
+    }
+    if lattice:
+        record["lattice"] = lattice
+    return record
 
 
 def _seed_dropout(seed: int, processes: Processes, previous: Any) -> None:

@@ -1,7 +1,7 @@
 """A compiled model seen through one of its fractal nodes: every level at once, any sub-model alone,
 and merging separately trained models into the slices (design 001, FractalFormer).
 
-`GraphModel.fractal(node)` returns a `FractalView`. The outputs it serves are the spec's outputs
+`model.node(name).fractal` (or `model.fractal(name)`) returns a `FractalView`. The outputs it serves are the spec's outputs
 that read that node alone; a sub-model's output head is the matching column slice of the full
 head (with `tie: true`, the sliced token embedding, as in the original), and its input embedding
 is the matching column slice of the input's table or projection.
@@ -9,7 +9,7 @@ is the matching column slice of the input's table or projection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,29 +19,25 @@ from runtime.fractal.stacked import IGNORED, member_loss, split_batch
 from runtime.fractal.transformer import FractalTransformer, Window, level_loss
 from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
 
-if TYPE_CHECKING:
-    from runtime.model import GraphModel
+# The view reads a `runtime.model.GraphModel` through one of its `NodeHandle`s; the model makes
+# its views, so this module names those types without importing them (an import circle otherwise).
+GraphModel = NodeHandle = Any
 
 
 class FractalView:
-    def __init__(self, model: GraphModel, node: str, group: int):
-        self.model, self.node, self.group = model, node, group
-        self.fractal: FractalTransformer = model.federation.transformers[group]
-        plan = model.federation.plan
-        position = plan.nodes.index(node)
-        if any(e.target == position for e in plan.edges):
-            raise ValueError(
-                f"fractal `{node}` receives messages along edges, so its sub-models cannot run alone; "
-                "levels and sub-models are available for fractals fed by inputs only"
-            )
-        self.inputs = plan.groups[group].inputs
-        self.outputs = [
-            name for name, wiring in model.wiring.items() if list(wiring.sources) == [(group, 0)]
-        ]
-        if not self.outputs:
-            raise ValueError(
-                f"no output reads fractal `{node}` alone; add one, e.g. an lm_head from it"
-            )
+    def __init__(self, handle: NodeHandle):
+        """The view of fractal node `handle` (`model.node(name)`); `handle.fractal_problem` says
+        why a fractal has none (it receives messages, or no output reads it alone)."""
+        problem = handle.fractal_problem
+        if problem is not None:
+            raise ValueError(problem)
+        self.model: GraphModel = handle.model
+        self.node, self.handle = handle.name, handle
+        self.fractal: FractalTransformer = handle.module
+        self.inputs = handle.plan.inputs
+        self.outputs = list(handle.outputs)
+        # each output's per-level losses from the latest `loss` call, detached (for `report`)
+        self._level_losses: dict[str, Tensor] = {}
 
     @property
     def levels(self) -> int:
@@ -49,6 +45,15 @@ class FractalView:
 
     def level_weights(self) -> tuple[float, ...]:
         return self.fractal.fractal.weights()
+
+    def report(self) -> dict[str, Any]:
+        """Levels, their loss weights and, once `loss` has run, each level's latest loss (the mean
+        over the outputs scored): this node's `fractal` entry in `GraphModel.report()`."""
+        entry: dict[str, Any] = {"levels": self.levels, "level_weights": list(self.level_weights())}
+        if self._level_losses:
+            latest = torch.stack(list(self._level_losses.values())).mean(0)
+            entry["level_loss"] = [float(v) for v in latest]
+        return entry
 
     # ------------------------------------------------------------------ running
 
@@ -75,6 +80,13 @@ class FractalView:
         `levels` shares of the batch; in evaluation mode every level is scored on every sequence,
         so validation losses compare across recipes."""
         output = output or self._only_output()
+        total, per_level = self._loss(targets, args, kwargs, output)
+        self._level_losses[output] = torch.stack(per_level).detach()
+        return total, per_level
+
+    def _loss(
+        self, targets: Tensor, args: tuple, kwargs: dict, output: str
+    ) -> tuple[Tensor, list[Tensor]]:
         split = self.fractal.fractal.level_batch == "split" and self.model.training
         weights = self.level_weights()
         members = self._stacked_outputs(args, kwargs, [output], split)
@@ -127,17 +139,21 @@ class FractalView:
         for (level, index), source in sources.items():
             self.fractal.check_address(level, index)
             where = f"source for sub-model ({level}, {index})"
-            body = source.federation.transformers
-            if len(body) != 1 or len(source.federation.plan.groups[0].nodes) != 1:
+            body = [node for node in source.nodes() if node.address is not None]
+            if len(body) != 1:
                 raise ValueError(f"{where}: expected a model of one transformer node")
-            self.fractal.implant(level, index, body[0])
+            self.fractal.implant(level, index, body[0].module)
+            reads = {
+                name: read
+                for (name, _), read in zip(body[0].plan.inputs, body[0].reads, strict=True)
+            }
             a, b = self.fractal.columns(Window(level, index, 1))
             for name, _ in self.inputs:
                 mine = self.model.inputs[name]
                 theirs = dict(source.inputs).get(name)
                 if theirs is None or type(theirs) is not type(mine):
                     raise ValueError(f"{where}: it has no {type(mine).__name__} input `{name}`")
-                if not isinstance(source.federation.reads[0][0], nn.Identity):
+                if not isinstance(reads.get(name), nn.Identity):
                     raise ValueError(f"{where}: its input `{name}` must have the node's width")
                 if isinstance(mine, TokenInput):
                     if theirs.vocab != mine.vocab:
@@ -181,7 +197,7 @@ class FractalView:
 
     def _stream(self, values: dict[str, Tensor], a: int, b: int) -> Tensor:
         """Columns `[a, b)` of the fractal's input stream, computing only those columns."""
-        reads = self.model.federation.reads[self.group]
+        reads = self.handle.reads
         x = None
         for (name, _), read in zip(self.inputs, reads, strict=True):
             module, value = self.model.inputs[name], values[name]

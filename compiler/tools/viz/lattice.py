@@ -5,8 +5,10 @@
   `r`. Lattices of more than two dimensions are drawn with their last axis across and the others
   stacked down (row-major, as the heads are numbered).
 * `lattice_order.png`: `r` of every layer against the training step, read from the checkpoint
-  directory's `metrics.jsonl` (one JSON object per line: `step` and `lattice`, the
-  `runtime.attention.lattice.lattice_metrics` dict of layer -> {"order_parameter": ...}).
+  directory's `metrics.jsonl` (one JSON object per line: `step` and `lattice`, a dict of
+  layer -> {"order_parameter": ...}; training names a layer `NODE.blocks.I.attn.lattice`, from
+  `GraphModel.report()`; the module names of `runtime.attention.lattice.lattice_metrics`,
+  `federation.transformers.G.blocks.I...`, are read too).
 
 `draw_phase_field` and `draw_order_parameter` draw onto a matplotlib axis, so
 `examples/lattice_oscillators.py` composes its multi-dataset figures from the same code.
@@ -25,13 +27,15 @@ from compiler.language.diagnostics import Diagnostic, Span, SpecError
 METRICS = "metrics.jsonl"
 PHASES_PNG = "lattice_phases.png"
 ORDER_PNG = "lattice_order.png"
-_LAYER = re.compile(r"^federation\.transformers\.(\d+)\.blocks\.(\d+)\.")
+_LAYER = re.compile(r"^federation\.transformers\.(\d+)\.blocks\.(\d+)\.")  # lattice_metrics'
+_NODE_LAYER = re.compile(r"^(.+?)\.blocks\.(\d+)\.")  # training's `NODE.blocks.I.attn.lattice`
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class PhaseField:
     node: str
-    layer: str  # the module name `lattice_metrics` reports it under
+    layer: str  # its module path under the node's module, as `GraphModel.report()` names it
     block: int | None
     shape: tuple[int, ...]
     phases: tuple[float, ...]  # one per head, row-major over `shape`
@@ -54,36 +58,37 @@ def phase_fields(model) -> list[PhaseField]:
 
     from runtime.attention.lattice import lattice_layers
 
-    groups = model.federation.plan.groups if hasattr(model, "federation") else ()
     fields = []
     with torch.no_grad():
-        for name, layer in lattice_layers(model):
-            theta = layer.phases().detach().cpu()
-            match = _LAYER.match(name)
-            members = groups[int(match.group(1))].nodes if match and groups else None
-            for m in range(theta.shape[0]):
-                node = members[m] if members and m < len(members) else f"member {m}"
+        for node in model.nodes():
+            if node.address is None:  # a companion: no attention lattice
+                continue
+            for path, layer in lattice_layers(node.module):
+                theta = layer.phases().detach().cpu()[node.member]
+                block = _BLOCK.match(path)
                 fields.append(
                     PhaseField(
-                        node,
-                        name,
-                        int(match.group(2)) if match else None,
+                        node.name,
+                        path,
+                        int(block.group(1)) if block else None,
                         tuple(layer.cfg.shape),
-                        tuple(float(v) for v in theta[m]),
+                        tuple(float(v) for v in theta),
                     )
                 )
     return fields
 
 
 def layer_label(name: str, model=None) -> str:
-    """`federation.transformers.0.blocks.1.attn.lattice` -> `body layer 1` where the plan says so."""
+    """A metrics.jsonl layer name as a reader says it: `body.blocks.1.attn.lattice` ->
+    `body layer 1`; `federation.transformers.0.blocks.1.attn.lattice` (`lattice_metrics`) ->
+    the nodes of group 0 where `model` says which, else `group 0 layer 1`."""
     match = _LAYER.match(name)
-    if not match:
-        return name
-    if model is not None and hasattr(model, "federation"):
-        nodes = model.federation.plan.groups[int(match.group(1))].nodes
-        return f"{'+'.join(nodes)} layer {match.group(2)}"
-    return f"group {match.group(1)} layer {match.group(2)}"
+    if match:
+        group, block = int(match.group(1)), match.group(2)
+        nodes = [n.name for n in model.nodes() if n.address and n.group == group] if model else []
+        return f"{'+'.join(nodes) or f'group {group}'} layer {block}"
+    match = _NODE_LAYER.match(name)
+    return f"{match.group(1)} layer {match.group(2)}" if match else name
 
 
 def draw_phase_field(ax, shape: tuple[int, ...], phases, title: str | None = None) -> None:
