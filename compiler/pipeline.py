@@ -14,6 +14,10 @@ from compiler.ir import IR, build_ir
 from compiler.language.diagnostics import raise_if_errors
 from compiler.language.frontend import LoadedSpec, load_spec
 from compiler.passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
+from compiler.passes.contract import check_order, verify
+
+# the pipeline's order is checked once, when the driver is imported
+check_order((*TRANSFORMS_BEFORE_CHECKS, *CHECKS, *TRANSFORMS_AFTER_CHECKS))
 
 if TYPE_CHECKING:
     import torch
@@ -30,9 +34,11 @@ def analyze(source: str | Path | LoadedSpec) -> IR:
     ir = build_ir(loaded)
     for transform in TRANSFORMS_BEFORE_CHECKS:
         ir = transform(ir)
+        verify(ir, transform)
     warnings = raise_if_errors(d for check in CHECKS for d in check(ir))
     for transform in TRANSFORMS_AFTER_CHECKS:
         ir = transform(ir)
+        verify(ir, transform)
     return ir.with_facts(warnings=warnings)
 
 

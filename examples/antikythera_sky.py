@@ -1,4 +1,4 @@
-"""Predict the sky with the Antikythera gear federation (design 000), against plain baselines.
+"""Predict the sky with the gear federation of docs/designs.md, design 000, against baselines.
 
 Data: geocentric apparent ecliptic longitudes of the Sun, Moon, Mercury, Venus, Mars, Jupiter and
 Saturn from the `ephem` package, every 5 days. Each token is a date; the 4 input features encode the

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "shakespeare.txt"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "shakespeare.txt"))
     parser.add_argument("--out", default=str(ROOT / "examples" / "figures"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=300)

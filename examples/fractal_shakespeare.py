@@ -1,6 +1,6 @@
-"""Train FractalFormer (design 001) on Shakespeare, every level at once, against plain transformers.
+"""Train FractalFormer (docs/designs.md, design 001) on Shakespeare against plain transformers.
 
-Character-level language modelling on `../shared/data/shakespeare.txt` (the last 10% held out).
+Character-level language modelling on `data/shakespeare.txt` (the last 10% held out).
 `specs/fractalformer.yaml` (~1M parameters, as the original) is trained with the loss of all
 `1 + 2 + 4` sub-models at once; then, with the same budget (steps, batch, learning-rate schedule),
 one plain transformer per level, of that level's width and otherwise the same settings. The table
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+DATA = ROOT / "data" / "shakespeare.txt"  # written by `epicycle data shakespeare`
 
 PLAIN_SPEC = """
 spec: 1

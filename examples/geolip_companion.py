@@ -1,6 +1,6 @@
 """Does the geolip companion's spectral alpha engage only when tokens are correlated?
 
-Design 004 (geolip-svae-transformer) claims its spectral-alpha attention is *demand driven*:
+Design 004 (docs/designs.md) claims its spectral-alpha attention is *demand driven*:
 per-mode alpha starts near 0.024 and stays there on independent tokens (each token is solved on
 its own) but rises (0.024 -> 0.031 in the model card) on correlated image patches, where
 coordination across tokens helps. This script trains `runtime.companion.GeoCompanion` with the

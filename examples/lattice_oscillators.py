@@ -1,6 +1,6 @@
 """How the Lattice Oscillator Transformer's phases behave on the design's three research datasets.
 
-Design 002 proposes watching the heads' Kuramoto order parameter `r` while a lattice transformer
+Design 002 (docs/designs.md) proposes watching the order parameter `r` while a lattice transformer
 learns (a) periodic patterns, (b) hierarchical patterns and (c) a random baseline. This script
 trains the same small lattice model (16 heads on a 4 x 4 periodic lattice per layer) on each, as
 next-token prediction, records `r` per layer, the coupling force and the attention entropy as it

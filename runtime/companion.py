@@ -1,6 +1,6 @@
 """The geolip SVAE companion: a rigid geometric code that rides alongside a host model.
 
-Design 004 (AbstractPhil's geolip-svae / geolip-svae-transformer) proposes a small autoencoder
+Design 004 (docs/designs.md; AbstractPhil's geolip-svae-transformer) proposes a small autoencoder
 that reads a host's feature tokens and reconstructs them through a code whose geometry is fixed
 by construction rather than learned into shape:
 

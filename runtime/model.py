@@ -198,7 +198,7 @@ class GraphModel(nn.Module):
         self.federation = federation
         self.outputs = nn.ModuleDict(outputs)
         self.wiring = wiring
-        # Companions (design 004) observe node states and add a training term; they send nothing,
+        # Companions observe node states and add a training term; they send nothing,
         # so the outputs never depend on them. Their results of the latest forward pass are kept in
         # `companion_outputs` (name -> (features read, CompanionOutput)) for the loss and metrics.
         self.companions = nn.ModuleDict(companions or {})
@@ -235,9 +235,9 @@ class GraphModel(nn.Module):
 
     def auxiliary_loss(self, step: int = 0) -> Tensor:
         """Every training term the spec declares, summed; add it to the task loss. Lattice phase
-        and coherence terms at their scheduled weights for `step` (design 002), attention
-        components' own penalties such as adaptive span's L1 on spans (design 003), and each
-        companion's reconstruction loss on the latest forward pass, times its `weight` (design 004)."""
+        and coherence terms at their scheduled weights for `step`, attention
+        components' own penalties such as adaptive span's L1 on spans, and each
+        companion's reconstruction loss on the latest forward pass, times its `weight`."""
         from runtime.attention.lattice import LatticeOscillators, lattice_regularisation
 
         total = lattice_regularisation(self, step)

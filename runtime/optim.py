@@ -1,27 +1,27 @@
 """FAM (frequency-adaptive momentum) optimizer and a warmup + cosine learning-rate schedule.
 
-Implements the FAM optimizer of seed 003 (see `SEEDS.md`, section 003): SGD with an EMA
+Implements the FAM optimizer of design 003 (docs/designs.md): SGD with an EMA
 ("dampened") momentum, `m = a*m + (1-a)*g`, `p -= lr*m`, where the momentum coefficient `a` of a
 parameter is adapted to the frequency content of its gradient. After `fam_start_step` steps, and
 for parameters with more than `min_size` elements, a sample of the flattened gradient is
 Fourier-analysed (`rfft`, magnitude, normalised to sum 1), split into `n_bands` band powers, the band
 powers are smoothed by an EMA with coefficient `beta` (the first observation initialises it, as in
-the seed), and a *handler* chosen by the parameter's kind maps the smoothed bands to `a`. The
-handler rules are the seed's design and are kept as they are (`alpha` is the group's base momentum):
+the original), and a *handler* chosen by the parameter's kind maps the smoothed bands to `a`. The
+handler rules are the original's design and are kept as they are (`alpha` is the group's base momentum):
 
 * `default`: uniform bands; high half > 0.3 -> `min(0.95, alpha + 0.05)`.
 * `conv`: log-spaced bands; middle half > 0.4 -> `min(0.97, alpha + 0.07)`, else top quarter > 0.3
   -> `min(0.95, alpha + 0.05)`.
 * `attention`: the lower half of the bins split into `n_bands // 2` bands and the upper half into
-  the rest (the seed's "more bands in the high half"; for even `n_bands` both halves get the same
+  the rest (the original's "more bands in the high half"; for even `n_bands` both halves get the same
   count); dominant band (argmax) below `n_bands // 4` -> `max(0.85, alpha - 0.05)`, above
   `3 * n_bands // 4` -> `min(0.98, alpha + 0.08)`.
 * `embedding`: uniform bands; top quarter > 0.2 -> `min(0.98, alpha + 0.08)`.
 
-The schedule is the seed's `FAMScheduler2`: linear warmup, optional plateau, cosine decay
+The schedule is the original's `FAMScheduler2`: linear warmup, optional plateau, cosine decay
 (cosine annealing: Loshchilov & Hutter, "SGDR", ICLR 2017; linear warmup: Goyal et al., 2017).
 
-Bugs of the seed fixed here:
+Bugs of the original fixed here:
 
 1. The attention handler's name test, `any(name in name.lower() for name in pg['names'] for name in
    [...])`, rebinds `name` and so compares each keyword with itself: every group without a conv name
@@ -38,24 +38,24 @@ Bugs of the seed fixed here:
    drawn once per parameter, in increasing order, from a generator seeded by the group's `seed`
    and the parameter's index in the optimizer; the indices live in the parameter's state, so
    `state_dict`/`load_state_dict` round-trips exactly.
-4. The seed called `.item()` per band per parameter per step (a host sync each). Band powers are a
+4. The original called `.item()` per band per parameter per step (a host sync each). Band powers are a
    matrix product with a cached 0/1 band-membership matrix, and the rules are `torch.where`s, so the
    effective momentum stays a 0-dim tensor on the parameter's device; `step` never syncs.
-5. The seed's uniform split used `len // n_bands` bins per band and dropped the remaining tail bins
+5. The original's uniform split used `len // n_bands` bins per band and dropped the remaining tail bins
    (the highest frequencies, exactly what the rules look at); its log split ended at `len - 1` and
    dropped the last bin; its attention split dropped tails of both halves. Every layout here has
    edges `0 = e_0 <= e_1 <= ... <= e_n = n_bins`, so the bands partition all bins and sum to 1.
 6. Caps and floors could invert a rule: with `alpha = 0.97`, "raise to `min(0.95, alpha + 0.05)`"
    *lowered* momentum, and with `alpha = 0.5`, "lower to `max(0.85, alpha - 0.05)`" raised it. A
    raise is now `max(alpha, min(cap, alpha + delta))` and a lower `min(alpha, max(floor, alpha -
-   delta))`; for the usual `alpha <= 0.9` the values are the seed's.
+   delta))`; for the usual `alpha <= 0.9` the values are the original's.
 7. `FAMScheduler2` kept evaluating its cosine past `total_steps`, where it rises again, and added a
    stray `1e-8`. `WarmupCosine` holds `min_lr` from `total_steps` on.
 
-Choices: weight decay is added to the gradient by default, as in the seed; with
+Choices: weight decay is added to the gradient by default, as in the original; with
 `decoupled_weight_decay=True` it is applied to the parameter as `p *= 1 - lr * weight_decay` before
 the update (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019), so that it is
-not filtered by the momentum. The seed's unused `layer_boost` option and its debug options are
+not filtered by the momentum. The original's unused `layer_boost` option and its debug options are
 dropped. Band EMAs are kept in float32 (float64 for float64 parameters) whatever the parameter dtype,
 and `load_state_dict` is overridden because torch's loader casts *every* state tensor of a floating
 parameter to the parameter's dtype: it would round the band EMAs to bf16 and turn the integer
@@ -138,7 +138,7 @@ class ConvFrequencyHandler(FrequencyHandler):
     name = "conv"
 
     def band_edges(self, n_bins: int, n_bands: int) -> tuple[int, ...]:
-        # e_i = floor((n_bins + 1) ** (i / n)) - 1 runs from 0 to n_bins; the seed's
+        # e_i = floor((n_bins + 1) ** (i / n)) - 1 runs from 0 to n_bins; the original's
         # int(n_bins ** (i / n)) - 1 ended at n_bins - 1 and so never saw the last bin.
         edges = [0]
         for i in range(1, n_bands):
@@ -166,7 +166,7 @@ class AttentionFrequencyHandler(FrequencyHandler):
 
     def band_edges(self, n_bins: int, n_bands: int) -> tuple[int, ...]:
         n_low = n_bands // 2
-        if n_low == 0:  # one band: it must cover everything (the seed left the low half out)
+        if n_low == 0:  # one band: it must cover everything (the original left the low half out)
             return (0, n_bins)
         half = n_bins // 2
         low = _uniform_edges(0, half, n_low)
@@ -610,7 +610,7 @@ class WarmupCosine(LRScheduler):
     * `warmup_steps <= t < decay_start` (plateau, only if `decay_start > warmup_steps`): `b`;
     * `decay_start <= t < total_steps`: `min_lr + (b - min_lr) * (1 + cos(pi * s)) / 2` with
       `s = (t - decay_start) / (total_steps - decay_start)`;
-    * `t >= total_steps`: `min_lr` (the seed's `FAMScheduler2` rose again past the end).
+    * `t >= total_steps`: `min_lr` (the original's `FAMScheduler2` rose again past the end).
 
     `decay_start` defaults to `warmup_steps`. The lr is a closed form of `t`, so `state_dict`
     round-trips and `step(epoch)` works. Raises ValueError unless `0 <= warmup_steps <=

@@ -1,6 +1,6 @@
-"""Perspectives (design 000): the frame through which a gear sees the shared input.
+"""Perspectives (docs/designs.md, design 000): the frame through which a gear sees the shared input.
 
-The seed describes gears that observe one sky "from their own perspective". We read that as a
+The design has each gear observe the one sky from its own perspective. We read that as a
 learned change of basis of the input stream, shared by every gear that names the same perspective:
 
 * `rotation`: an orthogonal map `R = exp(A - A^T)` (the exponential of a skew-symmetric matrix is

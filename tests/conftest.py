@@ -9,7 +9,7 @@ import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 GALLERY = sorted((ROOT / "specs").glob("*.yaml"))
-# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
+# the first 20,000 characters of the corpus `epicycle data shakespeare` writes, shipped here
 CORPUS = ROOT / "tests" / "fixtures" / "shakespeare_20k.txt"
 
 

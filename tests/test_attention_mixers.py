@@ -1,4 +1,4 @@
-"""Design 003's token mixers (`runtime.attention.mixers`): relative force against a literal
+"""Design 003's token mixers (docs/designs.md): relative force against a literal
 pair-tensor reference, causality, the myelinated layer's per-example and straight-through fixes,
 members batching, dtypes and meta-device construction."""
 
@@ -36,7 +36,7 @@ def relative_force(causal: bool = True, members: int = 1, **options) -> Relative
 
 
 def naive_relative_force(mod: RelativeForce, x: torch.Tensor) -> torch.Tensor:
-    """The seed's construction done literally (pair tensors, loops over heads and hops), with the
+    """The original's construction done literally (pair tensors, loops over heads and hops), with the
     fixes: a proper contraction with each head's direction, A masked before the hop powers."""
     b, n, d = x.shape
     h, hw = mod.heads, d // mod.heads
@@ -318,7 +318,7 @@ def test_a_block_runs_each_mixer_in_its_place(kind):
 
 
 def naive_myelinated(mod: Myelinated, x: torch.Tensor) -> torch.Tensor:
-    """The layer's rules for one example `(n, d)`, non-causal, in eval mode, written as the seed's
+    """The layer's rules for one example `(n, d)`, non-causal, in eval mode, written as the original's
     control flow: a Python pointer over sub-layers, `if`s for skip/attend/jump, and attention as
     an explicit masked softmax over the important keys (each query keeping itself)."""
     n, d = x.shape

@@ -269,7 +269,7 @@ def test_adaptive_span_stays_in_range_and_keeps_the_length():
     mod.span.grad = None
     mod.spans().sum().backward()
     torch.testing.assert_close(mod.span.grad, torch.tensor([-8.0, -8.0, 8.0, 8.0]))
-    # the seed truncated the sequence to the span; every token keeps its output here
+    # the original truncated the sequence to the span; every token keeps its output here
     q, k, v = qkv(1, 2, 4, 4, 40)
     assert mod(q, k, v, True).shape == (2, 4, 40, HW)
     assert AdaptiveSpanAttention(4, 4, HW, 64).max_span == 64  # default: the context

@@ -1,4 +1,4 @@
-"""The geolip companion (design 004): exact isometry, sphere rows, bounded alpha, the spectral-alpha
+"""The geolip companion (docs/designs.md, design 004): isometry, sphere rows, bounded alpha, the
 attention against an explicit-softmax reference, causality, training, meta construction, config
 validation, the rigidity metric, and the example's quick run."""
 

@@ -1,4 +1,4 @@
-"""`kind: companion` (design 004): a geolip companion attached to a host through a companion edge.
+"""`kind: companion` (docs/designs.md, design 004): a geolip companion attached to a host.
 
     nodes:
       host: {kind: transformer, width: 32, heads: 4}

@@ -1,4 +1,4 @@
-"""Components (design 003, the NN optimizations collection): named parts a spec picks by `kind`.
+"""Components (docs/designs.md, design 003): named parts a spec picks by `kind`.
 
     nodes:
       body:

@@ -29,7 +29,7 @@ from compiler.language.diagnostics import SpecError
 from compiler.tools.checkpoint import load_checkpoint
 from compiler.tools.training import RunOptions, train
 
-# the first 20,000 characters of ../shared/data/shakespeare.txt, shipped so the tests need no corpus
+# the first 20,000 characters of the corpus `epicycle data shakespeare` writes, shipped here
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
 
 SPEC = """

@@ -1,4 +1,4 @@
-"""Fractal nestings (design 001, FractalFormer): `kind: fractal` with `levels`, `branching`, `base`.
+"""Fractal nestings (docs/designs.md, design 001): `kind: fractal`, `levels`, `branching`, `base`.
 
 Level 0 is the full model; level `l` holds `branching**l` sub-models whose weights are the diagonal
 blocks of the full model's. Each test below states one promise of the spec kind.

@@ -1,4 +1,4 @@
-"""Gear federations (design 000): exact trains, contradictions, rotating heads, perspectives, feedback."""
+"""Gears (docs/designs.md, design 000): exact trains, contradictions, rotating heads, feedback."""
 
 from __future__ import annotations
 

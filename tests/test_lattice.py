@@ -1,4 +1,4 @@
-"""Lattice layouts (design 002, the Lattice Oscillator Transformer): `attention: {kind: lattice}`.
+"""Lattice layouts (docs/designs.md, design 002): `attention: {kind: lattice}`.
 
 Heads sit on a lattice, each a Kuramoto oscillator; head `h`'s scores gain
 `strength_h * cos(theta_h + nu_h * (i - j))`, folded into Q/K as two extra dimensions.
@@ -115,7 +115,7 @@ def test_the_fused_phase_term_equals_a_dense_bias(members, width, position, rota
 
 
 def test_the_phase_term_matters_and_the_coupling_learns():
-    """Unlike the seed's constant-per-head bias, the term changes the attention, and gradients
+    """Unlike the original's constant-per-head bias, the term changes the attention, and gradients
     reach the coupling strength and the lattice constant through the Kuramoto updates."""
     cfg = TransformerConfig(
         width=64, heads=4, layers=1, context=32, attention=LatticeConfig(shape=(4,), substeps=4)

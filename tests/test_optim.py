@@ -30,7 +30,7 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, 2, batch_first=True)
         self.qkv = nn.Linear(d, 3 * d)  # attention by name: "qkv"
-        self.mlp = nn.Linear(d, d)  # default: the seed's bug made this "attention"
+        self.mlp = nn.Linear(d, d)  # default: the original's bug made this "attention"
         self.norm = nn.LayerNorm(d)
 
 
@@ -129,7 +129,7 @@ def bands_with(**mass: float) -> torch.Tensor:
         ("embedding", bands_with(b0=0.79, b6=0.21), 0.9, 0.98),
         ("embedding", bands_with(b0=0.81, b6=0.19), 0.9, 0.9),
         ("embedding", bands_with(b0=0.5, b7=0.5), 0.8, 0.88),
-        # caps never lower and floors never raise (the seed's min/max could invert the rule)
+        # caps never lower and floors never raise (the original's min/max could invert the rule)
         ("default", bands_with(b7=1.0), 0.97, 0.97),
         ("attention", bands_with(b0=1.0), 0.5, 0.5),
         ("attention", bands_with(b0=1.0), 0.87, 0.85),
@@ -145,7 +145,7 @@ def test_handler_rules(handler, bands, alpha, expected):
 @pytest.mark.parametrize("length", [7, 100, 257, 1000, 4096])
 @pytest.mark.parametrize("n_bands", [1, 3, 8, 13])
 def test_bands_partition_all_bins(handler, length, n_bands):
-    """Every bin lands in exactly one band, so band powers sum to 1 (the seed dropped tails)."""
+    """Every bin lands in exactly one band, so band powers sum to 1 (the original dropped tails)."""
     h = HANDLERS[handler]
     n_bins = length // 2 + 1
     edges = h.band_edges(n_bins, n_bands)
@@ -155,7 +155,7 @@ def test_bands_partition_all_bins(handler, length, n_bands):
     powers = h.band_powers(sample, n_bands)
     assert powers.shape == (n_bands,)
     assert powers.sum().item() == pytest.approx(1.0, abs=1e-5)
-    # the highest-frequency bin is counted (the seed lost it whenever the split did not divide)
+    # the highest-frequency bin is counted (the original lost it whenever the split did not divide)
     assert h.band_powers(alternating(length - length % 2), n_bands)[-1].item() == pytest.approx(
         1.0, abs=1e-5
     )
@@ -199,7 +199,7 @@ def test_adapted_momentum_is_used_in_the_update():
 
 
 def test_classifier_assigns_handlers_by_module_and_name():
-    """Regression for the seed's self-comparing name test, which made every group `attention`."""
+    """Regression for the original's self-comparing name test, which made every group `attention`."""
     model = Net()
     groups = fam_param_groups(model, lr=0.01, alpha=0.8)
     kinds = {n: g["handler"] for g in groups for n in g["param_names"]}
@@ -244,7 +244,7 @@ def test_groups_named_pairs_and_explicit_handlers():
     assert kinds["block.self_attn.in_proj_weight"] == "attention"
     assert kinds["token_embed.weight"] == "embedding"
 
-    # a dict group without handler takes its names' kind; the seed would say "attention"
+    # a dict group without handler takes its names' kind; the original would say "attention"
     p = nn.Parameter(torch.zeros(3))
     assert FAM([{"params": [p], "param_names": ["mlp.fc.weight"]}]).param_groups[0]["handler"] == (
         "default"

@@ -1,4 +1,4 @@
-"""Rotary position encodings of `runtime.attention.rotary` (seed 003): rotations, relativity, RoPE equality.
+"""Design 003's rotary encodings (docs/designs.md): rotations, relativity, RoPE equality.
 
 References here are written independently of the module: RoPE with complex numbers, the quaternion
 rotation with an explicit Hamilton product.
@@ -109,7 +109,7 @@ def test_every_head_vector_keeps_its_norm(kind, options, hw):
 def test_scores_depend_only_on_the_offset(kind, options, hw):
     """The same query at every position against the same key at every position: the score matrix
     is Toeplitz (score(i, j) == score(i + s, j + s)) and not constant (position is encoded, unlike
-    the seed's fixed-angle Givens rotation, which cancels in q . k)."""
+    the original's fixed-angle Givens rotation, which cancels in q . k)."""
     module = perturb(build(kind, options, hw, scales=(1.0, 2.0, 0.5)), seed=1)
     n = 24
     q = randn(6, 2, 1, hw, seed=2).expand(6, 2, n, hw)

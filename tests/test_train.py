@@ -166,7 +166,7 @@ def test_a_fractal_trains_all_its_levels_at_once(write_spec, text, tmp_path, lev
     model = compiler.build_model(spec).train()  # the same initial weights and first batch
     corpus = load_corpus(text, val_fraction=0.1, context=16)
     x, y = batch_at(corpus.train, 0, 2, 16, seed=0)
-    expected, per_level = model.fractal().loss(y, x)  # every level's, weighted (design 001)
+    expected, per_level = model.fractal().loss(y, x)  # every level's, weighted by level_weights
     assert done[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
     assert done[0]["level_loss"] == pytest.approx([float(v) for v in per_level], rel=1e-5)
 

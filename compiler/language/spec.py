@@ -217,7 +217,7 @@ class LatticeTraining(SpecModel):
 
 
 class LatticeAttention(SpecModel):
-    """Lattice Oscillator attention (design 002): heads on a lattice, each a Kuramoto oscillator whose
+    """Lattice Oscillator attention (docs/designs.md, design 002): Kuramoto-oscillator heads whose
     phase adds `strength * cos(phase + token_frequency * frequency * (i - j))` to its scores."""
 
     kind: Literal["lattice"]
@@ -253,9 +253,9 @@ def _choices(what: str):
 
 
 class Variations(SpecModel):
-    """Per-layer variations (design 003's randomised encoder layers): each layer draws its own value
+    """Per-layer variations (docs/designs.md, design 003): each layer draws its own value
     of every field listed here, from the spec's `seed` and the node's name, so the same spec always
-    builds the same layers. `epicycle compile` prints what each layer drew. (The seed drew them
+    builds the same layers. `epicycle compile` prints what each layer drew. (The original drew them
     from an unseeded `np.random`, so no two builds agreed.)"""
 
     activation: list[Activation] | None = _choices("activations")
@@ -317,7 +317,7 @@ class TransformerSettings(SpecModel):
     )
     variations: Variations | None = Field(
         None,
-        description="Per-layer choices sampled from the spec's seed (design 003's randomised layers).",
+        description="Per-layer choices sampled from the spec's seed (docs/designs.md, design 003).",
     )
 
 

@@ -20,10 +20,12 @@ from compiler.language.capabilities import CAPABILITY_HELP
 from compiler.language.diagnostics import Diagnostic, SpecError
 from compiler.language.kinds import KINDS
 from compiler.language.registry import REGISTRY
+from compiler.passes.contract import contract
 
 MODEL_CAPABILITIES = ("onnx", "export", "fullgraph", "fsdp", "cuda_graphs")
 
 
+@contract(requires=("nodes.settings",), provides=())
 def check_capabilities(ir: IR) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     graph = ir.graph

@@ -8,8 +8,10 @@ import networkx as nx
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
+from compiler.passes.contract import contract
 
 
+@contract(requires=(), provides=())
 def check_cycles(ir: IR) -> list[Diagnostic]:
     instant = nx.DiGraph()
     first_edge: dict[tuple[str, str], int] = {}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
+from compiler.passes.contract import contract
 
 
+@contract(requires=(), provides=())
 def check_feedback(ir: IR) -> list[Diagnostic]:
     spec, found = ir.spec, []
     feedback = spec.feedback

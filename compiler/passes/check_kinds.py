@@ -7,8 +7,10 @@ from __future__ import annotations
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
 from compiler.language.kinds import KINDS
+from compiler.passes.contract import contract
 
 
+@contract(requires=("nodes.settings", "nodes.width"), provides=())
 def check_kinds(ir: IR) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     for vertex, data in ir.vertices("node"):
@@ -19,6 +21,7 @@ def check_kinds(ir: IR) -> list[Diagnostic]:
     return found
 
 
+@contract(requires=("nodes.settings", "nodes.width"), provides=())
 def apply_kind_transforms(ir: IR) -> IR:
     """The whole-graph transforms kinds bring (`graph_transforms`: a gear's velocities), after
     every check has passed."""

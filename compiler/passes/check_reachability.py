@@ -6,8 +6,10 @@ import networkx as nx
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
+from compiler.passes.contract import contract
 
 
+@contract(requires=(), provides=())
 def check_reachability(ir: IR) -> list[Diagnostic]:
     if ir.vertices("unknown") or (
         len(ir.spec.inputs) > 1 and any(d["spec"].input is None for _, d in ir.vertices("node"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic, did_you_mean
+from compiler.passes.contract import contract
 
 
+@contract(requires=(), provides=())
 def check_references(ir: IR) -> list[Diagnostic]:
     spec = ir.spec
     found: list[Diagnostic] = []

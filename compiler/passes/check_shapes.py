@@ -6,6 +6,7 @@ import math
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
+from compiler.passes.contract import contract
 
 
 def _divisors(n: int, limit: int = 12) -> str:
@@ -14,6 +15,7 @@ def _divisors(n: int, limit: int = 12) -> str:
     return shown + (", ..." if len(found) > limit else "")
 
 
+@contract(requires=("nodes.settings", "nodes.width", "outputs.width", "inputs.width"), provides=())
 def check_shapes(ir: IR) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     for _, data in ir.vertices("node"):
@@ -144,7 +146,7 @@ def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
 
 
 def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
-    """Registered components (design 003) that cannot go together: a rotary choice without rotary
+    """Registered components that cannot go together: a rotary choice without rotary
     positions, per-layer head counts that do not divide the width. (What a kind needs of its
     components, it checks itself: a gear's rotary heads, a fractal's slices.)"""
     s, origin, name = data["settings"], data["settings_from"], data["name"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
+from compiler.passes.contract import contract
 
 
+@contract(requires=(), provides=())
 def check_training(ir: IR) -> list[Diagnostic]:
     train = ir.spec.train
     schedule = train.schedule

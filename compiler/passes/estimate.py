@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic, SpecError
 from compiler.language.kinds import KINDS
+from compiler.passes.contract import contract
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -28,7 +29,7 @@ MAX_BLOCKS = 20_000
 def transformer_parameters(cfg: TransformerConfig) -> int:
     """Closed-form count, used as a guard before building (and checked against the build in tests).
 
-    Registered attention and rotary components (design 003) bring their own few parameters, which
+    Registered attention and rotary components bring their own few parameters, which
     this guard leaves out; the reported counts come from the built modules."""
     w = cfg.width
     norm = w * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
@@ -65,6 +66,15 @@ def transformer_flops_per_token(cfg: TransformerConfig) -> int:
     return cfg.layers * (2 * matmul + attention)
 
 
+@contract(
+    requires=("nodes.config", "facts.federation", "facts.context"),
+    provides=(
+        "facts.estimates",
+        "facts.companion_estimates",
+        "facts.parameters_outside_nodes",
+        "facts.parameters",
+    ),
+)
 def estimate(ir: IR) -> IR:
     import torch
 

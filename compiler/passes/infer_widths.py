@@ -4,7 +4,7 @@
 * A tokens input without a width takes its readers' width when they agree, else the widest
   (narrower readers get a learned projection).
 * An output's read width is the sum of its sources' widths (they are concatenated, never added:
-  adding streams of different widths was a bug of the seed sketch).
+  adding streams of different widths was a bug of the original sketch: docs/designs.md, design 000).
 * The message bus is `defaults.message.width`, else the widest node.
 """
 
@@ -12,8 +12,13 @@ from __future__ import annotations
 
 from compiler.ir import IR
 from compiler.language.kinds import KINDS
+from compiler.passes.contract import contract
 
 
+@contract(
+    requires=("nodes.settings",),
+    provides=("nodes.width", "inputs.width", "outputs.width", "facts.bus_width"),
+)
 def infer_widths(ir: IR) -> IR:
     graph = ir.graph.copy()
     nodes = graph.nodes

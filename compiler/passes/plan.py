@@ -16,6 +16,7 @@ import networkx as nx
 
 from compiler.ir import IR, input_id, node_id
 from compiler.language.kinds import KINDS, NodePlan
+from compiler.passes.contract import contract
 
 if TYPE_CHECKING:
     from runtime.transformer import TransformerConfig
@@ -106,6 +107,24 @@ def lattice_config(attention):
     )
 
 
+@contract(
+    requires=(
+        "nodes.settings",
+        "nodes.width",
+        "nodes.layer_settings",
+        "inputs.width",
+        "facts.bus_width",
+    ),
+    provides=(
+        "nodes.config",
+        "nodes.group",
+        "companions.config",
+        "facts.federation",
+        "facts.address",
+        "facts.context",
+        "facts.companions",
+    ),
+)
 def plan(ir: IR) -> IR:
     from runtime.federation.executor import EdgePlan, FederationPlan, GroupPlan
 

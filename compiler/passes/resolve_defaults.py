@@ -12,6 +12,7 @@ from __future__ import annotations
 from compiler.ir import IR
 from compiler.language.kinds import KINDS
 from compiler.language.spec import TransformerSettings
+from compiler.passes.contract import contract
 
 BUILTIN = {
     "width": None,
@@ -35,6 +36,7 @@ assert set(BUILTIN) == set(TransformerSettings.model_fields), (
 )
 
 
+@contract(requires=(), provides=("nodes.settings", "nodes.settings_from"))
 def resolve_defaults(ir: IR) -> IR:
     graph = ir.graph.copy()
     defaults = ir.spec.defaults.transformer

@@ -1,4 +1,4 @@
-"""Draw each layer's settings from a node's `variations` (design 003's randomised layers).
+"""Draw each layer's settings from a node's `variations` (docs/designs.md, design 003).
 
 The draws come from a generator seeded by the spec's `seed` and the node's name (through SHA-256,
 not Python's salted `hash`), so one spec always builds the same layers, on any machine, and
@@ -12,6 +12,7 @@ import hashlib
 import random
 
 from compiler.ir import IR
+from compiler.passes.contract import contract
 
 
 def layer_generator(seed: int, node: str) -> random.Random:
@@ -19,6 +20,7 @@ def layer_generator(seed: int, node: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+@contract(requires=("nodes.settings",), provides=("nodes.layer_settings",))
 def sample_variations(ir: IR) -> IR:
     from runtime.transformer import LayerSettings
 

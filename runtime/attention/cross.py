@@ -1,4 +1,4 @@
-"""Cross-attention edges: token-to-token messages between sub-models (design 000, issue: gears).
+"""Cross-attention edges: token-to-token messages between sub-models (docs/designs.md, design 000).
 
 A plain message edge moves each token's state to the same token of another node. A `cross` edge
 lets every token of the receiver attend to the sender's tokens (Vaswani et al. 2017, encoder-

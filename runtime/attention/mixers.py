@@ -1,8 +1,8 @@
-"""Token mixers of design 003 that replace a Block's whole attention sub-layer.
+"""Token mixers of design 003 (docs/designs.md) that replace a Block's whole attention sub-layer.
 
-Two of the seed's attention variants are not "scores for q·k" but whole mixers, so they plug in at
+Two of the original's attention variants are not "scores for q·k" but whole mixers, so they plug in at
 the `mixer` level (`runtime.transformer.Block`): `RelativeForce` ("dynamic force interactions")
-and `Myelinated` (the seed's `MyelinatedLayer`, nodes of Ranvier). Both take a stream shaped
+and `Myelinated` (the original's `MyelinatedLayer`, nodes of Ranvier). Both take a stream shaped
 `(members, batch, tokens, width)` and hold `members` independent weight sets through
 `MemberLinear`/`MemberNorm` (members == 1: plain shapes), so same-shaped sub-models run as one
 batched call. Every per-member parameter that is not a linear layer (directions, hop weights,
@@ -10,11 +10,11 @@ jump weights, memory) likewise carries a leading members dimension only when mem
 members=M module's state dict sliced at `[m]` loads into a members=1 module.
 
 `takes_stream` tells the Block how to call the mixer: False means `x + mixer(norm(x))`; True means
-`x = mixer(x)`, the mixer owning its norms and residuals (the myelinated layer does, as in the seed).
+`x = mixer(x)`, the mixer owning its norms and residuals (the myelinated layer does, as in the original).
 
 Neither mixer uses a rotary embedding (the Transformer gives mixers none): relative force is
 position-free apart from the causal mask, as in the seed, and the myelinated layer's attention is
-the seed's parameter-free self-attention.
+the original's parameter-free self-attention.
 """
 
 from __future__ import annotations
@@ -86,31 +86,31 @@ def _straight_through(hard: Tensor, soft: Tensor) -> Tensor:
 
 
 class RelativeForce(nn.Module):
-    """Design 003's relative-force attention, with the seed's bugs fixed.
+    """Design 003's relative-force attention, with the original's bugs fixed.
 
     Per head h the score of query i for key j is `b * force_h(i, j) + (1 - b) * topo_h(i, j)`
     with `b = sigmoid(balance)`; softmax over j weighs the values (`value`, heads of width / heads
-    channels) and `output` projects back. Like the seed there are no query/key projections: the
+    channels) and `output` projects back. Like the original there are no query/key projections: the
     seed built `q_proj`/`k_proj` and never used them, so they are left out.
 
     force_h(i, j) = <u_ij, m_h> * exp(-|e_i - r_j|), with emissions `e = emitter(x)`, receptivity
     `r = receptor(x)`, `u_ij = (e_i - r_j) / |e_i - r_j|` and `m_h` the learned `direction` of head
-    h. The seed's einsum `'bstn,hd->bshtn'` summed the modulator over its width instead of
+    h. The original's einsum `'bstn,hd->bshtn'` summed the modulator over its width instead of
     contracting it with the direction, and left the result in (batch, query, head, key) order; here
-    the contraction is a proper inner product. The seed also built the (batch, n, n, width) pair
+    the contraction is a proper inner product. The original also built the (batch, n, n, width) pair
     tensor; this module never does: `<e_i - r_j, m_h> = <e_i, m_h> - <r_j, m_h>` and
     `|e_i - r_j|^2 = |e_i|^2 + |r_j|^2 - 2 e_i.r_j` (one matmul; clamped at 0, plus a small eps
     before the square root so the gradient stays finite), so memory is O(heads * n^2), not
     O(n^2 * width).
 
-    topo: direct edges `A_h(i, j) = sigmoid(W_a x_i + W_b x_j + c_h)`; the seed's Linear on the
+    topo: direct edges `A_h(i, j) = sigmoid(W_a x_i + W_b x_j + c_h)`; the original's Linear on the
     concatenated pair `[x_i, x_j]` is exactly this separable form (`edge` holds `[W_a; W_b]`,
-    `edge_bias` holds c), again without a pair tensor. Path k is `A^k / n^((k-1)/2)` (the seed
+    `edge_bias` holds c), again without a pair tensor. Path k is `A^k / n^((k-1)/2)` (the original
     divides each further hop by sqrt(n), n the sequence length; kept, so a prefix run alone is
     scaled slightly differently than inside a longer sequence, though nothing flows from later
     tokens), and `hop_levels` paths are mixed by `softmax(hop_weights)`.
 
-    Causality fix: the seed added its mask only to the final scores, after the hop powers, so a
+    Causality fix: the original added its mask only to the final scores, after the hop powers, so a
     two-hop path i -> k -> j routed information from future tokens k > i into query i. In causal
     mode A is masked to j <= i *before* the powers (products of lower-triangular matrices stay
     lower-triangular, so no path passes through the future) and the scores are masked to j <= i.
@@ -143,7 +143,7 @@ class RelativeForce(nn.Module):
         self.receptor = MemberLinear(members, width, width, bias)
         self.direction = _member_param(members, heads, width)
         if not self.direction.is_meta:
-            nn.init.normal_(self.direction)  # the seed's randn: <u, m_h> is O(1) for unit u
+            nn.init.normal_(self.direction)  # the original's randn: <u, m_h> is O(1) for unit u
         self.edge = MemberLinear(members, width, 2 * heads)  # [W_a; W_b]
         self.edge_bias = _member_param(members, heads)
         _fill_(self.edge_bias, 0.0)
@@ -211,10 +211,10 @@ class _Node(nn.Module):
 
 
 class Myelinated(nn.Module):
-    """Design 003's myelinated layer (nodes of Ranvier): sub-layers that tokens may skip by learned
+    """The myelinated layer (nodes of Ranvier): sub-layers that tokens may skip by learned
     importance, layer jumps chosen by a policy, a gated working memory, a final gated MLP.
 
-    The seed's rules are kept. Sub-layer s (`nodes[s]`) predicts each token's importance
+    The original's rules are kept. Sub-layer s (`nodes[s]`) predicts each token's importance
     `sigmoid(importance(importance_norm(x)))`; tokens above `sparsity_threshold` are important.
     If the mean importance is below 0.2 (and s > 0) the sub-layer is skipped; otherwise, if it is
     above 0.3, the normed stream attends to itself (parameter-free: q = k = v = `norm(x)` split
@@ -223,45 +223,45 @@ class Myelinated(nn.Module):
     `mem = g * mem + (1 - g) * mean(x)` with `g = sigmoid(memory_gate(mean(x)))`. After a visited
     (not skipped) sub-layer a jump may happen, with probability `policy[1]` where
     `policy = softmax(policy_out(relu(policy_hidden(mean(x0)))))` is computed once from the
-    layer's input x0, as in the seed: a jump of length l (1..3) moves to sub-layer
+    layer's input x0, as in the original: a jump of length l (1..3) moves to sub-layer
     `min(s + l, sublayers - 1)` and mixes `x += w_l * x0 + (1 - w_l) * mem` (`jump_weights`);
     otherwise the next sub-layer is s + 1. Finally `x += sigmoid(mlp_gate(x)) *
     mlp_out(gelu(mlp_in(mlp_norm(x))))` (width 4 * width).
 
-    Fixes of the seed:
+    Fixes of the original:
     (a) no prints.
     (b) Deterministic in eval mode: a jump happens iff its probability exceeds 0.5, with the most
-        probable length (the seed drew coins in eval too). Since the jump probability is
+        probable length (the original drew coins in eval too). Since the jump probability is
         `policy[1]`, an eval jump has length 2. In training, coins and lengths are drawn from
         torch's RNG (inverse CDF on `torch.rand`, so the draws do not depend on the values).
-    (c) Decisions are per example: the seed's `.any()`/`.max()` over the batch let one example's
+    (c) Decisions are per example: the original's `.any()`/`.max()` over the batch let one example's
         coin decide for all. Every example (in causal mode, every position: see below) carries
         its own sub-layer pointer and its skip/attend/jump decisions are masks over the batch,
         so the batched output equals running each example alone.
-    (d) Unimportant tokens are removed from the keys (the seed added its 0/1 importance to the
+    (d) Unimportant tokens are removed from the keys (the original added its 0/1 importance to the
         scores, which barely changes the softmax); each query always keeps itself, so no row is
         empty, and the causal mask is respected.
     (e) Straight-through gradients: the importance threshold is hard 0/1 forward and the
         sigmoid's gradient backward (the key weights are written as `keep_j * exp(s_ij)`
-        normalised, which equals the masked softmax forward), so the predictors learn. The seed's
+        normalised, which equals the masked softmax forward), so the predictors learn. The original's
         policy had no gradient path and no RL loss, so it could never learn; its jump coin and
         length choice get the same straight-through treatment (hard forward, backward through
         `policy`), so the task loss trains it.
     (f) No `.item()` and no value-dependent shapes: all decisions are masks.
-    (g) Causality: the seed's per-example statistics (mean-pooled input for the policy, mean
+    (g) Causality: the original's per-example statistics (mean-pooled input for the policy, mean
         importance, memory update) average over the whole sequence, leaking future tokens into
         every position. In causal mode every such mean is the running mean over the position's
         prefix, so each position decides from what it may see: its decisions are the ones the
         seed would take for the sequence ending there (earlier tokens follow their own paths),
         and its working memory is its own. In non-causal mode the means cover the whole sequence
-        and all tokens of an example share one path, exactly the seed's per-example semantics.
+        and all tokens of an example share one path, exactly the original's per-example semantics.
 
     Skipped and unattended work is masked, not saved: every sub-layer is computed for the whole
     batch and merged with `torch.where`, so compute is not reduced (this keeps shapes static for
     batching, members and compilation). The attention is computed explicitly (memory
     O(heads * n^2)) because the straight-through key weights need a gradient.
 
-    The decision networks (importance predictors, gates, policy, memory gate) keep the seed's
+    The decision networks (importance predictors, gates, policy, memory gate) keep the original's
     biases whatever `bias` says, since a gate has to be able to learn its base rate; `bias`
     governs the adapters, the MLP and the norms. The policy, jump weights, working memory and
     memory gate exist only with two or more sub-layers: with one there is nowhere to jump, and

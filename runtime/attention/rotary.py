@@ -1,4 +1,4 @@
-"""Rotary position encodings of seed 003 ("nDimensional Rotary Embedding"), repaired and made relative.
+"""Rotary position encodings of design 003 (docs/designs.md), repaired and made relative.
 
 Three encodings behind one interface, so the compiler can pick one by name (`ROTARY_KINDS`):
 
@@ -7,7 +7,7 @@ Three encodings behind one interface, so the compiler can pick one by name (`ROT
 
 * `LearnedFrequencyRotary` ("learned_rope"): RoPE (Su et al. 2021, RoFormer) in the half-split
   layout of `transformer.RotaryEmbedding`, with the inverse frequencies a parameter initialised to
-  RoPE's `theta ** (-2i / d)` (the seed's `learned_freq=True`).
+  RoPE's `theta ** (-2i / d)` (the original's `learned_freq=True`).
 * `GivensRotary` ("givens"): RoPE generalised to any set of disjoint coordinate pairs (Givens
   rotations): pair k turns by `position * inv_freq[k]`.
 * `QuaternionRotary` ("quaternion"): the head as consecutive 3-D triples, triple c rotated about a
@@ -21,10 +21,10 @@ planar or axis rotations with constant speeds). The same map turns queries and k
 norms are preserved (the property RoPE is built on).
 
 `scales[m]` multiplies every angle of member m, exactly as in `transformer.RotaryEmbedding`: a gear
-turning `s` times as fast rotates its heads `s` times as fast (design 000). A single scale is
+turning `s` times as fast rotates its heads `s` times as fast. A single scale is
 broadcast over every leading row.
 
-Bugs of the seed fixed here:
+Bugs of the original fixed here:
 
 * Its Givens rotations used one fixed angle per pair at every position. Queries and keys then get
   the same rotation, which cancels in `q . k`: the "encoding" encoded nothing. Here the angle grows
@@ -42,7 +42,7 @@ Bugs of the seed fixed here:
 * Its frequencies were `arange(num_freqs) * 2 pi / theta` (the first one zero); here they start
   from RoPE's geometric spectrum.
 
-Left out on purpose: the seed's project-to-3-D-and-back mode (a `d -> 3` projection, a rotation and
+Left out on purpose: the original's project-to-3-D-and-back mode (a `d -> 3` projection, a rotation and
 a pseudo-inverse back, blended 0.9/0.1 with the input) is not norm-preserving and not relative, so it
 is not a rotary encoding; its learned "direction" `sigmoid(p) * 2 - 1` and `rot_count` are subsumed
 by learned (signed) frequencies and explicit `pairs`.
@@ -244,10 +244,10 @@ def _resolve_pairs(
 class GivensRotary(_Rotary):
     """Givens rotations in disjoint coordinate pairs, pair k = `(i_k, j_k)` turning by
     `position * inv_freq[k]` (`inv_freq` of shape `(pairs,)`, initialised to RoPE's spectrum in the
-    order the pairs are listed). The seed's Givens rotary, made position-dependent and vectorised.
+    order the pairs are listed). The original's Givens rotary, made position-dependent and vectorised.
 
     Options:
-      `pairs` (default "adjacent"): "adjacent" = (0, 1), (2, 3), ... (the seed's pairs and the
+      `pairs` (default "adjacent"): "adjacent" = (0, 1), (2, 3), ... (the original's pairs and the
         RoFormer/GPT-J interleaved layout); "halves" = (i, i + d/2) (the GPT-NeoX/LLaMA layout, equal
         to `RotaryEmbedding` at init); or an explicit sequence of disjoint `(i, j)` pairs, in which
         case dims in no pair pass through unchanged and any head_width works.

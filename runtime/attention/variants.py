@@ -1,4 +1,4 @@
-"""Score-level attention variants of design 003 that replace SelfAttention's fused attention call.
+"""Score-level attention variants of design 003 (docs/designs.md) that replace the fused attention.
 
 `runtime.transformer.SelfAttention` projects queries `(members * batch, heads, n, hw)` and keys
 and values `(members * batch, kv_heads, n, hw)` (member-major, grouped-query attention when
@@ -11,10 +11,10 @@ kv_heads < heads) and hands them to one module of this file, chosen by name from
 
 * `sdpa`: plain fused attention (the baseline).
 * `sliding_window`: each query sees the `window` nearest keys (Beltagy et al. 2020's local
-  attention; design 003's `slide_win`).
+  attention; the original's `slide_win`).
 * `adaptive_span`: Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers", as the sound
-  reading of design 003's `AdaptiveSpan`.
-* `local_global`: design 003's "integrated local-global" attention in Longformer's form
+  reading of the original's `AdaptiveSpan`.
+* `local_global`: the original's "integrated local-global" attention in Longformer's form
   (Beltagy et al. 2020): a sliding window plus global tokens.
 
 Every variant runs through `F.scaled_dot_product_attention` (SDPA), so dropout on the attention
@@ -37,8 +37,7 @@ mask `(members, heads, n, n)`, computed in float32 and cast to the queries' dtyp
 is broadcast over the batch (SDPA runs on `(members, batch, heads, n, hw)` views). On CUDA it is
 expanded to `(members * batch, heads, n, n)` and grouped key/value heads are repeated, because
 only then does SDPA pick its memory-efficient kernel, which adds (and differentiates) the mask
-without materialising the scores: measured on an H100 (bf16, n = 1024, 8 heads, forward and
-backward) about half the memory and 1.5-2.5x the speed of the unfused path that 5-D or
+without materialising the scores, in less memory and time than the unfused path that 5-D or
 grouped-query inputs fall back to.
 
 Per-member parameters (adaptive span's) carry a leading members dimension only when members > 1,
@@ -213,14 +212,14 @@ class SDPAttention(ScoreAttention):
 
 
 class LocalGlobalAttention(ScoreAttention):
-    """Design 003's integrated local-global attention in Longformer's form (Beltagy et al. 2020).
+    """The integrated local-global attention in Longformer's form (Beltagy et al. 2020).
 
     Each query sees the keys within `window` of it (causal: i - window < j <= i; non-causal:
     |i - j| < window) plus the first `global_tokens` tokens; when not causal the global tokens also
     see every key (Longformer's symmetric global attention). When causal, causality always holds:
     a global token sees only the keys before it, and is seen only by queries after it.
 
-    The seed's `IntegratedAttention` also carried a Q-learning "refiner": a host-side table of
+    The original's `IntegratedAttention` also carried a Q-learning "refiner": a host-side table of
     states and actions updated from Python scalars during training that rewrote the window and span
     hyperparameters between steps. It is left out: it makes the forward pass depend on mutable
     host state (not reproducible from the spec and seed, not traceable by `torch.compile`), needs
@@ -295,7 +294,7 @@ def _reflect_unit(x: Tensor) -> Tensor:
 
 
 class AdaptiveSpanAttention(ScoreAttention):
-    """Adaptive attention span (Sukhbaatar et al. 2019), the sound reading of design 003's
+    """Adaptive span (Sukhbaatar et al. 2019; docs/designs.md, design 003), the sound reading of
     `AdaptiveSpan`.
 
     Each (member, head) learns a span z in [0, max_span] tokens. Key j is weighted for query i by
@@ -307,13 +306,13 @@ class AdaptiveSpanAttention(ScoreAttention):
     each query always keeps itself and no row of the softmax is empty (no NaN, however small the
     span). The gradient reaches z through the keys on the ramp.
 
-    `sharpen` keeps the seed's temperature: scores are divided by
+    `sharpen` keeps the original's temperature: scores are divided by
     `1 + temp_scale * (1 - z / max_span)` (a head with a short span gets a flatter softmax over
     its few keys). `span_loss` is Sukhbaatar's L1 penalty: `regularisation()` returns
     `span_loss * sum over members of the mean span over heads, in tokens` (each batched member
     gets the gradient it would get alone), or None when `span_loss` is 0.
 
-    Fixes of the seed: it computed `span_len = int(max_span * span_scale.mean().item())`, a host
+    Fixes of the original: it computed `span_len = int(max_span * span_scale.mean().item())`, a host
     sync whose integer result carries no gradient (its span could never learn) and one span for all
     heads, then attended over the *first* span_len tokens only, truncating the sequence and
     changing the output length. Here the span is a per-head parameter with a gradient, the mask is

@@ -1,4 +1,4 @@
-"""A federation of sub-transformers joined by message-passing edges and feedback (design 000).
+"""Sub-transformers joined by message-passing edges and feedback (docs/designs.md, design 000).
 
 The compiler hands over a `FederationPlan`: nodes in topological stages, each stage split into
 batch groups of same-shaped nodes (one `Transformer` with `members` stacked weights each), the edges
@@ -13,7 +13,7 @@ with their delays, and the feedback schedule. The forward pass is then:
                 y = group.transformer(x)
                 bus[group] = to_bus(y)
 
-Every step reads the inputs afresh (the seed sketch's loop began from zeros and never saw them);
+Every step reads the inputs afresh (the original sketch's loop began from zeros and never saw them);
 a delayed edge reads the bus of `delay` steps before, which is zero before the first step.
 The loops run over the plan, whose length is fixed at compile time, so `torch.compile` unrolls them.
 Under `mode: equilibrium` the steps are not unrolled: an `EquilibriumSolver` (equilibrium.py)

@@ -1,4 +1,4 @@
-"""Pictures of a trained lattice model (design 002): its phase field and its order parameter over time.
+"""Pictures of a trained lattice model: its phase field and its order parameter over time.
 
 * `lattice_phases.png`: every lattice layer of every node, one arrow per head at its lattice cell,
   pointing at the head's phase angle (colour: the angle), titled with the layer's order parameter

@@ -1,0 +1,51 @@
+"""Each pass declares what it requires and provides; the driver checks the order and the result."""
+
+from __future__ import annotations
+
+import pytest
+
+import compiler
+from compiler.passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS, plan
+from compiler.passes.contract import PassOrderError, check_order, contract, contract_of, verify
+from compiler.passes.sample_variations import sample_variations
+
+PIPELINE = (*TRANSFORMS_BEFORE_CHECKS, *CHECKS, *TRANSFORMS_AFTER_CHECKS)
+
+
+def test_every_pass_declares_a_contract_and_the_shipped_order_satisfies_them():
+    for function in PIPELINE:
+        assert contract_of(function) is not None
+    check_order(PIPELINE)
+
+
+def test_planning_before_the_layers_are_drawn_is_refused_by_name():
+    reordered = [f for f in PIPELINE if f is not sample_variations]
+    with pytest.raises(PassOrderError, match="pass `plan` requires nodes.layer_settings"):
+        check_order(reordered)
+
+
+def test_a_transform_that_does_not_write_what_it_declares_is_caught(write_spec):
+    @contract(provides=("nodes.velocity",))
+    def forgetful(ir):
+        return ir
+
+    ir = compiler.build_ir(compiler.load_spec(write_spec(SPEC)))
+    with pytest.raises(PassOrderError, match="did not provide nodes.velocity"):
+        verify(forgetful(ir), forgetful)
+
+
+def test_analyze_verifies_each_transform(write_spec):
+    ir = compiler.analyze(write_spec(SPEC))
+    verify(ir, plan)  # what plan provides is present on the analysed IR
+
+
+SPEC = """
+spec: 1
+name: tiny
+inputs:
+  tokens: {kind: tokens, vocab: 40, context: 16}
+nodes:
+  body: {kind: transformer, width: 16, heads: 2, layers: 1}
+outputs:
+  logits: {from: body, kind: lm_head}
+"""
