@@ -39,17 +39,14 @@ schedules compute the same function of the same parameters (tests compare them).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.fractal.levels import FractalConfig
 from runtime.ports import LinearHead, PooledHead
-from runtime.transformer import _ACTIVATIONS, Block, TransformerConfig
-
-if TYPE_CHECKING:
-    from runtime.fractal.transformer import FractalConfig, FractalTransformer
+from runtime.transformer import _ACTIVATIONS, Block, Transformer, TransformerConfig
 
 
 def _block_ids(sizes: tuple[int, ...], k: int) -> Tensor:
@@ -154,10 +151,11 @@ class LevelStack(nn.Module):
 
     # ----------------------------------------------------------------- the pass
 
-    def run(self, model: FractalTransformer, x: Tensor, split: bool = False) -> Tensor:
-        """`x` `(batch, tokens, width)`: the full model's input stream, which every level reads
-        (`split`: level `l` reads the `l`-th of `levels` equal shares of the batch). Returns every
-        level's final normed state, `(levels, batch (or share), tokens, width)`."""
+    def run(self, model: Transformer, x: Tensor, split: bool = False) -> Tensor:
+        """`x` `(batch, tokens, width)`: the input stream of `model`, the fractal's full model, which
+        every level reads (`split`: level `l` reads the `l`-th of `levels` equal shares of the
+        batch). Returns every level's final normed state, `(levels, batch (or share), tokens,
+        width)`."""
         levels = self.fractal.levels
         if model.positions is not None:
             x = x + model.positions.weight[: x.shape[-2]].to(x.dtype)
