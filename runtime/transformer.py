@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -185,26 +185,44 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
+        if self.lattice is None:
+            return self.proj(self.attend(self.qkv(x), rotary))
         cfg = self.cfg
         *lead, n, _ = x.shape
-        h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width
-        if self.lattice is None:
-            qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
-            q, k, v = qkv.split((h, kv, kv), dim=1)
-            if rotary is not None:
-                q, k = rotary(q), rotary(k)
-        else:
-            q, k, v = self._lattice_qkv(x, rotary)
-            if self.lattice.record_entropy and not torch.compiler.is_compiling():
-                self.lattice.last_entropy = _attention_entropy(q[0], k[0], cfg.causal)
-        dropout = cfg.dropout if self.training else 0.0
+        q, k, v = self._lattice_qkv(x, rotary)
+        if self.lattice.record_entropy and not torch.compiler.is_compiling():
+            self.lattice.last_entropy = _attention_entropy(q[0], k[0], cfg.causal)
+        y = self.scores(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(*lead, n, cfg.heads * cfg.head_width))
+
+    def attend(
+        self, qkv: Tensor, rotary: nn.Module | None, heads: tuple[int, int, int] | None = None
+    ) -> Tensor:
+        """Attention over the fused projection `qkv`, `(*lead, tokens, (h + 2 kv) * hw)` ->
+        `(*lead, tokens, h * hw)`. `heads` `(h, kv, hw)` defaults to this layer's; a fractal's
+        sub-models read the same weights as fewer or narrower heads."""
+        cfg = self.cfg
+        *lead, n, _ = qkv.shape
+        h, kv, hw = heads or (cfg.heads, cfg.n_kv_heads, cfg.head_width)
+        q, k, v = qkv.reshape(-1, n, h + 2 * kv, hw).transpose(1, 2).split((h, kv, kv), dim=1)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        return self.scores(q, k, v).transpose(1, 2).reshape(*lead, n, h * hw)
+
+    def scores(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`softmax(q k^T / sqrt(d)) v` over heads `(sequences, heads, tokens, hw)`: the registered
+        score-level attention, or the fused kernel (grouped-query when keys have fewer heads)."""
+        dropout = self.cfg.dropout if self.training else 0.0
         if self.core is not None:
-            y = self.core(q, k, v, cfg.causal, dropout)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=cfg.causal, dropout_p=dropout, enable_gqa=kv != h
-            )
-        return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
+            return self.core(q, k, v, self.cfg.causal, dropout)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=self.cfg.causal,
+            dropout_p=dropout,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
 
     def _lattice_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys of `d_head - 2` content dimensions (rotated by RoPE if set) and the two
@@ -315,15 +333,36 @@ class MLP(nn.Module):
         scaled_init_(self.proj, cfg.layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)
+        return self.proj(self.activate(self.fc(x)))
+
+    def activate(self, h: Tensor) -> Tensor:
+        """The nonlinearity between the two linears; gated: `act(a) * b` (Shazeer 2020)."""
         if self.cfg.gated:
             a, b = h.chunk(2, dim=-1)
-            return self.proj(self.act(a) * b)
-        return self.proj(self.act(h))
+            return self.act(a) * b
+        return self.act(h)
+
+
+class Parts(Protocol):
+    """What `Block.forward` computes its sub-layers with. A block is its own default; the fractal
+    schedules (`runtime.fractal`) supply views of the same weights: a window of sub-models'
+    diagonal blocks, or every level at once."""
+
+    def norm_attn(self, x: Tensor) -> Tensor: ...
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor: ...
+
+    def norm_mlp(self, x: Tensor) -> Tensor: ...
+
+    def mlp(self, x: Tensor) -> Tensor: ...
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    `forward` is the one definition of the block: `parts` (default: this block's own modules)
+    says how each sub-layer is computed, so the fractal schedules run this same forward over views
+    of its weights rather than a copy of it."""
 
     def __init__(self, cfg: TransformerConfig, members: int):
         super().__init__()
@@ -350,14 +389,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, members)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
-        if self.takes_stream:
+    def forward(self, x: Tensor, rotary: nn.Module | None, parts: Parts | None = None) -> Tensor:
+        p = self if parts is None else parts
+        if not self.takes_stream:
+            x = x + self._drop(p.attend(p.norm_attn(x), rotary))
+        else:  # a mixer that owns its norm and residual (the myelinated layer)
             x = self.attn(x)
-        elif self.uses_rotary:
-            x = x + self._drop(self.attn(self.norm_attn(x), rotary))
-        else:
-            x = x + self._drop(self.attn(self.norm_attn(x)))
-        return x + self._drop(self.mlp(self.norm_mlp(x)))
+        return x + self._drop(p.mlp(p.norm_mlp(x)))
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        return self.attn(x, rotary) if self.uses_rotary else self.attn(x)
 
     def _drop(self, x: Tensor) -> Tensor:
         # skipped outright at rate 0: F.dropout(p=0) in training mode still launches a kernel
