@@ -21,14 +21,13 @@ import math
 import torch
 from common import parse_args, peak_memory, profiled, report, time_call
 
-from runtime.attention.lattice import LatticeConfig
-from runtime.transformer import RotaryEmbedding, SelfAttention, TransformerConfig
+from runtime.attention.lattice import LatticeAttention, LatticeConfig
+from runtime.transformer import RotaryEmbedding, SelfAttention, TransformerConfig, attention_layer
 
 
-def dense_bias_attention(attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
-    cfg = attn.cfg
+def dense_bias_attention(attn: LatticeAttention, x: torch.Tensor) -> torch.Tensor:
     _, batch, n, _ = x.shape
-    h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
+    h, hw, cw = attn.heads, attn.head_width, attn.content_width
     q, k, v = attn.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
     q, k, v = (t.reshape(batch, n, h, -1).transpose(1, 2) for t in (q, k, v))
     theta = attn.lattice.phases()[0]
@@ -73,7 +72,7 @@ def main() -> None:
             width=width, heads=heads, layers=1, context=tokens, attention=lattice
         )
         plain = SelfAttention(plain_cfg, 1).to(args.device, dtype)
-        latt = SelfAttention(lattice_cfg, 1).to(args.device, dtype)
+        latt = attention_layer(lattice_cfg, 1).to(args.device, dtype)
         rope_plain = RotaryEmbedding(plain_cfg.head_width, tokens, 10000.0).to(args.device)
         rope_latt = RotaryEmbedding(  # as `Transformer` builds it for lattice heads
             lattice_cfg.content_width, tokens, 10000.0, padded_to=lattice_cfg.head_width

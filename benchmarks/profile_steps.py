@@ -21,7 +21,7 @@ from overhead_vs_handwritten import SPEC as GPT_SPEC
 
 import compiler
 from runtime.attention.lattice import LatticeConfig
-from runtime.transformer import SelfAttention, TransformerConfig
+from runtime.transformer import TransformerConfig, attention_layer
 
 GROUPS = (  # in this order: cuDNN's attention kernels' names contain "sm90" too
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
@@ -89,7 +89,7 @@ def cases(args):
         cfg = TransformerConfig(
             width=width, heads=heads, layers=1, context=tokens, attention=attention
         )
-        layer = SelfAttention(cfg, 1).to(device)
+        layer = attention_layer(cfg, 1).to(device)
         yield (
             label,
             training_step(

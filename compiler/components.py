@@ -19,21 +19,15 @@ from compiler.language.spec import Int, LatticeAttention, Real
 # --------------------------------------------------------------------------- attention
 
 
-REGISTRY.add(
-    Component(
-        "attention",
-        "lattice",
-        LatticeAttention,
-        build=lambda config: _lattice(config),
-        level="lattice",
-    )
-)
+def _lattice(**context: Any) -> Any:
+    """The lattice layout's attention (design 002); its options reach it resolved, as the
+    `layout` the transformer config carries (`compiler.passes.plan.lattice_config`)."""
+    from runtime.attention import lattice
+
+    return lattice.LatticeAttention(**context)
 
 
-def _lattice(config: LatticeAttention) -> Any:
-    from compiler.passes.plan import lattice_config
-
-    return lattice_config(config)
+REGISTRY.add(Component("attention", "lattice", LatticeAttention, build=_lattice, level="lattice"))
 
 
 class SDPA(ComponentConfig):

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime.attention.lattice import PHASE_DIMS, LatticeConfig, LatticeOscillators
+from runtime.attention.lattice import PHASE_DIMS, LatticeAttention, LatticeConfig
 from runtime.layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A registered component chosen by the spec (see `compiler.language.registry`): its name, its level
-    (attention: `scores` or `mixer`), its builder and its options, hashable so that nodes choosing
-    the same component with the same options still batch together."""
+    """A registered component chosen by the spec (see `compiler.language.registry`): its name, its
+    level (attention: `scores`, `mixer` or `lattice`), its builder and its options, hashable so that
+    nodes choosing the same component with the same options still batch together."""
 
     name: str
     build: Callable[..., nn.Module]
@@ -124,7 +124,7 @@ class RotaryEmbedding(nn.Module):
     ):
         """`padded_to`: rotate vectors that wide whose halves each end in one dimension the
         rotation leaves alone (angle 0), around the `head_width` rotated ones: how a lattice head
-        keeps its two phase dimensions beside its content (see `SelfAttention._lattice_qkv`)."""
+        keeps its two phase dimensions beside its content (see `LatticeAttention`)."""
         super().__init__()
         self.members = len(scales)
         self.padded_to = padded_to
@@ -166,15 +166,16 @@ class RotaryEmbedding(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, members: int):
         super().__init__()
+        if cfg.attention is not None:
+            raise ValueError(
+                "a lattice layout's attention is `LatticeAttention` (`attention_layer`)"
+            )
         self.cfg = cfg
-        hw, cw, h, kv = cfg.head_width, cfg.content_width, cfg.heads, cfg.n_kv_heads
+        hw, h, kv = cfg.head_width, cfg.heads, cfg.n_kv_heads
         self.members = members
-        self.qkv = MemberLinear(members, cfg.width, (h + kv) * cw + kv * hw, cfg.bias)
+        self.qkv = MemberLinear(members, cfg.width, (h + 2 * kv) * hw, cfg.bias)
         self.proj = MemberLinear(members, h * hw, cfg.width, cfg.bias)
         scaled_init_(self.proj, cfg.layers)
-        self.lattice = (
-            LatticeOscillators(cfg.attention, members) if cfg.attention is not None else None
-        )
         # a registered score-level attention (design 003: sliding window, adaptive span, ...)
         self.core = (
             cfg.variant.make(
@@ -185,112 +186,36 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, rotary: RotaryEmbedding | None) -> Tensor:
+        return self.proj(self.attend(self.qkv(x), rotary))
+
+    def attend(
+        self, qkv: Tensor, rotary: nn.Module | None, heads: tuple[int, int, int] | None = None
+    ) -> Tensor:
+        """Attention over the fused projection `qkv`, `(*lead, tokens, (h + 2 kv) * hw)` ->
+        `(*lead, tokens, h * hw)`. `heads` `(h, kv, hw)` defaults to this layer's; a fractal's
+        sub-models read the same weights as fewer or narrower heads."""
         cfg = self.cfg
-        *lead, n, _ = x.shape
-        h, kv, hw = cfg.heads, cfg.n_kv_heads, cfg.head_width
-        if self.lattice is None:
-            qkv = self.qkv(x).reshape(-1, n, h + 2 * kv, hw).transpose(1, 2)
-            q, k, v = qkv.split((h, kv, kv), dim=1)
-            if rotary is not None:
-                q, k = rotary(q), rotary(k)
-        else:
-            q, k, v = self._lattice_qkv(x, rotary)
-            if self.lattice.record_entropy and not torch.compiler.is_compiling():
-                self.lattice.last_entropy = _attention_entropy(q[0], k[0], cfg.causal)
-        dropout = cfg.dropout if self.training else 0.0
+        *lead, n, _ = qkv.shape
+        h, kv, hw = heads or (cfg.heads, cfg.n_kv_heads, cfg.head_width)
+        q, k, v = qkv.reshape(-1, n, h + 2 * kv, hw).transpose(1, 2).split((h, kv, kv), dim=1)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        return self.scores(q, k, v).transpose(1, 2).reshape(*lead, n, h * hw)
+
+    def scores(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`softmax(q k^T / sqrt(d)) v` over heads `(sequences, heads, tokens, hw)`: the registered
+        score-level attention, or the fused kernel (grouped-query when keys have fewer heads)."""
+        dropout = self.cfg.dropout if self.training else 0.0
         if self.core is not None:
-            y = self.core(q, k, v, cfg.causal, dropout)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=cfg.causal, dropout_p=dropout, enable_gqa=kv != h
-            )
-        return self.proj(y.transpose(1, 2).reshape(*lead, n, h * hw))
-
-    def _lattice_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries and keys of `d_head - 2` content dimensions (rotated by RoPE if set) and the two
-        phase dimensions of `runtime.attention.lattice`, whose dot product is the phase term; values are
-        content at full head width.
-
-        Each query and key head is laid out `[content half, cos slot, content half, sin slot]`:
-        the projection's rows get a zero row at each slot, so one matmul writes whole aligned
-        heads, the phase features are added into the slots, and RoPE (whose tables leave the slot
-        pair unrotated) turns the content pairs in the same pass. Concatenating two dimensions to
-        `d_head - 2`-wide heads instead (the first version) made every copy of q, k and of their
-        gradients unaligned. A registered rotary component, which knows nothing of slots, takes
-        `_lattice_qkv_concat`.
-        """
-        cfg = self.cfg
-        h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
-        if rotary is not None and getattr(rotary, "padded_to", None) != hw:
-            return self._lattice_qkv_concat(x, rotary)
-        n = x.shape[-2]
-        weight, bias = self.qkv.weight, self.qkv.bias
-        rows = 2 * h * cw  # query and key rows; the value rows follow
-        slotted = _with_slots(weight[..., :rows, :], 2 * h, cw, dim=-2, phase=False)
-        weight = torch.cat((slotted, weight[..., rows:, :]), -2)
-        if bias is not None:
-            slotted = _with_slots(bias[..., :rows], 2 * h, cw, dim=-1, phase=False)
-            bias = torch.cat((slotted, bias[..., rows:]), -1)
-        if self.members == 1:
-            qkv = F.linear(x, weight, bias)
-        else:
-            qkv = torch.bmm(x.reshape(self.members, -1, cfg.width), weight.transpose(1, 2))
-            qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
-        qkv = qkv.reshape(self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
-        phase_q, phase_k = self.lattice.phase_features(n, hw, qkv.dtype)  # (members, h, n, 2)
-        phase = torch.cat((phase_q, phase_k), 1).transpose(1, 2).flatten(-2)  # (members, n, 2h*2)
-        phase = _with_slots(phase, 2 * h, cw, dim=-1, phase=True).unflatten(-1, (2 * h, hw))
-        qk = qkv[..., : 2 * h, :]
-        qk = (qk if rotary is None else rotary.rotate_token_major(qk)) + phase[:, None]
-        q, k = qk.flatten(0, 1).transpose(1, 2).split((h, h), dim=1)  # (members * batch, h, n, hw)
-        v = qkv[..., 2 * h :, :].flatten(0, 1).transpose(1, 2)
-        return q, k, v
-
-    def _lattice_qkv_concat(self, x: Tensor, rotary: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        """Content queries and keys `d_head - 2` wide, rotated by a registered rotary component,
-        each extended by the two phase dimensions; values keep the full head width."""
-        cfg = self.cfg
-        n = x.shape[-2]
-        h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
-        q, k, v = self.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
-        q = rotary(q.reshape(-1, n, h, cw).transpose(1, 2))
-        k = rotary(k.reshape(-1, n, h, cw).transpose(1, 2))
-        v = v.reshape(-1, n, h, hw).transpose(1, 2)
-        phase_q, phase_k = self.lattice.phase_features(n, hw, q.dtype)  # (members, heads, n, 2)
-        batch = q.shape[0] // self.members
-        expand = (self.members, batch, h, n, PHASE_DIMS)
-        phase_q = phase_q[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
-        phase_k = phase_k[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
-        return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
-
-
-def _with_slots(values: Tensor, heads: int, content_width: int, dim: int, phase: bool) -> Tensor:
-    """Lay `heads` groups along `dim` of `values` out as lattice heads with two phase slots: each
-    half of a head ends in one slot, `[c_0..c_{m-1}, slot, c_m..c_{2m-1}, slot]`, the layout in
-    which RoPE's halves pair the two slots with each other (an odd content width puts both at
-    the end). Groups hold `content_width` content entries (zeros go in the slots) or, with
-    `phase`, the two phase entries (cos, sin), zeros going everywhere else."""
-    x = values.movedim(dim, -1).unflatten(-1, (heads, -1))
-    if content_width % 2 == 0:
-        x = x.unflatten(-1, (2, -1))  # content (2, m) or phase (2, 1)
-        x = F.pad(x, (content_width // 2, 0) if phase else (0, 1)).flatten(-2)
-    else:
-        x = F.pad(x, (content_width, 0) if phase else (0, PHASE_DIMS))
-    return x.flatten(-2).movedim(-1, dim)
-
-
-@torch.no_grad()
-def _attention_entropy(q: Tensor, k: Tensor, causal: bool, tokens: int = 256) -> Tensor:
-    """Per head, the mean entropy (nats) of one sequence's attention rows over its first `tokens`
-    tokens: a metric probe, computed densely on a small window only."""
-    q, k = q[:, :tokens].float(), k[:, :tokens].float()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if causal:
-        n = scores.shape[-1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    p = scores.softmax(-1)
-    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
+            return self.core(q, k, v, self.cfg.causal, dropout)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=self.cfg.causal,
+            dropout_p=dropout,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
 
 
 _ACTIVATIONS = {
@@ -315,31 +240,77 @@ class MLP(nn.Module):
         scaled_init_(self.proj, cfg.layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)
+        return self.proj(self.activate(self.fc(x)))
+
+    def activate(self, h: Tensor) -> Tensor:
+        """The nonlinearity between the two linears; gated: `act(a) * b` (Shazeer 2020)."""
         if self.cfg.gated:
             a, b = h.chunk(2, dim=-1)
-            return self.proj(self.act(a) * b)
-        return self.proj(self.act(h))
+            return self.act(a) * b
+        return self.act(h)
+
+
+class Parts(Protocol):
+    """What `Block.forward` computes its sub-layers with. A block is its own default; the fractal
+    schedules (`runtime.fractal`) supply views of the same weights: a window of sub-models'
+    diagonal blocks, or every level at once."""
+
+    def norm_attn(self, x: Tensor) -> Tensor: ...
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor: ...
+
+    def norm_mlp(self, x: Tensor) -> Tensor: ...
+
+    def mlp(self, x: Tensor) -> Tensor: ...
+
+
+# a lattice layout in a config written by hand, without its registered component: the built-in one
+LATTICE = Choice("lattice", LatticeAttention, level="lattice")
+
+
+def attention_layer(cfg: TransformerConfig, members: int) -> nn.Module:
+    """The attention sub-layer `cfg` chose, built from its registered component: a token mixer
+    (design 003) or the lattice layout (design 002); else `SelfAttention`, whose scores are a
+    registered score-level attention or the fused kernel."""
+    choice = cfg.variant
+    if choice is None and cfg.attention is not None:
+        choice = LATTICE
+    if choice is None or choice.level == "scores":
+        return SelfAttention(cfg, members)
+    if choice.level == "lattice":
+        return choice.make(
+            layout=cfg.attention,
+            width=cfg.width,
+            heads=cfg.heads,
+            kv_heads=cfg.n_kv_heads,
+            layers=cfg.layers,
+            members=members,
+            causal=cfg.causal,
+            bias=cfg.bias,
+            dropout=cfg.dropout,
+        )
+    return choice.make(  # a token mixer
+        width=cfg.width,
+        heads=cfg.heads,
+        layers=cfg.layers,
+        context=cfg.context,
+        members=members,
+        causal=cfg.causal,
+        bias=cfg.bias,
+    )
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm residual block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    `forward` is the one definition of the block: `parts` (default: this block's own modules)
+    says how each sub-layer is computed, so the fractal schedules run this same forward over views
+    of its weights rather than a copy of it."""
 
     def __init__(self, cfg: TransformerConfig, members: int):
         super().__init__()
         mixer = cfg.variant is not None and cfg.variant.level == "mixer"
-        if mixer:  # a registered token mixer replaces the attention sub-layer (design 003)
-            self.attn = cfg.variant.make(
-                width=cfg.width,
-                heads=cfg.heads,
-                layers=cfg.layers,
-                context=cfg.context,
-                members=members,
-                causal=cfg.causal,
-                bias=cfg.bias,
-            )
-        else:
-            self.attn = SelfAttention(cfg, members)
+        self.attn = attention_layer(cfg, members)
         # a mixer that owns its norms and residual (the myelinated layer) takes the stream itself
         self.takes_stream = mixer and getattr(self.attn, "takes_stream", False)
         self.uses_rotary = not mixer
@@ -350,14 +321,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, members)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
-        if self.takes_stream:
+    def forward(self, x: Tensor, rotary: nn.Module | None, parts: Parts | None = None) -> Tensor:
+        p = self if parts is None else parts
+        if not self.takes_stream:
+            x = x + self._drop(p.attend(p.norm_attn(x), rotary))
+        else:  # a mixer that owns its norm and residual (the myelinated layer)
             x = self.attn(x)
-        elif self.uses_rotary:
-            x = x + self._drop(self.attn(self.norm_attn(x), rotary))
-        else:
-            x = x + self._drop(self.attn(self.norm_attn(x)))
-        return x + self._drop(self.mlp(self.norm_mlp(x)))
+        return x + self._drop(p.mlp(p.norm_mlp(x)))
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        return self.attn(x, rotary) if self.uses_rotary else self.attn(x)
 
     def _drop(self, x: Tensor) -> Tensor:
         # skipped outright at rate 0: F.dropout(p=0) in training mode still launches a kernel

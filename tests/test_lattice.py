@@ -16,8 +16,13 @@ import torch
 import compiler
 from compiler.passes.estimate import transformer_parameters
 from compiler.passes.plan import component_choice
-from runtime.attention.lattice import LatticeConfig, LatticeOscillators, lattice_distances
-from runtime.transformer import RotaryEmbedding, SelfAttention, Transformer, TransformerConfig
+from runtime.attention.lattice import (
+    LatticeAttention,
+    LatticeConfig,
+    LatticeOscillators,
+    lattice_distances,
+)
+from runtime.transformer import RotaryEmbedding, Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,11 +52,10 @@ def lattice_spec(tmp_path: Path, attention: str, nodes: str = "body", heads: int
 LATTICE = "{kind: lattice, lattice: {shape: [2, 2]}, oscillator: {coupling: 0.5, substeps: 3}}"
 
 
-def naive_attention(attn: SelfAttention, x: torch.Tensor, rotary) -> torch.Tensor:
+def naive_attention(attn: LatticeAttention, x: torch.Tensor, rotary) -> torch.Tensor:
     """The design's formula with a dense bias: softmax(q.k/sqrt(d) + alpha cos(theta + nu (i-j)))."""
-    cfg = attn.cfg
     members, batch, n, _ = x.shape
-    h, hw, cw = cfg.heads, cfg.head_width, cfg.content_width
+    h, hw, cw = attn.heads, attn.head_width, attn.content_width
     q, k, v = attn.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
     q = q.reshape(members * batch, n, h, cw).transpose(1, 2)
     k = k.reshape(members * batch, n, h, cw).transpose(1, 2)

@@ -30,9 +30,7 @@ def transformer_config(
     attention = settings["attention"]
     lattice = attention if attention is not None and attention.kind == "lattice" else None
     # `sdpa` is the fused path SelfAttention takes by default: the same computation, no module
-    variant = (
-        attention if attention is not None and attention.kind not in ("lattice", "sdpa") else None
-    )
+    variant = attention if attention is not None and attention.kind != "sdpa" else None
     rotary = settings["rotary"]
     return TransformerConfig(
         width=width,
@@ -65,6 +63,8 @@ def component_choice(family: str, config):
     from runtime.transformer import Choice
 
     component = REGISTRY.get(family, config.kind)
+    if component.level == "lattice":  # its options travel resolved, as the config's layout
+        return Choice(config.kind, component.build, (), component.level)
     options = tuple((k, _frozen(v)) for k, v in config.options().items())
     return Choice(config.kind, component.build, options, component.level)
 

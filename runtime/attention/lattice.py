@@ -20,6 +20,9 @@ K as two extra dimensions (as RoPE folds rotations): no `(tokens x tokens)` bias
 attention stays one fused `scaled_dot_product_attention` call. The two dimensions are taken from
 the head's width (content queries and keys are `d_head - 2` wide, values `d_head`), so the kernel
 sees the head width the spec asked for.
+
+`LatticeAttention` is that attention sub-layer, registered as the `lattice` attention component;
+a `runtime.transformer.Block` builds it like any other attention choice.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from runtime.layers import MemberLinear, scaled_init_
 
 PHASE_DIMS = 2
 
@@ -173,6 +179,132 @@ class LatticeOscillators(nn.Module):
             factor = schedule_factor(*cfg.coherence_schedule, step)
             terms["coherence"] = cfg.coherence_weight * factor * self.coherence(theta).mean()
         return terms
+
+
+class LatticeAttention(nn.Module):
+    """Self-attention over heads on a lattice: `softmax(q.k / sqrt(d_head) + phase term) v`, the
+    phase term of each head coming from its oscillator (`LatticeOscillators`), one head per cell.
+
+    Queries and keys have `d_head - 2` content dimensions (rotated by RoPE, if given) and the two
+    phase dimensions, whose dot product is the phase term; values are content at full head width.
+    Attention stays one `scaled_dot_product_attention` call at the head width the spec asked for.
+    """
+
+    def __init__(
+        self,
+        layout: LatticeConfig,
+        width: int,
+        heads: int,
+        layers: int,
+        members: int = 1,
+        kv_heads: int | None = None,
+        causal: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if layout.cells != heads or kv_heads not in (None, heads):
+            raise ValueError(
+                f"a lattice of {layout.cells} cells has one query and one key-value head per cell; "
+                f"got {heads} heads and {kv_heads} key-value heads"
+            )
+        self.members, self.heads, self.causal, self.dropout = members, heads, causal, dropout
+        self.head_width = width // heads
+        self.content_width = self.head_width - PHASE_DIMS
+        h, hw, cw = heads, self.head_width, self.content_width
+        self.qkv = MemberLinear(members, width, 2 * h * cw + h * hw, bias)
+        self.proj = MemberLinear(members, h * hw, width, bias)
+        scaled_init_(self.proj, layers)
+        self.lattice = LatticeOscillators(layout, members)
+
+    def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        *lead, n, _ = x.shape
+        if rotary is None or getattr(rotary, "padded_to", None) == self.head_width:
+            q, k, v = self._slotted_qkv(x, rotary)
+        else:
+            q, k, v = self._concatenated_qkv(x, rotary)
+        if self.lattice.record_entropy and not torch.compiler.is_compiling():
+            self.lattice.last_entropy = _attention_entropy(q[0], k[0], self.causal)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(*lead, n, self.heads * self.head_width))
+
+    def _slotted_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each query and key head is laid out `[content half, cos slot, content half, sin slot]`:
+        the projection's rows get a zero row at each slot, so one matmul writes whole aligned
+        heads, the phase features are added into the slots, and RoPE (whose tables, `padded_to`
+        the head width, leave the slot pair unrotated) turns the content pairs in the same pass.
+        Concatenating two dimensions to `d_head - 2`-wide heads instead (the first version) made
+        every copy of q, k and of their gradients unaligned; a registered rotary component, which
+        knows nothing of slots, takes that path (`_concatenated_qkv`)."""
+        h, hw, cw = self.heads, self.head_width, self.content_width
+        n = x.shape[-2]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        rows = 2 * h * cw  # query and key rows; the value rows follow
+        slotted = _with_slots(weight[..., :rows, :], 2 * h, cw, dim=-2, phase=False)
+        weight = torch.cat((slotted, weight[..., rows:, :]), -2)
+        if bias is not None:
+            slotted = _with_slots(bias[..., :rows], 2 * h, cw, dim=-1, phase=False)
+            bias = torch.cat((slotted, bias[..., rows:]), -1)
+        if self.members == 1:
+            qkv = F.linear(x, weight, bias)
+        else:
+            qkv = torch.bmm(x.reshape(self.members, -1, x.shape[-1]), weight.transpose(1, 2))
+            qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
+        qkv = qkv.reshape(self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
+        phase_q, phase_k = self.lattice.phase_features(n, hw, qkv.dtype)  # (members, h, n, 2)
+        phase = torch.cat((phase_q, phase_k), 1).transpose(1, 2).flatten(-2)  # (members, n, 2h*2)
+        phase = _with_slots(phase, 2 * h, cw, dim=-1, phase=True).unflatten(-1, (2 * h, hw))
+        qk = qkv[..., : 2 * h, :]
+        qk = (qk if rotary is None else rotary.rotate_token_major(qk)) + phase[:, None]
+        q, k = qk.flatten(0, 1).transpose(1, 2).split((h, h), dim=1)  # (members * batch, h, n, hw)
+        v = qkv[..., 2 * h :, :].flatten(0, 1).transpose(1, 2)
+        return q, k, v
+
+    def _concatenated_qkv(self, x: Tensor, rotary: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Content queries and keys `d_head - 2` wide, rotated by a registered rotary component,
+        each extended by the two phase dimensions; values keep the full head width."""
+        h, hw, cw = self.heads, self.head_width, self.content_width
+        n = x.shape[-2]
+        q, k, v = self.qkv(x).split((h * cw, h * cw, h * hw), dim=-1)
+        q = rotary(q.reshape(-1, n, h, cw).transpose(1, 2))
+        k = rotary(k.reshape(-1, n, h, cw).transpose(1, 2))
+        v = v.reshape(-1, n, h, hw).transpose(1, 2)
+        phase_q, phase_k = self.lattice.phase_features(n, hw, q.dtype)  # (members, heads, n, 2)
+        batch = q.shape[0] // self.members
+        expand = (self.members, batch, h, n, PHASE_DIMS)
+        phase_q = phase_q[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
+        phase_k = phase_k[:, None].expand(expand).reshape(-1, h, n, PHASE_DIMS)
+        return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
+
+
+def _with_slots(values: Tensor, heads: int, content_width: int, dim: int, phase: bool) -> Tensor:
+    """Lay `heads` groups along `dim` of `values` out as lattice heads with two phase slots: each
+    half of a head ends in one slot, `[c_0..c_{m-1}, slot, c_m..c_{2m-1}, slot]`, the layout in
+    which RoPE's halves pair the two slots with each other (an odd content width puts both at
+    the end). Groups hold `content_width` content entries (zeros go in the slots) or, with
+    `phase`, the two phase entries (cos, sin), zeros going everywhere else."""
+    x = values.movedim(dim, -1).unflatten(-1, (heads, -1))
+    if content_width % 2 == 0:
+        x = x.unflatten(-1, (2, -1))  # content (2, m) or phase (2, 1)
+        x = F.pad(x, (content_width // 2, 0) if phase else (0, 1)).flatten(-2)
+    else:
+        x = F.pad(x, (content_width, 0) if phase else (0, PHASE_DIMS))
+    return x.flatten(-2).movedim(-1, dim)
+
+
+@torch.no_grad()
+def _attention_entropy(q: Tensor, k: Tensor, causal: bool, tokens: int = 256) -> Tensor:
+    """Per head, the mean entropy (nats) of one sequence's attention rows over its first `tokens`
+    tokens: a metric probe, computed densely on a small window only."""
+    q, k = q[:, :tokens].float(), k[:, :tokens].float()
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        n = scores.shape[-1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    p = scores.softmax(-1)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1)
 
 
 def schedule_factor(kind: str, steps: int, step: int) -> float:

@@ -39,17 +39,14 @@ schedules compute the same function of the same parameters (tests compare them).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.fractal.levels import FractalConfig
 from runtime.ports import LinearHead, PooledHead
-from runtime.transformer import _ACTIVATIONS, Block, TransformerConfig
-
-if TYPE_CHECKING:
-    from runtime.fractal.transformer import FractalConfig, FractalTransformer
+from runtime.transformer import MLP, Block, SelfAttention, Transformer, TransformerConfig
 
 
 def _block_ids(sizes: tuple[int, ...], k: int) -> Tensor:
@@ -154,10 +151,11 @@ class LevelStack(nn.Module):
 
     # ----------------------------------------------------------------- the pass
 
-    def run(self, model: FractalTransformer, x: Tensor, split: bool = False) -> Tensor:
-        """`x` `(batch, tokens, width)`: the full model's input stream, which every level reads
-        (`split`: level `l` reads the `l`-th of `levels` equal shares of the batch). Returns every
-        level's final normed state, `(levels, batch (or share), tokens, width)`."""
+    def run(self, model: Transformer, x: Tensor, split: bool = False) -> Tensor:
+        """`x` `(batch, tokens, width)`: the input stream of `model`, the fractal's full model, which
+        every level reads (`split`: level `l` reads the `l`-th of `levels` equal shares of the
+        batch). Returns every level's final normed state, `(levels, batch (or share), tokens,
+        width)`."""
         levels = self.fractal.levels
         if model.positions is not None:
             x = x + model.positions.weight[: x.shape[-2]].to(x.dtype)
@@ -166,16 +164,12 @@ class LevelStack(nn.Module):
             h = F.dropout(h, self.cfg.dropout, model.training)  # a mask of its own per level
         step = {"upstream": 1, "downstream": -1}.get(self.fractal.residual)
         for block in model.blocks:
-            h = self._block(block, h)
+            h = block(h, None, LevelParts(self, block))
             if step == 1:  # each model receives its children's streams: the next level's columns
                 h = h + F.pad(h[1:], (0, 0, 0, 0, 0, 0, 0, 1))
             elif step == -1:  # each receives its slice of its parent's
                 h = h + F.pad(h[:-1], (0, 0, 0, 0, 0, 0, 1, 0))
         return self.norm(model.norm_out, h)
-
-    def _block(self, block: Block, x: Tensor) -> Tensor:
-        x = x + block._drop(self.attention(block, self.norm(block.norm_attn, x)))
-        return x + block._drop(self.mlp(block, self.norm(block.norm_mlp, x)))
 
     def norm(self, norm: nn.Module, x: Tensor) -> Tensor:
         """Each sub-model's LayerNorm/RMSNorm over its own columns, every level at once (float32)."""
@@ -208,9 +202,10 @@ class LevelStack(nn.Module):
             y = torch.baddbmm(bias.view(1, 1, -1), flat, masked.transpose(1, 2))
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def attention(self, block: Block, x: Tensor) -> Tensor:
-        cfg, attn = self.cfg, block.attn
-        hw = cfg.head_width
+    def attention(self, attn: SelfAttention, x: Tensor) -> Tensor:
+        """`attn` for every level: one kernel call over all levels' packed heads, each rotated
+        by its level's tables (which also hold its query scale)."""
+        cfg, hw = self.cfg, self.cfg.head_width
         qkv = self.linear(x, "qkv", attn.qkv.weight, attn.qkv.bias)
         q, k, v = qkv.split((cfg.heads * hw, cfg.n_kv_heads * hw, cfg.n_kv_heads * hw), dim=-1)
         q = self._pack(q, [h for h, _, _ in self.level_heads])
@@ -222,25 +217,12 @@ class LevelStack(nn.Module):
             k = _rotate(k, self.k_cos[:, :n], self.k_sin[:, :n])
         else:
             q = (q.float() * self.q_scale).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=cfg.causal,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        out = attn.scores(q, k, v)
         return self.linear(self._unpack(out), "proj", attn.proj.weight, attn.proj.bias)
 
-    def mlp(self, block: Block, x: Tensor) -> Tensor:
-        cfg, mlp = self.cfg, block.mlp
+    def mlp(self, mlp: MLP, x: Tensor) -> Tensor:
         hidden = self.linear(x, "fc", mlp.fc.weight, mlp.fc.bias)
-        if cfg.gated:
-            a, b = hidden.chunk(2, dim=-1)
-            hidden = _ACTIVATIONS[cfg.activation](a) * b
-        else:
-            hidden = _ACTIVATIONS[cfg.activation](hidden)
-        return self.linear(hidden, "down", mlp.proj.weight, mlp.proj.bias)
+        return self.linear(mlp.activate(hidden), "down", mlp.proj.weight, mlp.proj.bias)
 
     def _pack(self, t: Tensor, heads: list[int]) -> Tensor:
         widths = [w for _, _, w in self.level_heads]
@@ -283,6 +265,25 @@ class LevelStack(nn.Module):
     def split_levels(self, members: Tensor) -> list[Tensor]:
         """`(members, ...)` -> per level `(..., k_level, out)` views, the layout `all_levels` serves."""
         return [part.movedim(0, -2) for part in members.split(self.members_per_level)]
+
+
+class LevelParts:
+    """One block's sub-layers for every level at once (`Block.forward`'s parts)."""
+
+    def __init__(self, stack: LevelStack, block: Block):
+        self.stack, self.block = stack, block
+
+    def norm_attn(self, x: Tensor) -> Tensor:
+        return self.stack.norm(self.block.norm_attn, x)
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        return self.stack.attention(self.block.attn, x)  # each level's rotation is in its tables
+
+    def norm_mlp(self, x: Tensor) -> Tensor:
+        return self.stack.norm(self.block.norm_mlp, x)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.stack.mlp(self.block.mlp, x)
 
 
 def _to_heads(t: Tensor, heads: tuple[int, ...], widths: tuple[int, ...], hw: int) -> Tensor:

@@ -31,84 +31,25 @@ In both, the exchange uses every level's output of the same block, before the ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.fractal.levels import (
+    STACK_WIDTH,  # noqa: F401  (re-exported: `FractalConfig.stacked`'s threshold)
+    FractalConfig,
+    Window,
+    diagonal_blocks,
+    to_columns,
+    to_members,
+)
 from runtime.fractal.stacked import LevelStack
 from runtime.transformer import (
-    _ACTIVATIONS,
     Block,
     RotaryEmbedding,
     Transformer,
     TransformerConfig,
 )
-
-RESIDUALS = ("none", "upstream", "downstream")
-STACK_WIDTH = 256  # `schedule: auto` stacks the levels of fractals up to this width on a GPU
-
-
-@dataclass(frozen=True)
-class FractalConfig:
-    levels: int
-    branching: int
-    residual: str = "none"
-    level_weights: tuple[float, ...] = ()  # loss weight per level; empty = all 1
-    heads: str = (
-        "narrow"  # narrow: every sub-model keeps all heads, narrower; subset: a share of them
-    )
-    schedule: str = "auto"  # how all levels run at once: stacked | blocks | auto (see `stacked`)
-    level_batch: str = (
-        "shared"  # shared: every level trains on the whole batch; split: a share each
-    )
-
-    def blocks(self, level: int) -> int:
-        """Sub-models at `level`."""
-        return self.branching**level
-
-    def weights(self) -> tuple[float, ...]:
-        return self.level_weights or (1.0,) * self.levels
-
-    def stacked(self, width: int, device: torch.device) -> bool:
-        """Whether all levels run as one stacked pass (`runtime.fractal.stacked`) rather than one
-        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH: at the
-        original's width 128 on an H200 stacking took 2.23x the full model's compiled step against
-        3.02x (`benchmarks/fractal_levels.py`). Wider models and the CPU keep `blocks`: stacking
-        costs `levels` times level 0's matmul FLOPs against 1.75x, and on 2 CPU cores at width 128
-        it took 4.6x the full model against 3.4x. The crossover between 128 and 1024 on a GPU is
-        not measured."""
-        if self.schedule == "auto":
-            return device.type == "cuda" and width <= STACK_WIDTH
-        return self.schedule == "stacked"
-
-
-@dataclass(frozen=True)
-class Window:
-    """Blocks `[first, first + count)` of a level: which sub-models a pass computes."""
-
-    level: int
-    first: int
-    count: int
-
-
-def to_members(x: Tensor, count: int) -> Tensor:
-    """`(batch, tokens, count * d)` side-by-side streams -> sub-model-major `(count, batch, tokens, d)`."""
-    return x.unflatten(-1, (count, -1)).permute(2, 0, 1, 3).contiguous()
-
-
-def to_columns(x: Tensor) -> Tensor:
-    """The inverse of `to_members`."""
-    return x.permute(1, 2, 0, 3).flatten(-2)
-
-
-def diagonal_blocks(weight: Tensor, k: int) -> Tensor:
-    """`(out, in)` -> `(k, out/k, in/k)`: the `k` diagonal blocks, as a view of `weight`."""
-    o, i = weight.shape[0] // k, weight.shape[1] // k
-    return (
-        weight.unflatten(0, (k, o)).unflatten(2, (k, i)).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-    )
 
 
 class FractalTransformer(Transformer):
@@ -140,6 +81,8 @@ class FractalTransformer(Transformer):
             if cfg.position == "rope" and fractal.heads == "narrow"
         )
         self.level_stack = LevelStack(cfg, fractal)
+        subs = [self.sub_config(level) for level in range(fractal.levels)]
+        self.level_heads = tuple((sub.heads, sub.n_kv_heads, sub.head_width) for sub in subs)
 
     # ----------------------------------------------------------------- whole model, every level
 
@@ -210,7 +153,10 @@ class FractalTransformer(Transformer):
         by_level = {w.level: i for i, w in enumerate(windows)}
         step = {"upstream": 1, "downstream": -1}.get(self.fractal.residual)
         for block in self.blocks:
-            outs = [self._block(block, h, w) for h, w in zip(states, windows, strict=True)]
+            outs = [
+                block(h, self.rotary_of(w.level), self.parts(block, w))
+                for h, w in zip(states, windows, strict=True)
+            ]
             if step is None:
                 states = outs
                 continue
@@ -224,88 +170,22 @@ class FractalTransformer(Transformer):
                 a_other, _ = self.columns(windows[other])
                 received = to_columns(outs[other])[..., a - a_other : b - a_other]
                 states.append(outs[i] + to_members(received, w.count))
-        finals = [self._norm(self.norm_out, h, w) for h, w in zip(states, windows, strict=True)]
+        finals = [
+            window_norm(self.norm_out, h, self.fractal.blocks(w.level), w)
+            for h, w in zip(states, windows, strict=True)
+        ]
         return [to_columns(h) for h in finals] if as_columns else finals
 
-    # ----------------------------------------------------------------- one block over a window
-    # A window's stream is sub-model-major, `(count, batch, tokens, d_level)`: each linear is one
-    # `bmm` over the window's diagonal weight blocks (as `runtime.layers.MemberLinear` does for
-    # stacked gears), each norm is per sub-model, and attention sees `count * batch` sequences.
+    def parts(self, block: Block, window: Window) -> WindowParts:
+        """`block`'s sub-layers over `window`, for `Block.forward`."""
+        level = window.level
+        return WindowParts(block, window, self.fractal.blocks(level), self.level_heads[level])
 
-    def _block(self, block: Block, x: Tensor, w: Window) -> Tensor:
-        x = x + block._drop(self._attention(block, self._norm(block.norm_attn, x, w), w))
-        return x + block._drop(self._mlp(block, self._norm(block.norm_mlp, x, w), w))
-
-    def _norm(self, norm: nn.Module, x: Tensor, w: Window) -> Tensor:
-        k = self.fractal.blocks(w.level)
-        d = self.cfg.width // k
-        if norm.kind == "rmsnorm":
-            y = F.rms_norm(x, (d,), None, norm.eps)
-        else:
-            y = F.layer_norm(x, (d,), None, None, norm.eps)
-        shape = (w.count, 1, 1, d)
-        y = y * norm.weight.view(k, d)[w.first : w.first + w.count].view(shape)
-        if norm.bias is not None:
-            y = y + norm.bias.view(k, d)[w.first : w.first + w.count].view(shape)
-        return y
-
-    def _linear(self, x: Tensor, parts: list[tuple[Tensor, Tensor | None]], w: Window) -> Tensor:
-        """`x` `(count, batch, tokens, in_k)` through the diagonal blocks of the row-stacked `parts`
-        (a fused qkv weight is three parts, each split into blocks on its own)."""
-        k = self.fractal.blocks(w.level)
-        pick = slice(w.first, w.first + w.count)
-        if len(parts) == 1:
-            weight = diagonal_blocks(parts[0][0], k)[pick]
-        else:
-            weight = torch.cat([diagonal_blocks(p, k)[pick] for p, _ in parts], dim=1)
-        biases = [b.view(k, -1)[pick] for _, b in parts if b is not None]
-        flat = x.reshape(w.count, -1, x.shape[-1])
-        if biases:
-            bias = biases[0] if len(biases) == 1 else torch.cat(biases, -1)
-            y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
-        else:
-            y = torch.bmm(flat, weight.transpose(1, 2))
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def _attention(self, block: Block, x: Tensor, w: Window) -> Tensor:
-        cfg, attn = self.cfg, block.attn
-        sub = self.sub_config(w.level)
-        h, kv, hw = sub.heads, sub.n_kv_heads, sub.head_width
-        count, batch, n, _ = x.shape
-        full = cfg.head_width
-        rows = (cfg.heads * full, cfg.n_kv_heads * full, cfg.n_kv_heads * full)
-        qkv_parts = list(zip(attn.qkv.weight.split(rows), _split(attn.qkv.bias, rows), strict=True))
-        qkv = self._linear(x, qkv_parts, w).view(count * batch, n, h + 2 * kv, hw).transpose(1, 2)
-        q, key, v = qkv.split((h, kv, kv), dim=1)
-        rotary = (
-            self.rotary
-            if w.level == 0 or self.fractal.heads == "subset"
-            else (self.level_rotary[w.level - 1] if self.level_rotary else None)
-        )
-        if rotary is not None:
-            q, key = rotary(q), rotary(key)
-        out = F.scaled_dot_product_attention(
-            q,
-            key,
-            v,
-            is_causal=cfg.causal,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=kv != h,
-        )
-        out = out.transpose(1, 2).reshape(count, batch, n, h * hw)
-        return self._linear(out, [(attn.proj.weight, attn.proj.bias)], w)
-
-    def _mlp(self, block: Block, x: Tensor, w: Window) -> Tensor:
-        cfg, mlp = self.cfg, block.mlp
-        rows = (cfg.inner_width, cfg.inner_width) if cfg.gated else (cfg.inner_width,)
-        parts = list(zip(mlp.fc.weight.split(rows), _split(mlp.fc.bias, rows), strict=True))
-        hidden = self._linear(x, parts, w)
-        if cfg.gated:
-            a, b = hidden.chunk(2, dim=-1)
-            hidden = _ACTIVATIONS[cfg.activation](a) * b
-        else:
-            hidden = _ACTIVATIONS[cfg.activation](hidden)
-        return self._linear(hidden, [(mlp.proj.weight, mlp.proj.bias)], w)
+    def rotary_of(self, level: int) -> nn.Module | None:
+        """The rotary table of `level`'s heads: level 0's, unless they are narrower."""
+        if level == 0 or self.fractal.heads == "subset":
+            return self.rotary
+        return self.level_rotary[level - 1] if self.level_rotary else None
 
     # ----------------------------------------------------------------- standalone copies and merging
 
@@ -400,8 +280,68 @@ class FractalTransformer(Transformer):
                 part.copy_(value)
 
 
-def _split(bias: Tensor | None, rows: tuple[int, ...]) -> list[Tensor | None]:
-    return list(bias.split(rows)) if bias is not None else [None] * len(rows)
+class WindowParts:
+    """One block's sub-layers over a window of sub-models (`Block.forward`'s parts), reading the
+    block's weights through views. The stream is sub-model-major, `(count, batch, tokens,
+    d_level)`: each linear is one `bmm` over the window's diagonal weight blocks (as
+    `runtime.layers.MemberLinear` does for stacked gears), each norm is per sub-model, and
+    attention sees `count * batch` sequences of the level's `heads` `(h, kv, hw)`."""
+
+    def __init__(self, block: Block, window: Window, blocks: int, heads: tuple[int, int, int]):
+        self.block, self.window, self.blocks, self.heads = block, window, blocks, heads
+
+    def norm_attn(self, x: Tensor) -> Tensor:
+        return window_norm(self.block.norm_attn, x, self.blocks, self.window)
+
+    def norm_mlp(self, x: Tensor) -> Tensor:
+        return window_norm(self.block.norm_mlp, x, self.blocks, self.window)
+
+    def attend(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
+        attn = self.block.attn
+        q, kv = attn.cfg.heads * attn.cfg.head_width, attn.cfg.n_kv_heads * attn.cfg.head_width
+        qkv = self.linear(x, attn.qkv, (q, kv, kv))
+        return self.linear(attn.attend(qkv, rotary, self.heads), attn.proj)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        mlp = self.block.mlp
+        hidden = self.linear(x, mlp.fc, (mlp.cfg.inner_width,) * (2 if mlp.cfg.gated else 1))
+        return self.linear(mlp.activate(hidden), mlp.proj)
+
+    def linear(self, x: Tensor, linear: nn.Module, rows: tuple[int, ...] = ()) -> Tensor:
+        """`x` `(count, batch, tokens, in_k)` through the window's diagonal blocks of `linear`
+        (a fused weight's row-stacked `rows` parts, as qkv's three, are each split on its own)."""
+        k, w = self.blocks, self.window
+        pick = slice(w.first, w.first + w.count)
+        weights = linear.weight.split(rows) if rows else (linear.weight,)
+        if len(weights) == 1:
+            weight = diagonal_blocks(weights[0], k)[pick]
+        else:
+            weight = torch.cat([diagonal_blocks(p, k)[pick] for p in weights], dim=1)
+        flat = x.reshape(w.count, -1, x.shape[-1])
+        if linear.bias is None:
+            y = torch.bmm(flat, weight.transpose(1, 2))
+        else:
+            biases = [
+                b.view(k, -1)[pick] for b in (linear.bias.split(rows) if rows else (linear.bias,))
+            ]
+            bias = biases[0] if len(biases) == 1 else torch.cat(biases, -1)
+            y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def window_norm(norm: nn.Module, x: Tensor, blocks: int, w: Window) -> Tensor:
+    """`norm` (a `MemberNorm` of the full width) applied to each sub-model of the window `w` of a
+    level of `blocks` sub-models, with its slice of the gains."""
+    d = norm.width // blocks
+    if norm.kind == "rmsnorm":
+        y = F.rms_norm(x, (d,), None, norm.eps)
+    else:
+        y = F.layer_norm(x, (d,), None, None, norm.eps)
+    shape = (w.count, 1, 1, d)
+    y = y * norm.weight.view(blocks, d)[w.first : w.first + w.count].view(shape)
+    if norm.bias is not None:
+        y = y + norm.bias.view(blocks, d)[w.first : w.first + w.count].view(shape)
+    return y
 
 
 def level_loss(

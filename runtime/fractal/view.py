@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.fractal.levels import Window
 from runtime.fractal.stacked import IGNORED, member_loss, split_batch
-from runtime.fractal.transformer import FractalTransformer, Window, level_loss
+from runtime.fractal.transformer import FractalTransformer, level_loss
 from runtime.ports import FeatureInput, LinearHead, PooledHead, TokenInput, check_context
 
 # The view reads a `runtime.model.GraphModel` through one of its `NodeHandle`s; the model makes
