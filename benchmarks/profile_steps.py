@@ -7,7 +7,7 @@ CUTLASS), attention (flash / efficient SDPA), fused elementwise (Triton kernels 
 
 * `gpt2-small`: the overhead benchmark's spec (MFU below the issue's 50% aim);
 * `fractal all levels` / `fractal largest`: the FractalFormer-shaped width-1024 case of
-  `fractal_levels.py` (all levels 2.7x the largest alone, target 1.3x);
+  `fractal_levels.py` (target 1.3x; BENCHMARKS.md has the measured ratio);
 * `lattice 2k` / `sdpa 2k`: one lattice attention layer vs plain SDPA (target 1.15x).
 """
 

@@ -1,5 +1,5 @@
-"""The built-in components (design 003, the NN optimizations collection, and the lattice layout of
-design 002): their spec configs, registered with the runtime modules that implement them.
+"""The built-in components (docs/designs.md, design 003, and the lattice layout of design 002):
+their spec configs, registered with the runtime modules that implement them.
 
 Each config class is the single description of its component: the JSON Schema, the README's
 reference and the validation errors come from its fields. The runtime imports are deferred to the
@@ -46,7 +46,7 @@ class SlidingWindow(ComponentConfig):
 
 
 class AdaptiveSpan(ComponentConfig):
-    """Adaptive attention span (Sukhbaatar et al. 2019), the sound reading of design 003's
+    """Adaptive span (Sukhbaatar et al. 2019; docs/designs.md, design 003), the sound reading of
     AdaptiveSpan: each head learns how far back it looks through a soft distance mask."""
 
     kind: Literal["adaptive_span"] = "adaptive_span"
@@ -61,7 +61,7 @@ class AdaptiveSpan(ComponentConfig):
     )
     sharpen: Annotated[bool, Strict()] = Field(
         False,
-        description="Design 003's temperature: scores divided by 1 + temp_scale * (1 - span / max_span).",
+        description="AdaptiveSpan's temperature: scores divided by 1 + temp_scale * (1 - span / max_span).",
     )
     temp_scale: Annotated[Real, Field(ge=0, le=100)] = Field(
         0.01, description="Strength of the sharpening."
@@ -72,7 +72,7 @@ class AdaptiveSpan(ComponentConfig):
 
 
 class LocalGlobal(ComponentConfig):
-    """Design 003's integrated local-global attention, in Longformer's form (Beltagy et al. 2020):
+    """Local-global attention (docs/designs.md, design 003), as in Longformer (Beltagy et al. 2020):
     a sliding window plus global tokens that every query sees."""
 
     kind: Literal["local_global"] = "local_global"
@@ -85,7 +85,7 @@ class LocalGlobal(ComponentConfig):
 
 
 class RelativeForce(ComponentConfig):
-    """Design 003's relative-force attention: scores from emitter/receptor force fields between
+    """Relative force (docs/designs.md, design 003): scores from emitter/receptor fields between
     tokens mixed with multi-hop topological paths (O(heads * tokens^2) memory)."""
 
     kind: Literal["relative_force"] = "relative_force"
@@ -95,7 +95,7 @@ class RelativeForce(ComponentConfig):
 
 
 class Myelinated(ComponentConfig):
-    """Design 003's myelinated layer (nodes of Ranvier): sub-layers that tokens and examples may
+    """The myelinated layer (docs/designs.md, design 003): sub-layers that tokens and examples may
     skip by learned importance, layer jumps chosen by a policy, a gated working memory."""
 
     kind: Literal["myelinated"] = "myelinated"
@@ -145,7 +145,7 @@ class Rope(ComponentConfig):
 
 
 class LearnedRope(ComponentConfig):
-    """RoPE whose frequencies are learned, starting from RoPE's (design 003's `learned_freq`)."""
+    """RoPE whose frequencies are learned, starting from RoPE's (docs/designs.md, design 003)."""
 
     kind: Literal["learned_rope"] = "learned_rope"
     learned: Annotated[bool, Strict()] = Field(
@@ -155,12 +155,12 @@ class LearnedRope(ComponentConfig):
 
 class Givens(ComponentConfig):
     """Givens rotations in chosen coordinate pairs of each head, turning with position at learned
-    rates (design 003's pair rotations, made position-dependent so they encode position)."""
+    rates (design 003's pair rotations made position-dependent; docs/designs.md)."""
 
     kind: Literal["givens"] = "givens"
     pairs: Literal["adjacent", "halves"] = Field(
         "adjacent",
-        description="Which coordinates turn together: `adjacent`: (0,1), (2,3), ... (design 003's "
+        description="Which coordinates turn together: `adjacent`: (0,1), (2,3), ... (the original "
         "layout); `halves`: (i, i + d/2), which is RoPE.",
     )
     learned: Annotated[bool, Strict()] = Field(True, description="Learn the rates.")
@@ -168,7 +168,7 @@ class Givens(ComponentConfig):
 
 class Quaternion(ComponentConfig):
     """3-D rotations of each triple of head dimensions about a unit axis, by a unit quaternion
-    (design 003's quaternion rotary, with a correct rotation formula)."""
+    (design 003's quaternion rotary with a correct rotation formula: docs/designs.md)."""
 
     kind: Literal["quaternion"] = "quaternion"
     axes: Literal["learned", "fixed"] = Field(
@@ -226,7 +226,7 @@ class SGD(ComponentConfig):
 
 
 class FAM(ComponentConfig):
-    """Frequency-adaptive momentum (design 003): momentum raised or lowered per parameter from the
+    """Frequency-adaptive momentum (docs/designs.md, design 003): momentum set per parameter by the
     band powers of its gradient's spectrum, with rules per parameter kind."""
 
     kind: Literal["fam"] = "fam"
@@ -284,7 +284,7 @@ class Constant(ComponentConfig):
 
 
 class WarmupCosine(ComponentConfig):
-    """Linear warm-up, an optional plateau, then a half cosine down to `min_lr` (design 003's
+    """Linear warm-up, an optional plateau, then a half cosine down to `min_lr` (the original
     FAMScheduler, which ran past the end into a rising cosine: here it stays at `min_lr`)."""
 
     kind: Literal["warmup_cosine"] = "warmup_cosine"

@@ -37,7 +37,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class LayerSettings:
-    """What one layer drew from the spec's `variations` (design 003's randomised layers)."""
+    """What one layer drew from the spec's `variations`."""
 
     activation: str
     heads: int
@@ -62,7 +62,7 @@ class TransformerConfig:
     dropout: float = 0.0
     bias: bool = False
     causal: bool = True
-    attention: LatticeConfig | None = None  # a lattice layout (design 002); None: plain attention
+    attention: LatticeConfig | None = None  # a lattice layout; None: plain attention
     variant: Choice | None = None  # a registered attention component; None: fused SDPA
     rotary: Choice | None = (
         None  # a registered rotary embedding; None: RoPE (when position is rope)
@@ -110,8 +110,8 @@ class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021, RoFormer), rotating halves of each head (the GPT-NeoX/LLaMA layout).
 
     `scales` multiplies every frequency of member `m` by `scales[m]`: a gear turning 254/19 times
-    per driver turn has heads whose phases advance 254/19 times as fast along the sequence (design
-    000: attention-head arrays tuned to the gear ratio). Scales of 1 are plain RoPE.
+    per driver turn has heads whose phases advance 254/19 times as fast along the sequence (see
+    docs/designs.md, design 000: heads tuned to the gear ratio). Scales of 1 are plain RoPE.
     """
 
     def __init__(
@@ -176,7 +176,7 @@ class SelfAttention(nn.Module):
         self.qkv = MemberLinear(members, cfg.width, (h + 2 * kv) * hw, cfg.bias)
         self.proj = MemberLinear(members, h * hw, cfg.width, cfg.bias)
         scaled_init_(self.proj, cfg.layers)
-        # a registered score-level attention (design 003: sliding window, adaptive span, ...)
+        # a registered score-level attention (sliding window, adaptive span, ...)
         self.core = (
             cfg.variant.make(
                 heads=h, kv_heads=kv, head_width=hw, context=cfg.context, members=members
@@ -367,7 +367,7 @@ class Transformer(nn.Module):
                 )
             return RotaryEmbedding(width, cfg.context, cfg.rope_theta, scales)
 
-        # token mixers (design 003's relative force, myelinated layer) apply no rotary embedding
+        # token mixers (relative force, myelinated layer) apply no rotary embedding
         mixes = cfg.variant is not None and cfg.variant.level == "mixer"
         rope = cfg.position == "rope" and not mixes
         self.rotary = rotary_for(cfg.content_width) if rope else None

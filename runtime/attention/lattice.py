@@ -1,9 +1,9 @@
-"""Lattice Oscillator attention (design 002; joshause/lot): attention heads on an n-dimensional
+"""Lattice Oscillator attention (docs/designs.md, design 002): attention heads on an n-dimensional
 lattice, each a Kuramoto oscillator coupled to its neighbours, whose phase shapes its scores.
 
 The reading implemented, and why. The authors' code adds `0.1 * cos(phase_h)` to every score of
 head `h`: a constant per head, which the softmax cancels, and it advances the phases in a buffer
-without gradient, so the coupling never learns (SEEDS.md). Here the phase term varies over
+without gradient, so the coupling never learns. Here the phase term varies over
 (query, key) and the phases are differentiable:
 
     score_h(i, j) = q_i . k_j / sqrt(d_head) + alpha_h * cos(theta_h + nu_h * (i - j))
@@ -168,7 +168,7 @@ class LatticeOscillators(nn.Module):
         return (weights * gap).sum((-1, -2)) / weights.sum((-1, -2)).clamp_min(1e-12)
 
     def regularisation(self, step: int) -> dict[str, Tensor]:
-        """This layer's weighted training terms at training step `step` (design 002)."""
+        """This layer's weighted training terms at training step `step`."""
         cfg, theta = self.cfg, self.phases()
         terms = {}
         if cfg.phase_weight:

@@ -39,12 +39,10 @@ class FractalConfig:
 
     def stacked(self, width: int, device: torch.device) -> bool:
         """Whether all levels run as one stacked pass (`runtime.fractal.stacked`) rather than one
-        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH: at the
-        original's width 128 on an H200 stacking took 2.23x the full model's compiled step against
-        3.02x (`benchmarks/fractal_levels.py`). Wider models and the CPU keep `blocks`: stacking
-        costs `levels` times level 0's matmul FLOPs against 1.75x, and on 2 CPU cores at width 128
-        it took 4.6x the full model against 3.4x. The crossover between 128 and 1024 on a GPU is
-        not measured."""
+        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH, where one
+        pass of level 0's kernel count beats `levels` passes (BENCHMARKS.md, fractal levels);
+        wider models and the CPU keep `blocks`, since stacking costs `levels` times level 0's
+        matmul FLOPs against 1.75x for blocks."""
         if self.schedule == "auto":
             return device.type == "cuda" and width <= STACK_WIDTH
         return self.schedule == "stacked"

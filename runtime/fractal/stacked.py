@@ -1,9 +1,9 @@
-"""Every level of a FractalFormer (design 001) in one full-width pass: the `stacked` schedule.
+"""Every level of a FractalFormer in one full-width pass: the `stacked` schedule.
 
 The `blocks` schedule (`FractalTransformer.run`) runs each level as its own block-diagonal pass:
 the fewest FLOPs (level `l`'s matmuls cost `1/branching**l` of level 0's), but every operation of a
-step is launched once per level: 715 kernels a training step at the original's size against 212
-for the full model alone. On a small model each of those kernels is too small to fill a GPU.
+step is launched once per level, so a step runs several times the full model's kernels
+(BENCHMARKS.md has the counts); on a small model each kernel is too small to fill a GPU.
 
 Here the levels are stacked along a leading axis instead, `(levels, batch, tokens, width)`, every
 level's stream in the full model's column layout (sub-model `j` of level `l` in its own columns),
@@ -28,11 +28,11 @@ and each operation of a block runs once for all levels:
 
 The cost is FLOPs: `levels` times level 0's matmuls instead of `1 + 1/b + 1/b**2 + ...`, and narrow
 heads padded. `auto` (the default, `FractalConfig.stacked`) therefore stacks small models on a GPU
-only. Measured at the original's size on an H200 (`benchmarks/fractal_levels.py`, compiled): 248
-kernels, 2.23x the full model's step against 3.02x for `blocks`. What remains is not launches:
+only; at the original's size it is the faster schedule (BENCHMARKS.md, fractal levels).
+What remains of its cost is not launches:
 every level's stream is full width, so its attention, activations and norms cost level 0's
 (a profile in BENCHMARKS.md). `level_batch: split` (`run(..., split=True)`) gives each level its
-own share of the batch instead: 1.49x with narrow heads, 0.95x with `heads: subset`. Both
+own share of the batch instead, a cheaper step (figures in BENCHMARKS.md). Both
 schedules compute the same function of the same parameters (tests compare them).
 """
 
@@ -318,7 +318,7 @@ def _from_heads(o: Tensor, heads: tuple[int, ...], widths: tuple[int, ...], hw: 
 class _PackHeads(torch.autograd.Function):
     """`_to_heads`, whose gradient is `_from_heads` of the gradient: written out, because autograd's
     own backward of the slices, pads and concatenation sums one zero-filled tensor per level
-    (a six times slower kernel on the GPU in a profile of the original's size)."""
+    (a much slower kernel on the GPU, in a profile at the original's size)."""
 
     @staticmethod
     def forward(ctx, t, heads, widths, hw):  # type: ignore[override]

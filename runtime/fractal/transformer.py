@@ -1,4 +1,4 @@
-"""FractalFormer (design 001; Tunador, github.com/evintunador/FractalFormer): a transformer that
+"""FractalFormer (docs/designs.md, design 001; evintunador/FractalFormer): a transformer that
 holds smaller copies of itself, whose weights are slices of its own.
 
 Level 0 is the full model of width `d`. Level `l` holds `k = branching**l` sub-models of width

@@ -1,5 +1,5 @@
 """A compiled model seen through one of its fractal nodes: every level at once, any sub-model alone,
-and merging separately trained models into the slices (design 001, FractalFormer).
+and merging separately trained models into the slices (docs/designs.md, design 001).
 
 `model.node(name).fractal` (or `model.fractal(name)`) returns a `FractalView`. The outputs it serves are the spec's outputs
 that read that node alone; a sub-model's output head is the matching column slice of the full
