@@ -276,15 +276,28 @@ train: {steps: 1, batch: 2, eval_every: 1}
 """
 
 
-def test_a_fractal_that_receives_messages_trains_as_one_model_and_the_log_says_why(
+def test_a_fractal_that_receives_messages_is_refused_before_it_could_train(spec_errors):
+    # its levels run inside one module: messages would reach level 0 only (a silent downgrade
+    # until the capability check refused it)
+    errors = spec_errors(FED_FRACTAL)
+    assert (
+        "spec.yaml:12:24: error: `lm` is a `fractal` node, which cannot receive messages" in errors
+    )
+
+
+def test_a_fractal_no_output_reads_alone_trains_as_one_model_and_the_log_says_why(
     write_spec, text, tmp_path, caplog
 ):
     from compiler.tools.training import RunOptions, train
 
-    spec = write_spec(FED_FRACTAL)
+    spec = write_spec(
+        FED_FRACTAL.replace("  - {from: feeder, to: lm}\n", "  []\n")
+        .replace("edges:\n  []\n", "")
+        .replace("logits: {from: lm,", "logits: {from: [feeder, lm],")
+    )
     lm = compiler.build_model(spec, device="meta", budget=0).node("lm")
-    assert "receives messages along edges" in lm.fractal_problem
-    with pytest.raises(ValueError, match="receives messages along edges"):
+    assert "no output reads fractal `lm` alone" in lm.fractal_problem
+    with pytest.raises(ValueError, match="no output reads fractal `lm` alone"):
         _ = lm.fractal
     with caplog.at_level("WARNING", logger="compiler.tools.training"):
         done = train(spec, RunOptions(data=str(text), out=str(tmp_path / "run")))

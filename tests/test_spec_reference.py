@@ -91,7 +91,8 @@ def test_types_are_written_for_people(reference):
     assert "| `vocab` | integer 1..16777216 | **required** | Vocabulary size. |" in reference
     assert "| `norm` | one of: `layernorm`, `rmsnorm` | `null` |" in reference
     assert "| `grad_clip` | number > 0, <= 1000000 or null | `1.0` |" in reference
-    assert "mapping of name -> one of [`transformer`](#kind-transformer)" in reference
+    # node kinds come from the registry, like components: the field links to their section
+    assert "mapping of name -> [Node](#nodes)" in reference
     assert "| `shape` | list of integer 1..4096 (1..8 items) | **required** |" in reference
 
 

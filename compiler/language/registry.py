@@ -307,9 +307,9 @@ def link_components(schema: dict[str, Any], fields: list[ComponentField]) -> dic
             return [walk(v) for v in node]
         return node
 
-    linked = walk(schema)
-    linked.setdefault("$defs", {}).update(component_schemas(fields))
-    return linked
+    linked = dict(schema)
+    linked["$defs"] = {**schema.get("$defs", {}), **component_schemas(fields)}
+    return walk(linked)  # node kinds' own component fields are placeholders too
 
 
 def component_schemas(fields: list[ComponentField]) -> dict[str, Any]:
