@@ -1,0 +1,59 @@
+"""The spec's `train:` section made real: the optimizer and schedule it names, and `epicycle train`.
+
+    model = compiler.build_model("specs/components.yaml")
+    optimizer, schedule = compiler.build_optimizer(model)
+    for step in range(model.spec.train.steps):
+        loss = task_loss(model(batch)) + model.auxiliary_loss(step)
+        loss.backward()
+        clip_gradients(model)
+        optimizer.step(); schedule.step(); optimizer.zero_grad()
+
+Optimizers and schedules are registry components (`compiler.language.registry`): `adamw`, `sgd`, `fam`
+(frequency-adaptive momentum, docs/designs.md, design 003), `constant`, `warmup_cosine`, or others.
+
+`train(...)` is that loop for character-level language modelling (nanoGPT's train.py is the
+model): a spec whose `lm_head` reads a `tokens` input, a UTF-8 corpus, periodic validation, and
+checkpoints that resume step for step (weights, optimizer, schedule, RNG states, data position,
+vocabulary; `compiler.tools.checkpoint`). Under `torchrun` it runs data parallel, with DDP or FSDP2
+(`fully_shard`): every rank draws the same global batch and trains on its slice, rank 0 alone
+writes. It reports through a callback and `DIR/metrics.jsonl`; progress display is the CLI's.
+
+One module per job; this package re-exports their public names:
+
+* `optimizers`: `build_optimizer`, `clip_gradients`;
+* `settings`: `RunOptions` (one run's command-line options), `effective_train`;
+* `objective`: the language-modelling task a spec must declare and its loss, level-trained fractals;
+* `processes`: the `torchrun` process group, DDP/FSDP wrapping, gathered parameters;
+* `resume`: checkpoints of a run and resuming from them step for step;
+* `metrics`: `metrics.jsonl` records and the loss curve;
+* `loop`: `train`, with validation.
+
+The modules import each other directly, never this package, so re-exporting makes no circle.
+"""
+
+# `name as name`: public before the split, importable from here as before, outside `__all__`
+from compiler.tools.training.loop import train
+from compiler.tools.training.metrics import LOSS_CURVE as LOSS_CURVE
+from compiler.tools.training.metrics import METRICS as METRICS
+from compiler.tools.training.metrics import plot_loss_curve
+from compiler.tools.training.objective import LanguageTask, language_task
+from compiler.tools.training.objective import check_vocabulary as check_vocabulary
+from compiler.tools.training.objective import level_trained_fractals as level_trained_fractals
+from compiler.tools.training.optimizers import build_optimizer, clip_gradients
+from compiler.tools.training.processes import Processes as Processes
+from compiler.tools.training.processes import gathered as gathered
+from compiler.tools.training.processes import start_processes as start_processes
+from compiler.tools.training.processes import wrap as wrap
+from compiler.tools.training.resume import spec_differences as spec_differences
+from compiler.tools.training.settings import RunOptions
+from compiler.tools.training.settings import effective_train as effective_train
+
+__all__ = [
+    "LanguageTask",
+    "RunOptions",
+    "build_optimizer",
+    "clip_gradients",
+    "language_task",
+    "plot_loss_curve",
+    "train",
+]

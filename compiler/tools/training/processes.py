@@ -1,0 +1,111 @@
+"""The processes of a `torchrun` launch: joining its process group, wrapping the objective in DDP
+or FSDP2 (`fully_shard`), and gathering FSDP's sharded parameters to read them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs it
+    from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a `torchrun` launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    strategy: str = "none"
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: Tensor) -> float:
+        """The mean of a scalar over all ranks."""
+        if self.world == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        value = value.detach().clone().float().to(self.device)
+        dist.all_reduce(value)
+        return float(value) / self.world
+
+
+def start_processes(device: str, strategy: str) -> Processes:
+    """Join the process group `torchrun` set up (nccl on CUDA, gloo on CPU), or run alone."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if world == 1:  # one process: nothing to replicate or shard
+        if strategy in ("ddp", "fsdp"):
+            log.warning(
+                "--strategy %s needs torchrun with several processes; running alone", strategy
+            )
+        return Processes(device=device)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Processes(rank, world, device, strategy)
+
+
+def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
+    """DDP or FSDP2 around the objective. FSDP shards each transformer block as its own unit when
+    nothing outside a block's forward reads its weights (training terms and fractal views do),
+    else the whole model as one unit (ZeRO-3 over one group)."""
+    if processes.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [processes.device] if processes.device.startswith("cuda") else None
+        return DistributedDataParallel(objective, device_ids=ids)
+    if processes.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from runtime.transformer import Block, Transformer
+
+        model = objective.model
+        blocks_alone = not objective.fractals and not any(
+            hasattr(m, "regularisation") for m in model.modules()
+        )
+        if blocks_alone:
+            for module in model.modules():
+                if type(module) is Transformer:
+                    for block in module.blocks:
+                        if isinstance(block, Block):
+                            fully_shard(block)
+        fully_shard(objective)
+        return objective
+    return objective
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module, processes: Processes) -> Iterator[None]:
+    """Full parameters in place for reading outside a forward (FSDP keeps them sharded)."""
+    if processes.strategy != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
