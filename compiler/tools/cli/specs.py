@@ -1,0 +1,272 @@
+"""`epicycle validate` and `epicycle compile`: check specs, print a compiled spec's per-node
+table, run a smoke forward and save weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from compiler.language.diagnostics import Diagnostic, SpecError
+from compiler.language.kinds import KINDS
+from compiler.tools.cli.common import _guarded, _print_diagnostics, app, out
+
+
+@app.command()
+@_guarded
+def validate(
+    files: Annotated[list[str], typer.Argument(help="Spec files to check.", show_default=False)],
+) -> None:
+    """Check spec files: exit 0 if every one is valid, 1 if any is not."""
+    from compiler.pipeline import analyze
+
+    failed = False
+    for file in files:
+        try:
+            ir = analyze(file)
+        except SpecError as exc:
+            failed = True
+            _print_diagnostics(exc.diagnostics)
+            continue
+        _print_diagnostics(ir.facts["warnings"])
+        out.print(f"{file}: ok ({_count(ir.facts['parameters'])} parameters)", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _equilibrium_summary(federation) -> str | None:
+    """One line on the smoke forward's fixed-point solve (and the Lipschitz bound's measurement)."""
+    report, plan = federation.solve_report(), federation.plan
+    if report is None:
+        return None
+    state = "solved" if report["residual"] < plan.tolerance else "NOT solved"
+    line = (
+        f"equilibrium: {state} in {report['iterations']} of {plan.steps} iterations "
+        f"(relative change {report['residual']:.2g}, tolerance {plan.tolerance:g})"
+    )
+    if report.get("lipschitz") is not None:
+        line += (
+            f"; ||J|| at the fixed point {report['lipschitz']:.3g} "
+            f"(bound {plan.lipschitz:g}, gain {report['feedback_gain']:.3g})"
+        )
+    return line
+
+
+@app.command("compile")
+@_guarded
+def compile_(
+    file: Annotated[str, typer.Argument(help="The spec to compile.", show_default=False)],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write weights (safetensors, spec embedded) here."),
+    ] = None,
+    smoke: Annotated[bool, typer.Option(help="Run one forward pass on random inputs.")] = True,
+    tokens: Annotated[int, typer.Option(min=1, help="Sequence length of the smoke run.")] = 16,
+    device: Annotated[str, typer.Option(help="Device for the weights and smoke run.")] = "cpu",
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Memory budget in GiB (default: the device's free memory; 0: no guard)."
+        ),
+    ] = None,
+    level: Annotated[
+        int | None,
+        typer.Option(help="Fractal specs: run the smoke forward on a sub-model of this level."),
+    ] = None,
+    index: Annotated[int, typer.Option(help="Fractal specs: which sub-model of `--level`.")] = 0,
+    fractal: Annotated[
+        str | None,
+        typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
+    ] = None,
+) -> None:
+    """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
+    import torch
+
+    from compiler.pipeline import analyze, build_model
+    from compiler.tools.checkpoint import save_checkpoint
+
+    ir = analyze(file)
+    _print_diagnostics(ir.facts["warnings"])
+    out.print(_table(ir))
+    for line in _kind_notes(ir):
+        out.print(line, markup=False)
+    if level is not None:
+        fractal = _check_sub_model_address(ir, fractal, level, index)
+    if not smoke and out_dir is None:
+        return
+    from compiler.resources import check_resources
+
+    budget_bytes = None if budget is None else int(budget * 2**30)
+    if budget_bytes != 0:
+        check_resources(
+            ir, device=device, budget=budget_bytes, batch=2, tokens=min(tokens, ir.facts["context"])
+        )
+    model = build_model(ir, device=device, budget=0)
+    if smoke:
+        model.eval()
+        inputs = _random_inputs(ir, min(tokens, ir.facts["context"]), device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            if level is None:
+                result = model(**inputs)
+            else:
+                result = model.node(fractal).fractal.sub_model(level, index)(**inputs)
+        elapsed = time.perf_counter() - start
+        if level is not None:
+            out.print(f"sub-model ({level}, {index}):", markup=False)
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
+        finite = all(bool(torch.isfinite(v).all()) for v in result.values())
+        if not finite:
+            raise SpecError([Diagnostic(ir.span(()), "the smoke forward produced NaN or Inf")])
+        out.print(f"smoke forward: {shapes} in {elapsed * 1000:.1f} ms", markup=False)
+        solve = _equilibrium_summary(model.federation)
+        if solve:
+            out.print(solve, markup=False)
+    if out_dir is not None:
+        try:
+            path = save_checkpoint(model, out_dir)
+        except OSError as exc:
+            raise SpecError(
+                [
+                    Diagnostic(
+                        ir.span(()), f"cannot write weights to {out_dir}: {exc.strerror or exc}"
+                    )
+                ]
+            ) from None
+        out.print(f"wrote {path}", markup=False)
+
+
+def _table(ir) -> Table:
+    table = Table(
+        title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
+    )
+    for column in (
+        "node",
+        "kind",
+        "batch group",
+        "width",
+        "heads",
+        "layers",
+        "parameters",
+        "FLOPs/token",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("node", "kind", "batch group") else "right"
+        )
+    for name, row in ir.facts["estimates"].items():
+        vertex = f"nodes.{name}"
+        described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
+        group = f"#{row['group']} x{row['members']}" if row["members"] > 1 else f"#{row['group']}"
+        table.add_row(
+            name,
+            ir.graph.nodes[vertex]["kind"],
+            described.group or group,
+            described.width,
+            described.heads,
+            described.layers,
+            _count(row["parameters"]),
+            _count(row["flops_per_token"]),
+        )
+    for name in ir.facts["companions"]:
+        row, vertex = ir.facts["companion_estimates"][name], f"nodes.{name}"
+        described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
+        table.add_row(
+            name,
+            ir.graph.nodes[vertex]["kind"],
+            described.group or "",
+            described.width,
+            described.heads,
+            described.layers,
+            _count(row["parameters"]),
+            _count(row["flops_per_token"]),
+        )
+    for part, count in ir.facts["parameters_outside_nodes"].items():
+        table.add_row(part, "", "", "", "", "", _count(count), "")
+    table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
+    return table
+
+
+def _kind_notes(ir) -> list[str]:
+    """What each node's kind adds below the table (a fractal's levels and schedule)."""
+    return [
+        note
+        for vertex, data in ir.vertices("node")
+        for note in KINDS.get(data["kind"]).describe(ir, vertex).notes
+    ]
+
+
+def _check_sub_model_address(ir, fractal: str | None, level: int, index: int) -> str:
+    """`--level/--index` must name a sub-model; errors point at the fractal in the spec. Returns
+    the fractal's name."""
+    fractals = [
+        n for n, node in ir.spec.nodes.items() if KINDS.get(node.kind).sub_models(node) is not None
+    ]
+    if fractal is None and len(fractals) != 1:
+        where = ir.span(("nodes",), key=True)
+        message = (
+            "`--level` needs a fractal node, and this spec has none"
+            if not fractals
+            else f"this spec has fractal nodes {', '.join(fractals)}; choose one with `--fractal`"
+        )
+        raise SpecError([Diagnostic(where, message)])
+    name = fractal or fractals[0]
+    if name not in fractals:
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes",), key=True),
+                    f"`--fractal {name}` names no fractal node",
+                    f"fractal nodes: {', '.join(fractals) or 'none'}",
+                )
+            ]
+        )
+    node = ir.spec.nodes[name]
+    counts = KINDS.get(node.kind).sub_models(node)
+    if not 0 <= level < len(counts):
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes", name, "levels")),
+                    f"`--level {level}` is out of range: fractal `{name}` has levels 0..{len(counts) - 1}",
+                    "level 0 is the full model; pass a level in that range",
+                )
+            ]
+        )
+    count = counts[level]
+    if not 0 <= index < count:
+        raise SpecError(
+            [
+                Diagnostic(
+                    ir.span(("nodes", name, "branching"))
+                    if "branching" in node.model_fields_set
+                    else ir.span(("nodes", name, "levels")),
+                    f"`--index {index}` is out of range: level {level} of fractal `{name}` has sub-models "
+                    f"0..{count - 1}",
+                    "pass an index in that range",
+                )
+            ]
+        )
+    return name
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _random_inputs(ir, tokens: int, device: str) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(ir.spec.seed)
+    inputs = {}
+    for name, spec in ir.spec.inputs.items():
+        if spec.kind == "tokens":
+            inputs[name] = torch.randint(0, spec.vocab, (2, tokens), generator=generator).to(device)
+        else:
+            inputs[name] = torch.randn(2, tokens, spec.width, generator=generator).to(device)
+    return inputs
