@@ -66,7 +66,7 @@ def component_notes(name: str, cfg: Any) -> list[str]:
     chosen = [
         f"{what} {choice.name}({', '.join(f'{k}={v}' for k, v in choice.options)})"
         for what, choice in (("attention", cfg.variant), ("rotary", cfg.rotary))
-        if choice is not None
+        if choice is not None and choice.level != "lattice"  # the lattice has its own line
     ]
     if chosen:
         notes.append(f"{name}: " + "; ".join(chosen))

@@ -154,7 +154,8 @@ def load_gpt2_weights(
         ("variant", "a registered attention component"),
         ("layer_settings", "per-layer variations"),
     ):
-        if getattr(cfg, setting):
+        lattice_choice = setting == "variant" and cfg.attention is not None
+        if getattr(cfg, setting) and not lattice_choice:  # a lattice is named once, above
             problems.append(
                 Diagnostic(
                     span("attention" if setting == "variant" else setting),
