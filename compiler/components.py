@@ -8,6 +8,7 @@ builders, so validating a spec never imports a module it does not use.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
@@ -27,7 +28,16 @@ def _lattice(**context: Any) -> Any:
     return lattice.LatticeAttention(**context)
 
 
-REGISTRY.add(Component("attention", "lattice", LatticeAttention, build=_lattice, level="lattice"))
+REGISTRY.add(
+    Component(
+        "attention",
+        "lattice",
+        LatticeAttention,
+        build=_lattice,
+        level="lattice",
+        check=lambda ir, data, head_width: _check_lattice(ir, data, head_width),
+    )
+)
 
 
 class SDPA(ComponentConfig):
@@ -314,3 +324,60 @@ def _warmup_cosine(optimizer: Any, steps: int, warmup: int, decay_start: int | N
 
 register("schedule", config=Constant)(_constant)
 register("schedule", config=WarmupCosine)(_warmup_cosine)
+
+
+def _check_lattice(ir: Any, data: dict, head_width: int) -> list:
+    """A lattice layout needs one cell per head, a head per key/value head, and head room for the
+    two phase dimensions."""
+    s, origin, name = data["settings"], data["settings_from"], data["name"]
+    attention = s["attention"]
+    where = origin["attention"]
+    found = []
+    cells = math.prod(attention.lattice.shape)
+    if cells != s["heads"]:
+        shape = " x ".join(map(str, attention.lattice.shape))
+        found.append(
+            ir.error(
+                (*where, "lattice", "shape"),
+                f"the lattice {shape} has {cells} cells but node `{name}` has {s['heads']} heads",
+                "one head sits on each cell: make the product of `shape` equal `heads`",
+            )
+        )
+    if s["kv_heads"] is not None and s["kv_heads"] != s["heads"]:
+        found.append(
+            ir.error(
+                origin["kv_heads"],
+                f"node `{name}` has a lattice layout, whose phase term is per head, and `kv_heads: {s['kv_heads']}`",
+                "leave `kv_heads` unset (every head its own keys) with a lattice layout",
+            )
+        )
+    low, high = attention.oscillator.frequency_range
+    if low > high:
+        found.append(
+            ir.error(
+                (*where, "oscillator", "frequency_range"),
+                f"`frequency_range` runs from {low} down to {high}",
+                "write it as [low, high]",
+            )
+        )
+    if head_width < 4:
+        found.append(
+            ir.error(
+                origin["heads"],
+                f"node `{name}` has heads of width {head_width}; a lattice head gives 2 dimensions to its "
+                "phase term and needs at least 2 for content",
+                "use fewer heads or a wider node (head width at least 4)",
+            )
+        )
+    variations = s["variations"]
+    for i, heads in enumerate((variations.heads or ()) if variations is not None else ()):
+        if heads != s["heads"]:
+            found.append(
+                ir.error(
+                    (*origin["variations"], "heads", i),
+                    f"node `{name}` has a lattice layout with one head per cell; a layer cannot draw "
+                    f"{heads} heads",
+                    "remove `heads` from `variations` on a lattice node",
+                )
+            )
+    return found

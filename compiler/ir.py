@@ -4,13 +4,13 @@ Vertex ids are the spec paths `inputs.NAME`, `nodes.NAME`, `outputs.NAME` (the t
 of a spec are separate, so an input and a node may share a name). Every vertex and edge carries
 `path`, its place in the loaded data, which is how any pass turns a finding into `file:line:col`.
 
-Vertex attributes: `role` (input | node | companion | output | unknown), `name`, `kind`, `spec`
+Vertex attributes: `role` (input | node | observer | output | unknown), `name`, `kind`, `spec`
 (the pydantic object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read |
 edge | companion | output), plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
 
 A node of an observer kind (`kind: companion`) lives in the nodes' namespace but is not a
 sub-model of the federation: it observes one host through a `kind: companion` edge and sends
-nothing, so both get the role `companion` and the passes that plan the federation (which walk
+nothing, so it gets the role `observer`, its edge the role `companion`, and the passes that plan the federation (which walk
 `node` vertices and `edge` edges) never see them.
 
 An edge or output naming something that does not exist gets an `unknown` vertex, so building never
@@ -87,7 +87,7 @@ def build_ir(loaded: LoadedSpec) -> IR:
             input_id(name), role="input", name=name, kind=inp.kind, spec=inp, path=("inputs", name)
         )
     for name, node in spec.nodes.items():
-        role = "companion" if KINDS.get(node.kind).observer else "node"
+        role = "observer" if KINDS.get(node.kind).observer else "node"
         g.add_node(
             node_id(name), role=role, name=name, kind=node.kind, spec=node, path=("nodes", name)
         )

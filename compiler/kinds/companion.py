@@ -92,15 +92,15 @@ ATTACH = "connect it with `{from: HOST, to: %s, kind: companion}`"
 def check_companions(ir: IR) -> list[Diagnostic]:
     graph, found = ir.graph, []
     role = {v: d["role"] for v, d in graph.nodes(data=True)}
-    hosts: dict[str, list[int]] = {v: [] for v, _ in ir.vertices("companion")}
+    hosts: dict[str, list[int]] = {v: [] for v, _ in ir.vertices("observer")}
     for u, v, edge in sorted(graph.edges(data=True), key=lambda e: str(e[2]["path"])):
         if edge["role"] == "companion":
             found.extend(_check_attachment(ir, u, v, edge, role))
-            if role[v] == "companion":  # a wrong host is reported once, by `_check_attachment`
+            if role[v] == "observer":  # a wrong host is reported once, by `_check_attachment`
                 hosts[v].append(edge["index"])
-        elif edge["role"] == "edge" and "companion" in (role[u], role[v]):
-            name = graph.nodes[u if role[u] == "companion" else v]["name"]
-            end = "from" if role[u] == "companion" else "to"
+        elif edge["role"] == "edge" and "observer" in (role[u], role[v]):
+            name = graph.nodes[u if role[u] == "observer" else v]["name"]
+            end = "from" if role[u] == "observer" else "to"
             found.append(
                 ir.error(
                     (*edge["path"], end),
@@ -109,7 +109,7 @@ def check_companions(ir: IR) -> list[Diagnostic]:
                     f"{ATTACH % name}, or make `{name}` a transformer",
                 )
             )
-        elif edge["role"] == "output" and role[u] == "companion":
+        elif edge["role"] == "output" and role[u] == "observer":
             name = graph.nodes[u]["name"]
             found.append(
                 ir.error(
@@ -120,7 +120,7 @@ def check_companions(ir: IR) -> list[Diagnostic]:
                     "`model.companion_outputs` and `model.companion_metrics()`",
                 )
             )
-    for vertex, data in ir.vertices("companion"):
+    for vertex, data in ir.vertices("observer"):
         name, path, spec = data["name"], data["path"], data["spec"]
         if not hosts[vertex]:
             found.append(
@@ -144,7 +144,7 @@ def check_companions(ir: IR) -> list[Diagnostic]:
 
 def _check_attachment(ir: IR, u: str, v: str, edge: dict, role: dict) -> list[Diagnostic]:
     nodes, path, found = ir.graph.nodes, edge["path"], []
-    if role[v] not in ("companion", "unknown"):
+    if role[v] not in ("observer", "unknown"):
         found.append(
             ir.error(
                 (*path, "to"),
@@ -153,7 +153,7 @@ def _check_attachment(ir: IR, u: str, v: str, edge: dict, role: dict) -> list[Di
                 "use `kind: message` between sub-models",
             )
         )
-    if role[u] == "companion":
+    if role[u] == "observer":
         found.append(
             ir.error(
                 (*path, "from"),

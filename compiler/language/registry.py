@@ -78,6 +78,8 @@ class Component:
     build: Callable[..., Any]
     level: str | None = None  # attention: "scores", "mixer" or "lattice"
     capabilities: Capabilities = Capabilities()  # what a node using it can take part in
+    # its rules for the node it sits in: `check(ir, vertex data, head_width) -> diagnostics`
+    check: Callable[..., list] | None = None
 
     @property
     def summary(self) -> str:

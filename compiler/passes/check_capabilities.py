@@ -106,7 +106,7 @@ def model_capabilities(ir: IR) -> dict[str, list[Limit]]:
                 limits[name].append(Limit(path, what))
 
     for _, data in ir.graph.nodes(data=True):
-        if data["role"] not in ("node", "companion"):
+        if data["role"] not in ("node", "observer"):
             continue
         rule_out(
             KINDS.get(data["kind"]).capabilities,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
 from compiler.passes.contract import contract
@@ -69,7 +67,7 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
                     "change `heads` or `width`, or set `position: learned` or `none`",
                 )
             )
-        found.extend(_check_lattice(ir, data, head_width))
+        found.extend(_component_rules(ir, data, head_width))
         found.extend(_check_components(ir, data, width))
         if round(s["mlp_ratio"] * width) < 1:
             found.append(
@@ -97,51 +95,16 @@ def check_shapes(ir: IR) -> list[Diagnostic]:
     return found
 
 
-def _check_lattice(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
-    """A lattice layout needs one cell per head, a head per key/value head, and head room for the
-    two phase dimensions."""
-    s, origin, name = data["settings"], data["settings_from"], data["name"]
-    attention = s["attention"]
-    if attention is None or attention.kind != "lattice":
-        return []
-    where = origin["attention"]
+def _component_rules(ir: IR, data: dict, head_width: int) -> list[Diagnostic]:
+    """The rules each chosen component brings for the node it sits in (`Component.check`)."""
+    from compiler.language.registry import REGISTRY
+
     found = []
-    cells = math.prod(attention.lattice.shape)
-    if cells != s["heads"]:
-        shape = " x ".join(map(str, attention.lattice.shape))
-        found.append(
-            ir.error(
-                (*where, "lattice", "shape"),
-                f"the lattice {shape} has {cells} cells but node `{name}` has {s['heads']} heads",
-                "one head sits on each cell: make the product of `shape` equal `heads`",
-            )
-        )
-    if s["kv_heads"] is not None and s["kv_heads"] != s["heads"]:
-        found.append(
-            ir.error(
-                origin["kv_heads"],
-                f"node `{name}` has a lattice layout, whose phase term is per head, and `kv_heads: {s['kv_heads']}`",
-                "leave `kv_heads` unset (every head its own keys) with a lattice layout",
-            )
-        )
-    low, high = attention.oscillator.frequency_range
-    if low > high:
-        found.append(
-            ir.error(
-                (*where, "oscillator", "frequency_range"),
-                f"`frequency_range` runs from {low} down to {high}",
-                "write it as [low, high]",
-            )
-        )
-    if head_width < 4:
-        found.append(
-            ir.error(
-                origin["heads"],
-                f"node `{name}` has heads of width {head_width}; a lattice head gives 2 dimensions to its "
-                "phase term and needs at least 2 for content",
-                "use fewer heads or a wider node (head width at least 4)",
-            )
-        )
+    for family in ("attention", "rotary"):
+        chosen = data["settings"][family]
+        check = REGISTRY.get(family, chosen.kind).check if chosen is not None else None
+        if check is not None:
+            found.extend(check(ir, data, head_width))
     return found
 
 
@@ -199,15 +162,6 @@ def _check_components(ir: IR, data: dict, width: int) -> list[Diagnostic]:
                     at,
                     f"`heads` choice {heads} gives heads of width {head_width}; rotary positions need an "
                     "even head width",
-                )
-            )
-        if attention is not None and attention.kind == "lattice" and heads != s["heads"]:
-            found.append(
-                ir.error(
-                    at,
-                    f"node `{name}` has a lattice layout with one head per cell; a layer cannot draw "
-                    f"{heads} heads",
-                    "remove `heads` from `variations` on a lattice node",
                 )
             )
     dropout = variations.dropout

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-ROLES = {"nodes": "node", "inputs": "input", "outputs": "output", "companions": "companion"}
+ROLES = {"nodes": "node", "inputs": "input", "outputs": "output", "observers": "observer"}
 
 # What `compiler.ir.build_ir` gives every vertex and the IR itself
 BUILT = frozenset(f"{group}.{attr}" for group in ROLES for attr in ("name", "kind", "spec", "path"))

@@ -118,7 +118,7 @@ def lattice_config(attention):
     provides=(
         "nodes.config",
         "nodes.group",
-        "companions.config",
+        "observers.config",
         "facts.federation",
         "facts.address",
         "facts.context",
@@ -226,7 +226,7 @@ def plan_observers(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tup
     """Each observer's (companion's) host address in the federation and its resolved config,
     in the order the spec declares them."""
     graph, planned = ir.graph, {}
-    for vertex, data in ir.vertices("companion"):
+    for vertex, data in ir.vertices("observer"):
         config = KINDS.get(data["kind"]).plan(ir, vertex).config
         graph.nodes[vertex]["config"] = config
         host = next(u for u, _, role in graph.in_edges(vertex, data="role") if role == "companion")

@@ -80,7 +80,7 @@ class Lattice:
 class SceneNode:
     id: str  # the IR's vertex id: `inputs.NAME`, `nodes.NAME`, `outputs.NAME`
     name: str
-    role: str  # input | node | companion | output | unknown
+    role: str  # input | node | observer | output | unknown
     kind: str | None
     lines: list[str] = field(default_factory=list)  # what the box says under the name
     details: dict[str, Any] = field(default_factory=dict)  # what a click shows (JSON-able)
@@ -344,7 +344,7 @@ def scene_from_document(
         raw = _mapping(raw)
         kind = _text(raw.get("kind"))
         node_kind = KINDS.get(kind) if kind is not None and kind in KINDS else None
-        role = "companion" if node_kind is not None and node_kind.observer else "node"
+        role = "observer" if node_kind is not None and node_kind.observer else "node"
         node = SceneNode(f"nodes.{key}", str(key), role, kind)
         node.details = {"kind": kind, "as written": _plain(raw)}
         summary = [kind or "node (no kind)"]
