@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.passes.check_capabilities import require
 from compiler.tools.training.metrics import (
     LOSS_CURVE,
     append_metric,
@@ -97,19 +98,13 @@ def train(
                 )
             ]
         )
-    feedback = ir.spec.feedback
-    if processes.strategy == "fsdp" and feedback is not None and feedback.lipschitz is not None:
-        raise SpecError(
-            [
-                ir.error(
-                    ("feedback", "lipschitz"),
-                    "`lipschitz` measures the loop through a double backward, which cannot reach "
-                    "the weights FSDP gathers",
-                    "train this spec with `--strategy ddp` (every process holds the weights), or "
-                    "remove `lipschitz`",
-                    key=True,
-                )
-            ]
+    if processes.strategy == "fsdp":  # what the spec's parts say they support, asked first
+        require(
+            ir,
+            "fsdp",
+            "train under FSDP",
+            "train this spec with `--strategy ddp` (every process holds the weights), or remove "
+            "the part named",
         )
     start = previous.step if previous else 0
     stop = min(options.stop_at or settings.steps, settings.steps)
