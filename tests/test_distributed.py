@@ -177,9 +177,49 @@ def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec
     assert solves["feedback_gain"] == pytest.approx(one["feedback_gain"], rel=1e-3)
 
 
+TRUNCATED = """
+spec: 1
+name: data-parallel-truncated
+seed: 2
+inputs:
+  tokens: {kind: tokens, vocab: 70, context: 16}
+nodes:
+  reader: {kind: transformer, width: 24, heads: 2, layers: 1}
+  echo: {kind: transformer, width: 16, heads: 2, layers: 1}
+edges:
+  - {from: reader, to: echo}
+  - {from: echo, to: reader, kind: feedback, delay: 1}
+feedback: {steps: 3, mode: truncated, backprop_steps: 1}
+outputs:
+  logits: {from: echo, kind: lm_head}
+train: {steps: 3, batch: 8, eval_every: 3}
+"""
+
+
+def test_truncated_feedback_trains_under_ddp_though_its_delayed_edge_gets_no_gradient(
+    write_spec, tmp_path
+):
+    """With `backprop_steps: 1` the only path through `echo`'s bus projection is the delayed edge
+    that truncation cuts: that parameter gets no gradient by design, which DDP refuses unless it
+    is told to look for unused parameters (it was not, before)."""
+    spec = write_spec(TRUNCATED)
+    data = _two_processes(spec, tmp_path, "truncated")
+    reference = tmp_path / "one"
+    train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
+    for (_, loss, _), (_, want, _) in zip(
+        _losses(tmp_path / "ddp"), _losses(reference), strict=True
+    ):
+        assert loss == pytest.approx(want, abs=1e-5)
+
+
 if __name__ == "__main__":  # the torchrun worker
     if sys.argv[4:] == ["equilibrium"]:
         _equilibrium_runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    elif sys.argv[4:] == ["truncated"]:
+        options = {"data": sys.argv[2], "log_every": 1, "eval_batches": 2}
+        train(
+            sys.argv[1], RunOptions(out=str(Path(sys.argv[3]) / "ddp"), strategy="ddp", **options)
+        )
     else:
         _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
     torch.distributed.destroy_process_group()

@@ -207,6 +207,14 @@ class Federation(nn.Module):
             else None
         )
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether a training step may leave parameters without a gradient by design: truncated
+        feedback cuts the only path through a delayed edge's sender when the last steps kept are
+        fewer than the delay reaches (data-parallel wrappers must then look for unused ones)."""
+        plan = self.plan
+        return plan.mode == "truncated" and plan.backprop_steps < plan.steps and self.max_delay > 0
+
     def forward(self, embedded: dict[str, Tensor]) -> list[Tensor]:
         """Final states per group, each `(members, batch, tokens, width)`."""
         plan = self.plan

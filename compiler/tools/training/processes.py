@@ -72,7 +72,8 @@ def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [processes.device] if processes.device.startswith("cuda") else None
-        return DistributedDataParallel(objective, device_ids=ids)
+        unused = objective.model.federation.leaves_parameters_unused
+        return DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=unused)
     if processes.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
