@@ -69,7 +69,7 @@ t = time.perf_counter()
 ir = compiler.analyze({path!r})
 elapsed = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"seconds": elapsed, "parameters": ir.facts["parameters"], "peak_delta_MiB": (peak - base) / 1024, "peak_MiB": peak / 1024}}))
+print(json.dumps({{"seconds": elapsed, "parameters": ir.facts.parameters, "peak_delta_MiB": (peak - base) / 1024, "peak_MiB": peak / 1024}}))
 """
 
 

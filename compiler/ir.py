@@ -42,12 +42,27 @@ def output_id(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Facts:
+    """Whole-model results, each written by the pass named (None until it has run; the driver
+    checks the order, see `compiler.passes.contract`)."""
+
+    bus_width: int | None = None  # infer_widths: the message bus's width
+    context: int | None = None  # plan: the longest input sequence
+    federation: Any = None  # plan: the runtime's `FederationPlan`
+    address: dict[str, tuple[int, int]] | None = None  # plan: node -> (group, member)
+    companions: dict[str, tuple] | None = None  # plan: observer -> (host address, config)
+    estimates: dict[str, dict] | None = None  # estimate: per node, parameters and FLOPs
+    companion_estimates: dict[str, dict] | None = None  # estimate: the same per observer
+    parameters_outside_nodes: dict[str, int] | None = None  # estimate: inputs, heads, messages
+    parameters: int | None = None  # estimate: the total
+    warnings: list[Diagnostic] = field(default_factory=list)  # the driver: non-fatal findings
+
+
+@dataclass(frozen=True)
 class IR:
     loaded: LoadedSpec
     graph: nx.MultiDiGraph
-    facts: dict[str, Any] = field(
-        default_factory=dict
-    )  # whole-model results: bus width, plan, estimates
+    facts: Facts = field(default_factory=Facts)
 
     @property
     def spec(self):
@@ -68,7 +83,7 @@ class IR:
         return replace(self, graph=graph)
 
     def with_facts(self, **facts: Any) -> IR:
-        return replace(self, facts={**self.facts, **facts})
+        return replace(self, facts=replace(self.facts, **facts))
 
     def vertices(self, role: str) -> list[tuple[str, dict[str, Any]]]:
         """Vertices of one role, in the order the spec declares them."""

@@ -57,22 +57,22 @@ def lower(ir: IR, make_group: Callable[[Any], nn.Module] = build_group) -> Graph
             for _, data in ir.vertices("input")
             for name in [data["name"]]
         }
-        federation = Federation(ir.facts["federation"], make_group)
+        federation = Federation(ir.facts.federation, make_group)
         outputs, wiring = {}, {}
-        address = ir.facts["address"]
+        address = ir.facts.address
         for _, data in ir.vertices("output"):
             name = data["name"]
             outputs[name] = OUTPUT_BUILDERS[data["kind"]](data["spec"], data["width"], inputs)
             wiring[name] = OutputWiring(tuple(address[source] for source in data["spec"].source))
         companions = {
             name: KINDS.get(ir.spec.nodes[name].kind).build(config)
-            for name, (_, config) in ir.facts["companions"].items()
+            for name, (_, config) in ir.facts.companions.items()
         }
         observed = {
             name: CompanionWiring(
                 host, bool(ir.spec.nodes[name].detach), float(ir.spec.nodes[name].weight)
             )
-            for name, (host, _) in ir.facts["companions"].items()
+            for name, (host, _) in ir.facts.companions.items()
         }
     kinds = {name: node.kind for name, node in spec.nodes.items()}
     model = GraphModel(inputs, federation, outputs, wiring, companions, observed, kinds)

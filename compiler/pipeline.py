@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def analyze(source: str | Path | LoadedSpec) -> IR:
     """Load, validate, check, plan and estimate a spec without allocating any weight.
 
-    Raises `SpecError` with every located problem; warnings are kept in `ir.facts["warnings"]`.
+    Raises `SpecError` with every located problem; warnings are kept in `ir.facts.warnings`.
     """
     loaded = source if isinstance(source, LoadedSpec) else load_spec(source)
     ir = build_ir(loaded)

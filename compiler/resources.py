@@ -39,10 +39,10 @@ class MemoryEstimate:
 def estimate_memory(
     ir: IR, *, training: bool = False, batch: int = 0, tokens: int = 0
 ) -> MemoryEstimate:
-    parameters = 4 * ir.facts["parameters"]
+    parameters = 4 * ir.facts.parameters
     activations = 0
     if batch and tokens:
-        federation = ir.facts["federation"]
+        federation = ir.facts.federation
         steps = federation.steps if federation.mode == "unroll" else 1
         for name in federation.nodes:
             cfg = ir.graph.nodes[node_id(name)]["config"]

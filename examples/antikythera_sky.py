@@ -137,7 +137,7 @@ def build_models(spec_path: Path, device: str) -> dict[str, nn.Module]:
                     compiler.load_spec_text(
                         PLAIN_SPEC.format(window=WINDOW, width=c[0], layers=c[1])
                     )
-                ).facts["parameters"]
+                ).facts.parameters
                 - target
             )
             if c[0] % 4 == 0

@@ -125,8 +125,8 @@ def test_compile_counts_the_companion_in_the_total(write_spec):
     ir = compiler.analyze(path)
     model = compiler.build_model(ir)
     built = sum(p.numel() for p in model.parameters())
-    assert ir.facts["parameters"] == built
-    assert ir.facts["companion_estimates"]["geo"]["parameters"] == sum(
+    assert ir.facts.parameters == built
+    assert ir.facts.companion_estimates["geo"]["parameters"] == sum(
         p.numel() for p in model.companions["geo"].parameters()
     )
 

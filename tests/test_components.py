@@ -161,7 +161,7 @@ def test_compile_prints_what_each_layer_drew(write_spec):
 def test_parameter_counts_follow_the_drawn_layers(write_spec):
     ir = compiler.analyze(write_spec(VARIED))
     model = compiler.build_model(write_spec(VARIED))
-    assert ir.facts["parameters"] == sum(p.numel() for p in model.parameters())
+    assert ir.facts.parameters == sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- the registry

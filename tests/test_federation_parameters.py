@@ -172,7 +172,7 @@ def test_every_parameter_gets_a_gradient_from_the_outputs(name):
 def test_the_compilers_parameter_count_is_the_built_models(name):
     ir = analyze(name)
     model = compiler.build_model(ir)
-    assert sum(p.numel() for p in model.parameters()) == ir.facts["parameters"]
+    assert sum(p.numel() for p in model.parameters()) == ir.facts.parameters
 
 
 TRUNCATED = """

@@ -80,7 +80,7 @@ def test_a_fractal_has_the_parameters_of_its_full_model(tmp_path):
     """The sub-models own no weights of their own: they are slices."""
     ir = compiler.analyze(fractal_spec(tmp_path))
     plain = compiler.analyze(small_spec(tmp_path, 64, seed=3))
-    assert ir.facts["parameters"] == plain.facts["parameters"]
+    assert ir.facts.parameters == plain.facts.parameters
 
 
 def test_the_full_model_is_an_ordinary_transformer(tmp_path):
@@ -328,7 +328,7 @@ def test_merging_refuses_a_source_of_the_wrong_shape(tmp_path):
 
 def test_the_gallery_fractalformer_has_the_originals_size():
     ir = compiler.analyze(ROOT / "specs" / "fractalformer.yaml")
-    assert 0.9e6 < ir.facts["parameters"] < 1.1e6
+    assert 0.9e6 < ir.facts.parameters < 1.1e6
     node = ir.spec.nodes["lm"]
     assert (node.levels, node.branching) == (3, 2)
 

@@ -27,10 +27,10 @@ def test_the_gallery_is_not_empty():
 @pytest.mark.parametrize("path", GALLERY, ids=lambda p: p.name)
 def test_gallery_spec_compiles_and_trains_a_step(path):
     ir = compiler.analyze(path)
-    assert ir.facts["warnings"] == []
+    assert ir.facts.warnings == []
     model = compiler.build_model(ir)
     assert model.spec.name == ir.spec.name and model.spec_digest == ir.loaded.digest
-    assert sum(p.numel() for p in model.parameters()) == ir.facts["parameters"]
+    assert sum(p.numel() for p in model.parameters()) == ir.facts.parameters
     outputs = model(**random_inputs(model.spec))
     loss = sum(o.float().square().mean() for o in outputs.values())
     (loss + model.auxiliary_loss()).backward()  # a training step adds the spec's own terms

@@ -55,7 +55,7 @@ def test_velocities_multiply_tooth_ratios_along_the_train(write_spec):
 
 def test_a_message_edge_between_gears_is_conditioned_on_their_derived_ratio(write_spec):
     ir = compiler.analyze(write_spec(TRAIN))
-    edge = ir.facts["federation"].edges[-1]  # d1 -> moon, a plain message edge
+    edge = ir.facts.federation.edges[-1]  # d1 -> moon, a plain message edge
     assert edge.ratio == pytest.approx(float(Fraction(254, 19) / Fraction(64 * 48, 38 * 24)))
 
 

@@ -390,7 +390,7 @@ def test_the_gallery_gpt2_small_has_the_shape_of_gpt2_small(transformers):
     written = compiler.analyze(
         compiler.load_spec_text(interop.gpt2_spec_text(transformers.GPT2Config()))
     )
-    assert gallery.facts["parameters"] == written.facts["parameters"] == reference == 124_439_808
+    assert gallery.facts.parameters == written.facts.parameters == reference == 124_439_808
     body = gallery.graph.nodes["nodes.body"]["config"]
     assert (body.width, body.heads, body.layers, body.inner_width) == (768, 12, 12, 3072)
 

@@ -69,7 +69,7 @@ def test_a_spec_using_a_registered_kind_validates_compiles_and_runs(feedforward,
     logits = model(torch.randint(0, 70, (2, 8)))["logits"]
     assert logits.shape == (2, 8, 70)
     # the estimate counts the plugin's own modules
-    assert ir.facts["estimates"]["mixer"]["parameters"] == 2 * (16 * 32 + 32 * 16)
+    assert ir.facts.estimates["mixer"]["parameters"] == 2 * (16 * 32 + 32 * 16)
     result = cli("compile", spec)
     assert result.exit_code == 0, result.output
     assert "feedforward" in result.output

@@ -49,3 +49,14 @@ nodes:
 outputs:
   logits: {from: body, kind: lm_head}
 """
+
+
+def test_a_contract_must_name_records_the_ir_has():
+    with pytest.raises(PassOrderError, match="`facts.bus_widht` names no IR record"):
+        contract(requires=("facts.bus_widht",))
+
+
+def test_facts_are_a_typed_record_filled_in_by_the_passes(write_spec):
+    facts = compiler.analyze(write_spec(SPEC)).facts
+    assert facts.bus_width == 16 and facts.context == 16
+    assert facts.address == {"body": (0, 0)} and facts.parameters > 0

@@ -29,7 +29,7 @@ def test_training_and_activations_add_to_the_estimate():
     ir = compiler.analyze(ROOT / "specs" / "transformer.yaml")
     inference = estimate_memory(ir)
     training = estimate_memory(ir, training=True, batch=8, tokens=256)
-    assert inference.total == 4 * ir.facts["parameters"]
+    assert inference.total == 4 * ir.facts.parameters
     assert training.training_state == 3 * inference.parameters
     cfg = ir.graph.nodes["nodes.body"]["config"]
     assert training.activations == 4 * 8 * 256 * cfg.layers * (34 * cfg.width + 5 * cfg.heads * 256)

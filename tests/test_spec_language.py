@@ -164,7 +164,7 @@ def test_a_node_that_feeds_nothing_is_a_warning(write_spec):
         "nodes:\n", "nodes:\n  idle: {kind: transformer, width: 32, heads: 2, layers: 1}\n"
     )
     ir = compiler.analyze(write_spec(text))
-    (warning,) = ir.facts["warnings"]
+    (warning,) = ir.facts.warnings
     assert warning.severity == "warning" and "node `idle` feeds no output" in warning.message
 
 

@@ -84,7 +84,7 @@ def transformer_config_of(ir: Any, vertex: str) -> Any:
 
     data = ir.graph.nodes[vertex]
     return transformer_config(
-        data["settings"], data["width"], ir.facts["context"], data["layer_settings"]
+        data["settings"], data["width"], ir.facts.context, data["layer_settings"]
     )
 
 

@@ -9,10 +9,14 @@ quietly turning at ratio 1), and `verify` confirms after a transform that it wro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.ir import Facts
+
+FACTS = {f.name for f in dataclasses.fields(Facts)}
 ROLES = {"nodes": "node", "inputs": "input", "outputs": "output", "observers": "observer"}
 
 # What `compiler.ir.build_ir` gives every vertex and the IR itself
@@ -32,8 +36,14 @@ class PassOrderError(RuntimeError):
 def contract(
     *, requires: Iterable[str] = (), provides: Iterable[str] = ()
 ) -> Callable[[Callable], Callable]:
+    declared = Contract(frozenset(requires), frozenset(provides))
+    for name in declared.requires | declared.provides:
+        group, _, attr = name.partition(".")
+        if group not in (*ROLES, "facts") or (group == "facts" and attr not in FACTS):
+            raise PassOrderError(f"`{name}` names no IR record")
+
     def mark(function: Callable) -> Callable:
-        function.contract = Contract(frozenset(requires), frozenset(provides))
+        function.contract = declared
         return function
 
     return mark
@@ -65,7 +75,7 @@ def verify(ir: Any, function: Callable) -> None:
     for name in contract_of(function).provides:
         group, _, attr = name.partition(".")
         if group == "facts":
-            ok = attr in ir.facts
+            ok = getattr(ir.facts, attr, None) is not None
         else:
             ok = all(attr in data for _, data in ir.vertices(ROLES[group]))
         if not ok:

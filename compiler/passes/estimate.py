@@ -80,7 +80,7 @@ def estimate(ir: IR) -> IR:
 
     from compiler.lower import build_group, lower
 
-    federation = ir.facts["federation"]
+    federation = ir.facts.federation
     blocks = sum(getattr(g.config, "layers", 1) for g in federation.groups)
     guess = sum(KINDS.get(g.kind).parameters(g.config) * len(g.nodes) for g in federation.groups)
     if guess > MAX_PARAMETERS or blocks > MAX_BLOCKS:
@@ -141,7 +141,7 @@ def estimate(ir: IR) -> IR:
         name: {
             "parameters": (count := sum(p.numel() for p in module.parameters())),
             "flops_per_token": KINDS.get(ir.spec.nodes[name].kind).flops_per_token(
-                module.config, count, ir.facts["context"]
+                module.config, count, ir.facts.context
             ),
         }
         for name, module in model.companions.items()

@@ -200,7 +200,7 @@ def plan(ir: IR) -> IR:
             for u, v, e in ir.with_graph(graph).spec_edges()
         ),
         perspectives=tuple((name, p.kind) for name, p in spec.perspectives.items()),
-        bus_width=ir.facts["bus_width"],
+        bus_width=ir.facts.bus_width,
         aggregate=spec.defaults.message.aggregate,
         steps=steps,
         backprop_steps=backprop,

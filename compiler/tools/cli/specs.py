@@ -31,8 +31,8 @@ def validate(
             failed = True
             _print_diagnostics(exc.diagnostics)
             continue
-        _print_diagnostics(ir.facts["warnings"])
-        out.print(f"{file}: ok ({_count(ir.facts['parameters'])} parameters)", markup=False)
+        _print_diagnostics(ir.facts.warnings)
+        out.print(f"{file}: ok ({_count(ir.facts.parameters)} parameters)", markup=False)
     if failed:
         raise typer.Exit(1)
 
@@ -89,7 +89,7 @@ def compile_(
     from compiler.tools.checkpoint import save_checkpoint
 
     ir = analyze(file)
-    _print_diagnostics(ir.facts["warnings"])
+    _print_diagnostics(ir.facts.warnings)
     out.print(_table(ir))
     for line in _kind_notes(ir):
         out.print(line, markup=False)
@@ -102,12 +102,12 @@ def compile_(
     budget_bytes = None if budget is None else int(budget * 2**30)
     if budget_bytes != 0:
         check_resources(
-            ir, device=device, budget=budget_bytes, batch=2, tokens=min(tokens, ir.facts["context"])
+            ir, device=device, budget=budget_bytes, batch=2, tokens=min(tokens, ir.facts.context)
         )
     model = build_model(ir, device=device, budget=0)
     if smoke:
         model.eval()
-        inputs = _random_inputs(ir, min(tokens, ir.facts["context"]), device)
+        inputs = _random_inputs(ir, min(tokens, ir.facts.context), device)
         start = time.perf_counter()
         with torch.no_grad():
             if level is None:
@@ -156,7 +156,7 @@ def _table(ir) -> Table:
         table.add_column(
             column, justify="left" if column in ("node", "kind", "batch group") else "right"
         )
-    for name, row in ir.facts["estimates"].items():
+    for name, row in ir.facts.estimates.items():
         vertex = f"nodes.{name}"
         described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         group = f"#{row['group']} x{row['members']}" if row["members"] > 1 else f"#{row['group']}"
@@ -170,8 +170,8 @@ def _table(ir) -> Table:
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
-    for name in ir.facts["companions"]:
-        row, vertex = ir.facts["companion_estimates"][name], f"nodes.{name}"
+    for name in ir.facts.companions:
+        row, vertex = ir.facts.companion_estimates[name], f"nodes.{name}"
         described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         table.add_row(
             name,
@@ -183,9 +183,9 @@ def _table(ir) -> Table:
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
-    for part, count in ir.facts["parameters_outside_nodes"].items():
+    for part, count in ir.facts.parameters_outside_nodes.items():
         table.add_row(part, "", "", "", "", "", _count(count), "")
-    table.add_row("total", "", "", "", "", "", _count(ir.facts["parameters"]), "", end_section=True)
+    table.add_row("total", "", "", "", "", "", _count(ir.facts.parameters), "", end_section=True)
     return table
 
 

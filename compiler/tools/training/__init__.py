@@ -1,17 +1,7 @@
 """The spec's `train:` section made real: the optimizer and schedule it names, and `epicycle train`.
 
-    model = compiler.build_model("specs/components.yaml")
-    optimizer, schedule = compiler.build_optimizer(model)
-    for step in range(model.spec.train.steps):
-        loss = task_loss(model(batch)) + model.auxiliary_loss(step)
-        loss.backward()
-        clip_gradients(model)
-        optimizer.step(); schedule.step(); optimizer.zero_grad()
-
-Optimizers and schedules are registry components (`compiler.language.registry`): `adamw`, `sgd`, `fam`
-(frequency-adaptive momentum, docs/designs.md, design 003), `constant`, `warmup_cosine`, or others.
-
-`train(...)` is that loop for character-level language modelling (nanoGPT's train.py is the
+`build_optimizer` and `clip_gradients` (`optimizers.py`, with the loop they serve) are the parts
+for a loop of your own; `train(...)` is that loop for character-level language modelling (nanoGPT's train.py is the
 model): a spec whose `lm_head` reads a `tokens` input, a UTF-8 corpus, periodic validation, and
 checkpoints that resume step for step (weights, optimizer, schedule, RNG states, data position,
 vocabulary; `compiler.tools.checkpoint`). Under `torchrun` it runs data parallel, with DDP or FSDP2

@@ -83,7 +83,7 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
         except SpecError:
             doc = None  # not even YAML: the page shows the errors alone
         return scene_from_document(doc, exc.diagnostics, str(path)), exc
-    return scene_from_ir(ir, ir.facts.get("warnings", []) if errors else ()), None
+    return scene_from_ir(ir, ir.facts.warnings if errors else ()), None
 
 
 def figure_of(scene: Scene, engine: str = "auto", *, show_issues: bool = True):

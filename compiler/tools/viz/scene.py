@@ -160,8 +160,8 @@ class Scene:
 def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
     """The scene of an analysed spec; `diagnostics` (warnings, say) are attached where they point."""
     spec, graph, facts = ir.spec, ir.graph, ir.facts
-    estimates = {**facts.get("companion_estimates", {}), **facts.get("estimates", {})}
-    outside = facts.get("parameters_outside_nodes", {})
+    estimates = {**(facts.companion_estimates or {}), **(facts.estimates or {})}
+    outside = facts.parameters_outside_nodes or {}
     nodes = []
     for vertex, data in graph.nodes(data=True):
         role = data["role"]
@@ -198,12 +198,12 @@ def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
             outputs += 1
     edges.sort(key=lambda e: (e.role != "read", e.role == "output", _edge_order(e.id)))
     groups = []
-    federation = facts.get("federation")
+    federation = facts.federation
     if federation is not None:
         for index, group in enumerate(federation.groups):
             if len(group.nodes) > 1:
                 groups.append(BatchGroup(index, tuple(f"nodes.{n}" for n in group.nodes)))
-    total = facts.get("parameters")
+    total = facts.parameters
     summary = ", ".join(
         part
         for part in (
