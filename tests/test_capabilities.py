@@ -101,3 +101,10 @@ def test_the_gallery_exports_where_nothing_rules_it_out(spec):
 
     limits = model_capabilities(compiler.analyze(ROOT / "specs" / spec))
     assert limits["export"] == []
+
+
+def test_compile_says_what_the_model_supports_and_what_rules_the_rest_out(write_spec):
+    result = CliRunner().invoke(app, ["compile", str(write_spec(ROTATED)), "--no-smoke"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split()[result.output.split().index("supports:") :])
+    assert line.startswith("supports: export, fullgraph, fsdp, cuda_graphs; not onnx (perspective")

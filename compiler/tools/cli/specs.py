@@ -93,6 +93,7 @@ def compile_(
     out.print(_table(ir))
     for line in _kind_notes(ir):
         out.print(line, markup=False)
+    out.print(_capability_line(ir), markup=False)
     if level is not None:
         fractal = _check_sub_model_address(ir, fractal, level, index)
     if not smoke and out_dir is None:
@@ -187,6 +188,16 @@ def _table(ir) -> Table:
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts.parameters), "", end_section=True)
     return table
+
+
+def _capability_line(ir) -> str:
+    """What the whole model supports, and what rules the rest out (`model_capabilities`)."""
+    from compiler.passes.check_capabilities import model_capabilities
+
+    limits = model_capabilities(ir)
+    line = "supports: " + (", ".join(n for n, found in limits.items() if not found) or "none")
+    ruled_out = [f"{n} ({found[0].reason})" for n, found in limits.items() if found]
+    return line + ("; not " + "; not ".join(ruled_out) if ruled_out else "")
 
 
 def _kind_notes(ir) -> list[str]:
