@@ -395,8 +395,8 @@ def scene_from_document(
     reads = 0
     for key, raw in declared.items():
         raw = _mapping(raw)
-        if raw.get("kind") == "companion":
-            continue
+        if nodes[f"nodes.{key}"].role == "observer":
+            continue  # an observer reads its host through its edge, never an input
         names = raw.get("input", [only_input] if only_input is not None else [])
         for inp in [names] if isinstance(names, str) else _list(names):
             if isinstance(inp, str):
