@@ -4,9 +4,11 @@ Vertex ids are the spec paths `inputs.NAME`, `nodes.NAME`, `outputs.NAME` (the t
 of a spec are separate, so an input and a node may share a name). Every vertex and edge carries
 `path`, its place in the loaded data, which is how any pass turns a finding into `file:line:col`.
 
-Vertex attributes: `role` (input | node | observer | output | unknown), `name`, `kind`, `spec`
-(the pydantic object); passes add `settings`, `width`, `config`. Edge attributes: `role` (read |
-edge | companion | output), plus `kind`, `delay`, `ratio` and `index` for the spec's edges.
+Vertex and edge attributes are declared records (`VertexRecord`, `EdgeRecord`): each field is
+named once with what it holds and which pass writes it; a key that is not declared (a typo, or a
+pass writing what no record has) is an error where it is written or read, and a node kind's own
+attributes are declared by the kind (`NodeKind.attributes`: a gear's `velocity`). Which pass
+provides which field is checked by the driver (`compiler.passes.contract`).
 
 A node of an observer kind (`kind: companion`) lives in the nodes' namespace but is not a
 sub-model of the federation: it observes one host through a `kind: companion` edge and sends
@@ -20,13 +22,99 @@ fails and `check_references` can report every dangling name at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import networkx as nx
 
 from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
 from compiler.language.kinds import KINDS
+
+
+class Record(dict):
+    """A dict whose keys are declared fields: `record["width"]` and `record.width` both read one,
+    and writing or reading an undeclared key raises at once."""
+
+    FIELDS: ClassVar[dict[str, str]] = {}
+
+    def fields(self) -> dict[str, str]:
+        return self.FIELDS
+
+    def _known(self, key: str) -> None:
+        if key not in self.fields():
+            raise KeyError(
+                f"{type(self).__name__} has no field `{key}`; its fields: {', '.join(self.fields())}"
+            )
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._known(key)
+        super().__setitem__(key, value)
+
+    def __getitem__(self, key: str) -> Any:
+        self._known(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._known(key)
+        return super().get(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as missing:
+            raise AttributeError(str(missing)) from None
+
+
+class VertexRecord(Record):
+    FIELDS: ClassVar[dict[str, str]] = {
+        "role": "input | node | observer | output | unknown (build_ir)",
+        "name": "the spec's name (build_ir)",
+        "kind": "the spec's `kind`, None for an unknown vertex (build_ir)",
+        "spec": "the validated pydantic object (build_ir)",
+        "path": "where it was written, for file:line:col (build_ir)",
+        "settings": "resolved transformer settings, or None for a kind without (resolve_defaults)",
+        "settings_from": "the path each setting was written at (resolve_defaults)",
+        "width": "the stream width, None while unknown (infer_widths)",
+        "layer_settings": "what each layer drew from `variations` (sample_variations)",
+        "config": "the kind's resolved runtime config (plan)",
+        "group": "the batch group it runs in (plan)",
+        "context": "an input's longest sequence (plan)",
+    }
+
+    def fields(self) -> dict[str, str]:
+        KINDS.load()
+        if _declared[0] != KINDS.version:
+            declared = dict(self.FIELDS)
+            for node_kind in KINDS:
+                declared.update(node_kind.attributes)
+            _declared[:] = [KINDS.version, declared]
+        return _declared[1]
+
+
+_declared: list = [-1, {}]  # (registry version, the vertex fields with every kind's own)
+
+
+class EdgeRecord(Record):
+    FIELDS: ClassVar[dict[str, str]] = {
+        "role": "read | edge | companion | output (build_ir)",
+        "path": "where it was written (build_ir)",
+        "kind": "the spec edge's kind (build_ir)",
+        "delay": "feedback steps of delay (build_ir)",
+        "ratio": "the exact ratio, given or derived along a gear train (build_ir, gear)",
+        "index": "its place in the spec's `edges` (build_ir)",
+        "position": "an output's source position (build_ir)",
+    }
+
+
+class IRGraph(nx.MultiDiGraph):
+    """The IR's graph: networkx topology with declared records as attributes."""
+
+    node_attr_dict_factory = VertexRecord
+    edge_attr_dict_factory = EdgeRecord
 
 
 def input_id(name: str) -> str:
@@ -96,7 +184,7 @@ class IR:
 
 def build_ir(loaded: LoadedSpec) -> IR:
     spec = loaded.spec
-    g = nx.MultiDiGraph()
+    g = IRGraph()
     for name, inp in spec.inputs.items():
         g.add_node(
             input_id(name), role="input", name=name, kind=inp.kind, spec=inp, path=("inputs", name)

@@ -60,3 +60,22 @@ def test_facts_are_a_typed_record_filled_in_by_the_passes(write_spec):
     facts = compiler.analyze(write_spec(SPEC)).facts
     assert facts.bus_width == 16 and facts.context == 16
     assert facts.address == {"body": (0, 0)} and facts.parameters > 0
+
+
+def test_vertex_and_edge_records_refuse_fields_they_do_not_declare(write_spec):
+    ir = compiler.analyze(write_spec(SPEC))
+    body = ir.graph.nodes["nodes.body"]
+    assert body.width == body["width"] == 16  # a declared field, by name or attribute
+    with pytest.raises(KeyError, match="VertexRecord has no field `widht`"):
+        body["widht"] = 16
+    with pytest.raises(KeyError, match="has no field `velocity_`"):
+        body.get("velocity_", 1)  # no silent default for a field that does not exist
+    edge = next(iter(ir.graph.edges(data=True)))[2]
+    with pytest.raises(KeyError, match="EdgeRecord has no field `weight`"):
+        edge["weight"] = 1.0
+
+
+def test_a_kind_declares_the_vertex_fields_its_passes_write():
+    from compiler.ir import VertexRecord
+
+    assert "velocity" in VertexRecord().fields()  # the gear kind's

@@ -220,6 +220,7 @@ class Gear(TransformerKind):
     graph_checks = (check_gear_trains,)
     graph_transforms = (derive_gear_ratios,)
     colour = "#b7791f"
+    attributes = {"velocity": "turns per turn of the driver, exact (derive_gear_ratios)"}
 
     def check(self, ir: IR, vertex: str) -> list[Diagnostic]:
         return _rotary_rules(ir, vertex)

@@ -97,6 +97,9 @@ class NodeKind:
     graph_checks: ClassVar[tuple[Callable[[Any], list], ...]] = ()
     graph_transforms: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
     colour: ClassVar[str | None] = None  # its boxes' tint in `epicycle viz`
+    attributes: ClassVar[
+        dict[str, str]
+    ] = {}  # IR vertex fields its passes write, and what they hold
 
     @property
     def summary(self) -> str:
@@ -173,6 +176,7 @@ class UnknownKind(LookupError):
 class KindRegistry:
     kinds: dict[str, NodeKind] = field(default_factory=dict)
     loaded: bool = False
+    version: int = 0  # bumped on every change, so what is derived from the kinds can be cached
 
     def register(
         self, name: str | None = None, *, replace: bool = False
@@ -204,9 +208,11 @@ class KindRegistry:
             )
         cls.name = name
         self.kinds[name] = cls()
+        self.version += 1
 
     def remove(self, name: str) -> None:
         self.kinds.pop(name, None)
+        self.version += 1
 
     def load(self) -> None:
         """Import the built-in kinds and every installed `epicycle.kinds` entry point."""
