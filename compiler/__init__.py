@@ -3,6 +3,8 @@
 import compiler
 model = compiler.build_model("specs/transformer.yaml")
 logits = model(tokens)["logits"]
+
+"Design 000" ... "design 004" in docstrings and comments name the sections of docs/designs.md.
 """
 
 from compiler.ir import IR, build_ir

@@ -22,7 +22,8 @@ fails and `check_references` can report every dangling name at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from fractions import Fraction
+from typing import Any, ClassVar, NamedTuple
 
 import networkx as nx
 
@@ -30,14 +31,24 @@ from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
 from compiler.language.kinds import KINDS
 
+NONE = type(None)
+ANY = None  # a field whose values are checked by the pass writing them (pydantic, runtime configs)
+
+
+class Declared(NamedTuple):
+    """A record field: the types its values may have (None: any) and what it holds."""
+
+    types: tuple[type, ...] | None
+    what: str
+
 
 class Record(dict):
     """A dict whose keys are declared fields: `record["width"]` and `record.width` both read one,
     and writing or reading an undeclared key raises at once."""
 
-    FIELDS: ClassVar[dict[str, str]] = {}
+    FIELDS: ClassVar[dict[str, Declared]] = {}
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[str, Declared]:
         return self.FIELDS
 
     def _known(self, key: str) -> None:
@@ -48,6 +59,12 @@ class Record(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._known(key)
+        types = self.fields()[key].types
+        if types is not None and not isinstance(value, types):
+            raise TypeError(
+                f"{type(self).__name__}.{key} holds {' or '.join(t.__name__ for t in types)}, "
+                f"not {type(value).__name__} ({self.fields()[key].what})"
+            )
         super().__setitem__(key, value)
 
     def __getitem__(self, key: str) -> Any:
@@ -70,22 +87,29 @@ class Record(dict):
 
 
 class VertexRecord(Record):
-    FIELDS: ClassVar[dict[str, str]] = {
-        "role": "input | node | observer | output | unknown (build_ir)",
-        "name": "the spec's name (build_ir)",
-        "kind": "the spec's `kind`, None for an unknown vertex (build_ir)",
-        "spec": "the validated pydantic object (build_ir)",
-        "path": "where it was written, for file:line:col (build_ir)",
-        "settings": "resolved transformer settings, or None for a kind without (resolve_defaults)",
-        "settings_from": "the path each setting was written at (resolve_defaults)",
-        "width": "the stream width, None while unknown (infer_widths)",
-        "layer_settings": "what each layer drew from `variations` (sample_variations)",
-        "config": "the kind's resolved runtime config (plan)",
-        "group": "the batch group it runs in (plan)",
-        "context": "an input's longest sequence (plan)",
+    FIELDS: ClassVar[dict[str, Declared]] = {
+        "role": Declared((str,), "input | node | observer | output | unknown (build_ir)"),
+        "name": Declared((str,), "the spec's name (build_ir)"),
+        "kind": Declared((str, NONE), "the spec's `kind`, None for an unknown vertex (build_ir)"),
+        "spec": Declared(ANY, "the validated pydantic object (build_ir)"),
+        "path": Declared((tuple,), "where it was written, for file:line:col (build_ir)"),
+        "settings": Declared(
+            (dict, NONE),
+            "resolved transformer settings, or None for a kind without (resolve_defaults)",
+        ),
+        "settings_from": Declared(
+            (dict, NONE), "the path each setting was written at (resolve_defaults)"
+        ),
+        "width": Declared((int, NONE), "the stream width, None while unknown (infer_widths)"),
+        "layer_settings": Declared(
+            (tuple,), "what each layer drew from `variations` (sample_variations)"
+        ),
+        "config": Declared(ANY, "the kind's resolved runtime config (plan)"),
+        "group": Declared((int,), "the batch group it runs in (plan)"),
+        "context": Declared((int,), "an input's longest sequence (plan)"),
     }
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[str, Declared]:
         KINDS.load()
         if _declared[0] != KINDS.version:
             declared = dict(self.FIELDS)
@@ -99,14 +123,17 @@ _declared: list = [-1, {}]  # (registry version, the vertex fields with every ki
 
 
 class EdgeRecord(Record):
-    FIELDS: ClassVar[dict[str, str]] = {
-        "role": "read | edge | companion | output (build_ir)",
-        "path": "where it was written (build_ir)",
-        "kind": "the spec edge's kind (build_ir)",
-        "delay": "feedback steps of delay (build_ir)",
-        "ratio": "the exact ratio, given or derived along a gear train (build_ir, gear)",
-        "index": "its place in the spec's `edges` (build_ir)",
-        "position": "an output's source position (build_ir)",
+    FIELDS: ClassVar[dict[str, Declared]] = {
+        "role": Declared((str,), "read | edge | companion | output (build_ir)"),
+        "path": Declared((tuple,), "where it was written (build_ir)"),
+        "kind": Declared((str, NONE), "the spec edge's kind (build_ir)"),
+        "delay": Declared((int,), "feedback steps of delay (build_ir)"),
+        "ratio": Declared(
+            (Fraction, NONE),
+            "the exact ratio, given or derived along a gear train (build_ir, gear)",
+        ),
+        "index": Declared((int,), "its place in the spec's `edges` (build_ir)"),
+        "position": Declared((int,), "an output's source position (build_ir)"),
     }
 
 

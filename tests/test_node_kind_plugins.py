@@ -62,12 +62,11 @@ def test_a_spec_using_a_registered_kind_validates_compiles_and_runs(feedforward,
     ir = compiler.analyze(spec)
     assert ir.graph.nodes["nodes.mixer"]["config"] == feedforward.FeedForwardConfig(16, 2)
     model = compiler.build_model(spec)
-    stack = (
-        model.node("mixer").module if hasattr(model, "node") else model.federation.transformers[0]
-    )
-    assert isinstance(stack, feedforward.FeedForwardStack)
+    assert isinstance(model.node("mixer").module, feedforward.FeedForwardStack)
     logits = model(torch.randint(0, 70, (2, 8)))["logits"]
     assert logits.shape == (2, 8, 70)
+    # what its module reports joins the model's report, which training logs
+    assert model.report()["nodes"]["mixer"]["module"] == {"blocks": 2}
     # the estimate counts the plugin's own modules
     assert ir.facts.estimates["mixer"]["parameters"] == 2 * (16 * 32 + 32 * 16)
     result = cli("compile", spec)

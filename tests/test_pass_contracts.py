@@ -79,3 +79,9 @@ def test_a_kind_declares_the_vertex_fields_its_passes_write():
     from compiler.ir import VertexRecord
 
     assert "velocity" in VertexRecord().fields()  # the gear kind's
+
+
+def test_a_record_field_refuses_a_value_of_the_wrong_type(write_spec):
+    ir = compiler.analyze(write_spec(SPEC))
+    with pytest.raises(TypeError, match="VertexRecord.width holds int or NoneType, not str"):
+        ir.graph.nodes["nodes.body"]["width"] = "16"

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import networkx as nx
 from pydantic import Field
 
-from compiler.ir import IR, node_id
+from compiler.ir import IR, Declared, node_id
 from compiler.kinds.transformer import TransformerKind, transformer_config_of
 from compiler.language.diagnostics import Diagnostic
 from compiler.language.kinds import Capabilities, Description, NodePlan, kind
@@ -220,7 +220,11 @@ class Gear(TransformerKind):
     graph_checks = (check_gear_trains,)
     graph_transforms = (derive_gear_ratios,)
     colour = "#b7791f"
-    attributes = {"velocity": "turns per turn of the driver, exact (derive_gear_ratios)"}
+    attributes = {
+        "velocity": Declared(
+            (Fraction,), "turns per turn of the driver, exact (derive_gear_ratios)"
+        )
+    }
 
     def check(self, ir: IR, vertex: str) -> list[Diagnostic]:
         return _rotary_rules(ir, vertex)

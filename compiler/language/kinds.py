@@ -87,7 +87,8 @@ class NodeKind:
     * `flops_per_token(config)`: forward FLOPs a token costs in one step.
     * `describe(ir, vertex)`: what the compile table and viz show (`Description`);
       `describe_written(raw)` the same for a node of a spec that does not validate.
-    * `report(module)`: what training logs for the node after a forward pass.
+    * What training logs for a node comes from its runtime module: any part of it with a
+      `report()` method contributes to `GraphModel.report()` (the runtime knows no kinds).
     """
 
     name: ClassVar[str]
@@ -145,10 +146,6 @@ class NodeKind:
         """What viz can show of a node as written, when the spec does not validate: only what
         the raw mapping says, checked here, never trusted."""
         return Description()
-
-    def report(self, module: Any) -> dict[str, Any]:
-        report = getattr(module, "report", None)
-        return report() if callable(report) else {}
 
 
 @dataclass(frozen=True)
