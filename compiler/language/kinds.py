@@ -29,17 +29,15 @@ language sits below the IR in the pipeline (see `compiler.ir` for the records th
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 from compiler.language.capabilities import Capabilities
-from compiler.language.registry import ComponentField, kind_of
+from compiler.language.registry import ComponentField, kind_of, load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +214,7 @@ class KindRegistry:
         if self.loaded:
             return
         self.loaded = True
-        for module in BUILTINS:
-            importlib.import_module(module)
-        for point in entry_points(group=ENTRY_POINT_GROUP):
-            loaded = point.load()
-            if callable(loaded) and not isinstance(loaded, type):
-                loaded(self)
-            log.debug("loaded node kinds from %s", point.value)
+        load_plugins(self, BUILTINS, ENTRY_POINT_GROUP)
 
     def get(self, name: str) -> NodeKind:
         self.load()

@@ -165,18 +165,24 @@ class Registry:
         if self.loaded:
             return
         self.loaded = True
-        for module in BUILTINS:
-            importlib.import_module(module)
-        for point in entry_points(group=ENTRY_POINT_GROUP):
-            loaded = point.load()
-            if callable(loaded):
-                loaded(self)
-            log.debug("loaded components from %s", point.value)
+        load_plugins(self, BUILTINS, ENTRY_POINT_GROUP)
 
     def __iter__(self) -> Iterator[Component]:
         self.load()
         for members in self.families.values():
             yield from members.values()
+
+
+def load_plugins(registry: Any, builtins: tuple[str, ...], group: str) -> None:
+    """Import `builtins` (they register on import), then every installed entry point of `group`:
+    a module (registering on import) or a callable, which is given `registry`."""
+    for module in builtins:
+        importlib.import_module(module)
+    for point in entry_points(group=group):
+        loaded = point.load()
+        if callable(loaded) and not isinstance(loaded, type):
+            loaded(registry)
+        log.debug("loaded %s plugins from %s", group, point.value)
 
 
 REGISTRY = Registry()
