@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import compiler
+from compiler.passes.check_capabilities import model_capabilities
 from tests.conftest import GALLERY
 from tests.test_gallery import random_inputs
 
@@ -28,6 +29,9 @@ def test_gallery_matches_the_cpu_and_compiles_with_inductor_on_gpu(path):
         got = gpu(**{k: v.cuda() for k, v in inputs.items()})
     for name in expected:
         torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-3, atol=1e-3)
+    limits = model_capabilities(compiler.analyze(path))["fullgraph"]
+    if limits:  # the spec says it cannot be one graph, and why (an equilibrium solve)
+        pytest.skip("; ".join(limit.reason for limit in limits))
     compiled = torch.compile(gpu, fullgraph=True)
     gpu.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
