@@ -149,3 +149,23 @@ def test_an_installed_package_registers_its_kind_through_the_entry_point(tmp_pat
     validated = epicycle("validate", spec)
     assert validated.returncode == 0, validated.stdout + validated.stderr
     assert "ok" in validated.stdout
+
+
+def test_a_kind_that_does_not_say_how_it_is_built_and_counted_is_refused_at_registration():
+    from typing import Literal
+
+    from compiler.language.kinds import KindRegistry, NodeKind
+    from compiler.language.spec import SpecModel
+
+    class HalfSpec(SpecModel):
+        """A kind that forgot its hooks."""
+
+        kind: Literal["half"]
+
+    class Half(NodeKind):
+        Spec = HalfSpec
+
+        def plan(self, ir, vertex): ...
+
+    with pytest.raises(TypeError, match="must define build, flops_per_token, parameters"):
+        KindRegistry().add(Half)

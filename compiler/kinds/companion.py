@@ -246,10 +246,18 @@ class Companion(NodeKind):
 
         return GeoCompanion(config)
 
-    def flops_per_token(self, config: Any, parameters: int = 0, context: int = 0) -> int:
+    def parameters(self, config: Any) -> int:
+        """Counted from the module itself, built on the meta device (no storage)."""
+        import torch
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in self.build(config).parameters())
+
+    def flops_per_token(self, config: Any, *, context: int) -> int:
         """Every companion weight is used once a token (a multiply-add each), plus attention
-        across up to `context` tokens over the `lens_dim`-wide spectrum in each layer."""
-        return 2 * parameters + config.layers * 2 * 2 * context * config.lens_dim
+        across up to `context` tokens (the host's) over the `lens_dim`-wide spectrum in each
+        layer."""
+        return 2 * self.parameters(config) + config.layers * 2 * 2 * context * config.lens_dim
 
     def describe(self, ir: IR, vertex: str) -> Description:
         config = ir.graph.nodes[vertex]["config"]

@@ -29,6 +29,7 @@ language sits below the IR in the pipeline (see `compiler.ir` for the records th
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class Description:
     glyph: tuple | None = None
 
 
-class NodeKind:
+class NodeKind(abc.ABC):
     """The protocol every node kind fills in. Defaults suit a sub-model with no options of its own.
 
     * `Spec`: the pydantic model of the node in YAML (with `kind: Literal[name]`).
@@ -123,17 +124,19 @@ class NodeKind:
         None for a node without them."""
         return None
 
-    def plan(self, ir: Any, vertex: str) -> NodePlan:
-        raise NotImplementedError(f"node kind `{self.name}` has no plan hook")
+    # every kind must say how it is planned, built and counted: registration refuses one that
+    # does not (`REQUIRED_HOOKS`), so a missing count can never read as 0
+    @abc.abstractmethod
+    def plan(self, ir: Any, vertex: str) -> NodePlan: ...
 
-    def build(self, group: Any) -> Any:
-        raise NotImplementedError(f"node kind `{self.name}` has no build hook")
+    @abc.abstractmethod
+    def build(self, group: Any) -> Any: ...
 
-    def parameters(self, config: Any) -> int:
-        return 0
+    @abc.abstractmethod
+    def parameters(self, config: Any) -> int: ...
 
-    def flops_per_token(self, config: Any) -> int:
-        return 0
+    @abc.abstractmethod
+    def flops_per_token(self, config: Any) -> int: ...
 
     def describe(self, ir: Any, vertex: str) -> Description:
         config = ir.graph.nodes[vertex].get("config")
@@ -200,6 +203,12 @@ class KindRegistry:
             raise ValueError(
                 f"node kind `{name}` is already registered (by {type(self.kinds[name]).__name__}); "
                 "pass replace=True to override it"
+            )
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise TypeError(
+                f"node kind `{name}` ({cls.__name__}) must define {', '.join(missing)}: every "
+                "kind says how it is planned, built and counted (see NodeKind)"
             )
         cls.name = name
         self.kinds[name] = cls()

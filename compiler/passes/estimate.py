@@ -139,9 +139,9 @@ def estimate(ir: IR) -> IR:
         shared_parts["messages"] = sum(p.numel() for p in model.federation.messages.parameters())
     companions = {
         name: {
-            "parameters": (count := sum(p.numel() for p in module.parameters())),
+            "parameters": sum(p.numel() for p in module.parameters()),
             "flops_per_token": KINDS.get(ir.spec.nodes[name].kind).flops_per_token(
-                module.config, count, ir.facts.context
+                module.config, context=ir.facts.context
             ),
         }
         for name, module in model.companions.items()

@@ -140,6 +140,7 @@ def plan(ir: IR) -> IR:
     for name in names:
         vertex = node_id(name)
         planned[name] = KINDS.get(graph.nodes[vertex]["kind"]).plan(ir, vertex)
+        _check_plan(graph.nodes[vertex]["kind"], planned[name])
         graph.nodes[vertex]["config"] = planned[name].config
         reads[name] = tuple(
             (graph.nodes[u]["name"], graph.nodes[u]["width"])
@@ -220,6 +221,19 @@ def plan(ir: IR) -> IR:
     return ir.with_graph(graph).with_facts(
         federation=federation, address=address, companions=companions
     )
+
+
+def _check_plan(kind: str, planned: NodePlan) -> None:
+    """The runtime reads a node's `width` (bus projections, reads) and `heads` (a cross edge into
+    it) from its config: a kind whose plan leaves either out is a bug of that kind, said so."""
+    missing = [
+        f for f in ("width", "heads") if not isinstance(getattr(planned.config, f, None), int)
+    ]
+    if missing:
+        raise TypeError(
+            f"node kind `{kind}`'s plan returned a config without integer {' and '.join(missing)} "
+            f"({type(planned.config).__name__}); see NodePlan"
+        )
 
 
 def plan_observers(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tuple]:
