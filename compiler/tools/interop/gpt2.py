@@ -149,17 +149,17 @@ def load_gpt2_weights(
                     f"set `{setting}: {_yaml(want)}` to load GPT-2 weights",
                 )
             )
-    for setting, why in (
-        ("attention", "a lattice layout"),
-        ("variant", "a registered attention component"),
-        ("layer_settings", "per-layer variations"),
-    ):
-        lattice_choice = setting == "variant" and cfg.attention is not None
-        if getattr(cfg, setting) and not lattice_choice:  # a lattice is named once, above
+    chosen = {
+        # every attention but plain SDPA is a registered component, the lattice layout included
+        "attention": cfg.variant and f"the attention component `{cfg.variant.name}`",
+        "layer_settings": cfg.layer_settings and "per-layer variations",
+    }
+    for setting, what in chosen.items():
+        if what:
             problems.append(
                 Diagnostic(
-                    span("attention" if setting == "variant" else setting),
-                    f"node `{name}` uses {why}; GPT-2 has plain multi-head attention in every layer",
+                    span(setting),
+                    f"node `{name}` uses {what}; GPT-2 has plain multi-head attention in every layer",
                     "remove it to load GPT-2 weights",
                 )
             )
