@@ -124,7 +124,9 @@ def test_an_installed_package_registers_its_kind_through_the_entry_point(tmp_pat
         "[epicycle.kinds]\nfeedforward = throwaway_kinds:register\n"
     )
     spec = write_spec(SPEC)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    inherited = os.environ.get("PYTHONPATH", "")
+    path = os.pathsep.join(entry for entry in (str(site), str(ROOT), inherited) if entry)
+    env = {**os.environ, "PYTHONPATH": path}
     script = textwrap.dedent(
         """
         import sys

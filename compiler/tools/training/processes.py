@@ -75,10 +75,14 @@ def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
         unused = objective.model.federation.leaves_parameters_unused
         return DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=unused)
     if processes.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from runtime.transformer import Block, Transformer
 
+        # fully_shard's default mesh is on CUDA whenever a GPU is visible, even for a CPU run
+        kind = "cuda" if processes.device.startswith("cuda") else "cpu"
+        mesh = init_device_mesh(kind, (processes.world,))
         model = objective.model
         blocks_alone = not objective.fractals and not any(
             hasattr(m, "regularisation") for m in model.modules()
@@ -88,8 +92,8 @@ def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
                 if type(module) is Transformer:
                     for block in module.blocks:
                         if isinstance(block, Block):
-                            fully_shard(block)
-        fully_shard(objective)
+                            fully_shard(block, mesh=mesh)
+        fully_shard(objective, mesh=mesh)
         return objective
     return objective
 
