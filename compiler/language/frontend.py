@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
 from compiler.language.registry import TAG_PREFIX, ComponentField
 from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
+from compiler.language.templates import expand_templates
 from compiler.language.spec import SPEC_VERSION, Spec, _type_name
 
 MAX_REPORTED = 50
@@ -52,6 +53,7 @@ def load_spec_text(text: str, file: str = "<string>") -> LoadedSpec:
 
 
 def validate_document(doc: Document) -> LoadedSpec:
+    doc = expand_templates(doc)
     data, source = doc.data, doc.source
     if not isinstance(data, dict):
         raise SpecError(
