@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from runtime.federation.executor import Federation, GroupPlan
-from runtime.ports import check_context, concat_states
+from runtime.ports import TokenInput, check_context, concat_states
 
 if TYPE_CHECKING:
     from runtime.fractal.view import FractalView
@@ -213,6 +213,11 @@ class GraphModel(nn.Module):
         self._fractal_views: dict[str, FractalView] = {}
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
+        if self.federation.plan.time:  # inputs (batch, time, tokens, ...): step through them
+            values = self._bind(args, kwargs)
+            first = self._time_steps(values)
+            state = self.init_state(first.shape[0], first.shape[2])
+            return self.scan(state, **values)[1]
         states = self.federation(self._embed(args, kwargs))
         result = self.read_outputs(states)
         if self.companions:
@@ -224,6 +229,51 @@ class GraphModel(nn.Module):
                 observed[name] = (features, companion(features))
             self.companion_outputs = observed
         return result
+
+    def init_state(self, batch: int, tokens: int) -> tuple[Tensor, ...]:
+        """A time axis's state before the first step (`Federation.init_state`), on the model's
+        device, for `batch` sequences of `tokens` tokens per time step."""
+        weight = next(self.parameters())
+        return self.federation.init_state(batch, tokens, device=weight.device, dtype=weight.dtype)
+
+    def step(
+        self, state: tuple[Tensor, ...], *args: Tensor, **kwargs: Tensor
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        """One time step, for streaming: this step's inputs, `(batch, tokens)` ids or `(batch,
+        tokens, width)` features, and the state so far; the next state and this step's outputs."""
+        if not self.federation.plan.time:
+            raise TypeError("`step` runs a time axis, and this spec declares none (`time:`)")
+        outs, state = self.federation.step(self._embed(args, kwargs), state)
+        return state, self.read_outputs(outs)
+
+    def scan(
+        self, state: tuple[Tensor, ...], *args: Tensor, **kwargs: Tensor
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        """A run of time steps from `state`: inputs `(batch, time, ...)`, outputs `(batch, time,
+        ...)`, and the state after the last step (truncated backpropagation through time carries
+        it, detached, into the next chunk)."""
+        values = self._bind(args, kwargs)
+        steps = self._time_steps(values).shape[1]
+        per_step = []
+        for t in range(steps):
+            state, outputs = self.step(state, **{k: v[:, t] for k, v in values.items()})
+            per_step.append(outputs)
+        stacked = {name: torch.stack([o[name] for o in per_step], 1) for name in per_step[0]}
+        return state, stacked
+
+    def _time_steps(self, values: dict[str, Tensor]) -> Tensor:
+        """The first input, after checking every input has a time axis of the same length."""
+        for name, value in values.items():
+            per_step = 2 if isinstance(self.inputs[name], TokenInput) else 3
+            if value.dim() != per_step + 1:
+                shape = "(batch, time, tokens)" if per_step == 2 else "(batch, time, tokens, width)"
+                raise ValueError(
+                    f"input `{name}` has shape {tuple(value.shape)}; with a time axis it is {shape}"
+                )
+        lengths = {name: value.shape[1] for name, value in values.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"the inputs' time axes differ in length: {lengths}")
+        return next(iter(values.values()))
 
     def read_outputs(self, states: list[Tensor]) -> dict[str, Tensor]:
         """The spec's outputs by name from the federation's final states (per group)."""

@@ -11,12 +11,13 @@ from tests.conftest import GALLERY, ROOT
 
 
 def random_inputs(spec, batch: int = 2, tokens: int = 8) -> dict[str, torch.Tensor]:
+    lead = (batch, 3) if spec.time is not None else (batch,)  # a time axis: 3 time steps
     inputs = {}
     for name, inp in spec.inputs.items():
         if inp.kind == "tokens":
-            inputs[name] = torch.randint(0, inp.vocab, (batch, tokens))
+            inputs[name] = torch.randint(0, inp.vocab, (*lead, tokens))
         else:
-            inputs[name] = torch.randn(batch, tokens, inp.width)
+            inputs[name] = torch.randn(*lead, tokens, inp.width)
     return inputs
 
 

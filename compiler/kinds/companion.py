@@ -214,7 +214,9 @@ def _check_sizes(ir: IR, path: tuple, name: str, spec) -> list[Diagnostic]:
 class Companion(NodeKind):
     Spec = CompanionNode
     observer = True
-    capabilities = Capabilities(receives_messages=False, sends_messages=False, batched=False)
+    capabilities = Capabilities(
+        receives_messages=False, sends_messages=False, batched=False, time_steps=False
+    )
     graph_checks = (check_companions,)
     colour = "#2c7a7b"
 

@@ -255,7 +255,9 @@ class Fractal(TransformerKind):
     # Its levels run inside one module on the stream it reads: messages from other nodes would
     # reach level 0 only, leaving the sub-models and `residual` inert, so they are refused.
     Spec = FractalNode
-    capabilities = Capabilities(receives_messages=False, feedback=False, batched=False)
+    capabilities = Capabilities(
+        receives_messages=False, feedback=False, batched=False, time_steps=False
+    )
     colour = "#6b46c1"
 
     def transformer_settings(self, node: Any) -> tuple[Any, tuple]:

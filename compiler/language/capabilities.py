@@ -21,6 +21,7 @@ class Capabilities:
     feedback: bool = True  # on a cycle through delayed edges, iterated by `feedback:`
     in_fractal: bool = False  # usable inside a fractal's base (components)
     batched: bool = True  # same-shaped peers run as one call over stacked weights
+    time_steps: bool = True  # steps through a spec's time axis (`time:`), state carried
     onnx: bool = True  # `epicycle export -o model.onnx`
     export: bool = True  # `torch.export` (`epicycle export -o model.pt2`)
     fullgraph: bool = True  # `torch.compile(fullgraph=True)` captures it in one graph
@@ -41,6 +42,7 @@ CAPABILITY_HELP = {
     "feedback": "take part in a feedback loop",
     "in_fractal": "live inside a fractal",
     "batched": "batch with same-shaped peers",
+    "time_steps": "step through a time axis",
     "onnx": "export to ONNX",
     "export": "export with torch.export",
     "fullgraph": "compile with torch.compile(fullgraph=True)",

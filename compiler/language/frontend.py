@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
 from compiler.language.registry import TAG_PREFIX, ComponentField
 from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
-from compiler.language.templates import expand_templates
 from compiler.language.spec import SPEC_VERSION, Spec, _type_name
+from compiler.language.templates import expand_templates
 
 MAX_REPORTED = 50
 

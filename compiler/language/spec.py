@@ -464,6 +464,24 @@ class Feedback(SpecModel):
 # --------------------------------------------------------------------------- outputs
 
 
+class Time(SpecModel):
+    """A time axis: the model simulates a system step by step (docs/designs.md, design 000).
+
+    Every input arrives as a sequence of time steps, `(batch, time, tokens)` for tokens and
+    `(batch, time, tokens, width)` for features. Each time step is one step of the graph on that
+    step's inputs; a delayed edge reads the state its sender had `delay` time steps before (zero
+    before the first), so the federation's state carries from step t to t+1; every output is
+    produced per step, `(batch, time, ...)`. `model.init_state(batch, tokens)` and
+    `model.step(state, inputs) -> (state, outputs)` stream one step at a time, and the forward
+    over a whole sequence equals stepping through it."""
+
+    chunk: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
+        None,
+        description="Training: backpropagate through chunks of this many time steps, the state "
+        "carried (without its gradient) from one chunk to the next. Default: the whole sequence.",
+    )
+
+
 class LMHeadOutput(SpecModel):
     """Next-token logits `(batch, tokens, vocab)` over a tokens input's vocabulary."""
 
@@ -557,6 +575,11 @@ class Spec(SpecModel):
     nodes: Annotated[dict[Name, Node], Field(min_length=1, max_length=MAX_NODES)]
     edges: Annotated[list[Edge], Field(max_length=MAX_EDGES)] = []
     feedback: Feedback | None = None
+    time: Time | None = Field(
+        None,
+        description="A time axis: inputs are sequences of time steps, delayed edges carry the "
+        "state from one step to the next, outputs come per step (see `Time`).",
+    )
     outputs: Annotated[dict[Name, Output], Field(min_length=1, max_length=64)]
     train: Train = Train()
 

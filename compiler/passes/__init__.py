@@ -12,6 +12,7 @@ from compiler.passes.check_kinds import apply_kind_transforms, check_kinds
 from compiler.passes.check_reachability import check_reachability
 from compiler.passes.check_references import check_references
 from compiler.passes.check_shapes import check_shapes
+from compiler.passes.check_time import check_time
 from compiler.passes.check_training import check_training
 from compiler.passes.estimate import estimate
 from compiler.passes.infer_widths import infer_widths
@@ -27,6 +28,7 @@ CHECKS = (
     check_capabilities,
     check_cycles,
     check_feedback,
+    check_time,
     check_reachability,
     check_training,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "check_reachability",
     "check_references",
     "check_shapes",
+    "check_time",
     "check_training",
     "estimate",
     "infer_widths",

@@ -131,6 +131,13 @@ def model_capabilities(ir: IR) -> dict[str, list[Limit]]:
                     "generator, an operator ONNX has no counterpart for",
                 )
             )
+    if ir.spec.time is not None:
+        why = "a time axis steps through the sequence one time step at a time"
+        for name, reason in (
+            ("onnx", f"{why}; an exported graph would hold one fixed number of steps"),
+            ("export", f"{why}; an exported program would hold one fixed number of steps"),
+        ):
+            limits[name].append(Limit(("time",), reason))
     feedback = ir.spec.feedback
     if feedback is not None and feedback.mode == "equilibrium":
         where = ("feedback", "mode")

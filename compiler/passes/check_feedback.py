@@ -22,7 +22,7 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                     "add `delay: 1`: a feedback edge reads the previous step's state",
                 )
             )
-        elif edge.delay and feedback is None:
+        elif edge.delay and feedback is None and spec.time is None:  # time: check_time
             found.append(
                 ir.error(
                     ("edges", i, "delay"),

@@ -209,6 +209,7 @@ def plan(ir: IR) -> IR:
         tolerance=float(feedback.tolerance) if feedback and feedback.tolerance else 1e-4,
         lipschitz=float(feedback.lipschitz) if feedback and feedback.lipschitz else None,
         power_iterations=(feedback.power_iterations or 4) if feedback else 4,
+        time=spec.time is not None,
     )
     address = {}
     for g, group in enumerate(federation.groups):

@@ -79,6 +79,7 @@ class FederationPlan:
     lipschitz: float | None = None  # equilibrium: bound on the Jacobian's spectral norm at z*
     power_iterations: int = 4  # per measurement, for `lipschitz`
     perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
+    time: bool = False  # a time axis: each step reads its own inputs; `step` carries the state
 
     @property
     def groups(self) -> tuple[GroupPlan, ...]:
@@ -237,6 +238,31 @@ class Federation(nn.Module):
         if finite:
             raise_if_not_finite(torch.stack(finite), "feedback step", plan.nodes)
         return outs
+
+    def init_state(
+        self,
+        batch: int,
+        tokens: int,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, ...]:
+        """The state before the first time step: the buses the delayed edges read, newest first,
+        all zero (nothing was sent before the first step). Empty without delayed edges."""
+        if not self.has_bus or not self.max_delay:
+            return ()
+        shape = (batch, tokens, len(self.plan.nodes), self.plan.bus_width)
+        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.max_delay))
+
+    def step(
+        self, embedded: dict[str, Tensor], state: tuple[Tensor, ...]
+    ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
+        """One time step of a time axis: this step's inputs and the state `init_state` or the
+        previous step gave; the final states per group, and the state for the next step."""
+        outs, bus = self._step(embedded, list(state))
+        if bus is not None and self.max_delay:
+            state = (bus, *state)[: self.max_delay]
+        return outs, state
 
     def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
         """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""

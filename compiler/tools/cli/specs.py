@@ -274,10 +274,12 @@ def _random_inputs(ir, tokens: int, device: str) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(ir.spec.seed)
+    lead = (2, 3) if ir.spec.time is not None else (2,)  # a time axis: 3 time steps
     inputs = {}
     for name, spec in ir.spec.inputs.items():
         if spec.kind == "tokens":
-            inputs[name] = torch.randint(0, spec.vocab, (2, tokens), generator=generator).to(device)
+            shape = (*lead, tokens)
+            inputs[name] = torch.randint(0, spec.vocab, shape, generator=generator).to(device)
         else:
-            inputs[name] = torch.randn(2, tokens, spec.width, generator=generator).to(device)
+            inputs[name] = torch.randn(*lead, tokens, spec.width, generator=generator).to(device)
     return inputs
