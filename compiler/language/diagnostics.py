@@ -10,7 +10,7 @@ never does.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Severity = Literal["error", "warning"]
@@ -23,6 +23,8 @@ class Span:
     file: str
     line: int
     col: int
+    # where the file was included from, when a sub-graph's spec file holds this position
+    via: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -37,6 +39,8 @@ class Diagnostic:
 
     def format(self) -> str:
         text = f"{self.span}: {self.severity}: {self.message}"
+        if self.span.via:
+            text += f" ({self.span.via})"
         if self.hint:
             text += f"\n  help: {self.hint}"
         return text

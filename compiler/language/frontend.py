@@ -21,7 +21,7 @@ from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
 from compiler.language.registry import TAG_PREFIX, ComponentField
 from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
 from compiler.language.spec import SPEC_VERSION, Spec, _type_name
-from compiler.language.templates import expand_templates
+from compiler.language.subgraphs import expand
 
 MAX_REPORTED = 50
 
@@ -53,7 +53,7 @@ def load_spec_text(text: str, file: str = "<string>") -> LoadedSpec:
 
 
 def validate_document(doc: Document) -> LoadedSpec:
-    doc = expand_templates(doc)
+    doc = expand(doc)  # templates and sub-graphs, before anything is validated
     data, source = doc.data, doc.source
     if not isinstance(data, dict):
         raise SpecError(

@@ -71,7 +71,12 @@ Real = Annotated[float, BeforeValidator(_real_number)]
 Name = Annotated[
     str,
     Strict(),
-    StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$", max_length=64),
+    # a dot joins a sub-graph's name and the names inside it (`g.b1`); the front end refuses a
+    # dot written by hand, so only the flattening of `kind: graph` makes such names
+    StringConstraints(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}(\.[A-Za-z_][A-Za-z0-9_\-]{0,63})*$",
+        max_length=256,
+    ),
 ]
 Width = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
 Heads = Annotated[Int, Field(ge=1, le=MAX_HEADS)]

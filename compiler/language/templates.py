@@ -60,6 +60,7 @@ class _Reference:
     template: Template | None
     offset: int = 0
     plain: str = ""
+    suffix: str = ""  # a path into the copy, when it is a sub-graph: `.follower` of `g{i}.follower`
 
     def at(self, i: int, wrap: bool) -> str | None:
         if self.template is None:
@@ -69,7 +70,7 @@ class _Reference:
             index %= self.template.count
         elif not 0 <= index < self.template.count:
             return None
-        return self.template.copy(index)
+        return self.template.copy(index) + self.suffix
 
 
 def expand_templates(doc: Document) -> Document:
@@ -306,7 +307,10 @@ def _reference(
         )
     sign, digits = match.groups()
     offset = int(digits or 0) * (-1 if sign == "-" else 1)
-    key = _PLACEHOLDER.sub("{i}", name)
+    written = _PLACEHOLDER.sub("{i}", name)
+    # `g{i}.follower`: copy i of the repeated sub-graph `g{i}`, then its node `follower`
+    cut = written.find(".", written.index("{i}"))
+    key, suffix = (written, "") if cut < 0 else (written[:cut], written[cut:])
     template = templates.get(key)
     if template is None:
         raise SpecError(
@@ -318,7 +322,7 @@ def _reference(
                 )
             ]
         )
-    return _Reference(template, offset)
+    return _Reference(template, offset, suffix=suffix)
 
 
 def _pattern_edges(
