@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from runtime.federation.executor import Federation, GroupPlan
+from runtime.names import NamedModules
 from runtime.ports import TokenInput, check_context, concat_states
 
 if TYPE_CHECKING:
@@ -194,14 +195,14 @@ class GraphModel(nn.Module):
     ):
         """`kinds`: each node's spec `kind` (by default read from `spec`, which the compiler sets)."""
         super().__init__()
-        self.inputs = nn.ModuleDict(inputs)
+        self.inputs = NamedModules(inputs)
         self.federation = federation
-        self.outputs = nn.ModuleDict(outputs)
+        self.outputs = NamedModules(outputs)
         self.wiring = wiring
         # Companions observe node states and add a training term; they send nothing,
         # so the outputs never depend on them. Their results of the latest forward pass are kept in
         # `companion_outputs` (name -> (features read, CompanionOutput)) for the loss and metrics.
-        self.companions = nn.ModuleDict(companions or {})
+        self.companions = NamedModules(companions or {})
         self.companion_wiring = companion_wiring or {}
         self.companion_outputs: dict[str, tuple[Tensor, Any]] = {}
         self.input_names = tuple(inputs)

@@ -15,6 +15,11 @@ The first gear declared is the driver and turns once (unless it sets `ratio`); e
 propagate breadth-first from all of these; reaching a gear a
 second time with a different velocity means two paths through the mechanism disagree, which is
 reported with both paths and both products. Rotation direction is not modelled: ratios are magnitudes.
+
+Every velocity, and every ratio derived from two of them, is held to the size bound of written
+ratios (`rational.MAX_BITS`): a product along a long train, or the reciprocal met walking a tiny
+ratio backwards, that grows past it is refused at the edge where it does, and is not propagated
+further, so the exact arithmetic stays small and every velocity converts to a finite float.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from compiler.ir import IR, Declared, node_id
 from compiler.kinds.transformer import TransformerKind, transformer_config_of
 from compiler.language.diagnostics import Diagnostic
 from compiler.language.kinds import Capabilities, Description, NodePlan, kind
-from compiler.language.rational import PositiveRational
+from compiler.language.rational import PositiveRational, size_problem
 from compiler.language.spec import InputNames, Int, Name, TransformerSettings
 
 TRAIN_KINDS = ("mesh", "arbor", "pin_slot")
@@ -117,7 +122,7 @@ def solve_trains(ir: IR) -> tuple[dict[str, Fraction], list[Diagnostic]]:
         if factor is not None:
             constraints.add_edge(a, b, factor=factor, source=a, index=edge["index"])
 
-    velocity: dict[str, Fraction] = {}
+    velocity: dict[str, Fraction | None] = {}  # None: reached, but too large to keep
     route: dict[str, Route] = {}
     order = {name: i for i, name in enumerate(gears)}
     reported: set[int] = set()
@@ -143,9 +148,15 @@ def solve_trains(ir: IR) -> tuple[dict[str, Fraction], list[Diagnostic]]:
                 step = Route(
                     (*route[here].gears, there), (*route[here].factors, factor), route[here].origin
                 )
-                if there not in velocity:
+                if there not in velocity and (problem := size_problem(value)) is not None:
+                    found.append(_too_large(ir, data["index"], there, step, problem))
+                    reported.add(data["index"])
+                    velocity[there], route[there] = None, step  # reached: not walked again
+                elif there not in velocity:
                     velocity[there], route[there] = value, step
                     queue.append(there)
+                elif velocity[there] is None:
+                    continue
                 elif velocity[there] != value and data["index"] not in reported:
                     reported.add(data["index"])
                     found.append(
@@ -157,7 +168,42 @@ def solve_trains(ir: IR) -> tuple[dict[str, Fraction], list[Diagnostic]]:
                             "(use `kind: message` for an edge that carries messages but no motion)",
                         )
                     )
+    velocity = {g: v for g, v in velocity.items() if v is not None}
+    for index, _, _, ratio in _derived_ratios(ir, velocity):
+        if (problem := size_problem(ratio)) is not None:
+            found.append(
+                ir.error(
+                    ("edges", index),
+                    f"the ratio this edge derives from its gears' velocities {problem}",
+                    "give the edge an explicit `ratio`, or bring the two gears' velocities closer",
+                )
+            )
     return velocity, found
+
+
+def _too_large(ir: IR, index: int, gear: str, step: Route, problem: str) -> Diagnostic:
+    return ir.error(
+        ("edges", index),
+        f"the velocity of `{gear}` along this edge, via {_short(step)}, {problem}",
+        "use smaller tooth counts or ratios along this train, or pin the gear with its own `ratio`",
+    )
+
+
+def _short(step: Route) -> str:
+    """The route's gears, elided in the middle when long: the products are what is too large."""
+    gears = [f"`{g}`" for g in step.gears]
+    return " -> ".join(gears if len(gears) <= 6 else [*gears[:3], "...", *gears[-2:]])
+
+
+def _derived_ratios(ir: IR, velocity: dict[str, Fraction]):
+    """(edge index, from vertex, key, ratio) for each edge between gears that leaves `ratio` unset."""
+    graph = ir.graph
+    for u, v, key, edge in graph.edges(keys=True, data=True):
+        if edge["role"] != "edge" or edge["ratio"] is not None:
+            continue
+        a, b = velocity.get(graph.nodes[u].get("name")), velocity.get(graph.nodes[v].get("name"))
+        if a is not None and b is not None:
+            yield edge["index"], (u, v), key, b / a
 
 
 def check_gear_trains(ir: IR) -> list[Diagnostic]:
@@ -170,12 +216,8 @@ def derive_gear_ratios(ir: IR) -> IR:
     graph = ir.graph.copy()
     for name, value in velocity.items():
         graph.nodes[node_id(name)]["velocity"] = value
-    for u, v, key, edge in graph.edges(keys=True, data=True):
-        if edge["role"] != "edge" or edge["ratio"] is not None:
-            continue
-        a, b = graph.nodes[u].get("velocity"), graph.nodes[v].get("velocity")
-        if a is not None and b is not None:
-            graph.edges[u, v, key]["ratio"] = b / a
+    for _, (u, v), key, ratio in _derived_ratios(ir, velocity):
+        graph.edges[u, v, key]["ratio"] = ratio
     return ir.with_graph(graph)
 
 

@@ -10,6 +10,11 @@ descent over a token list and can only ever produce a `fractions.Fraction`. Noth
     NUMBER := DIGITS ("." DIGITS?)? | "." DIGITS
 
 Limits (length, nesting, digits, size of the result) keep a hostile ratio from costing anything.
+The size bound holds for every exact rational the compiler keeps, written or derived (a gear's
+velocity is a product along its train): numerator and denominator of at most `MAX_BITS` bits, so
+any such value converts to a finite, non-zero float (2**±256 is far inside a double's range).
+A number written with an exponent (`1e-99999999`, which YAML reads as a float) is refused by its
+exponent before any exact value is built, since `Fraction` would build 10**99999999 first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ MAX_TEXT = 200
 MAX_NESTING = 16
 MAX_DIGITS = 30
 MAX_BITS = 256
+# Past this decimal exponent no number of MAX_DIGITS digits has a value within MAX_BITS bits
+# (10**-90 needs 299), so the exponent alone refuses it, before 10**exponent is ever built.
+MAX_EXPONENT = 120
+
+_DECIMAL = re.compile(r"^[-+]?(?P<digits>[0-9]*\.?[0-9]*)(?:[eE](?P<exponent>[-+]?[0-9]+))?$")
 
 _TOKEN = re.compile(r"\s*(?:(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)|(?P<op>[*/()\-]))")
 
@@ -125,8 +135,54 @@ class _Parser:
 
 
 def _check_size(value: Fraction, offset: int) -> None:
-    if value.numerator.bit_length() > MAX_BITS or value.denominator.bit_length() > MAX_BITS:
-        raise RationalSyntaxError("the ratio's numerator or denominator is too large", offset)
+    problem = size_problem(value)
+    if problem is not None:
+        raise RationalSyntaxError(f"the ratio {problem}", offset)
+
+
+def size_problem(value: Fraction) -> str | None:
+    """Why `value` is beyond the size every exact rational is held to, or None if it is within.
+
+    Worded to follow "the ratio" or "the velocity": callers name the quantity."""
+    bits = max(abs(value.numerator).bit_length(), value.denominator.bit_length())
+    if bits <= MAX_BITS:
+        return None
+    return (
+        f"needs a numerator or denominator of {bits} bits, more than the {MAX_BITS} allowed "
+        f"(about {MAX_BITS * 30103 // 100000} decimal digits)"
+    )
+
+
+def _decimal_problem(text: str) -> str | None:
+    """A float's text is refused on its digits and exponent before it becomes a `Fraction`."""
+    match = _DECIMAL.match(text.strip())
+    if match is None:
+        return None
+    digits = len(match["digits"].replace(".", "").lstrip("0"))
+    if digits > MAX_DIGITS:
+        return f"a number with more than {MAX_DIGITS} digits"
+    exponent = match["exponent"]
+    if exponent is not None and (len(exponent) > 6 or abs(int(exponent)) > MAX_EXPONENT):
+        return (
+            f"an exponent beyond ±{MAX_EXPONENT}: a ratio must fit a numerator and denominator "
+            f"of {MAX_BITS} bits"
+        )
+    return None
+
+
+def _bounded(value: Fraction, text: str) -> Fraction:
+    problem = size_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(
+            "rational_size",
+            "the ratio `{text}` {problem}",
+            {"text": _shown(text), "problem": problem},
+        )
+    return value
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def to_rational(value: Any) -> Fraction:
@@ -138,17 +194,27 @@ def to_rational(value: Any) -> Fraction:
             "rational_type", "expected a ratio such as `223/19` or `13.368`, got a boolean"
         )
     if isinstance(value, int):
-        return Fraction(value)
+        return _bounded(Fraction(value), str(value))  # the reader bounds an integer's digits
     if isinstance(value, float):
         text = getattr(value, "text", None) or repr(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise PydanticCustomError(
-                "rational_finite", "a ratio must be a finite number, got `{text}`", {"text": text}
+                "rational_finite",
+                "a ratio must be a finite number, got `{text}`",
+                {"text": _shown(text)},
+            )
+        problem = _decimal_problem(text)
+        if problem is not None:
+            raise PydanticCustomError(
+                "rational_syntax",
+                "invalid ratio `{text}`: {problem}",
+                {"text": _shown(text), "problem": problem},
             )
         try:
-            return Fraction(text)
+            exact = Fraction(text)
         except (ValueError, ZeroDivisionError):
-            return Fraction(value)
+            exact = Fraction(value)
+        return _bounded(exact, text)
     if isinstance(value, str):
         try:
             return parse_rational(value)
@@ -156,7 +222,7 @@ def to_rational(value: Any) -> Fraction:
             raise PydanticCustomError(
                 "rational_syntax",
                 "invalid ratio `{text}`: {problem} (at character {offset})",
-                {"text": value, "problem": exc.message, "offset": exc.offset + 1},
+                {"text": _shown(value), "problem": exc.message, "offset": exc.offset + 1},
             ) from None
     raise PydanticCustomError(
         "rational_type",

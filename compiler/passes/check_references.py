@@ -28,6 +28,16 @@ def check_references(ir: IR) -> list[Diagnostic]:
                 edge = spec.edges[path[1]]
                 target = (*path, "from") if edge.source == data["name"] else (*path, "to")
             found.append(ir.error(target, f"no {what} named `{data['name']}`", hint))
+    if "self" in spec.inputs:  # `model(self=...)` binds the model: Python refuses the call
+        found.append(
+            ir.error(
+                ("inputs", "self"),
+                "`self` cannot name an input: a model takes its inputs by name "
+                "(`model(self=...)`), and Python gives `self` to the model itself",
+                "rename the input (any other name works, `forward` and `to` included)",
+                key=True,
+            )
+        )
     if len(spec.inputs) > 1:
         for _, data in ir.vertices("node"):
             if data["spec"].input is None:

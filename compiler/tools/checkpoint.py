@@ -15,15 +15,27 @@ training state from different saves are never paired.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import safetensors
 import safetensors.torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from torch import Tensor
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
@@ -117,7 +129,39 @@ def read_checkpoint_spec(path: str | Path) -> tuple[str, dict[str, str]]:
                 )
             ]
         )
+    _check_spec_digest(shown, metadata)
     return metadata["spec"], metadata
+
+
+def spec_digest(text: str) -> str:
+    """The SHA-256 a checkpoint records for its spec (as `LoadedSpec.digest` computes it)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_spec_digest(shown: str, metadata: dict[str, str]) -> None:
+    """The header's spec must be the one the weights were saved from: its recorded SHA-256 is
+    compared on every read (load, resume, export), so an edited header is never compiled."""
+    recorded = metadata.get("spec_sha256")
+    found = spec_digest(metadata["spec"])
+    if recorded == found:
+        return
+    what = (
+        "records no spec sha256"
+        if not recorded
+        else f"records spec sha256 {recorded[:12]}..., but its embedded spec hashes to "
+        f"{found[:12]}...: the spec in the header was edited after the weights were saved"
+    )
+    raise SpecError(
+        [
+            _error(
+                shown,
+                f"this checkpoint {what}",
+                "weights are only loaded into the spec that made them: use an unedited copy of "
+                "the checkpoint, or compile the changed spec and train it (`epicycle compile "
+                "SPEC --out DIR`, `epicycle train`)",
+            )
+        ]
+    )
 
 
 def load_checkpoint(path: str | Path, *, device: str | None = None) -> GraphModel:
@@ -136,6 +180,7 @@ def load_checkpoint(path: str | Path, *, device: str | None = None) -> GraphMode
 def load_weights(model: GraphModel, path: str | Path, *, device: str | None = None) -> None:
     """Load a checkpoint's weights into `model`, strictly: every tensor present, none extra."""
     weights = _weights_path(path)
+    read_checkpoint_spec(weights)  # the header first: a readable checkpoint of an unedited spec
     try:
         missing, unexpected = safetensors.torch.load_model(
             model, str(weights), strict=False, device=device or "cpu"
@@ -234,6 +279,19 @@ def read_training_state(directory: str | Path) -> TrainingState:
         ) from None
     if header.get("format") != TRAINING_FORMAT:
         raise SpecError([_error(shown, "this safetensors file is not an epicycle training state")])
+    problems = training_state_problems(step, state, tensors)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise SpecError(
+            [
+                _error(
+                    shown,
+                    f"the training state is damaged: {'; '.join(problems[:3])}{more}",
+                    "the file was edited or written by another program; resume from an earlier "
+                    "checkpoint, or train a new run",
+                )
+            ]
+        )
     if header.get("save_id") != weights_header.get("save_id"):
         raise SpecError(
             [
@@ -246,6 +304,155 @@ def read_training_state(directory: str | Path) -> TrainingState:
             ]
         )
     return TrainingState(step, state, tensors)
+
+
+class _StoredModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StoredData(_StoredModel):
+    """Which text the run read, and how far."""
+
+    file: StrictStr
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    position: Annotated[StrictInt, Field(ge=0)]
+    train_characters: Annotated[StrictInt, Field(ge=0)]
+
+
+class StoredRng(_StoredModel):
+    """How many processes saved their generator states (`rng/<rank>/cpu` tensors)."""
+
+    world: Annotated[StrictInt, Field(ge=1)]
+
+
+Number = StrictInt | StrictFloat
+Scalar = Number | StrictBool | None
+
+
+class StoredTuple(_StoredModel):
+    """A tuple as `TrainingState.pack` stores it (`betas`)."""
+
+    items: Annotated[list[Scalar], Field(alias="$tuple")]
+
+
+Setting = Scalar | StrictStr | list[Scalar | StrictStr] | StoredTuple
+
+
+class StoredParamGroup(BaseModel):
+    """An optimizer's parameter group by parameter name; its hyper-parameters vary by optimizer,
+    but each is a number, a flag, a word or a list of numbers (`betas`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    __pydantic_extra__: dict[str, Setting]
+    params: list[StrictStr]
+    lr: Number
+
+
+class StoredSchedule(BaseModel):
+    """A learning-rate schedule's state (`LRScheduler.state_dict()`): its counters are whole
+    numbers and its rates numbers; the schedule's own settings are plain values."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    __pydantic_extra__: dict[str, Setting]
+    last_epoch: StrictInt
+    step_count: Annotated[StrictInt, Field(alias="_step_count")]
+    base_lrs: list[Number]
+    last_lr: Annotated[list[Number], Field(alias="_last_lr")]
+
+
+class StoredOptimizer(_StoredModel):
+    """An optimizer state dict keyed by parameter name (every strategy writes the same shape)."""
+
+    state: dict[str, dict[str, Any]]
+    param_groups: list[StoredParamGroup]
+
+
+class StoredTrainingState(_StoredModel):
+    """The JSON of a training state (`TrainingState.state`) as `epicycle train` writes it: read
+    through this model, a field of the wrong type is a clear refusal instead of a crash later."""
+
+    vocabulary: Annotated[StrictStr, Field(min_length=1)]
+    data: StoredData
+    settings: dict[str, Any]
+    rng: StoredRng
+    optimizer: StoredOptimizer
+    schedule: StoredSchedule
+
+
+def training_state_problems(step: int, state: Any, tensors: dict[str, Tensor]) -> list[str]:
+    """What is wrong with a training state read from disk, in words; empty when it is sound."""
+    if step < 0:
+        return [f"the step is {step}"]
+    try:
+        StoredTrainingState.model_validate(state)
+    except ValidationError as exc:
+        return list(dict.fromkeys(_validation_problem(e, state) for e in exc.errors()))
+    problems = list(_reference_problems(state, tensors, "state"))
+    for rank in range(state["rng"]["world"]):
+        if f"rng/{rank}/cpu" not in tensors:
+            problems.append(f"the random state of process {rank} (`rng/{rank}/cpu`) is missing")
+    return problems
+
+
+def _validation_problem(error: dict[str, Any], state: Any) -> str:
+    """One pydantic error in the state's own terms: the path into the JSON (without the type
+    tags pydantic adds for each member of a union) and what was found there."""
+    where, value = ["state"], state
+    for part in error["loc"]:
+        inside = isinstance(value, dict) and part in value
+        inside = inside or (isinstance(value, list) and isinstance(part, int) and part < len(value))
+        if not inside:
+            break
+        where.append(str(part))
+        value = value[part]
+    shown = ".".join(where)
+    if error["type"] == "missing":
+        return f"`{shown}.{error['loc'][-1]}` is missing"
+    if error["type"] == "extra_forbidden":
+        return f"`{shown}` is not a field of a training state"
+    return f"`{shown}` has the wrong type ({_json_type(value)})"
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+    names.update({int: "a number", float: "a number", type(None): "null"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _reference_problems(value: Any, tensors: dict[str, Tensor], where: str) -> Iterator[str]:
+    """Every `$tensor` reference names a stored tensor; `$items` and `$tuple` hold lists."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _reference_problems(item, tensors, f"{where}.{i}")
+        return
+    if not isinstance(value, dict):
+        return
+    if "$tensor" in value:
+        key = value["$tensor"]
+        if not isinstance(key, str) or len(value) != 1:
+            yield f"`{where}` is not a tensor reference"
+        elif key not in tensors:
+            yield f"the tensor `{key}` (at `{where}`) is missing"
+        return
+    for tag, what in (("$items", "mapping"), ("$tuple", "tuple")):
+        if tag not in value:
+            continue
+        items = value[tag]
+        sound = len(value) == 1 and isinstance(items, list)
+        if not sound or (tag == "$items" and not all(map(_is_item, items))):
+            yield f"`{where}` is not a stored {what}"
+            return
+        for i, item in enumerate(items):
+            inner = item[1] if tag == "$items" else item
+            yield from _reference_problems(inner, tensors, f"{where}.{i}")
+        return
+    for key, item in value.items():
+        yield from _reference_problems(item, tensors, f"{where}.{key}")
+
+
+def _is_item(pair: Any) -> bool:
+    """A `$items` entry: a key (of a mapping whose keys are not all names) and its value."""
+    return isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str | int | float)
 
 
 def _flatten(value: Any, path: str, tensors: dict[str, Tensor]) -> Any:

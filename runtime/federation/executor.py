@@ -38,6 +38,7 @@ from runtime.federation.equilibrium import (
 )
 from runtime.federation.messages import stage_edges
 from runtime.layers import MemberLinear
+from runtime.names import NamedModules
 from runtime.perspective import Perspective, apply_frames
 from runtime.transformer import TransformerConfig
 
@@ -116,7 +117,7 @@ class Federation(nn.Module):
             for name in {p for p in g.perspectives if p is not None}:
                 for inp, width in g.inputs:
                     frames.setdefault(name, {})[inp] = Perspective(kinds[name], width)
-        self.perspectives = nn.ModuleDict({k: nn.ModuleDict(v) for k, v in frames.items()})
+        self.perspectives = NamedModules({k: NamedModules(v) for k, v in frames.items()})
         self.reads = nn.ModuleList(
             nn.ModuleList(_projection(len(g.nodes), width, g.config.width) for _, width in g.inputs)
             for g in groups
