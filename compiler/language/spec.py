@@ -480,11 +480,6 @@ class Time(SpecModel):
     `model.step(state, inputs) -> (state, outputs)` stream one step at a time, and the forward
     over a whole sequence equals stepping through it."""
 
-    chunk: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
-        None,
-        description="Training: backpropagate through chunks of this many time steps, the state "
-        "carried (without its gradient) from one chunk to the next. Default: the whole sequence.",
-    )
 
 
 class LMHeadOutput(SpecModel):
