@@ -466,9 +466,6 @@ class Feedback(SpecModel):
     )
 
 
-# --------------------------------------------------------------------------- outputs
-
-
 class Time(SpecModel):
     """A time axis: the model simulates a system step by step (docs/designs.md, design 000).
 
@@ -480,6 +477,8 @@ class Time(SpecModel):
     `model.step(state, inputs) -> (state, outputs)` stream one step at a time, and the forward
     over a whole sequence equals stepping through it."""
 
+
+# --------------------------------------------------------------------------- outputs
 
 
 class LMHeadOutput(SpecModel):
