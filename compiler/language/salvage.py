@@ -46,6 +46,7 @@ class Withheld:
 
     paths: frozenset[PathKey] = frozenset()
     node_kinds: frozenset[str] = frozenset()  # the `kind` written on each withheld node, if any
+    written: tuple[tuple[str, tuple[str, ...]], ...] = ()  # each section's names, as written
 
     def __bool__(self) -> bool:
         return bool(self.paths)
@@ -62,6 +63,11 @@ class Withheld:
             return True
         entries = [str(p[1]) for p in self.paths if len(p) == 2 and p[0] == section]
         return did_you_mean(name, entries) is not None or not all(map(_is_name, entries))
+
+    def names(self, section: str, validated: Iterable[str]) -> list[str]:
+        """The names `section` holds as written (withheld ones too), for a help line."""
+        written = dict(self.written).get(section)
+        return list(validated) if written is None else [n for n in written if _is_name(n)]
 
     def any(self, section: str) -> bool:
         """Whether anything in `section` was withheld."""
@@ -206,7 +212,15 @@ def salvage(
     return Salvaged(
         data=values,
         source=_renumbered(source, kept_indices),
-        withheld=Withheld(frozenset(withheld), _written_kinds(data.get("nodes"), withheld)),
+        withheld=Withheld(
+            frozenset(withheld),
+            _written_kinds(data.get("nodes"), withheld),
+            tuple(
+                (section, tuple(map(str, data[section])))
+                for section in NAMED_SECTIONS
+                if isinstance(data.get(section), dict)
+            ),
+        ),
     )
 
 

@@ -15,7 +15,7 @@ def check_references(ir: IR) -> list[Diagnostic]:
         section = vertex.split(".", 1)[0]
         if ir.withheld.may_name(section, data["name"]):
             continue  # it may name what is written but failed validation: reported there
-        known = spec.inputs if section == "inputs" else spec.nodes
+        known = ir.withheld.names(section, spec.inputs if section == "inputs" else spec.nodes)
         what = "input" if section == "inputs" else "node"
         guess = did_you_mean(data["name"], known)
         hint = (
