@@ -23,10 +23,11 @@ check_order((*TRANSFORMS_BEFORE_CHECKS, *CHECKS, *TRANSFORMS_AFTER_CHECKS))
 if TYPE_CHECKING:
     import torch
 
+    from compiler.language.overrides import Override
     from runtime.model import GraphModel
 
 
-def analyze(source: str | Path | LoadedSpec, *, overrides: Sequence[str] = ()) -> IR:
+def analyze(source: str | Path | LoadedSpec, *, overrides: Sequence[str | Override] = ()) -> IR:
     """Load, validate, check, plan and estimate a spec without allocating any weight.
 
     `overrides` (`"nodes.sun.width=64"`, see `compiler.language.overrides`) set fields of the
@@ -64,7 +65,7 @@ def build_model(
     *,
     device: str | torch.device | None = None,
     budget: int | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str | Override] = (),
 ) -> GraphModel:
     """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached).
 
@@ -77,6 +78,8 @@ def build_model(
     from compiler.lower import lower
     from compiler.resources import check_resources
 
+    if isinstance(source, IR) and overrides:
+        raise TypeError("overrides apply to a spec file or text, not to an analysed IR")
     ir = source if isinstance(source, IR) else analyze(source, overrides=overrides)
     if budget != 0:
         check_resources(ir, device=str(device) if device is not None else None, budget=budget)
