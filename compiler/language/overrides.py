@@ -129,9 +129,15 @@ def apply_overrides(
     parsed = parse_overrides(overrides)
     data = copy.deepcopy(doc.data)
     source = SourceMap(doc.source.file, dict(doc.source.key_spans), dict(doc.source.value_spans))
-    for override in parsed:
-        value, spans = _parse_value(override)
-        data = _set(data, source, override, value, spans)
+    problems = []
+    for override in parsed:  # every override's own mistakes at once
+        try:
+            value, spans = _parse_value(override)
+            data = _set(data, source, override, value, spans)
+        except SpecError as exc:
+            problems += exc.diagnostics
+    if problems:
+        raise SpecError(problems)
     texts = tuple(o.text for o in parsed)
     return Document(
         data=data, source=source, text=effective_text(data, doc.source.file, texts)
