@@ -103,3 +103,49 @@ def test_two_independent_mistakes_are_both_reported_and_nothing_else(p: str, q: 
     together = reported(spec_text(p=p, q=q))
     assert len(together) == len(set(together)), together
     assert set(together) == alone
+
+
+# --------------------------------------------------------------------------- what stops, what goes on
+
+LOOP = """name: loop
+inputs:
+  tokens: {kind: tokens, vocab: 17, context: 16}
+nodes:
+  a: {kind: transformer, width: 32}
+  b: {kind: transformer, width: 32}
+edges:
+  - {from: a, to: b}
+  - {from: b, to: a}
+outputs:
+  logits: {from: b, kind: lm_head}
+"""
+
+
+def test_a_missing_version_line_does_not_hide_the_rest():
+    assert [m.split(": error: ")[1].split("\n")[0] for m in reported(LOOP)] == [
+        "missing `spec:` (the spec language version)",
+        "these edges form a loop with no delay: a -> b -> a",
+    ]
+
+
+def test_an_unsupported_version_stops_there():
+    (message,) = reported("spec: 2\n" + LOOP)
+    assert "unsupported spec version `2`" in message
+
+
+def test_a_broken_input_is_not_also_missing_for_its_readers():
+    text = """spec: 1
+name: features
+inputs:
+  x: {kind: features, width: "3"}
+nodes:
+  a: {kind: transformer, input: x}
+  b: {kind: transformer, width: 32, heads: 5, input: x}
+outputs:
+  y: {from: [a, b], kind: regression, width: 2}
+"""
+    # `a` takes its width from `x`, so it is left out with it; `b` has its own, and is checked
+    assert [m.split("\n")[0] for m in reported(text)] == [
+        "spec.yaml:4:30: error: `width` must be a whole number, got a string ('3')",
+        "spec.yaml:7:44: error: `heads: 5` does not divide node `b`'s width 32",
+    ]

@@ -73,6 +73,11 @@ class Withheld:
         """Whether anything in `section` was withheld."""
         return any(part[0] == section for part in self.paths)
 
+    @property
+    def graph(self) -> bool:
+        """Whether an input, node, edge or output was withheld: the graph is then partial."""
+        return any(self.any(s) for s in ("inputs", "nodes", "edges", "outputs"))
+
 
 @dataclass(frozen=True)
 class Salvaged:

@@ -12,7 +12,7 @@ from compiler.passes.contract import contract
 @contract(requires=(), provides=())
 def check_reachability(ir: IR) -> list[Diagnostic]:
     if (
-        ir.withheld
+        ir.withheld.graph
         or ir.vertices("unknown")
         or (
             len(ir.spec.inputs) > 1 and any(d["spec"].input is None for _, d in ir.vertices("node"))
