@@ -6,8 +6,10 @@ need it), so a wrong spec is reported in a fraction of a second.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +59,34 @@ def _checked(ir: IR) -> tuple[IR, list[Diagnostic]]:
     for transform in TRANSFORMS_BEFORE_CHECKS:
         ir = transform(ir)
         verify(ir, transform)
-    return ir, list(dict.fromkeys(d for check in CHECKS for d in check(ir)))
+    return ir, _one_per_root(dict.fromkeys(d for check in CHECKS for d in check(ir)))
+
+
+_NODE = re.compile(r"node `([^`]+)`")
+
+
+def _one_per_root(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """One message for one mistake: findings at the same place that differ only in the node they
+    name (`heads: 5` in `defaults.transformer`, which divides no node's width) become one,
+    naming the other nodes."""
+    groups: dict[tuple, list[tuple[Diagnostic, str]]] = {}
+    for d in diagnostics:
+        names = _NODE.findall(d.message)
+        shape = _NODE.sub("node `*`", d.message) if len(names) == 1 else d.message
+        groups.setdefault((d.span, shape, d.hint, d.severity), []).append(
+            (d, names[0] if len(names) == 1 else "")
+        )
+    merged = []
+    for (_, shape, _, _), members in groups.items():
+        first, _ = members[0]
+        others = [name for _, name in members[1:]]
+        if others and "node `*`" in shape:
+            listed = ", ".join(f"`{n}`" for n in others)
+            first = replace(
+                first, message=f"{first.message} (likewise for {listed}, set by the same line)"
+            )
+        merged.append(first)
+    return merged
 
 
 def build_model(
