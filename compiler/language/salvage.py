@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from compiler.language.diagnostics import did_you_mean
 from compiler.language.source import SourceMap
-from compiler.language.spec import Name, Spec
+from compiler.language.spec import Name, Spec, TransformerSettings
 
 NAMED_SECTIONS = ("inputs", "perspectives", "nodes", "outputs")
 PathKey = tuple[Any, ...]
@@ -230,8 +230,9 @@ def salvage(
 
 
 def _fields_of(settings: Any, names: set[str]) -> list[str]:
-    known = type(settings).model_fields
-    return list(known) if "*" in names else sorted(n for n in names if n in known)
+    """The transformer settings among `names` ("*": all of them) that `settings` may inherit."""
+    inheritable = TransformerSettings.model_fields
+    return sorted(n for n in inheritable if "*" in names or n in names)
 
 
 def _written_kinds(nodes: Any, withheld: set[PathKey]) -> frozenset[str]:
