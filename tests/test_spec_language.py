@@ -180,6 +180,7 @@ def test_the_json_schema_describes_every_section():
         "nodes",
         "edges",
         "feedback",
+        "time",
         "outputs",
         "train",
     }
