@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import compiler
-from compiler.language.frontend import load_spec
+from compiler.language.frontend import load_spec, load_spec_text
 from tests.conftest import ROOT
 
 PART = """
@@ -204,3 +204,18 @@ def test_the_shipped_federation_of_federations_flattens_to_three_levels():
     spec = load_spec(ROOT / "specs" / "federation_of_federations.yaml").spec
     assert "inner.train_b.follower" in spec.nodes and "outer.train_a.phase" in spec.outputs
     assert len(spec.nodes) == 13
+
+
+def test_the_recorded_text_holds_the_included_files_so_an_edited_part_changes_the_digest(tmp_path):
+    top = write(tmp_path, {"top.yaml": TOP, "parts/part.yaml": PART})
+    before = load_spec(top)
+    assert (
+        "# ---- parts/part.yaml" in before.text and "#   driver: {kind: transformer}" in before.text
+    )
+    (tmp_path / "parts" / "part.yaml").write_text(
+        textwrap.dedent(PART).replace("layers: 2", "layers: 3")
+    )
+    after = load_spec(top)
+    assert after.digest != before.digest
+    reread = load_spec_text(after.text, str(top))  # a checkpoint's text, read back beside its parts
+    assert reread.text == after.text

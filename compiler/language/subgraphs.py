@@ -50,6 +50,7 @@ class _Context:
     stack: tuple[Path, ...]  # the files being included, outermost first (cycles)
     via: str | None  # "included from a.yaml:4:5" for spans of an included file
     budget: list[int]  # files read so far, shared by the whole expansion
+    read: dict[str, str]  # each included file (relative to root) and its text, for the record
 
 
 def expand(doc: Document) -> Document:
@@ -58,7 +59,27 @@ def expand(doc: Document) -> Document:
     top = Path(doc.source.file)
     root = top.resolve().parent if top.exists() else Path.cwd().resolve()
     stack = (top.resolve(),) if top.exists() else ()
-    return _expand(expand_templates(doc), _Context(root, stack, None, [0]), depth=0)
+    context = _Context(root, stack, None, [0], {})
+    expanded = _expand(expand_templates(doc), context, depth=0)
+    if not context.read:
+        return expanded
+    return replace(expanded, text=recorded_text(doc.text, context.read))
+
+
+INCLUDED = "# ---- epicycle: the sub-graph files this spec included, as they were read ----"
+
+
+def recorded_text(text: str, read: dict[str, str]) -> str:
+    """The spec's text with every file it included appended as comments: what a checkpoint
+    stores and hashes, so a part edited after training changes the digest instead of loading
+    weights into another model. A record already there (a spec re-read from a checkpoint) is
+    replaced, not appended to."""
+    own = text.split("\n" + INCLUDED + "\n", 1)[0].rstrip("\n")
+    parts = [INCLUDED]
+    for name, body in sorted(read.items()):
+        parts.append(f"# ---- {name}")
+        parts.extend(f"# {line}".rstrip() for line in body.splitlines())
+    return own + "\n\n" + "\n".join(parts) + "\n"
 
 
 def _expand(doc: Document, context: _Context, depth: int) -> Document:
@@ -187,10 +208,13 @@ def _body(name: str, body: dict, doc: Document, context: _Context, depth: int) -
         if context.via:
             via = f"{via}, {context.via}"
         inner = read_spec_file(included)
+        context.read[included.relative_to(context.root).as_posix()] = inner.text
         inner = Document(inner.data, _marked_map(inner.source, via), inner.text)
         _refuse_written_paths(inner)
         _check_included_sections(inner)
-        inner_context = _Context(context.root, (*context.stack, included), via, context.budget)
+        inner_context = _Context(
+            context.root, (*context.stack, included), via, context.budget, context.read
+        )
         _check_whole_model_fields(inner, ())
     else:
         data = {k: body[k] for k in BODY if k in body}
