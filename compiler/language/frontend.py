@@ -19,7 +19,28 @@ import pydantic
 from pydantic import BaseModel
 
 from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
-from compiler.language.registry import TAG_PREFIX, ComponentField
+from compiler.language.models import (
+    component_field as _component_field,
+)
+from compiler.language.models import (
+    field_description as _field_description,
+)
+from compiler.language.models import (
+    field_names as _field_names,
+)
+from compiler.language.models import (
+    find_field as _find_field,
+)
+from compiler.language.models import (
+    kind_of as _kind_of,
+)
+from compiler.language.models import (
+    union_members as _union_members,
+)
+from compiler.language.models import (
+    unwrap as _unwrap,
+)
+from compiler.language.registry import TAG_PREFIX
 from compiler.language.salvage import Withheld, broken_paths, salvage
 from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
 from compiler.language.spec import SPEC_VERSION, Spec, _type_name
@@ -403,19 +424,6 @@ def _where(path: tuple[Any, ...]) -> str:
 # --------------------------------------------------------------------------- walking the models
 
 
-def _unwrap(annotation: Any) -> Any:
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return annotation
-
-
-def _union_members(annotation: Any) -> list[Any]:
-    annotation = _unwrap(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return [_unwrap(a) for a in typing.get_args(annotation) if a is not type(None)]
-    return [annotation]
-
-
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model that the data at `loc` was validated against (union tags included)."""
     current: Any = Spec
@@ -450,44 +458,6 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
         return members[0]
     return None
-
-
-def _component_field(annotation: Any) -> ComponentField | None:
-    """The registry marker of a field typed `Annotated[Any, ComponentField(...)] | None`."""
-    candidates = [annotation]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        candidates = list(typing.get_args(annotation))
-    for candidate in candidates:
-        if typing.get_origin(candidate) is typing.Annotated:
-            for meta in candidate.__metadata__:
-                if isinstance(meta, ComponentField):
-                    return meta
-    return None
-
-
-def _kind_of(model: Any) -> str | None:
-    if isinstance(model, type) and issubclass(model, BaseModel) and "kind" in model.model_fields:
-        args = typing.get_args(_unwrap(model.model_fields["kind"].annotation))
-        return args[0] if args else None
-    return None
-
-
-def _find_field(model: type[BaseModel], name: Any) -> Any:
-    for field_name, field in model.model_fields.items():
-        if name in (field_name, field.alias):
-            return field
-    return None
-
-
-def _field_names(model: type[BaseModel] | None) -> list[str]:
-    if model is None:
-        return []
-    return [field.alias or name for name, field in model.model_fields.items()]
-
-
-def _field_description(model: type[BaseModel] | None, name: str) -> str | None:
-    field = _find_field(model, name) if model is not None else None
-    return field.description if field is not None else None
 
 
 def _union_tags(loc: tuple[Any, ...]) -> list[str]:

@@ -290,7 +290,8 @@ def _shown(value: Any) -> str:
 def _is_section(path: PathKey, key: str, data: Any) -> bool:
     """Whether the spec language has a mapping named `key` at `path` (`defaults`, `feedback`,
     `defaults.transformer`): only those are created when missing."""
-    from compiler.language.frontend import _component_field, _union_members
+    from compiler.language.models import component_field as _component_field
+    from compiler.language.models import union_members as _union_members
 
     annotation = _field_annotation(path, key, data)
     if annotation is None:
@@ -305,7 +306,7 @@ def _is_section(path: PathKey, key: str, data: Any) -> bool:
 
 def _field_annotation(path: PathKey, key: str, data: Any) -> Any:
     """The declared type of field `key` of the mapping at `path`, if the spec language has it."""
-    from compiler.language.frontend import _find_field
+    from compiler.language.models import find_field as _find_field
 
     model = _model_at(path, data)
     field = _find_field(model, key) if model is not None else None
@@ -315,7 +316,7 @@ def _field_annotation(path: PathKey, key: str, data: Any) -> Any:
 def _fields_at(path: PathKey, data: Any) -> list[str] | None:
     """The keys the spec language allows in the mapping at `path` of `data`, or None where the
     keys are the user's names (`nodes`) or the place is not a mapping of known fields."""
-    from compiler.language.frontend import _field_names
+    from compiler.language.models import field_names as _field_names
 
     model = _model_at(path, data)
     return _field_names(model) if model is not None else None
@@ -324,7 +325,8 @@ def _fields_at(path: PathKey, data: Any) -> list[str] | None:
 def _model_at(path: PathKey, data: Any) -> type[BaseModel] | None:
     """The model the mapping at `path` of `data` is validated against, chosen by the `kind`s the
     data names on the way."""
-    from compiler.language.frontend import _find_field, _unwrap
+    from compiler.language.models import find_field as _find_field
+    from compiler.language.models import unwrap as _unwrap
     from compiler.language.spec import Spec
 
     annotation: Any = Spec
@@ -347,7 +349,9 @@ def _model_at(path: PathKey, data: Any) -> type[BaseModel] | None:
 def _concrete(annotation: Any, value: Any) -> type[BaseModel] | None:
     """The model the data `value` is validated against at a place typed `annotation`: a plain
     model, the member of a union its `kind` chooses, or the registered component or node kind."""
-    from compiler.language.frontend import _component_field, _kind_of, _union_members
+    from compiler.language.models import component_field as _component_field
+    from compiler.language.models import kind_of as _kind_of
+    from compiler.language.models import union_members as _union_members
 
     kind = value.get("kind") if isinstance(value, dict) else None
     component = _component_field(annotation)
