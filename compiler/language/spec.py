@@ -506,6 +506,31 @@ Output = Annotated[
 # --------------------------------------------------------------------------- training
 
 
+class OutputLoss(SpecModel):
+    """What one output is trained with: `train.losses.OUTPUT`. The default by output kind:
+    `cross_entropy` for `lm_head` (the next token) and `classification` (one class per example),
+    `mse` for `regression`."""
+
+    loss: Literal["cross_entropy", "mse", "huber", "angular"] | None = Field(
+        None,
+        description="`cross_entropy` (lm_head, classification); `mse`, `huber` or `angular` "
+        "(regression). `angular`: the output's 2k values are k angles as sines then cosines, "
+        "`[sin a1 .. sin ak, cos a1 .. cos ak]` (or `layout: pairs`), trained against targets laid "
+        "out alike by the mean of 1 - cos(predicted - target angle). Default: by the output's kind.",
+    )
+    weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
+        1.0, description="This output's term in the total loss is `weight * loss`."
+    )
+    delta: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
+        None, description="`huber` only: where the loss turns from quadratic to linear. Default: 1."
+    )
+    layout: Literal["halves", "pairs"] | None = Field(
+        None,
+        description="`angular` only: `halves`, every sine then every cosine (the default); "
+        "`pairs`, `(sin, cos)` of each angle in turn.",
+    )
+
+
 class Train(SpecModel):
     """How the model is trained: `compiler.tools.training.build_optimizer(model)` reads this section."""
 
@@ -523,6 +548,12 @@ class Train(SpecModel):
         1000, description="Optimizer steps (the schedule's length)."
     )
     batch: Annotated[Int, Field(ge=1, le=1 << 20)] = Field(32, description="Sequences per step.")
+    losses: Annotated[dict[Name, OutputLoss], Field(max_length=64)] = Field(
+        {},
+        description="Per output, by name, its loss and weight; outputs not named train with their "
+        "kind's default loss at weight 1. The total loss is the sum of `weight * loss` over the "
+        "outputs plus the training terms the spec's parts declare.",
+    )
     grad_clip: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
         1.0, description="Clip the gradients' global norm to this; null: no clipping."
     )
