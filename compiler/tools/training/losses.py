@@ -22,16 +22,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, count, chunk_rows):
-            chunk = logits[start : start + chunk_rows].float()
+            log_p = logits[start : start + chunk_rows].float().log_softmax(dim=-1)
             picked = targets[start : start + chunk_rows, None]
-            log_z = torch.logsumexp(chunk, dim=-1, keepdim=True)
-            total = total + (log_z - chunk.gather(1, picked)).sum()
+            total = total - log_p.gather(1, picked).sum()
             if grad is not None:
-                probabilities = torch.exp(chunk - log_z)
-                probabilities.scatter_add_(
-                    1, picked, torch.full_like(picked, -1, dtype=chunk.dtype)
-                )
-                grad[start : start + chunk_rows] = (probabilities / count).to(grad.dtype)
+                probabilities = log_p.exp_()
+                probabilities.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=log_p.dtype))
+                grad[start : start + chunk_rows] = probabilities.mul_(1 / count)
         if grad is not None:
             ctx.save_for_backward(grad)
         return total / count
