@@ -321,7 +321,8 @@ def _npy_memmap(handle, shown: str) -> np.ndarray:
 
     try:
         version = npy.read_magic(handle)
-        shape, fortran, dtype = npy._read_array_header(handle, version)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
         offset = handle.tell()
         if dtype.hasobject:
             raise ValueError("it holds Python objects")
@@ -900,7 +901,7 @@ def _parse_cells(block, integer, columns, lines, shown) -> np.ndarray:
             what = "an integer" if integer else "a number"
             raise _error_at(
                 Span(shown, lines[r], 1),
-                f"column `{columns[c]}` holds {block[r, c]!r}, not {what}",
+                f"column `{columns[c]}` holds {str(block[r, c])!r}, not {what}",
                 "every cell a port reads is a number (ids and class ids: integers)",
             ) from None
     raise _error(shown, "the CSV cells could not be read as numbers", None)
