@@ -263,36 +263,25 @@ def test_a_text_read_through_a_tokenizer_file(tmp_path):
 
 # --------------------------------------------------------------------------- the spec's `train.data`
 
+LANGUAGE_SPEC = """
+spec: 1
+name: tiny
+inputs: {tokens: {kind: tokens, vocab: 70, context: 16}}
+nodes: {lm: {kind: transformer, width: 16, heads: 2, layers: 1}}
+outputs: {logits: {from: lm, kind: lm_head}}
+train:
+"""
+
 
 def test_the_spec_declares_its_data_relative_to_its_own_folder(write_spec, tmp_path):
-    spec = write_spec(
-        """
-        spec: 1
-        name: tiny
-        inputs: {tokens: {kind: tokens, vocab: 70, context: 16}}
-        nodes: {lm: {kind: transformer, width: 16, heads: 2, layers: 1}}
-        outputs: {logits: {from: lm, kind: lm_head}}
-        train:
-          data: {path: data/ids.bin, dtype: uint32, arrays: {}}
-        """
-    )
+    spec = write_spec(LANGUAGE_SPEC + "  data: {path: data/ids.bin, dtype: uint32, arrays: {}}\n")
     declared = compiler.analyze(spec).spec.train.data
     source = source_from_spec(declared, spec)
     assert source == DataSource(str(tmp_path / "data" / "ids.bin"), None, None, "uint32", {})
 
 
 def test_a_declaration_that_cannot_be_honoured_is_refused_at_validation(spec_errors):
-    errors = spec_errors(
-        """
-        spec: 1
-        name: tiny
-        inputs: {tokens: {kind: tokens, vocab: 70, context: 16}}
-        nodes: {lm: {kind: transformer, width: 16, heads: 2, layers: 1}}
-        outputs: {logits: {from: lm, kind: lm_head}}
-        train:
-          data: {path: d.npz, tokenizer: tok.json}
-        """
-    )
+    errors = spec_errors(LANGUAGE_SPEC + "  data: {path: d.npz, tokenizer: tok.json}\n")
     assert (
         "spec.yaml:7:9: error: `data`: a `tokenizer` reads text, and this data is `npz`" in errors
     )

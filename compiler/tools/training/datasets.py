@@ -295,8 +295,7 @@ def _token_array(shown: str, dtype: str | None) -> tuple[np.ndarray, str, str]:
     """A `.npy` or raw `.bin` of ids, memory-mapped from a descriptor that was checked to be a
     regular file (so a FIFO or a device cannot hang the read), and its SHA-256."""
     with _open_regular(shown) as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        handle.seek(0)
+        digest = _file_sha256(handle)
         if Path(shown).suffix.lower() == ".npy":
             ids = _npy_memmap(handle, shown)
         else:
@@ -314,6 +313,15 @@ def _token_array(shown: str, dtype: str | None) -> tuple[np.ndarray, str, str]:
             "save the ids as uint16 (a vocabulary up to 65,536) or uint32",
         )
     return ids, digest, str(ids.dtype)
+
+
+def _file_sha256(handle) -> str:
+    """Read in chunks (`hashlib.file_digest` is Python 3.11+), then rewound."""
+    digest = hashlib.sha256()
+    while chunk := handle.read(1 << 24):
+        digest.update(chunk)
+    handle.seek(0)
+    return digest.hexdigest()
 
 
 def _npy_memmap(handle, shown: str) -> np.ndarray:
