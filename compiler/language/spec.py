@@ -21,9 +21,11 @@ from pydantic import (
     Strict,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from compiler.language.datafiles import declaration_conflict
 from compiler.language.kinds import NodeField
 from compiler.language.rational import PositiveRational
 from compiler.language.registry import FAMILIES, ComponentField, link_components
@@ -531,6 +533,47 @@ class OutputLoss(SpecModel):
     )
 
 
+class TrainData(SpecModel):
+    """The training data: one local file, read by `epicycle train` (see the README's `Training
+    data`). A text or a token array serves one tokens input and lm_head outputs; arrays named
+    after the spec's inputs and outputs serve any spec."""
+
+    path: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="The data file, relative to this spec's folder: a UTF-8 text, a token array "
+        "(`.npy`, `.bin`) or arrays (`.npz`, `.safetensors`, `.parquet`, `.csv`)."
+    )
+    format: Literal["text", "tokens", "npz", "safetensors", "parquet", "csv"] | None = Field(
+        None,
+        description="How to read `path`; default: by its suffix (`.npy`/`.bin`: tokens, `.npz`, "
+        "`.safetensors`, `.parquet`, `.csv`; any other: text).",
+    )
+    tokenizer: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=4096)] | None = (
+        Field(
+            None,
+            description="Text only: a `tokenizers` JSON file (relative to this spec's folder) "
+            "that turns the text into ids; default: the text's characters are its vocabulary.",
+        )
+    )
+    dtype: Literal["uint16", "uint32"] | None = Field(
+        None, description="Raw `.bin` token arrays: the ids' type (default uint16, as nanoGPT's)."
+    )
+    arrays: Annotated[
+        dict[Name, Annotated[str, Strict(), StringConstraints(min_length=1, max_length=256)]],
+        Field(max_length=128),
+    ] = Field(
+        {},
+        description="Arrays: which array or column feeds an input or output, `{port: name}`; "
+        "default: the one named like the port.",
+    )
+
+    @model_validator(mode="after")
+    def _formats_agree(self) -> TrainData:
+        conflict = declaration_conflict(self.path, self.format, self.tokenizer, self.dtype)
+        if conflict:
+            raise PydanticCustomError("data_format", conflict)
+        return self
+
+
 class Train(SpecModel):
     """How the model is trained: `compiler.tools.training.build_optimizer(model)` reads this section."""
 
@@ -568,6 +611,9 @@ class Train(SpecModel):
     seed: Annotated[Int, Field(ge=0, lt=1 << 63)] = Field(
         0,
         description="`epicycle train`: seeds the batches drawn and dropout (weights: the spec's `seed`).",
+    )
+    data: TrainData | None = Field(
+        None, description="`epicycle train`: the data file; default: `--data`."
     )
 
 
