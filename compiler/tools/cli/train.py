@@ -46,8 +46,13 @@ def train(
         Path, typer.Option("--out", "-o", help="Checkpoints, metrics.jsonl and loss_curve.png.")
     ],
     data: Annotated[
-        Path, typer.Option(help="Any UTF-8 text; `epicycle data shakespeare` writes the default.")
-    ] = Path("data/shakespeare.txt"),
+        Path | None,
+        typer.Option(
+            help="The data file (text, token array, npz, safetensors, parquet, csv); default: "
+            "the spec's `train.data`, else data/shakespeare.txt (`epicycle data shakespeare`).",
+            show_default=False,
+        ),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(min=1, help="Steps (default: `train.steps`).")
     ] = None,
@@ -68,6 +73,9 @@ def train(
         int | None, typer.Option(min=1, help="Stop after this step (the schedule keeps --steps).")
     ] = None,
     log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 10,
+    eval_batches: Annotated[
+        int, typer.Option(min=1, help="Held-out batches each validation averages over.")
+    ] = 8,
     device: Annotated[
         str,
         typer.Option(
@@ -113,11 +121,12 @@ def train(
     from compiler.tools.training.metrics import progress_line
 
     options = RunOptions(
-        data=str(data),
+        data=None if data is None else str(data),
         out=str(out_dir),
         resume=None if resume is None else str(resume),
         stop_at=stop_at,
         log_every=log_every,
+        eval_batches=eval_batches,
         device=device,
         precision=precision.value,
         compile=compile_,

@@ -27,7 +27,6 @@ from compiler.tools.training.metrics import (
 )
 from compiler.tools.training.objective import (
     Task,
-    check_vocabulary,
     training_loss_class,
     training_task,
 )
@@ -57,7 +56,7 @@ def train(
     on_start: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Train `spec` on the data at `options.data`; `overrides` (steps, batch, lr, eval_every,
+    """Train `spec` on the data at `options.data` (default: the spec's `train.data`); `overrides` (steps, batch, lr, eval_every,
     val_fraction, seed) go over the spec's `train:`. Returns the records logged by this run.
 
     Raises `UsageError` for a device or precision this machine lacks and `SpecError` for a spec,
@@ -89,7 +88,7 @@ def train(
                 )
             ]
         )
-    data = load_data(ir, task, options.data, settings, previous)
+    data = load_data(spec, ir, task, options.data, settings, previous)
     if previous and previous.state["data"]["sha256"] != data.sha256:
         log.warning(
             "resuming on %s, not the data the checkpoint was trained on (%s)",
@@ -154,14 +153,14 @@ def train(
         on_start(start, stop)
     step, tokens_done, clock = start, 0, time.perf_counter()
     plotted = clock
-    sums = torch.zeros(1 + len(task.outputs), device=processes.device)  # total, each output
+    sums = torch.zeros(len(task.outputs) + 1, device=processes.device)  # outputs, training terms
     summed = 0
     try:
         while step < stop:
             inputs, targets = _batch(data, "train", step, settings, processes)
             with _autocast(machine):
                 total, each = step_fn(inputs, targets, step)
-            sums += torch.cat([total.detach().float()[None], each.detach()])
+            sums += each.detach()
             summed += 1
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)  # clipping reads the true gradients
@@ -182,7 +181,7 @@ def train(
             elapsed = time.perf_counter() - clock
             record = {
                 "step": step,
-                **_loss_fields(task, means[1:], means[0]),
+                **_loss_fields(task, means),
                 "lr": lr,
                 "tokens_per_s": tokens_done / elapsed if elapsed > 0 else 0.0,
                 "device": machine.device,
@@ -219,14 +218,16 @@ def train(
     return [r for r in records if r["step"] > start]
 
 
-def _loss_fields(task: Task, each: list[float], total: float) -> dict[str, Any]:
-    """`loss`: the weighted sum of the outputs' losses; `losses`: each output's, when there are
-    several; `auxiliary_loss`: the spec's training terms (total minus the outputs')."""
+def _loss_fields(task: Task, means: list[float]) -> dict[str, Any]:
+    """From the outputs' mean losses and the training terms' (`means`): `loss`, the weighted sum
+    of the outputs'; `losses`, each output's, when there are several; `auxiliary_loss`, the
+    training terms the spec's parts add (lattice regularisers, companion reconstruction)."""
+    each = means[: len(task.outputs)]
     loss = sum(o.weight * value for o, value in zip(task.outputs, each, strict=True))
     fields: dict[str, Any] = {"loss": loss}
     if len(task.outputs) > 1:
         fields["losses"] = {o.name: value for o, value in zip(task.outputs, each, strict=True)}
-    fields["auxiliary_loss"] = total - loss
+    fields["auxiliary_loss"] = means[-1]
     return fields
 
 
@@ -266,14 +267,14 @@ def _validation_losses(
     import torch
 
     step_fn.eval()
-    each = torch.zeros(len(task.outputs), device=processes.device)
+    each = torch.zeros(len(task.outputs) + 1, device=processes.device)
     with torch.no_grad(), _autocast(machine):
         for i in range(options.eval_batches):
             inputs, targets = _batch(data, "val", -1 - i, settings, processes)
             each += step_fn(inputs, targets, 0)[1]
     step_fn.train()
     means = processes.means(each / options.eval_batches)
-    fields = _loss_fields(task, means, 0.0)
+    fields = _loss_fields(task, means)
     fields.pop("auxiliary_loss")
     return fields
 
@@ -281,66 +282,25 @@ def _validation_losses(
 # --------------------------------------------------------------------------- data
 
 
-def load_data(ir: IR, task: Task, path: str, settings: Any, previous: Any) -> Any:
-    """The run's training data (`batch`, `state`, `sha256`, `describe`): a character corpus for
-    a spec with one tokens input and next-token outputs."""
-    from compiler.tools.data import load_corpus
+def load_data(spec: str | Path, ir: IR, task: Task, path: str | None, settings: Any, previous: Any):
+    """The run's training data (`datasets.load_training_data`): the file `--data` names, else the
+    spec's `train.data`, else the default corpus; a resumed run reads it as the checkpoint did
+    (the same character vocabulary or tokenizer)."""
+    from compiler.tools.data import DEFAULT_DATA
+    from compiler.tools.training.datasets import DataSource, load_training_data, source_from_spec
 
-    tokens = [p for p in task.ports.inputs if p.kind == "tokens"]
-    plain_text = (
-        len(task.ports.inputs) == 1
-        and len(tokens) == 1
-        and all(o.target.kind == "next_token" for o in task.outputs)
+    if path is not None:
+        source = DataSource(str(path))
+    elif settings.data is not None:
+        source = source_from_spec(settings.data, spec)
+    else:
+        source = DataSource(str(DEFAULT_DATA))
+    state = None
+    if previous is not None:
+        state = dict(previous.state["data"])
+        if "vocabulary" in previous.state:  # checkpoints that kept it beside the data's state
+            state.setdefault("vocabulary", previous.state["vocabulary"])
+            state.setdefault("format", "text")
+    return load_training_data(
+        source, task.ports, val_fraction=settings.val_fraction, state=state, batch=settings.batch
     )
-    if not plain_text:
-        kinds = ", ".join(f"{n} ({i.kind})" for n, i in ir.spec.inputs.items())
-        raise SpecError(
-            [
-                ir.error(
-                    ("inputs",),
-                    f"this spec's inputs are {kinds}: `epicycle train` reads character text for "
-                    "one tokens input with lm_head outputs, and has no reader for other data yet",
-                    "train this spec with your own loop (see `compiler.tools.training`)",
-                    key=True,
-                )
-            ]
-        )
-    port = tokens[0]
-    vocabulary = previous.state["vocabulary"] if previous else None
-    corpus = load_corpus(
-        path, vocabulary=vocabulary, val_fraction=settings.val_fraction, context=port.context
-    )
-    check_vocabulary(ir, port.name, port.vocab, corpus.characters, corpus.path)
-    return CharacterData(corpus, port.name, tuple(o.name for o in task.outputs), port.context)
-
-
-class CharacterData:
-    """A character corpus (`compiler.tools.data`) as training data: random windows of the text,
-    a pure function of `(seed, index)`, their next characters the targets of every output."""
-
-    def __init__(self, corpus: Any, input_name: str, outputs: tuple[str, ...], context: int):
-        self.corpus, self.input_name, self.outputs, self.context = (
-            corpus,
-            input_name,
-            outputs,
-            context,
-        )
-        self.sha256 = corpus.sha256
-        self.vocabulary = corpus.vocabulary
-
-    def batch(self, split: str, index: int, size: int, seed: int, shard: tuple[int, int]):
-        from compiler.tools.data import batch_at
-
-        ids = self.corpus.train if split == "train" else self.corpus.val
-        x, y = batch_at(ids, index, size, self.context, seed, shard)
-        return {self.input_name: x}, {name: y for name in self.outputs}
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "file": self.corpus.path,
-            "sha256": self.sha256,
-            "train_characters": len(self.corpus.train),
-        }
-
-    def describe(self) -> str:
-        return self.corpus.path

@@ -27,7 +27,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total = total - log_p.gather(1, picked).sum()
             if grad is not None:
                 probabilities = log_p.exp_()
-                probabilities.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=log_p.dtype))
+                probabilities.scatter_add_(
+                    1, picked, torch.full_like(picked, -1, dtype=log_p.dtype)
+                )
                 grad[start : start + chunk_rows] = probabilities.mul_(1 / count)
         if grad is not None:
             ctx.save_for_backward(grad)

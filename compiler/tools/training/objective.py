@@ -23,7 +23,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from compiler.language.diagnostics import SpecError
 from compiler.tools.training.ports import Ports, TargetPort, ports_of
 
 if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs it
@@ -84,21 +83,6 @@ def training_task(ir: IR) -> Task:
     return Task(ports, tuple(outputs))
 
 
-def check_vocabulary(ir: IR, input_name: str, vocab: int, characters: int, path: str) -> None:
-    """A character corpus with more distinct characters than the tokens input's `vocab`."""
-    if characters > vocab:
-        raise SpecError(
-            [
-                ir.error(
-                    ("inputs", input_name, "vocab"),
-                    f"`vocab: {vocab}` is smaller than the {characters} distinct "
-                    f"characters of {path}",
-                    f"set `vocab: {characters}` (or more) on input `{input_name}`",
-                )
-            ]
-        )
-
-
 def training_loss_class():
     from torch import nn
 
@@ -110,7 +94,8 @@ def training_loss_class():
         weighted by its `level_weights`: a next-token output that reads a fractal alone is scored
         through that fractal's view, the other outputs through the model's forward.
 
-        Returns the total (to differentiate) and each output's loss, stacked (to log)."""
+        Returns the total (to differentiate), and each output's loss and the training terms,
+        stacked (to log)."""
 
         def __init__(self, model: nn.Module, task: Task):
             super().__init__()
@@ -140,8 +125,9 @@ def training_loss_class():
             weighted = sum(
                 o.weight * loss for o, loss in zip(self.task.outputs, losses, strict=True)
             )
-            each = torch.stack([loss.float() for loss in losses])
-            return weighted + self.model.auxiliary_loss(step), each
+            auxiliary = self.model.auxiliary_loss(step)
+            each = torch.stack([*(loss.float() for loss in losses), auxiliary.float()])
+            return weighted + auxiliary, each
 
     return TrainingLoss
 

@@ -56,11 +56,16 @@ def clip_gradients(model: nn.Module, train: Any = None) -> torch.Tensor | None:
 def fused_adamw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same AdamW (parameter groups and hyper-parameters) with `fused=True`; any other
     optimizer as it is."""
+    import inspect
+
     import torch
 
     if type(optimizer) is not torch.optim.AdamW:
         return optimizer
-    drop = ("fused", "foreach")
-    groups = [{k: v for k, v in group.items() if k not in drop} for group in optimizer.param_groups]
-    defaults = {k: v for k, v in optimizer.defaults.items() if k not in drop}
+    accepted = set(inspect.signature(torch.optim.AdamW).parameters) - {"params", "fused", "foreach"}
+    groups = [
+        {k: v for k, v in group.items() if k == "params" or k in accepted}
+        for group in optimizer.param_groups
+    ]
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     return torch.optim.AdamW(groups, **defaults, fused=True)

@@ -130,10 +130,10 @@ def save_run(
     if not processes.leader:
         return
     state = TrainingState(step)
-    vocabulary = getattr(data, "vocabulary", None)
-    if vocabulary is not None:
-        state.state["vocabulary"] = vocabulary
-    state.state["data"] = {**data.state(), "position": step}
+    kept = data.state()  # the format, and the vocabulary or tokenizer the ids came from
+    if "vocabulary" in kept:  # beside the data too: what a sampler decodes ids with
+        state.state["vocabulary"] = kept["vocabulary"]
+    state.state["data"] = {**kept, "file": data.path, "sha256": data.sha256, "position": step}
     state.state["settings"] = json.loads(settings.model_dump_json())
     state.state["rng"] = {"world": processes.world}
     state.tensors.update(rng)

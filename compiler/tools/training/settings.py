@@ -39,8 +39,8 @@ class UsageError(ValueError):
 class RunOptions:
     """How one `epicycle train` invocation runs; the rest comes from the spec's `train:`."""
 
-    data: str
     out: str
+    data: str | None = None  # default: the spec's `train.data`, else data/shakespeare.txt
     resume: str | None = None
     stop_at: int | None = None  # stop after this step; the schedule still spans `steps`
     log_every: int = 10
