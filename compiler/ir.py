@@ -30,6 +30,7 @@ import networkx as nx
 from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
 from compiler.language.kinds import KINDS
+from compiler.language.salvage import Withheld
 
 NONE = type(None)
 ANY = None  # a field whose values are checked by the pass writing them (pydantic, runtime configs)
@@ -182,6 +183,12 @@ class IR:
     @property
     def spec(self):
         return self.loaded.spec
+
+    @property
+    def withheld(self) -> Withheld:
+        """What failed validation and is left out of this IR (empty for a spec that validated):
+        a check that finds something missing asks it first, so as not to echo that failure."""
+        return self.loaded.withheld
 
     def span(self, path: tuple[Any, ...], *, key: bool = False) -> Span:
         return self.loaded.source.span(path, key=key)

@@ -6,13 +6,14 @@ need it), so a wrong spec is reported in a fraction of a second.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler.ir import IR, build_ir
-from compiler.language.diagnostics import raise_if_errors
-from compiler.language.frontend import LoadedSpec, load_spec
+from compiler.language.diagnostics import Diagnostic, SpecError, raise_if_errors
+from compiler.language.frontend import InvalidDocument, LoadedSpec, load_spec
 from compiler.passes import CHECKS, TRANSFORMS_AFTER_CHECKS, TRANSFORMS_BEFORE_CHECKS
 from compiler.passes.contract import check_order, verify
 
@@ -22,24 +23,41 @@ check_order((*TRANSFORMS_BEFORE_CHECKS, *CHECKS, *TRANSFORMS_AFTER_CHECKS))
 if TYPE_CHECKING:
     import torch
 
+    from compiler.language.overrides import Override
     from runtime.model import GraphModel
 
 
-def analyze(source: str | Path | LoadedSpec) -> IR:
+def analyze(source: str | Path | LoadedSpec, *, overrides: Sequence[str | Override] = ()) -> IR:
     """Load, validate, check, plan and estimate a spec without allocating any weight.
 
-    Raises `SpecError` with every located problem; warnings are kept in `ir.facts.warnings`.
+    `overrides` (`"nodes.sun.width=64"`, see `compiler.language.overrides`) set fields of the
+    file's document before validation. Raises `SpecError` with every located problem: those of
+    the document, and those the checks find in the part of it that validated; warnings are kept
+    in `ir.facts.warnings`.
     """
-    loaded = source if isinstance(source, LoadedSpec) else load_spec(source)
-    ir = build_ir(loaded)
-    for transform in TRANSFORMS_BEFORE_CHECKS:
-        ir = transform(ir)
-        verify(ir, transform)
-    warnings = raise_if_errors(d for check in CHECKS for d in check(ir))
+    if isinstance(source, LoadedSpec) and overrides:
+        raise TypeError("overrides apply to a spec file or text, not to a LoadedSpec")
+    try:
+        loaded = source if isinstance(source, LoadedSpec) else load_spec(source, overrides)
+    except InvalidDocument as invalid:
+        if invalid.salvaged is None:
+            raise
+        _, found = _checked(build_ir(invalid.salvaged))
+        raise SpecError(dict.fromkeys([*invalid.diagnostics, *found])) from None
+    ir, found = _checked(build_ir(loaded))
+    warnings = raise_if_errors(found)
     for transform in TRANSFORMS_AFTER_CHECKS:
         ir = transform(ir)
         verify(ir, transform)
     return ir.with_facts(warnings=warnings)
+
+
+def _checked(ir: IR) -> tuple[IR, list[Diagnostic]]:
+    """The IR through the transforms the checks need, and everything the checks found."""
+    for transform in TRANSFORMS_BEFORE_CHECKS:
+        ir = transform(ir)
+        verify(ir, transform)
+    return ir, list(dict.fromkeys(d for check in CHECKS for d in check(ir)))
 
 
 def build_model(
@@ -47,18 +65,22 @@ def build_model(
     *,
     device: str | torch.device | None = None,
     budget: int | None = None,
+    overrides: Sequence[str | Override] = (),
 ) -> GraphModel:
     """The one-call API: a spec file in, an initialised `nn.Module` out (with `.spec` attached).
 
     Before allocating, the weights' size is checked against `budget` bytes (default: the free
-    memory of `device`); `budget=0` turns the guard off. See `compiler.resources`.
+    memory of `device`); `budget=0` turns the guard off. See `compiler.resources`. `overrides`
+    are those of `analyze`.
     """
     import torch
 
     from compiler.lower import lower
     from compiler.resources import check_resources
 
-    ir = source if isinstance(source, IR) else analyze(source)
+    if isinstance(source, IR) and overrides:
+        raise TypeError("overrides apply to a spec file or text, not to an analysed IR")
+    ir = source if isinstance(source, IR) else analyze(source, overrides=overrides)
     if budget != 0:
         check_resources(ir, device=str(device) if device is not None else None, budget=budget)
     with torch.device(device) if device is not None else nullcontext():

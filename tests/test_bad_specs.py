@@ -1,7 +1,8 @@
 """Golden tests for malformed specs: every `tests/bad_specs/X.yaml` must make `epicycle validate`
 exit 1 and print exactly `tests/bad_specs/X.expected` on stderr (no traceback, nothing on stdout).
 
-Each spec holds one mistake. The goldens were read line by line before being accepted: a message
+Each spec holds one mistake, except `all_errors_*`, which hold several independent ones (all are
+reported in one run) or one that used to be reported several times (it is reported once). The goldens were read line by line before being accepted: a message
 must point at the line that is wrong, say what is wrong in the spec's own words and, where there
 is something to do, say what to do.
 

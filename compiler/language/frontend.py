@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,30 @@ from pydantic import BaseModel
 
 from compiler.language.diagnostics import Diagnostic, SpecError, did_you_mean
 from compiler.language.registry import TAG_PREFIX, ComponentField
+from compiler.language.salvage import Withheld, broken_paths, salvage
 from compiler.language.source import Document, SourceMap, parse_spec_text, read_spec_file
 from compiler.language.spec import SPEC_VERSION, Spec, _type_name
+
+if typing.TYPE_CHECKING:
+    from compiler.language.overrides import Override
 
 MAX_REPORTED = 50
 
 
 @dataclass(frozen=True)
 class LoadedSpec:
-    """A validated spec with everything needed to point back into its file."""
+    """A validated spec with everything needed to point back into its file.
+
+    `text` is the spec as compiled, which a checkpoint stores: the file's own text, or, with
+    `overrides` (`--set path=value`, see `compiler.language.overrides`), the effective document
+    written out as YAML. `withheld` is empty except in the partial spec of a document that did
+    not validate (`InvalidDocument.salvaged`)."""
 
     spec: Spec
     source: SourceMap
     text: str
+    overrides: tuple[str, ...] = ()
+    withheld: Withheld = Withheld()
 
     @property
     def file(self) -> str:
@@ -43,15 +55,37 @@ class LoadedSpec:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
-def load_spec(path: str | Path) -> LoadedSpec:
-    return validate_document(read_spec_file(path))
+class InvalidDocument(SpecError):
+    """A document that does not validate. `salvaged` is what did validate (every broken part,
+    and what depended on it, withheld), for the graph passes to check too; None when nothing
+    sound is left to check."""
+
+    def __init__(self, diagnostics: list[Diagnostic], salvaged: LoadedSpec | None = None):
+        super().__init__(diagnostics)
+        self.salvaged = salvaged
 
 
-def load_spec_text(text: str, file: str = "<string>") -> LoadedSpec:
-    return validate_document(parse_spec_text(text, file))
+def load_spec(path: str | Path, overrides: Sequence[str | Override] = ()) -> LoadedSpec:
+    return _validated(read_spec_file(path), overrides)
+
+
+def load_spec_text(
+    text: str, file: str = "<string>", overrides: Sequence[str | Override] = ()
+) -> LoadedSpec:
+    return _validated(parse_spec_text(text, file), overrides)
+
+
+def _validated(doc: Document, overrides: Sequence[str | Override]) -> LoadedSpec:
+    if not overrides:
+        return validate_document(doc)
+    from compiler.language.overrides import apply_overrides
+
+    effective, applied = apply_overrides(doc, overrides)
+    return replace(validate_document(effective), overrides=applied)
 
 
 def validate_document(doc: Document) -> LoadedSpec:
+    """The validated spec, or `InvalidDocument` with every located problem of the document."""
     data, source = doc.data, doc.source
     if not isinstance(data, dict):
         raise SpecError(
@@ -63,36 +97,54 @@ def validate_document(doc: Document) -> LoadedSpec:
                 )
             ]
         )
-    _check_version(data, source)
+    diagnostics = _check_version(data, source)
+    if diagnostics:  # a missing or quoted version: read the rest as this version's
+        data = {**data, "spec": SPEC_VERSION}
     try:
         spec = Spec.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise SpecError(_explain_all(exc, data, source)) from None
-    return LoadedSpec(spec=spec, source=source, text=doc.text)
-
-
-def _check_version(data: dict[str, Any], source: SourceMap) -> None:
-    if "spec" not in data:
-        raise SpecError(
-            [
-                Diagnostic(
-                    source.span(()),
-                    "missing `spec:` (the spec language version)",
-                    f"add `spec: {SPEC_VERSION}` as the first line",
-                )
-            ]
+        errors = exc.errors(include_url=False)
+        diagnostics += _explain_all(errors, data, source)
+        removed, meant = broken_paths(errors, lambda loc: _field_names(_model_at(loc[:-1])))
+        if "spec" not in doc.data or doc.data["spec"] != SPEC_VERSION:
+            removed.add(("spec",))
+        saved = salvage(data, source, removed, meant)
+        salvaged = (
+            LoadedSpec(
+                Spec.model_construct(**saved.data), saved.source, doc.text, withheld=saved.withheld
+            )
+            if saved is not None
+            else None
         )
+        raise InvalidDocument(diagnostics, salvaged) from None
+    loaded = LoadedSpec(spec=spec, source=source, text=doc.text)
+    if diagnostics:
+        raise InvalidDocument(
+            diagnostics, replace(loaded, withheld=Withheld(frozenset({("spec",)})))
+        )
+    return loaded
+
+
+def _check_version(data: dict[str, Any], source: SourceMap) -> list[Diagnostic]:
+    """A missing or quoted `spec:` is reported and the rest read as this version; a version this
+    epicycle does not read stops validation, since the rest may be another language."""
+    if "spec" not in data:
+        return [
+            Diagnostic(
+                source.span(()),
+                "missing `spec:` (the spec language version)",
+                f"add `spec: {SPEC_VERSION}` as the first line",
+            )
+        ]
     version = data["spec"]
     if isinstance(version, str) and version.strip() == str(SPEC_VERSION):
-        raise SpecError(
-            [
-                Diagnostic(
-                    source.span(("spec",)),
-                    f"`spec` must be the number {SPEC_VERSION}, not the string {version!r}",
-                    f"write `spec: {SPEC_VERSION}` without quotes",
-                )
-            ]
-        )
+        return [
+            Diagnostic(
+                source.span(("spec",)),
+                f"`spec` must be the number {SPEC_VERSION}, not the string {version!r}",
+                f"write `spec: {SPEC_VERSION}` without quotes",
+            )
+        ]
     if version != SPEC_VERSION or isinstance(version, bool):
         raise SpecError(
             [
@@ -103,15 +155,16 @@ def _check_version(data: dict[str, Any], source: SourceMap) -> None:
                 )
             ]
         )
+    return []
 
 
 # --------------------------------------------------------------------------- error translation
 
 
-def _explain_all(exc: pydantic.ValidationError, data: Any, source: SourceMap) -> list[Diagnostic]:
+def _explain_all(errors: list[dict[str, Any]], data: Any, source: SourceMap) -> list[Diagnostic]:
     diagnostics: list[Diagnostic] = []
     seen: set[tuple[str, str]] = set()
-    for error in exc.errors(include_url=False):
+    for error in _one_per_root(errors):
         diagnostic = _explain(error, data, source)
         key = (str(diagnostic.span), diagnostic.message)
         if key not in seen:
@@ -120,6 +173,19 @@ def _explain_all(exc: pydantic.ValidationError, data: Any, source: SourceMap) ->
         if len(diagnostics) >= MAX_REPORTED:
             break
     return diagnostics
+
+
+def _one_per_root(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Without the errors another one explains: a key misspelt (`form:`) is reported as unknown,
+    with `did you mean `from`?`, and not again as `from` missing."""
+    misspelt = set()
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden" and loc:
+            guess = did_you_mean(str(loc[-1]), _field_names(_model_at(loc[:-1])))
+            if guess is not None:
+                misspelt.add((*loc[:-1], guess))
+    return [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelt)]
 
 
 def _explain(error: dict[str, Any], data: Any, source: SourceMap) -> Diagnostic:

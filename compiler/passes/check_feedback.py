@@ -22,7 +22,7 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                     "add `delay: 1`: a feedback edge reads the previous step's state",
                 )
             )
-        elif edge.delay and feedback is None:
+        elif edge.delay and feedback is None and not ir.withheld.covers(("feedback",)):
             found.append(
                 ir.error(
                     ("edges", i, "delay"),
@@ -42,7 +42,9 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
             )
     if feedback is None:
         return found
-    if not delayed:
+    undelayed_feedback = any(e.kind == "feedback" and e.delay == 0 for e in spec.edges)
+    if not delayed and not undelayed_feedback and not ir.withheld.any("edges"):
+        # a feedback edge without its delay is reported above; adding it answers this too
         found.append(
             ir.error(
                 ("feedback",),

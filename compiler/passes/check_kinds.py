@@ -16,9 +16,19 @@ def check_kinds(ir: IR) -> list[Diagnostic]:
     for vertex, data in ir.vertices("node"):
         found.extend(KINDS.get(data["kind"]).check(ir, vertex))
     for node_kind in KINDS:
+        if _whole_graph_withheld(ir, node_kind.name):
+            continue
         for check in node_kind.graph_checks:
             found.extend(check(ir))
     return found
+
+
+def _whole_graph_withheld(ir: IR, kind_name: str) -> bool:
+    """A kind's whole-graph rules (a gear train, a companion's host) read every node of the kind
+    and every edge: with one of them withheld they could only report its absence."""
+    withheld = ir.withheld
+    kinds = withheld.node_kinds
+    return withheld.any("edges") or kind_name in kinds or bool(kinds - {k.name for k in KINDS})
 
 
 @contract(requires=("nodes.settings", "nodes.width"), provides=())

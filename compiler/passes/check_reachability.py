@@ -11,10 +11,15 @@ from compiler.passes.contract import contract
 
 @contract(requires=(), provides=())
 def check_reachability(ir: IR) -> list[Diagnostic]:
-    if ir.vertices("unknown") or (
-        len(ir.spec.inputs) > 1 and any(d["spec"].input is None for _, d in ir.vertices("node"))
+    if (
+        ir.withheld.graph
+        or ir.vertices("unknown")
+        or (
+            len(ir.spec.inputs) > 1 and any(d["spec"].input is None for _, d in ir.vertices("node"))
+        )
     ):
-        return []  # dangling names are check_references' errors; reachability would only echo them
+        return []  # dangling names are check_references' errors, and withheld parts the
+        # document's: reachability would only echo them
     graph = ir.graph
     inputs = [v for v, _ in ir.vertices("input")]
     live: set[str] = set()

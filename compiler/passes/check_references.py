@@ -13,7 +13,9 @@ def check_references(ir: IR) -> list[Diagnostic]:
     found: list[Diagnostic] = []
     for vertex, data in ir.vertices("unknown"):
         section = vertex.split(".", 1)[0]
-        known = spec.inputs if section == "inputs" else spec.nodes
+        if ir.withheld.may_name(section, data["name"]):
+            continue  # it may name what is written but failed validation: reported there
+        known = ir.withheld.names(section, spec.inputs if section == "inputs" else spec.nodes)
         what = "input" if section == "inputs" else "node"
         guess = did_you_mean(data["name"], known)
         hint = (
@@ -40,7 +42,11 @@ def check_references(ir: IR) -> list[Diagnostic]:
                 )
     for name, node in spec.nodes.items():
         perspective = getattr(node, "perspective", None)
-        if perspective is not None and perspective not in spec.perspectives:
+        if (
+            perspective is not None
+            and perspective not in spec.perspectives
+            and not ir.withheld.may_name("perspectives", perspective)
+        ):
             guess = did_you_mean(perspective, spec.perspectives)
             found.append(
                 ir.error(

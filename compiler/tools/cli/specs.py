@@ -12,21 +12,45 @@ from rich.table import Table
 
 from compiler.language.diagnostics import Diagnostic, SpecError
 from compiler.language.kinds import KINDS
-from compiler.tools.cli.common import _guarded, _print_diagnostics, app, out
+from compiler.tools.cli.common import _guarded, _print_diagnostics, _usage, app, out
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="PATH=VALUE",
+        help="Set one field of the spec for this run (repeatable), e.g. --set nodes.body.width=64 "
+        "or --set edges.0.delay=1; the value is YAML, validated like the file.",
+        show_default=False,
+    ),
+]
+
+
+def _overrides(sets: list[str] | None) -> list:
+    """The `--set` values parsed; one that is not PATH=VALUE is a usage error (exit 2)."""
+    from compiler.language.overrides import OverrideSyntaxError, parse_overrides
+
+    try:
+        return parse_overrides(sets or [])
+    except OverrideSyntaxError as exc:
+        _usage(str(exc))
+        raise  # unreachable: `_usage` exits
 
 
 @app.command()
 @_guarded
 def validate(
     files: Annotated[list[str], typer.Argument(help="Spec files to check.", show_default=False)],
+    sets: SetOption = None,
 ) -> None:
     """Check spec files: exit 0 if every one is valid, 1 if any is not."""
     from compiler.pipeline import analyze
 
+    overrides = _overrides(sets)
     failed = False
     for file in files:
         try:
-            ir = analyze(file)
+            ir = analyze(file, overrides=overrides)
         except SpecError as exc:
             failed = True
             _print_diagnostics(exc.diagnostics)
@@ -81,6 +105,7 @@ def compile_(
         str | None,
         typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
     ] = None,
+    sets: SetOption = None,
 ) -> None:
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
@@ -88,7 +113,7 @@ def compile_(
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import save_checkpoint
 
-    ir = analyze(file)
+    ir = analyze(file, overrides=_overrides(sets))
     _print_diagnostics(ir.facts.warnings)
     out.print(_table(ir))
     for line in _kind_notes(ir):
