@@ -309,3 +309,33 @@ def test_tensorboard_event_files_hold_the_records_numbers(write_spec, text, tmp_
     assert events.Scalars("loss")[0].value == pytest.approx(records(tmp_path / "run")[0]["loss"])
     quiet = cli(spec, "--data", text, "--out", tmp_path / "quiet", "--no-tensorboard")
     assert quiet.exit_code == 0 and not (tmp_path / "quiet" / "tensorboard").exists()
+
+
+# --------------------------------------------------------------------------- --set
+
+
+def test_set_overrides_the_spec_for_this_run_and_the_checkpoint_keeps_the_effective_spec(
+    write_spec, text, tmp_path
+):
+    spec = write_spec(TINY_LM)
+    result = cli(
+        spec, "--data", text, "--out", tmp_path / "run", "--set", "train.steps=2",
+        "--set", "nodes.body.width=32", "--set", "train.losses={logits: {weight: 2}}",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in records(tmp_path / "run")] == [2]
+    assert records(tmp_path / "run")[0]["loss"] == pytest.approx(2 * math.log(70), abs=0.6)
+    model = load_checkpoint(tmp_path / "run")
+    assert model.spec.nodes["body"].width == 32 and model.spec.train.steps == 2
+    assert "--set 'nodes.body.width=32'" in (tmp_path / "run" / "spec.yaml").read_text()
+
+
+def test_a_set_loss_for_a_missing_output_is_located_on_the_command_line(write_spec, text, tmp_path):
+    result = cli(
+        write_spec(TINY_LM), "--data", text, "--out", tmp_path / "run",
+        "--set", "train.steps=2", "--set", "train.losses={logit: {weight: 2}}",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "--set:2:15: error: `train.losses` names `logit`" in result.stderr
+    assert "did you mean `logits`?" in result.stderr
+    assert not (tmp_path / "run").exists()

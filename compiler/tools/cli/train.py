@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from compiler.tools.cli.common import _guarded, _usage, app, err, out
+from compiler.tools.cli.specs import SetOption, _overrides
 
 
 class Strategy(str, enum.Enum):
@@ -106,6 +107,7 @@ def train(
             show_default=False,
         ),
     ] = None,
+    sets: SetOption = None,
 ) -> None:
     """Train a spec: every output against its target, with the loss `train.losses` gives it."""
     from rich.progress import (
@@ -120,6 +122,7 @@ def train(
     from compiler.tools.training import train as run
     from compiler.tools.training.metrics import progress_line
 
+    overrides = tuple(_overrides(sets))
     options = RunOptions(
         data=None if data is None else str(data),
         out=str(out_dir),
@@ -133,6 +136,7 @@ def train(
         compile_mode=compile_mode.value,
         strategy=strategy.value,
         tensorboard=tensorboard,
+        overrides=overrides,
     )
     leader = os.environ.get("RANK", "0") == "0"
     bar_shown = leader and err.is_terminal  # a log file gets one plain line per record instead

@@ -67,7 +67,7 @@ def train(
     from compiler.tools.checkpoint import load_weights, read_checkpoint_spec, read_training_state
 
     machine = resolve_machine(options.device, options.precision, options.compile_mode)
-    ir = analyze(spec)
+    ir = analyze(spec, overrides=options.overrides)  # the checkpoint keeps this effective spec
     task = training_task(ir)
     settings = effective_train(ir, **overrides)
     out = Path(options.out)

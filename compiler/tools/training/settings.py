@@ -51,6 +51,7 @@ class RunOptions:
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead: CUDA graphs
     strategy: str = "auto"  # auto | none | ddp | fsdp
     tensorboard: bool | None = None  # None: event files when the tensorboard package is installed
+    overrides: tuple = ()  # `--set PATH=VALUE`s (str or `compiler.language.overrides.Override`)
 
 
 @dataclass(frozen=True)
