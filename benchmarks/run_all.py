@@ -21,6 +21,7 @@ SCRIPTS = [
     "fractal_levels",
     "lattice_attention",
     "profile_steps",
+    "train_throughput",
 ]
 
 
