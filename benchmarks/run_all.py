@@ -22,6 +22,7 @@ SCRIPTS = [
     "lattice_attention",
     "profile_steps",
     "composition",
+    "train_throughput",
 ]
 
 

@@ -15,7 +15,8 @@ Per logged step it records the forward solve's iterations and final relative cha
 backward's, the measured Jacobian norm and the gain; at the end the validation loss, the share of
 steps whose forward and backward solves reached the tolerance, the training throughput (the
 bound's cost, side by side) and the Jacobian norm of each trained loop measured afresh on a
-validation batch. It writes `equilibrium_bound.json` to `--out`.
+validation batch. It writes `equilibrium_bound.json` to `--out` (default `examples/results/`; the
+shipped figures in `examples/figures/` are never overwritten unless `--out` names that folder).
 
     python examples/equilibrium_bound.py --device cuda          # 300 steps, batch 32 x 256
     python examples/equilibrium_bound.py --width 64 --context 64 --batch 16 --steps 200  # CPU
@@ -40,7 +41,11 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT / "data" / "shakespeare.txt"))
-    parser.add_argument("--out", default=str(ROOT / "examples" / "figures"))
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "examples" / "results"),
+        help="folder for equilibrium_bound.json (the shipped one, in examples/figures, is kept)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)

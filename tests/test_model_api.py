@@ -254,7 +254,7 @@ def test_two_fractals_train_every_level_of_both(write_spec, text, tmp_path):
         totals.append(float(total.detach()))
         expected = [float(v.detach()) for v in per_level]
         assert lines[0]["level_loss"][node] == pytest.approx(expected, rel=1e-5)
-    assert lines[0]["loss"] == pytest.approx(sum(totals) / 2, rel=1e-5)  # the task loss: their mean
+    assert lines[0]["loss"] == pytest.approx(sum(totals), rel=1e-5)  # the task loss: weight 1 each
 
 
 FED_FRACTAL = """

@@ -112,7 +112,7 @@ def test_a_full_disk_during_save_leaves_the_previous_checkpoint(
 ):
     spec = write_spec(SPEC % ADAMW)
     run(spec, text, tmp_path / "run", stop_at=2)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     writes = []
     real = safetensors.torch.save_file
 
@@ -133,7 +133,7 @@ def test_a_full_disk_during_save_leaves_the_previous_checkpoint(
     assert "cannot write the checkpoint of step 4: No space left on device" in result.stderr
     assert "the checkpoint already there is unchanged" in result.stderr
     monkeypatch.undo()
-    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     metrics = after.pop("metrics.jsonl"), before.pop("metrics.jsonl")
     assert after == before  # no temporary files left, every file as it was
     assert read_training_state(tmp_path / "run").step == 2  # the old checkpoint still loads

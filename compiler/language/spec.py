@@ -21,9 +21,11 @@ from pydantic import (
     Strict,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from compiler.language.datafiles import declaration_conflict
 from compiler.language.kinds import NodeField
 from compiler.language.rational import PositiveRational
 from compiler.language.registry import FAMILIES, ComponentField, link_components
@@ -523,6 +525,72 @@ Output = Annotated[
 # --------------------------------------------------------------------------- training
 
 
+class OutputLoss(SpecModel):
+    """What one output is trained with: `train.losses.OUTPUT`. The default by output kind:
+    `cross_entropy` for `lm_head` (the next token) and `classification` (one class per example),
+    `mse` for `regression`."""
+
+    loss: Literal["cross_entropy", "mse", "huber", "angular"] | None = Field(
+        None,
+        description="`cross_entropy` (lm_head, classification); `mse`, `huber` or `angular` "
+        "(regression). `angular`: the output's 2k values are k angles as sines then cosines, "
+        "`[sin a1 .. sin ak, cos a1 .. cos ak]` (or `layout: pairs`), trained against targets laid "
+        "out alike by the mean of 1 - cos(predicted - target angle). Default: by the output's kind.",
+    )
+    weight: Annotated[Real, Field(ge=0, le=1e6)] = Field(
+        1.0, description="This output's term in the total loss is `weight * loss`."
+    )
+    delta: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
+        None, description="`huber` only: where the loss turns from quadratic to linear. Default: 1."
+    )
+    layout: Literal["halves", "pairs"] | None = Field(
+        None,
+        description="`angular` only: `halves`, every sine then every cosine (the default); "
+        "`pairs`, `(sin, cos)` of each angle in turn.",
+    )
+
+
+class TrainData(SpecModel):
+    """The training data: one local file, read by `epicycle train` (see the README's `Training
+    data`). A text or a token array serves one tokens input and lm_head outputs; arrays named
+    after the spec's inputs and outputs serve any spec."""
+
+    path: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="The data file, relative to this spec's folder: a UTF-8 text, a token array "
+        "(`.npy`, `.bin`) or arrays (`.npz`, `.safetensors`, `.parquet`, `.csv`)."
+    )
+    format: Literal["text", "tokens", "npz", "safetensors", "parquet", "csv"] | None = Field(
+        None,
+        description="How to read `path`; default: by its suffix (`.npy`/`.bin`: tokens, `.npz`, "
+        "`.safetensors`, `.parquet`, `.csv`; any other: text).",
+    )
+    tokenizer: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=4096)] | None = (
+        Field(
+            None,
+            description="Text only: a `tokenizers` JSON file (relative to this spec's folder) "
+            "that turns the text into ids; default: the text's characters are its vocabulary.",
+        )
+    )
+    dtype: Literal["uint16", "uint32"] | None = Field(
+        None, description="Raw `.bin` token arrays: the ids' type (default uint16, as nanoGPT's)."
+    )
+    arrays: Annotated[
+        dict[Name, Annotated[str, Strict(), StringConstraints(min_length=1, max_length=256)]],
+        Field(max_length=128),
+    ] = Field(
+        {},
+        description="Arrays: which array or column feeds an input or output, `{port: name}`; "
+        "default: the one named like the port.",
+    )
+
+    @model_validator(mode="after")
+    def _formats_agree(self) -> TrainData:
+        conflict = declaration_conflict(self.path, self.format, self.tokenizer, self.dtype)
+        if conflict:
+            raise PydanticCustomError("data_format", conflict)
+        return self
+
+
 class Train(SpecModel):
     """How the model is trained: `compiler.tools.training.build_optimizer(model)` reads this section."""
 
@@ -540,6 +608,12 @@ class Train(SpecModel):
         1000, description="Optimizer steps (the schedule's length)."
     )
     batch: Annotated[Int, Field(ge=1, le=1 << 20)] = Field(32, description="Sequences per step.")
+    losses: Annotated[dict[Name, OutputLoss], Field(max_length=64)] = Field(
+        {},
+        description="Per output, by name, its loss and weight; outputs not named train with their "
+        "kind's default loss at weight 1. The total loss is the sum of `weight * loss` over the "
+        "outputs plus the training terms the spec's parts declare.",
+    )
     grad_clip: Annotated[Real, Field(gt=0, le=1e6)] | None = Field(
         1.0, description="Clip the gradients' global norm to this; null: no clipping."
     )
@@ -554,6 +628,9 @@ class Train(SpecModel):
     seed: Annotated[Int, Field(ge=0, lt=1 << 63)] = Field(
         0,
         description="`epicycle train`: seeds the batches drawn and dropout (weights: the spec's `seed`).",
+    )
+    data: TrainData | None = Field(
+        None, description="`epicycle train`: the data file; default: `--data`."
     )
 
 

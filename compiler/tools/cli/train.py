@@ -1,4 +1,4 @@
-"""`epicycle train` and `epicycle data`: train a character-level language model, fetch its
+"""`epicycle train` and `epicycle data`: train a spec's outputs on local data, fetch the default
 corpus."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from compiler.tools.cli.common import _guarded, app, err, out
+from compiler.tools.cli.common import _guarded, _usage, app, err, out
+from compiler.tools.cli.specs import SetOption, _overrides
 
 
 class Strategy(str, enum.Enum):
@@ -18,6 +19,20 @@ class Strategy(str, enum.Enum):
     none = "none"
     ddp = "ddp"
     fsdp = "fsdp"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class CompileMode(str, enum.Enum):
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
 class Corpus(str, enum.Enum):
@@ -32,8 +47,13 @@ def train(
         Path, typer.Option("--out", "-o", help="Checkpoints, metrics.jsonl and loss_curve.png.")
     ],
     data: Annotated[
-        Path, typer.Option(help="Any UTF-8 text; `epicycle data shakespeare` writes the default.")
-    ] = Path("data/shakespeare.txt"),
+        Path | None,
+        typer.Option(
+            help="The data file (text, token array, npz, safetensors, parquet, csv); default: "
+            "the spec's `train.data`, else data/shakespeare.txt (`epicycle data shakespeare`).",
+            show_default=False,
+        ),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option(min=1, help="Steps (default: `train.steps`).")
     ] = None,
@@ -54,15 +74,42 @@ def train(
         int | None, typer.Option(min=1, help="Stop after this step (the schedule keeps --steps).")
     ] = None,
     log_every: Annotated[int, typer.Option(min=1, help="Log a metrics line every N steps.")] = 10,
+    eval_batches: Annotated[
+        int, typer.Option(min=1, help="Held-out batches each validation averages over.")
+    ] = 8,
     device: Annotated[
-        str, typer.Option(help="cpu, cuda (one GPU per torchrun process), ...")
-    ] = "cpu",
+        str,
+        typer.Option(
+            help="auto (CUDA when there is a GPU, else cpu), cpu, cuda (under torchrun: the local "
+            "rank's GPU), cuda:N, mps."
+        ),
+    ] = "auto",
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help="auto (bf16 autocast on CUDA, fp32 elsewhere), bf16, fp16 (CUDA, with a gradient "
+            "scaler), fp32 (TF32 matmuls on CUDA)."
+        ),
+    ] = Precision.auto,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the step.")] = False,
+    compile_mode: Annotated[
+        CompileMode,
+        typer.Option(help="torch.compile's mode with --compile; reduce-overhead: CUDA graphs."),
+    ] = CompileMode.default,
     strategy: Annotated[
         Strategy, typer.Option(help="Under torchrun: ddp (auto) or fsdp (FSDP2 fully_shard).")
     ] = Strategy.auto,
+    tensorboard: Annotated[
+        bool | None,
+        typer.Option(
+            "--tensorboard/--no-tensorboard",
+            help="TensorBoard event files in OUT/tensorboard (default: when it is installed).",
+            show_default=False,
+        ),
+    ] = None,
+    sets: SetOption = None,
 ) -> None:
-    """Train a character-level language model: a spec with an lm_head over a tokens input."""
+    """Train a spec: every output against its target, with the loss `train.losses` gives it."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -71,20 +118,28 @@ def train(
         TimeRemainingColumn,
     )
 
-    from compiler.tools.training import RunOptions
+    from compiler.tools.training import RunOptions, UsageError
     from compiler.tools.training import train as run
+    from compiler.tools.training.metrics import progress_line
 
+    overrides = tuple(_overrides(sets))
     options = RunOptions(
-        data=str(data),
+        data=None if data is None else str(data),
         out=str(out_dir),
         resume=None if resume is None else str(resume),
         stop_at=stop_at,
         log_every=log_every,
+        eval_batches=eval_batches,
         device=device,
+        precision=precision.value,
         compile=compile_,
+        compile_mode=compile_mode.value,
         strategy=strategy.value,
+        tensorboard=tensorboard,
+        overrides=overrides,
     )
     leader = os.environ.get("RANK", "0") == "0"
+    bar_shown = leader and err.is_terminal  # a log file gets one plain line per record instead
     progress = Progress(
         TextColumn("step"),
         MofNCompleteColumn(),
@@ -93,17 +148,23 @@ def train(
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=err,
-        disable=not leader,
+        disable=not bar_shown,
     )
     bar = progress.add_task("train", total=None, loss="-", val="-", speed="-")
     last: dict = {}
 
     def started(start: int, stop: int) -> None:  # shown once the run is set up, not before errors
+        last["stop"] = stop
         progress.update(bar, total=stop, completed=start)
-        progress.start()
+        if bar_shown:
+            progress.start()
 
     def record(entry: dict) -> None:
         last.update(entry)
+        if not bar_shown:
+            err.print(progress_line(entry, last["stop"]), markup=False, soft_wrap=True)
+            err.file.flush()
+            return
         fields = {"loss": f"{entry['loss']:.4f}", "speed": f"{entry['tokens_per_s']:,.0f}"}
         if "val_loss" in entry:
             fields["val"] = f"{entry['val_loss']:.4f}"
@@ -121,6 +182,8 @@ def train(
             eval_every=eval_every,
             seed=seed,
         )
+    except UsageError as exc:
+        _usage(str(exc))
     finally:
         if progress.live.is_started:
             progress.stop()

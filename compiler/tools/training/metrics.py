@@ -1,5 +1,7 @@
 """What a training run records: `DIR/metrics.jsonl` (one JSON object per logged step, with the
-model's report: level losses, equilibrium solves, lattice metrics) and the loss curve PNG."""
+model's report: level losses, equilibrium solves, lattice metrics), the loss curve PNG, and, when
+the `tensorboard` package is installed (`pip install epicycle[tensorboard]`), TensorBoard event
+files in `DIR/tensorboard/` holding every number of every record (`tensorboard --logdir DIR`)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs i
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
+EVENTS = "tensorboard"
 
 
 def record_from_report(
@@ -110,3 +113,56 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | Path) -> Path:
     plt.close(figure)
     os.replace(temporary, path)
     return path
+
+
+def open_event_log(out: Path, wanted: bool | None, purge_step: int | None = None) -> Any:
+    """A TensorBoard `SummaryWriter` on `out/tensorboard`, or None. `wanted`: None writes events
+    when the package is installed; True asks for them (a warning when it is missing); False
+    never. `purge_step`: a resumed run hides the events a crashed run wrote after its checkpoint."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if wanted:
+            log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(out / EVENTS), purge_step=purge_step)
+
+
+def write_events(writer: Any, record: dict[str, Any]) -> None:
+    """Every number of a metrics record as a TensorBoard scalar, tagged by its path in the record
+    (`loss`, `losses/longitude`, `lattice/body.blocks.0.attn.lattice/order_parameter`, ...)."""
+    step = record["step"]
+    for tag, value in scalars(record):
+        if tag != "step":
+            writer.add_scalar(tag, value, step)
+    writer.flush()
+
+
+def scalars(value: Any, tag: str = "") -> list[tuple[str, float]]:
+    """The numbers in nested dicts and lists, with their `/`-joined paths."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [(tag, float(value))] if math.isfinite(value) else []
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    found = []
+    for key, part in items:
+        found += scalars(part, f"{tag}/{key}" if tag else str(key))
+    return found
+
+
+def progress_line(record: dict[str, Any], stop: int) -> str:
+    """One plain line per logged step, for a log file (a terminal gets the progress bar)."""
+    parts = [f"step {record['step']}/{stop}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    parts += [f"lr {record['lr']:.3g}", f"{record['tokens_per_s']:,.0f} tok/s"]
+    return "  ".join(parts)

@@ -1,6 +1,21 @@
-"""What `epicycle train` optimises: next-token prediction over the spec's `lm_head` outputs (the
-task a spec must declare to be trained), plus the spec's training terms, with every fractal
-node's levels trained at once."""
+"""What `epicycle train` optimises: each output's loss against its target, weighted as the spec's
+`train.losses` says, plus the training terms the spec's parts declare, with every fractal node's
+levels trained at once.
+
+The losses, by output kind (`train.losses.OUTPUT.loss`; the first is the default):
+
+* `lm_head`: `cross_entropy` against the next token of its tokens input;
+* `classification`: `cross_entropy` against one class id per example;
+* `regression`: `mse`, `huber` (with `delta`) or `angular` against values per token. `angular`
+  reads the output's 2k values as k angles, `[sin a1 .. sin ak, cos a1 .. cos ak]` (`layout:
+  halves`, as examples/antikythera_sky.py lays out the 7 longitudes) or `(sin, cos)` of each angle
+  in turn (`layout: pairs`), and the target alike; the loss is the mean of `1 - cos(a - b)` over
+  the angles, `a` the angle of the predicted (sine, cosine) vector, `b` the target's. Only the
+  direction of the predicted vector counts, so its length is free.
+
+The losses themselves are in `losses.py`; cross-entropy runs over row chunks there, so a 50k-token
+vocabulary never holds float32 logits for the whole batch, only for one chunk at a time.
+"""
 
 from __future__ import annotations
 
@@ -8,109 +23,113 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from compiler.language.diagnostics import SpecError
+from compiler.tools.training.ports import Ports, TargetPort, ports_of
 
 if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs it
     from torch import Tensor, nn
 
     from compiler.ir import IR
-    from compiler.tools.data import Corpus
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LOSS = {"lm_head": "cross_entropy", "classification": "cross_entropy", "regression": "mse"}
+
 
 @dataclass(frozen=True)
-class LanguageTask:
-    """What `train` needs from a spec: one `tokens` input and the `lm_head` outputs over it."""
+class OutputLoss:
+    """How one output is scored: its loss, weight and options, and the target it is scored on."""
 
-    input: str
-    outputs: tuple[str, ...]
-    vocab: int
-    context: int
+    name: str
+    loss: str  # cross_entropy | mse | huber | angular
+    weight: float
+    target: TargetPort
+    delta: float = 1.0  # huber
+    layout: str = "halves"  # angular
 
 
-def language_task(ir: IR) -> LanguageTask:
-    """The spec's token input and LM heads, or a located error saying what `train` needs."""
-    needs = "`epicycle train` needs one `{kind: tokens}` input and `kind: lm_head` outputs"
-    inputs = ir.spec.inputs
-    if len(inputs) != 1 or next(iter(inputs.values())).kind != "tokens":
-        kinds = ", ".join(f"{n} ({i.kind})" for n, i in inputs.items())
-        raise SpecError(
-            [
-                ir.error(
-                    ("inputs",),
-                    f"this spec's inputs are {kinds}; {needs}",
-                    "train this spec with your own loop (see `compiler.tools.training`)",
-                    key=True,
-                )
-            ]
+@dataclass(frozen=True)
+class Task:
+    """What `train` needs from a spec: its ports and each output's loss."""
+
+    ports: Ports
+    outputs: tuple[OutputLoss, ...]
+
+    @property
+    def context(self) -> int:
+        return self.ports.context
+
+    def output(self, name: str) -> OutputLoss:
+        return next(o for o in self.outputs if o.name == name)
+
+
+def training_task(ir: IR) -> Task:
+    """The spec's ports and losses; `check_training` has checked `train.losses` at validate time."""
+    ports = ports_of(ir)
+    chosen = ir.spec.train.losses
+    outputs = []
+    for name, spec in ir.spec.outputs.items():
+        declared = chosen.get(name)
+        loss = (declared.loss if declared else None) or DEFAULT_LOSS[spec.kind]
+        outputs.append(
+            OutputLoss(
+                name,
+                loss,
+                declared.weight if declared else 1.0,
+                ports.target(name),
+                delta=(declared.delta if declared else None) or 1.0,
+                layout=(declared.layout if declared else None) or "halves",
+            )
         )
-    name, spec = next(iter(inputs.items()))
-    others = [n for n, o in ir.spec.outputs.items() if o.kind != "lm_head"]
-    heads = tuple(n for n, o in ir.spec.outputs.items() if o.kind == "lm_head")
-    if others or not heads:
-        where = ("outputs", others[0]) if others else ("outputs",)
-        raise SpecError(
-            [
-                ir.error(
-                    where,
-                    f"output `{others[0]}` is `kind: {ir.spec.outputs[others[0]].kind}`; {needs}"
-                    if others
-                    else f"this spec has no `lm_head` output; {needs}",
-                    "character-level training predicts the next token: read it out with an lm_head",
-                    key=True,
-                )
-            ]
-        )
-    return LanguageTask(name, heads, spec.vocab, spec.context)
+    return Task(ports, tuple(outputs))
 
 
-def check_vocabulary(ir: IR, task: LanguageTask, corpus: Corpus) -> None:
-    if corpus.characters > task.vocab:
-        raise SpecError(
-            [
-                ir.error(
-                    ("inputs", task.input, "vocab"),
-                    f"`vocab: {task.vocab}` is smaller than the {corpus.characters} distinct "
-                    f"characters of {corpus.path}",
-                    f"set `vocab: {corpus.characters}` (or more) on input `{task.input}`",
-                )
-            ]
-        )
-
-
-def language_model_loss_class():
-    import torch.nn.functional as F
+def training_loss_class():
     from torch import nn
 
-    class LanguageModelLoss(nn.Module):
-        """Next-token cross-entropy of the spec's LM heads plus the spec's training terms, in one
-        forward, so DDP and FSDP see the whole step. Every fractal node trains all its levels at
-        once (design 001), weighted by its `level_weights`: an output that reads a fractal alone
-        is scored through that fractal's view, the other outputs through the model's forward."""
+    from compiler.tools.training.losses import output_loss
 
-        def __init__(self, model: nn.Module, task: LanguageTask):
+    class TrainingLoss(nn.Module):
+        """Every output's weighted loss plus the spec's training terms, in one forward, so DDP and
+        FSDP see the whole step. Every fractal node trains all its levels at once (design 001),
+        weighted by its `level_weights`: a next-token output that reads a fractal alone is scored
+        through that fractal's view, the other outputs through the model's forward.
+
+        Returns the total (to differentiate), and each output's loss and the training terms,
+        stacked (to log)."""
+
+        def __init__(self, model: nn.Module, task: Task):
             super().__init__()
             self.model, self.task = model, task
             self.fractals = level_trained_fractals(model)
-            self.scored_by = {o: view for view in self.fractals.values() for o in view.outputs}
+            self.scored_by = {
+                o: view
+                for view in self.fractals.values()
+                for o in view.outputs
+                if task.output(o).target.kind == "next_token"
+            }
 
-        def forward(self, tokens: Tensor, targets: Tensor, step: int) -> tuple[Tensor, Tensor]:
-            plain = [o for o in self.task.outputs if o not in self.scored_by]
-            logits = self.model(tokens) if plain else {}
-            losses = [
-                self.scored_by[o].loss(targets, tokens, output=o)[0]
-                if o in self.scored_by
-                else F.cross_entropy(logits[o].flatten(0, -2), targets.flatten())
-                for o in self.task.outputs
-            ]
-            task_loss = sum(losses) / len(losses)
-            # the caller detaches the task loss: returned detached from a compiled step beside a
-            # sum it shares a node with (when the spec has no training terms, `+ 0`), inductor
-            # in torch 2.13 handed back the total without its graph
-            return task_loss + self.model.auxiliary_loss(step), task_loss
+        def forward(
+            self, inputs: dict[str, Tensor], targets: dict[str, Tensor], step: int
+        ) -> tuple[Tensor, Tensor]:
+            import torch
 
-    return LanguageModelLoss
+            plain = [o for o in self.task.outputs if o.name not in self.scored_by]
+            predicted = self.model(**inputs) if plain else {}
+            losses = []
+            for spec in self.task.outputs:
+                if spec.name in self.scored_by:
+                    view = self.scored_by[spec.name]
+                    losses.append(view.loss(targets[spec.name], output=spec.name, **inputs)[0])
+                else:
+                    losses.append(output_loss(spec, predicted[spec.name], targets[spec.name]))
+            weighted = sum(
+                o.weight * loss for o, loss in zip(self.task.outputs, losses, strict=True)
+            )
+            auxiliary = self.model.auxiliary_loss(step)
+            each = torch.stack([*(loss.float() for loss in losses), auxiliary.float()])
+            return weighted + auxiliary, each
+
+    return TrainingLoss
 
 
 def level_trained_fractals(model: nn.Module) -> dict[str, Any]:

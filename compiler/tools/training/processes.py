@@ -39,9 +39,21 @@ class Processes:
         dist.all_reduce(value)
         return float(value) / self.world
 
+    def means(self, values: Tensor) -> list[float]:
+        """The mean over all ranks of each element of a vector, read to the host at once."""
+        values = values.detach().float()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            values = values.clone().to(self.device)
+            dist.all_reduce(values)
+            values = values / self.world
+        return values.tolist()
+
 
 def start_processes(device: str, strategy: str) -> Processes:
-    """Join the process group `torchrun` set up (nccl on CUDA, gloo on CPU), or run alone."""
+    """Join the process group `torchrun` set up (nccl on CUDA, gloo on CPU), or run alone.
+    `device` is resolved (`settings.resolve_device`): under torchrun, `cuda` is the local rank's."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,6 +64,8 @@ def start_processes(device: str, strategy: str) -> Processes:
             log.warning(
                 "--strategy %s needs torchrun with several processes; running alone", strategy
             )
+        if device.startswith("cuda:"):  # the RNG states saved and restored are this GPU's
+            torch.cuda.set_device(device)
         return Processes(device=device)
     import torch.distributed as dist
 

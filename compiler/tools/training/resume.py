@@ -105,8 +105,12 @@ def _state_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_run(model, root, optimizer, schedule, step, corpus, settings, processes, out) -> None:
-    """A checkpoint of everything resuming needs; collectives on every rank, files on rank 0."""
+def save_run(
+    model, root, optimizer, schedule, scaler, step, data, settings, processes, out
+) -> None:
+    """A checkpoint of everything resuming needs; collectives on every rank, files on rank 0.
+    `data.state()` says which data the run read (file, digest, vocabulary); the data position is
+    the step alone."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -126,18 +130,17 @@ def save_run(model, root, optimizer, schedule, step, corpus, settings, processes
     if not processes.leader:
         return
     state = TrainingState(step)
-    state.state["vocabulary"] = corpus.vocabulary
-    state.state["data"] = {
-        "file": corpus.path,
-        "sha256": corpus.sha256,
-        "position": step,
-        "train_characters": len(corpus.train),
-    }
+    kept = data.state()  # the format, and the vocabulary or tokenizer the ids came from
+    if "vocabulary" in kept:  # beside the data too: what a sampler decodes ids with
+        state.state["vocabulary"] = kept["vocabulary"]
+    state.state["data"] = {**kept, "file": data.path, "sha256": data.sha256, "position": step}
     state.state["settings"] = json.loads(settings.model_dump_json())
     state.state["rng"] = {"world": processes.world}
     state.tensors.update(rng)
     state.pack("optimizer", optimizer_state)
     state.pack("schedule", schedule.state_dict())
+    if scaler.is_enabled():  # fp16: the loss scale and its growth tracker
+        state.pack("scaler", scaler.state_dict())
     try:
         save_checkpoint(model, out, weights=weights, training=state)
     except OSError as exc:
@@ -153,7 +156,7 @@ def save_run(model, root, optimizer, schedule, step, corpus, settings, processes
         ) from None
 
 
-def restore_run(root, optimizer, schedule, previous, processes) -> None:
+def restore_run(root, optimizer, schedule, scaler, previous, processes) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     saved = previous.unpack("optimizer")
@@ -171,6 +174,8 @@ def restore_run(root, optimizer, schedule, previous, processes) -> None:
             }
         )
     schedule.load_state_dict(previous.unpack("schedule"))
+    if scaler.is_enabled() and "scaler" in previous.state:
+        scaler.load_state_dict(previous.unpack("scaler"))
 
 
 def _parameter_names(root: nn.Module, optimizer: Any) -> list[str]:
