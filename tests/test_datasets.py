@@ -290,6 +290,11 @@ def test_a_declaration_that_cannot_be_honoured_is_refused_at_validation(spec_err
 # --------------------------------------------------------------------------- bad input
 
 
+def test_a_mapping_for_a_stream_is_refused_not_ignored(text):
+    message = refused(text, LANGUAGE, 0.1, arrays={"tokens": "ids"})
+    assert "`arrays` maps the arrays of example files, and this data is a `text` stream" in message
+
+
 def test_a_missing_array_lists_what_the_file_has(tmp_path):
     arrays = tabular_arrays()
     del arrays["label"]

@@ -93,6 +93,10 @@ class TrainingData(Protocol):
 
     def examples(self, split: str) -> int: ...
 
+    def check_batch(self, split: str, size: int) -> None:
+        """A located error when the split cannot fill a batch of `size` (examples: fewer than
+        `size`; streams draw windows with replacement and take any size)."""
+
     def batch(
         self, split: str, index: int, size: int, seed: int, shard: tuple[int, int] = (0, 1)
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
@@ -122,7 +126,9 @@ def load_training_data(
     ids of a resumed run the same; with `batch`, a split too small for one batch is refused now
     rather than at the first step. Every refusal is a located `SpecError`."""
     shown = source.path
-    conflict = declaration_conflict(shown, source.format, source.tokenizer, source.dtype)
+    conflict = declaration_conflict(
+        shown, source.format, source.tokenizer, source.dtype, dict(source.arrays)
+    )
     if conflict:
         raise _error(shown, conflict, "see the README's `Training data`")
     chosen = format_of(shown, source.format)
