@@ -176,8 +176,9 @@ def test_a_next_token_target_with_an_array_of_its_own_is_read_as_given(tmp_path)
 
 def test_a_csv_per_token_array_is_flattened_into_indexed_columns(tmp_path):
     path = tmp_path / "d.csv"
-    rows = [",".join(f"{i + j}" for j in range(4)) + f",{i % 2}" for i in range(8)]
-    path.write_text("ids.0,ids.1,ids.2,ids.3,label\n" + "\n".join(rows) + "\n")
+    rows = [", ".join(f"{i + j}" for j in range(4)) + f", {i % 2}" for i in range(8)]
+    header = "\ufeffids.0, ids.1, ids.2, ids.3, label\n"  # as a spreadsheet saves it
+    path.write_text(header + "\n".join(rows) + "\n", encoding="utf-8")
     ports = Ports(
         (InputPort("ids", "tokens", 16, vocab=20),), (TargetPort("label", "classes", classes=2),)
     )
@@ -414,6 +415,15 @@ def test_a_corrupt_file_of_each_format_is_a_located_error(tmp_path, name):
     message = refused(path, ports)
     assert message.startswith(f"{path}:") and "error:" in message
     assert "Traceback" not in message
+
+
+def test_a_resumed_run_reads_its_ports_from_the_checkpoint_s_arrays(tmp_path):
+    path = write_npz(tmp_path / "d.npz", {**tabular_arrays(), "y2": tabular_arrays()["y"]})
+    state = load(path).state()
+    with pytest.raises(SpecError, match="the checkpoint being resumed read arrays for its ports"):
+        load_training_data(
+            DataSource(str(path), arrays={"y": "y2"}), TABULAR, val_fraction=0.25, state=state
+        )
 
 
 def test_a_tokenizer_file_that_is_not_one_is_refused(tmp_path, text):
