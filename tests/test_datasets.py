@@ -445,3 +445,41 @@ def test_a_device_is_refused_before_it_is_read():
     assert "/dev/zero:1:1: error: the data file path is a character device" in refused(
         "/dev/zero", LANGUAGE, format="tokens"
     )
+
+
+def test_a_flattened_array_with_a_missing_column_names_it(tmp_path):
+    arrays = tabular_arrays()
+    columns = flat_columns(arrays)
+    del columns["x.3.1"]
+    path = tmp_path / "d.csv"
+    rows = [",".join(str(c[r]) for c in columns.values()) for r in range(EXAMPLES)]
+    path.write_text(",".join(columns) + "\n" + "\n".join(rows) + "\n")
+    assert "column `x.3.1` is missing: `x` has 14 columns of 15 for shape (5, 3)" in refused(path)
+
+
+def test_parquet_lists_of_different_lengths_or_nulls_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ports = Ports(
+        (InputPort("ids", "tokens", 16, vocab=20),), (TargetPort("label", "classes", classes=2),)
+    )
+    ragged = {"ids": [[1, 2, 3]] * 5 + [[1, 2]] + [[1, 2, 3]] * 4, "label": [0, 1] * 5}
+    pq.write_table(pa.table(ragged), tmp_path / "ragged.parquet")
+    assert "column `ids` holds lists of different lengths (row 0: 3, row 5: 2)" in refused(
+        tmp_path / "ragged.parquet", ports
+    )
+    nulls = {"ids": [[1, 2, 3]] * 10, "label": [0, 1, None] + [0] * 7}
+    pq.write_table(pa.table(nulls), tmp_path / "nulls.parquet")
+    assert "column `label` is null at row 2" in refused(tmp_path / "nulls.parquet", ports)
+
+
+def test_safetensors_in_bfloat16_are_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    arrays = tabular_arrays()
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors["x"] = tensors["x"].to(torch.bfloat16)  # small integers: exact in bfloat16
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    inputs, _ = load(tmp_path / "d.safetensors").batch("train", 0, 4, seed=0)
+    assert inputs["x"].dtype == torch.float32
+    assert torch.equal(inputs["x"], torch.from_numpy(arrays["x"][inputs["x"][:, 0, 0].long()]))
