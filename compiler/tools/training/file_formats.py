@@ -15,6 +15,7 @@ import csv
 import errno
 import hashlib
 import io
+import math
 import os
 import re
 import stat
@@ -101,9 +102,9 @@ def _npy_memmap(handle, shown: str) -> np.ndarray:
         offset = handle.tell()
         if dtype.hasobject:
             raise ValueError("it holds Python objects")
-        if offset + dtype.itemsize * int(np.prod(shape)) > os.fstat(handle.fileno()).st_size:
+        if offset + dtype.itemsize * math.prod(shape) > os.fstat(handle.fileno()).st_size:
             raise ValueError("the file is shorter than its header says")
-        if int(np.prod(shape)) == 0:
+        if math.prod(shape) == 0:
             raise ValueError("it holds no ids")
         return np.memmap(
             handle, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
@@ -258,7 +259,7 @@ def _grid(name: str, members: list[tuple[str, tuple[int, ...]]], shown: str, spa
             raise refuse_at(
                 span,
                 f"column `{missing}` is missing: `{name}` has {len(members)} columns of "
-                f"{int(np.prod(shape))} for shape {shape}",
+                f"{math.prod(shape)} for shape {shape}",
                 f"flatten `{name}` into one column per index, `{name}.0` onward",
             )
     return [by_index[index] for index in np.ndindex(*shape)], shape
