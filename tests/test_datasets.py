@@ -8,6 +8,8 @@ against the spec's ports, served as batches that are a pure function of `(seed, 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +288,17 @@ def test_a_declaration_that_cannot_be_honoured_is_refused_at_validation(spec_err
     assert (
         "spec.yaml:7:9: error: `data`: a `tokenizer` reads text, and this data is `npz`" in errors
     )
+
+
+def test_checking_a_declaration_imports_neither_numpy_nor_torch():
+    """Validation stays interactive: the rules of `train.data` live apart from the readers."""
+    check = (
+        "import sys; from compiler.language.spec import TrainData; "
+        "TrainData(path='d.bin', dtype='uint32'); "
+        "print([m for m in ('numpy', 'torch', 'pyarrow', 'tokenizers') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
 
 
 # --------------------------------------------------------------------------- bad input
