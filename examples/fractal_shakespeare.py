@@ -19,6 +19,7 @@ batch and schedule: what the cheaper step costs each level in validation loss.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 
-DATA = ROOT / "data" / "shakespeare.txt"  # written by `epicycle data shakespeare`
+DATA = ROOT / "data" / "shakespeare.txt"  # written by `epicycle data shakespeare`; or `--data FILE`
 
 PLAIN_SPEC = """
 spec: 1
@@ -61,24 +62,23 @@ outputs:
 """
 
 
-def load_corpus(path: Path, vocab: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    text = path.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    if len(chars) > vocab:
-        raise SystemExit(
-            f"{path} has {len(chars)} distinct characters; the spec's vocab is {vocab}"
-        )
-    index = {c: i for i, c in enumerate(chars)}
-    data = torch.tensor([index[c] for c in text], dtype=torch.long)
-    cut = int(0.9 * len(data))
-    return data[:cut], data[cut:], chars
+def load_data(path: Path, ir, context: int):
+    """The corpus as `epicycle train` reads it (characters, the last 10% held out), in windows of
+    `context` (shorter than the spec's in `--quick`)."""
+    from compiler.tools.training.datasets import DataSource, load_training_data
+    from compiler.tools.training.ports import Ports, ports_of
+
+    ports = ports_of(ir)
+    ports = Ports((dataclasses.replace(ports.inputs[0], context=context),), ports.targets)
+    try:
+        return load_training_data(DataSource(str(path)), ports, val_fraction=0.1)
+    except compiler.SpecError as exc:
+        raise SystemExit(exc.format()) from None
 
 
-def batches(data: torch.Tensor, batch: int, context: int, generator: torch.Generator):
-    while True:
-        start = torch.randint(0, len(data) - context - 1, (batch,), generator=generator)
-        rows = torch.stack([data[s : s + context + 1] for s in start.tolist()])
-        yield rows[:, :-1], rows[:, 1:]
+def batch(data, split: str, index: int, args, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = data.batch(split, index, args.batch, seed)
+    return next(iter(inputs.values())), next(iter(targets.values()))
 
 
 def schedule(optimizer, steps: int, lr: float):
@@ -98,17 +98,15 @@ def autocast(args):
     return torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=cuda)
 
 
-def train(model, loss_of, train_data, args) -> float:
-    generator = torch.Generator().manual_seed(0)
+def train(model, loss_of, data, args) -> float:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
     )
     lr_schedule = schedule(optimizer, args.steps, args.lr)
-    stream = batches(train_data, args.batch, args.context, generator)
     model.train()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        x, y = next(stream)
+    for step in range(args.steps):
+        x, y = batch(data, "train", step, args, seed=0)
         with autocast(args):
             loss = loss_of(x.to(args.device), y.to(args.device))
         optimizer.zero_grad(set_to_none=True)
@@ -121,11 +119,8 @@ def train(model, loss_of, train_data, args) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def validation_batches(valid_data: torch.Tensor, args):
-    generator = torch.Generator().manual_seed(1)
-    stream = batches(valid_data, args.batch, args.context, generator)
-    return [next(stream) for _ in range(args.eval_batches)]
+def validation_batches(data, args):
+    return [batch(data, "val", -1 - i, args, seed=1) for i in range(args.eval_batches)]
 
 
 def with_level_batch(text: str, mode: str) -> str:
@@ -139,12 +134,12 @@ def with_level_batch(text: str, mode: str) -> str:
     )
 
 
-def train_fractal(args, text: str, name: str, node, train_data, valid):
+def train_fractal(args, text: str, name: str, node, data, valid):
     """Train the fractal spec `text` on all levels at once; each sub-model's validation loss."""
     torch.manual_seed(0)
     model = compiler.build_model(compiler.load_spec_text(text), device=args.device)
     view = model.fractal(name)
-    seconds = train(model, lambda x, y: view.loss(y, x)[0], train_data, args)
+    seconds = train(model, lambda x, y: view.loss(y, x)[0], data, args)
     model.eval()
     per_model = torch.zeros(node.levels, node.branching ** (node.levels - 1), dtype=torch.float64)
     with torch.no_grad(), autocast(args):
@@ -186,17 +181,15 @@ def main() -> None:
     args.context = tokens_input.context
     if args.quick:
         args.steps, args.batch, args.context, args.eval_batches = 6, 4, 32, 2
-    train_data, valid_data, chars = load_corpus(args.data, tokens_input.vocab)
-    if args.quick:
-        train_data, valid_data = train_data[:20000], valid_data[:5000]
-    valid = validation_batches(valid_data, args)
+    data = load_data(args.data, ir, args.context)
+    valid = validation_batches(data, args)
 
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "levels": []}
     modes = [m.strip() for m in args.level_batch.split(",") if m.strip()]
     fractal_loss = {}
     for mode in modes:
         fractal_loss[mode], seconds, fractal_params = train_fractal(
-            args, with_level_batch(args.spec.read_text(), mode), name, node, train_data, valid
+            args, with_level_batch(args.spec.read_text(), mode), name, node, data, valid
         )
         print(
             f"fractal {args.spec.name} (level_batch: {mode}): {fractal_params:,} parameters, "
@@ -234,7 +227,7 @@ def main() -> None:
             lambda x, y, m=plain: F.cross_entropy(
                 m(x)["logits"].flatten(0, 1).float(), y.flatten()
             ),
-            train_data,
+            data,
             args,
         )
         plain.eval()

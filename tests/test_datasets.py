@@ -8,6 +8,8 @@ against the spec's ports, served as batches that are a pure function of `(seed, 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +178,9 @@ def test_a_next_token_target_with_an_array_of_its_own_is_read_as_given(tmp_path)
 
 def test_a_csv_per_token_array_is_flattened_into_indexed_columns(tmp_path):
     path = tmp_path / "d.csv"
-    rows = [",".join(f"{i + j}" for j in range(4)) + f",{i % 2}" for i in range(8)]
-    path.write_text("ids.0,ids.1,ids.2,ids.3,label\n" + "\n".join(rows) + "\n")
+    rows = [", ".join(f"{i + j}" for j in range(4)) + f", {i % 2}" for i in range(8)]
+    header = "\ufeffids.0, ids.1, ids.2, ids.3, label\n"  # as a spreadsheet saves it
+    path.write_text(header + "\n".join(rows) + "\n", encoding="utf-8")
     ports = Ports(
         (InputPort("ids", "tokens", 16, vocab=20),), (TargetPort("label", "classes", classes=2),)
     )
@@ -287,7 +290,23 @@ def test_a_declaration_that_cannot_be_honoured_is_refused_at_validation(spec_err
     )
 
 
+def test_checking_a_declaration_imports_neither_numpy_nor_torch():
+    """Validation stays interactive: the rules of `train.data` live apart from the readers."""
+    check = (
+        "import sys; from compiler.language.spec import TrainData; "
+        "TrainData(path='d.bin', dtype='uint32'); "
+        "print([m for m in ('numpy', 'torch', 'pyarrow', 'tokenizers') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 # --------------------------------------------------------------------------- bad input
+
+
+def test_a_mapping_for_a_stream_is_refused_not_ignored(text):
+    message = refused(text, LANGUAGE, 0.1, arrays={"tokens": "ids"})
+    assert "`arrays` maps the arrays of example files, and this data is a `text` stream" in message
 
 
 def test_a_missing_array_lists_what_the_file_has(tmp_path):
@@ -411,6 +430,15 @@ def test_a_corrupt_file_of_each_format_is_a_located_error(tmp_path, name):
     assert "Traceback" not in message
 
 
+def test_a_resumed_run_reads_its_ports_from_the_checkpoint_s_arrays(tmp_path):
+    path = write_npz(tmp_path / "d.npz", {**tabular_arrays(), "y2": tabular_arrays()["y"]})
+    state = load(path).state()
+    with pytest.raises(SpecError, match="the checkpoint being resumed read arrays for its ports"):
+        load_training_data(
+            DataSource(str(path), arrays={"y": "y2"}), TABULAR, val_fraction=0.25, state=state
+        )
+
+
 def test_a_tokenizer_file_that_is_not_one_is_refused(tmp_path, text):
     (tmp_path / "tok.json").write_text('{"model": "no"}')
     message = refused(text, LANGUAGE, 0.1, tokenizer=str(tmp_path / "tok.json"))
@@ -430,3 +458,41 @@ def test_a_device_is_refused_before_it_is_read():
     assert "/dev/zero:1:1: error: the data file path is a character device" in refused(
         "/dev/zero", LANGUAGE, format="tokens"
     )
+
+
+def test_a_flattened_array_with_a_missing_column_names_it(tmp_path):
+    arrays = tabular_arrays()
+    columns = flat_columns(arrays)
+    del columns["x.3.1"]
+    path = tmp_path / "d.csv"
+    rows = [",".join(str(c[r]) for c in columns.values()) for r in range(EXAMPLES)]
+    path.write_text(",".join(columns) + "\n" + "\n".join(rows) + "\n")
+    assert "column `x.3.1` is missing: `x` has 14 columns of 15 for shape (5, 3)" in refused(path)
+
+
+def test_parquet_lists_of_different_lengths_or_nulls_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    ports = Ports(
+        (InputPort("ids", "tokens", 16, vocab=20),), (TargetPort("label", "classes", classes=2),)
+    )
+    ragged = {"ids": [[1, 2, 3]] * 5 + [[1, 2]] + [[1, 2, 3]] * 4, "label": [0, 1] * 5}
+    pq.write_table(pa.table(ragged), tmp_path / "ragged.parquet")
+    assert "column `ids` holds lists of different lengths (row 0: 3, row 5: 2)" in refused(
+        tmp_path / "ragged.parquet", ports
+    )
+    nulls = {"ids": [[1, 2, 3]] * 10, "label": [0, 1, None] + [0] * 7}
+    pq.write_table(pa.table(nulls), tmp_path / "nulls.parquet")
+    assert "column `label` is null at row 2" in refused(tmp_path / "nulls.parquet", ports)
+
+
+def test_safetensors_in_bfloat16_are_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    arrays = tabular_arrays()
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors["x"] = tensors["x"].to(torch.bfloat16)  # small integers: exact in bfloat16
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    inputs, _ = load(tmp_path / "d.safetensors").batch("train", 0, 4, seed=0)
+    assert inputs["x"].dtype == torch.float32
+    assert torch.equal(inputs["x"], torch.from_numpy(arrays["x"][inputs["x"][:, 0, 0].long()]))

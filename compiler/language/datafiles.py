@@ -26,7 +26,11 @@ def format_of(path: str, format: str | None) -> str:
 
 
 def declaration_conflict(
-    path: str, format: str | None, tokenizer: str | None, dtype: str | None
+    path: str,
+    format: str | None,
+    tokenizer: str | None,
+    dtype: str | None,
+    arrays: dict[str, str] | None = None,
 ) -> str | None:
     """Why this declaration cannot be honoured, or None."""
     if format is not None and format not in FORMATS:
@@ -39,4 +43,6 @@ def declaration_conflict(
             return f"unknown token dtype `{dtype}`; one of {', '.join(TOKEN_DTYPES)}"
         if chosen != "tokens" or PurePath(path).suffix.lower() == ".npy":
             return "`dtype` is for raw `.bin` token arrays (a `.npy` file stores its own)"
+    if arrays and chosen in ("text", "tokens"):
+        return f"`arrays` maps the arrays of example files, and this data is a `{chosen}` stream"
     return None

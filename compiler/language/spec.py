@@ -585,7 +585,9 @@ class TrainData(SpecModel):
 
     @model_validator(mode="after")
     def _formats_agree(self) -> TrainData:
-        conflict = declaration_conflict(self.path, self.format, self.tokenizer, self.dtype)
+        conflict = declaration_conflict(
+            self.path, self.format, self.tokenizer, self.dtype, dict(self.arrays)
+        )
         if conflict:
             raise PydanticCustomError("data_format", conflict)
         return self

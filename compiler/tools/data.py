@@ -155,7 +155,7 @@ def held_out_tokens(length: int, val_fraction: float, context: int, shown: str, 
                     Span(shown, 1, 1),
                     f"the data file has {length} {unit}: too few for training windows of "
                     f"{context + 1} plus a validation part of {held}",
-                    "use a longer text (or a spec with a shorter `context`)",
+                    "use more data (or a spec with a shorter `context`)",
                 )
             ]
         )

@@ -31,14 +31,8 @@ column `ids` (lists of equal length; lists of lists for `(T, W)`).
 
 from __future__ import annotations
 
-import csv
-import errno
 import hashlib
-import io
-import os
-import re
-import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -48,10 +42,7 @@ import torch
 from torch import Tensor
 
 from compiler.language.datafiles import declaration_conflict, format_of
-from compiler.language.diagnostics import Diagnostic, Span, SpecError
-from compiler.language.files import describe_file_kind
 from compiler.tools.data import (
-    DATA_HINT,
     MAX_BYTES,
     character_ids,
     decode_text,
@@ -60,15 +51,23 @@ from compiler.tools.data import (
     read_data_file,
     window_starts,
 )
+from compiler.tools.training.file_formats import (
+    ARRAYS_LIMIT,
+    CSV_LIMIT,
+    Table,
+    read_csv,
+    read_npz,
+    read_parquet,
+    read_safetensors,
+    read_tokenizer,
+    refuse,
+    refuse_at,
+    token_array,
+)
 
 if TYPE_CHECKING:
     from compiler.language.spec import TrainData
     from compiler.tools.training.ports import InputPort, Ports, TargetPort
-
-ARRAYS_LIMIT = 2**33  # npz, safetensors and parquet are read into memory whole
-CSV_LIMIT = 2**30  # CSV is parsed in Python: a larger table belongs in npz or parquet
-TOKENIZER_LIMIT = 2**28
-EXTRA = "install the optional extra: pip install 'epicycle[data]'"
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,10 @@ class TrainingData(Protocol):
     def state(self) -> dict: ...
 
     def examples(self, split: str) -> int: ...
+
+    def check_batch(self, split: str, size: int) -> None:
+        """A located error when the split cannot fill a batch of `size` (examples: fewer than
+        `size`; streams draw windows with replacement and take any size)."""
 
     def batch(
         self, split: str, index: int, size: int, seed: int, shard: tuple[int, int] = (0, 1)
@@ -122,15 +125,18 @@ def load_training_data(
     ids of a resumed run the same; with `batch`, a split too small for one batch is refused now
     rather than at the first step. Every refusal is a located `SpecError`."""
     shown = source.path
-    conflict = declaration_conflict(shown, source.format, source.tokenizer, source.dtype)
+    conflict = declaration_conflict(
+        shown, source.format, source.tokenizer, source.dtype, dict(source.arrays)
+    )
     if conflict:
-        raise _error(shown, conflict, "see the README's `Training data`")
+        raise refuse(shown, conflict, "see the README's `Training data`")
     chosen = format_of(shown, source.format)
     _check_state_format(state, chosen, shown)
     if chosen in ("text", "tokens"):
         data = _load_stream(source, chosen, ports, val_fraction, state)
     else:
         data = _load_examples(source, chosen, ports, val_fraction)
+    _check_state_agrees(state, data.state(), shown)
     if batch is not None:
         for split in ("train", "val"):
             data.check_batch(split, batch)
@@ -190,7 +196,7 @@ def _load_stream(source, chosen, ports, val_fraction, state) -> TokenStream:
         ids, digest, info, kept = _text_ids(source, port, state)
         unit = "characters" if source.tokenizer is None else "tokens"
     else:
-        ids, digest, dtype = _token_array(shown, source.dtype)
+        ids, digest, dtype = token_array(shown, source.dtype)
         _check_ids_below(ids, port, shown)
         info, kept, unit = f"{dtype} token ids", {"format": "tokens", "dtype": dtype}, "tokens"
     held = held_out_tokens(len(ids), val_fraction, port.context, shown, unit)
@@ -209,7 +215,7 @@ def _stream_ports(ports: Ports, chosen: str, shown: str) -> tuple[InputPort, tup
         and all(t.kind == "next_token" for t in ports.targets)
     )
     if not fits:
-        raise _error(
+        raise refuse(
             shown,
             f"{what} serves a spec with one tokens input and lm_head outputs; this spec's inputs "
             f"are {inputs} and its outputs {outputs}",
@@ -226,14 +232,14 @@ def _text_ids(source: DataSource, port: InputPort, state: dict | None):
     text = decode_text(raw, shown)
     if source.tokenizer is None:
         if state and "tokenizer" in state:
-            raise _error(
+            raise refuse(
                 shown,
                 "the checkpoint being resumed read its text through a tokenizer",
                 "resume with the same `tokenizer`",
             )
         vocabulary, ids = character_ids(text, shown, (state or {}).get("vocabulary"))
         if len(vocabulary) > port.vocab:
-            raise _error(
+            raise refuse(
                 shown,
                 f"the text has {len(vocabulary)} distinct characters; input `{port.name}` has "
                 f"`vocab: {port.vocab}`",
@@ -241,15 +247,15 @@ def _text_ids(source: DataSource, port: InputPort, state: dict | None):
             )
         info = f"UTF-8 characters ({len(vocabulary)} in the vocabulary)"
         return ids, digest, info, {"format": "text", "vocabulary": vocabulary}
-    tokenizer, tokenizer_sha256 = _read_tokenizer(source.tokenizer)
+    tokenizer, tokenizer_sha256 = read_tokenizer(source.tokenizer)
     if state and "vocabulary" in state:
-        raise _error(
+        raise refuse(
             shown,
             "the checkpoint being resumed read its text as characters, not through a tokenizer",
             "resume without `tokenizer`",
         )
     if state and state.get("tokenizer", {}).get("sha256", tokenizer_sha256) != tokenizer_sha256:
-        raise _error(
+        raise refuse(
             source.tokenizer,
             "this tokenizer is not the one the checkpoint being resumed was trained with "
             "(their SHA-256 differ)",
@@ -257,7 +263,7 @@ def _text_ids(source: DataSource, port: InputPort, state: dict | None):
         )
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > port.vocab:
-        raise _error(
+        raise refuse(
             source.tokenizer,
             f"the tokenizer has {size:,} tokens; input `{port.name}` has `vocab: {port.vocab}`",
             f"set `vocab: {size}` (or more) on input `{port.name}`",
@@ -268,100 +274,6 @@ def _text_ids(source: DataSource, port: InputPort, state: dict | None):
         "tokenizer": {"file": source.tokenizer, "sha256": tokenizer_sha256, "tokens": size},
     }
     return ids, digest, f"tokenized by {source.tokenizer} ({size:,} tokens)", kept
-
-
-def _read_tokenizer(path: str):
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise _error(
-            path, "reading text through a tokenizer needs the `tokenizers` package", EXTRA
-        ) from None
-    raw = read_data_file(path, limit=TOKENIZER_LIMIT, what="tokenizer file")
-    try:
-        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as exc:  # the Rust side raises a bare Exception
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _error(
-            path,
-            f"not a `tokenizers` JSON file ({reason})",
-            "save one with `Tokenizer.save(path)` (the `tokenizer.json` of a Hub model is one), "
-            "or leave `tokenizer` out to read the text as characters",
-        ) from None
-    return tokenizer, hashlib.sha256(raw).hexdigest()
-
-
-def _token_array(shown: str, dtype: str | None) -> tuple[np.ndarray, str, str]:
-    """A `.npy` or raw `.bin` of ids, memory-mapped from a descriptor that was checked to be a
-    regular file (so a FIFO or a device cannot hang the read), and its SHA-256."""
-    with _open_regular(shown) as handle:
-        digest = _file_sha256(handle)
-        if Path(shown).suffix.lower() == ".npy":
-            ids = _npy_memmap(handle, shown)
-        else:
-            ids = _bin_memmap(handle, shown, dtype or "uint16")
-    if ids.ndim != 1:
-        raise _error(
-            shown,
-            f"the token array has shape {ids.shape}; a token stream is one flat array of ids",
-            "save the ids as one 1-D array (nanoGPT's layout), or as examples in an .npz",
-        )
-    if ids.dtype.kind not in "iu":
-        raise _error(
-            shown,
-            f"the token array holds {ids.dtype}; token ids are integers (uint16 or uint32)",
-            "save the ids as uint16 (a vocabulary up to 65,536) or uint32",
-        )
-    return ids, digest, str(ids.dtype)
-
-
-def _file_sha256(handle) -> str:
-    """Read in chunks (`hashlib.file_digest` is Python 3.11+), then rewound."""
-    digest = hashlib.sha256()
-    while chunk := handle.read(1 << 24):
-        digest.update(chunk)
-    handle.seek(0)
-    return digest.hexdigest()
-
-
-def _npy_memmap(handle, shown: str) -> np.ndarray:
-    from numpy.lib import format as npy
-
-    try:
-        version = npy.read_magic(handle)
-        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        shape, fortran, dtype = read_header(handle)
-        offset = handle.tell()
-        if dtype.hasobject:
-            raise ValueError("it holds Python objects")
-        if offset + dtype.itemsize * int(np.prod(shape)) > os.fstat(handle.fileno()).st_size:
-            raise ValueError("the file is shorter than its header says")
-        if int(np.prod(shape)) == 0:
-            raise ValueError("it holds no ids")
-        return np.memmap(
-            handle, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
-        )
-    except (ValueError, OSError, EOFError) as exc:
-        raise _error(
-            shown,
-            f"not a readable .npy file ({exc})",
-            "write it with `numpy.save`, or name a raw stream `.bin`",
-        ) from None
-
-
-def _bin_memmap(handle, shown: str, dtype: str) -> np.ndarray:
-    size = os.fstat(handle.fileno()).st_size
-    itemsize = np.dtype(dtype).itemsize
-    if size == 0:
-        raise _error(shown, "the data file is empty", DATA_HINT)
-    if size % itemsize:
-        raise _error(
-            shown,
-            f"the file has {size:,} bytes, not a whole number of {dtype} ids",
-            "a .bin token array is a flat stream of uint16 (the default) or uint32 ids: declare "
-            "`dtype` to match the file",
-        )
-    return np.memmap(handle, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
 
 def _check_ids_below(ids: np.ndarray, port: InputPort, shown: str) -> None:
@@ -375,7 +287,7 @@ def _check_ids_below(ids: np.ndarray, port: InputPort, shown: str) -> None:
         bad = (part < 0) | (part >= port.vocab)
         if bad.any():
             at = begin + int(np.argmax(bad))
-            raise _error(
+            raise refuse(
                 shown,
                 f"token {at:,} is id {int(ids[at])}, outside the vocabulary of input "
                 f"`{port.name}` (`vocab: {port.vocab}`, ids 0 to {port.vocab - 1})",
@@ -384,54 +296,7 @@ def _check_ids_below(ids: np.ndarray, port: InputPort, shown: str) -> None:
             )
 
 
-class _open_regular:
-    """A binary file object over a descriptor opened without blocking and checked (fstat) to be
-    a regular file before anything reads from it."""
-
-    def __init__(self, shown: str):
-        self.shown = shown
-
-    def __enter__(self):
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-        try:
-            descriptor = os.open(self.shown, flags)
-        except FileNotFoundError:
-            raise _error(self.shown, "no such data file", DATA_HINT) from None
-        except OSError as exc:
-            kind = describe_file_kind(stat.S_IFIFO) if exc.errno == errno.ENXIO else None
-            message = (
-                f"the data file path is {kind}"
-                if kind
-                else f"cannot open the data file: {exc.strerror}"
-            )
-            raise _error(self.shown, message, DATA_HINT) from None
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(descriptor)
-            raise _error(
-                self.shown,
-                f"the data file path is {describe_file_kind(mode)}, not a regular file",
-                DATA_HINT,
-            )
-        self.handle = os.fdopen(descriptor, "rb")
-        return self.handle
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
-
 # --------------------------------------------------------------------------- examples
-
-
-@dataclass
-class Table:
-    """Arrays read from an examples file, by name (first axis: examples), and how to point at
-    one example of one of them in the file (CSV: its line; otherwise its index)."""
-
-    arrays: dict[str, np.ndarray]
-    listing: str  # what the file has, for an error about a missing name
-    where: Callable[[str, int, tuple[int, ...]], tuple[Span, str]]
-    kind_of_name: str = "array"
 
 
 class ExampleArrays:
@@ -442,7 +307,7 @@ class ExampleArrays:
         self._inputs, self._targets = inputs, targets
         self._count = len(next(iter(inputs.values())))
         self._held, self._format, self._mapping = held, format, mapping
-        self._permutations: dict[tuple[int, int, int], Tensor] = {}
+        self._permutations: dict[tuple[str, int, int], np.ndarray] = {}
 
     def describe(self) -> str:
         return (
@@ -465,7 +330,7 @@ class ExampleArrays:
         count = self.examples(split)
         if size > count:
             part = "training part" if split == "train" else "validation part"
-            raise _error(
+            raise refuse(
                 self.path,
                 f"the {part} has {count} example(s); a batch takes {size}",
                 "use a smaller `batch`, a different `val_fraction`, or more examples",
@@ -517,16 +382,16 @@ def _load_examples(source: DataSource, chosen: str, ports: Ports, val_fraction: 
     raw = read_data_file(shown, limit=limit)
     digest = hashlib.sha256(raw).hexdigest()
     if chosen in ("csv", "parquet"):
-        reader = _read_csv if chosen == "csv" else _read_parquet
-        table = reader(raw, shown, ports, source.arrays)
+        reader = read_csv if chosen == "csv" else read_parquet
+        table = reader(raw, shown, _port_kinds(ports, source.arrays))
     else:
-        table = (_read_npz if chosen == "npz" else _read_safetensors)(raw, shown)
+        table = (read_npz if chosen == "npz" else read_safetensors)(raw, shown)
     mapping = _mapping(ports, source.arrays, table, shown)
     inputs, targets = _port_arrays(ports, mapping, table, shown)
     count = len(next(iter(inputs.values())))
     held = max(int(count * val_fraction), 1)
     if count - held < 1:
-        raise _error(
+        raise refuse(
             shown,
             f"the data file has {count} example(s): too few for a training part and a "
             f"validation part of {held}",
@@ -541,7 +406,7 @@ def _mapping(ports: Ports, declared: Mapping[str, str], table: Table, shown: str
     names = [p.name for p in ports.inputs] + [t.name for t in ports.targets]
     unknown = sorted(set(declared) - set(names))
     if unknown:
-        raise _error(
+        raise refuse(
             shown,
             f"`arrays` maps {', '.join(f'`{n}`' for n in unknown)}, which the spec has no input "
             f"or output of; it has {', '.join(f'`{n}`' for n in names)}",
@@ -555,7 +420,7 @@ def _mapping(ports: Ports, declared: Mapping[str, str], table: Table, shown: str
             if shifted:
                 continue
             role = "input" if port in ports.inputs else "output"
-            raise _error(
+            raise refuse(
                 shown,
                 f"the data file has no {table.kind_of_name} `{name}` for {role} `{port.name}`; "
                 f"it has {table.listing}",
@@ -597,14 +462,14 @@ def _port_arrays(ports: Ports, mapping: dict[str, str], table: Table, shown: str
     counts = {mapping.get(n, n): len(a) for n, a in {**inputs, **targets}.items()}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"`{n}` {c}" for n, c in counts.items())
-        raise _error(
+        raise refuse(
             shown,
             f"the arrays hold different numbers of examples: {listed}",
             "every array's first axis is the examples: give each the same number",
         )
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"`{n}` {t}" for n, t in lengths.items())
-        raise _error(
+        raise refuse(
             shown,
             f"the per-token arrays have different numbers of tokens: {listed}",
             "the model reads every input and predicts every output at the same tokens"
@@ -664,7 +529,7 @@ def _check_values(array, name, table, width, port) -> None:
 
 def _check_shape(array, name, table, ndim, expected) -> None:
     if array.ndim != ndim or 0 in array.shape:
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` has shape {tuple(array.shape)}; it should be {expected}",
             "the first axis is the examples",
@@ -673,7 +538,7 @@ def _check_shape(array, name, table, ndim, expected) -> None:
 
 def _check_width(array, name, table, width, says) -> None:
     if array.shape[2] != width:
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` has {array.shape[2]} values per token; {says}",
             f"give `{name}` the shape (examples, tokens, {width})",
@@ -682,7 +547,7 @@ def _check_width(array, name, table, width, says) -> None:
 
 def _check_tokens(array, name, table, most, shifted) -> None:
     if array.shape[1] > most:
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` has {array.shape[1]} tokens per example; the model "
             f"reads at most {most - (1 if shifted else 0)}"
@@ -690,7 +555,7 @@ def _check_tokens(array, name, table, most, shifted) -> None:
             "cut the examples to the spec's `context`, or raise it",
         )
     if shifted and array.shape[1] < 2:
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` has 1 token per example: no next token to predict",
             "give at least 2 tokens per example (the last is only predicted)",
@@ -699,7 +564,7 @@ def _check_tokens(array, name, table, most, shifted) -> None:
 
 def _check_integers(array, name, table, what) -> None:
     if array.dtype.kind not in "iu":
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` holds {array.dtype}; {what} are integers",
             f"store `{name}` as an integer array (int64, int32, uint16...)",
@@ -711,7 +576,7 @@ def _check_range(array, name, table, limit, of, field_name) -> None:
     if bad.any():
         index = np.unravel_index(int(np.argmax(bad)), array.shape)
         span, place = table.where(name, int(index[0]), tuple(int(i) for i in index[1:]))
-        raise _error_at(
+        raise refuse_at(
             span,
             f"{place} is {int(array[index])}, outside {of} (ids 0 to {limit - 1})",
             f"check the data, or raise `{field_name}` in the spec",
@@ -720,7 +585,7 @@ def _check_range(array, name, table, limit, of, field_name) -> None:
 
 def _check_finite(array, name, table) -> None:
     if array.dtype.kind not in "iuf":
-        raise _error_at(
+        raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` holds {array.dtype}; features and values are numbers",
             f"store `{name}` as a float array",
@@ -730,266 +595,17 @@ def _check_finite(array, name, table) -> None:
         if bad.any():
             index = np.unravel_index(int(np.argmax(bad)), array.shape)
             span, place = table.where(name, int(index[0]), tuple(int(i) for i in index[1:]))
-            raise _error_at(
+            raise refuse_at(
                 span,
                 f"{place} is {array[index]}: training needs finite values",
                 "remove or fill the example (NaN and inf make every loss NaN)",
             )
 
 
-# --------------------------------------------------------------------------- file formats
-
-
-def _indexed(kind: str, shown: str):
-    def where(name: str, example: int, index: tuple[int, ...]) -> tuple[Span, str]:
-        at = ", ".join(str(i) for i in (example, *index))
-        return Span(shown, 1, 1), f"{kind} `{name}`[{at}]"
-
-    return where
-
-
-def _listing(arrays: Mapping[str, np.ndarray]) -> str:
-    if not arrays:
-        return "no arrays"
-    return ", ".join(f"`{n}` {tuple(a.shape)} {a.dtype}" for n, a in arrays.items())
-
-
-def _corrupt(shown: str, what: str, reason: object, hint: str) -> SpecError:
-    text = str(reason).splitlines()[0] if str(reason) else type(reason).__name__
-    return _error(shown, f"not a readable {what} file ({text})", hint)
-
-
-def _read_npz(raw: bytes, shown: str) -> Table:
-    import zipfile
-
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise _corrupt(
-            shown, ".npz", exc, "write it with `numpy.savez` (arrays, no objects)"
-        ) from None
-    return Table(arrays, _listing(arrays), _indexed("array", shown))
-
-
-def _read_safetensors(raw: bytes, shown: str) -> Table:
-    from safetensors.torch import load
-
-    try:
-        tensors = load(raw)
-    except Exception as exc:  # SafetensorError, or a header that is not JSON
-        raise _corrupt(
-            shown, ".safetensors", exc, "write it with `safetensors.numpy.save_file`"
-        ) from None
-    arrays = {
-        name: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for name, t in tensors.items()
-    }
-    return Table(arrays, _listing(arrays), _indexed("tensor", shown))
-
-
-_COLUMN = re.compile(r"^(?P<name>.+?)\.(?P<first>\d+)(?:\.(?P<second>\d+))?$")
-
-
-def _column_groups(columns: list[str]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """Columns by the array they flatten: `ids.3` is `ids`[:, 3], `x.2.1` is `x`[:, 2, 1]; a
-    column without indices is an array of its own."""
-    groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-    for column in columns:
-        match = _COLUMN.match(column)
-        if match and match["name"] not in columns:
-            index = tuple(int(v) for v in (match["first"], match["second"]) if v is not None)
-            groups.setdefault(match["name"], []).append((column, index))
-        else:
-            groups.setdefault(column, []).append((column, ()))
-    return groups
-
-
-def _grid(name: str, members: list[tuple[str, tuple[int, ...]]], shown: str, span: Span):
-    """The columns of a flattened array in index order, and the per-example shape; a missing or
-    mixed index is an error naming it."""
-    depths = {len(index) for _, index in members}
-    if len(depths) > 1 or (0 in depths and len(members) > 1):
-        raise _error_at(
-            span,
-            f"the columns of `{name}` mix index depths ({', '.join(c for c, _ in members[:6])})",
-            f"name them all `{name}.TOKEN` (token ids) or all `{name}.TOKEN.VALUE` (features)",
-        )
-    if depths == {0}:
-        return [members[0][0]], ()
-    shape = tuple(max(index[d] for _, index in members) + 1 for d in range(depths.pop()))
-    by_index = {index: column for column, index in members}
-    for index in np.ndindex(*shape):
-        if index not in by_index:
-            missing = ".".join(str(i) for i in (name, *index))
-            raise _error_at(
-                span,
-                f"column `{missing}` is missing: `{name}` has {len(members)} columns of "
-                f"{int(np.prod(shape))} for shape {shape}",
-                f"flatten `{name}` into one column per index, `{name}.0` onward",
-            )
-    return [by_index[index] for index in np.ndindex(*shape)], shape
-
-
-def _features_shape(shape: tuple[int, ...], port_kind: str | None) -> tuple[int, ...]:
-    """`x.w` columns of a features or values port are one token of `W` values."""
-    return (1, *shape) if port_kind in ("features", "values") and len(shape) == 1 else shape
-
-
 def _port_kinds(ports: Ports, declared: Mapping[str, str]) -> dict[str, str]:
     kinds = {declared.get(p.name, p.name): p.kind for p in ports.inputs}
     kinds.update({declared.get(t.name, t.name): t.kind for t in ports.targets})
     return kinds
-
-
-def _read_csv(raw: bytes, shown: str, ports: Ports, declared: Mapping[str, str]) -> Table:
-    """A header row, then one example per row; an array flattened over columns `name.i[.j]`."""
-    text = decode_text(raw, shown)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader, None)
-        if not header:
-            raise _error(shown, "the CSV file has no header row", "start it with the column names")
-        rows, lines = [], []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise _error_at(
-                    Span(shown, reader.line_num, 1),
-                    f"this row has {len(row)} field(s); the header has {len(header)}",
-                    "give every row one value per column",
-                )
-            rows.append(row)
-            lines.append(reader.line_num)
-    except csv.Error as exc:
-        raise _error_at(
-            Span(shown, reader.line_num, 1), f"not readable CSV ({exc})", None
-        ) from None
-    cells = np.array(rows, dtype=str).reshape(len(rows), len(header))
-    kinds = _port_kinds(ports, declared)
-    groups = _column_groups(header)
-    arrays, columns_of = {}, {}
-    for name, members in groups.items():
-        if name not in kinds:
-            continue  # a column no port reads is not parsed
-        columns, shape = _grid(name, members, shown, Span(shown, 1, 1))
-        shape = _features_shape(shape, kinds[name])
-        integer = kinds[name] in ("tokens", "next_token", "classes")
-        block = cells[:, [header.index(c) for c in columns]]
-        arrays[name] = _parse_cells(block, integer, columns, lines, shown).reshape(
-            len(rows), *shape
-        )
-        columns_of[name] = columns
-
-    def where(name: str, example: int, index: tuple[int, ...]) -> tuple[Span, str]:
-        line = lines[example] if lines else 1
-        if not index or name not in columns_of:
-            return Span(shown, line if index or example else 1, 1), f"column `{name}`"
-        flat = int(np.ravel_multi_index(index, arrays[name].shape[1:]))
-        column = columns_of[name][flat]
-        return Span(shown, line, header.index(column) + 1), f"column `{column}`"
-
-    listing = ", ".join(
-        f"`{n}`" if len(m) == 1 and not m[0][1] else f"`{n}` ({len(m)} columns)"
-        for n, m in groups.items()
-    )
-    return Table(arrays, listing or "no columns", where, "column")
-
-
-def _parse_cells(block, integer, columns, lines, shown) -> np.ndarray:
-    try:
-        return block.astype(np.int64 if integer else np.float64)
-    except ValueError:
-        pass
-    parse = int if integer else float
-    for r, c in np.ndindex(*block.shape):  # only to find the first bad cell
-        try:
-            parse(block[r, c])
-        except ValueError:
-            what = "an integer" if integer else "a number"
-            raise _error_at(
-                Span(shown, lines[r], 1),
-                f"column `{columns[c]}` holds {str(block[r, c])!r}, not {what}",
-                "every cell a port reads is a number (ids and class ids: integers)",
-            ) from None
-    raise _error(shown, "the CSV cells could not be read as numbers", None)
-
-
-def _read_parquet(raw: bytes, shown: str, ports: Ports, declared: Mapping[str, str]) -> Table:
-    """One example per row: a numeric column, a list column (lists of equal length; lists of
-    lists for `(T, W)`), or an array flattened over columns `name.i[.j]` as in CSV."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise _error(shown, "reading parquet needs the `pyarrow` package", EXTRA) from None
-    try:
-        table = pq.read_table(pa.BufferReader(raw))
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise _corrupt(
-            shown, "parquet", exc, "write it with `pyarrow.parquet.write_table`"
-        ) from None
-    kinds = _port_kinds(ports, declared)
-    groups = _column_groups(table.column_names)
-    arrays = {}
-    for name, members in groups.items():
-        if name not in kinds:
-            continue  # a column no port reads is not converted
-        columns, shape = _grid(name, members, shown, Span(shown, 1, 1))
-        if not shape:
-            arrays[name] = _parquet_column(table.column(columns[0]), columns[0], shown)
-            continue
-        block = np.stack([_parquet_column(table.column(c), c, shown) for c in columns], axis=1)
-        arrays[name] = block.reshape(len(table), *_features_shape(shape, kinds[name]))
-    listing = ", ".join(
-        f"`{n}` {table.schema.field(n).type}"
-        if len(m) == 1 and not m[0][1]
-        else f"`{n}` ({len(m)} columns)"
-        for n, m in groups.items()
-    )
-    return Table(arrays, listing or "no columns", _indexed("column", shown), "column")
-
-
-def _parquet_column(column, name: str, shown: str) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if column.null_count:
-        row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
-        raise _error(
-            shown, f"column `{name}` is null at row {row}", "fill or drop the rows with nulls"
-        )
-    array = column.combine_chunks()
-    shape = [len(array)]
-    while (
-        pa.types.is_list(array.type)
-        or pa.types.is_large_list(array.type)
-        or pa.types.is_fixed_size_list(array.type)
-    ):
-        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths != lengths[0]).any():
-            row = int(np.argmax(lengths != lengths[0]))
-            raise _error(
-                shown,
-                f"column `{name}` holds lists of different lengths (row 0: {lengths[0]}, row "
-                f"{row}: {lengths[row]})",
-                "pad or cut every example to the same number of tokens",
-            )
-        shape.append(int(lengths[0]) if len(lengths) else 0)
-        array = array.flatten()
-        if array.null_count:
-            raise _error(shown, f"column `{name}` holds nulls inside its lists", "fill them")
-    try:
-        values = array.to_numpy(zero_copy_only=False)
-    except (pa.ArrowException, ValueError) as exc:
-        raise _error(shown, f"column `{name}` is not numeric ({exc})", "store numbers") from None
-    if values.dtype.kind not in "iuf":
-        raise _error(
-            shown,
-            f"column `{name}` holds {array.type}; a port reads numbers",
-            "store token ids and class ids as integers, features and values as floats",
-        )
-    return values.reshape(shape)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1004,16 +620,20 @@ def _split(split: str) -> str:
 def _check_state_format(state: dict | None, chosen: str, shown: str) -> None:
     was = (state or {}).get("format")
     if was is not None and was != chosen:
-        raise _error(
+        raise refuse(
             shown,
             f"the checkpoint being resumed was trained on `{was}` data; this file is `{chosen}`",
             "resume on data of the checkpoint's format, or start a new run",
         )
 
 
-def _error(shown: str, message: str, hint: str | None) -> SpecError:
-    return SpecError([Diagnostic(Span(str(shown), 1, 1), message, hint)])
-
-
-def _error_at(span: Span, message: str, hint: str | None) -> SpecError:
-    return SpecError([Diagnostic(span, message, hint)])
+def _check_state_agrees(state: dict | None, now: dict, shown: str) -> None:
+    """A resumed run reads its ports from the same arrays, and a `.bin` with the same dtype:
+    anything else would train on other ids without a word."""
+    for key, what in (("dtype", "token dtype"), ("arrays", "arrays for its ports")):
+        if state and key in state and key in now and state[key] != now[key]:
+            raise refuse(
+                shown,
+                f"the checkpoint being resumed read {what} {state[key]}; this run reads {now[key]}",
+                f"declare the checkpoint's `{key}`, or start a new run",
+            )
