@@ -263,15 +263,20 @@ def test_an_unknown_extension_is_a_usage_error(tmp_path):
     )
 
 
-def test_an_unwritable_output_is_a_clear_error(tmp_path):
-    target = tmp_path / "missing" / "x.svg"
-    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(target))
-    assert result.exit_code == 1
-    assert result.stderr.startswith(
-        f"{target}:1:1: error: cannot write the picture: No such file or directory"
-    )
+def test_an_output_in_a_missing_directory_creates_it_and_an_unwritable_one_is_clear(tmp_path):
+    target = tmp_path / "missing" / "x.svg"  # the output-path rule: parents are created
+    assert run("viz", str(SPECS / "transformer.yaml"), "-o", str(target)).exit_code == 0
+    assert target.is_file()
+    (tmp_path / "plain").write_text("")
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "plain" / "x.svg"))
+    assert result.exit_code == 2
+    assert "is not a directory, so nothing can be written below it" in result.stderr
     result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path))  # a directory
     assert result.exit_code == 2  # no extension at all
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "d.svg"))
+    (tmp_path / "dir.svg").mkdir()
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "dir.svg"))
+    assert result.exit_code == 2 and "this is a directory" in result.stderr
 
 
 def test_a_missing_output_or_an_unknown_layout_is_a_usage_error(tmp_path):

