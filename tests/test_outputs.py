@@ -135,6 +135,7 @@ def test_a_failed_write_leaves_neither_a_file_nor_the_directories_made_for_it(tm
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "out.txt"
     write_file(target, "first")
+
     def full_disk(staged):
         staged.write_text("sec")
         raise OSError(28, "No space left on device")

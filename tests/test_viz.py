@@ -367,3 +367,64 @@ def test_lattice_of_a_model_without_lattice_layers_is_refused(tmp_path):
     assert result.exit_code == 1
     assert "no lattice attention layer to plot" in result.stderr
     assert run("viz", "--lattice", str(tmp_path / "nothing")).exit_code == 1
+
+
+# --------------------------------------------------------------------------- what is drawn, in full
+
+
+def test_the_command_counts_the_nodes_and_edges_it_draws(tmp_path):
+    """antikythera's inputs fan out to many readers; those reads are folded into a line inside
+    each reader, so the picture has fewer edges than the scene, and the count says the picture's."""
+    result = run(
+        "viz", str(SPECS / "antikythera.yaml"), "-o", str(tmp_path / "a.svg"), "--layout", "python"
+    )
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "a.svg").read_text(encoding="utf-8")
+    drawn_nodes, drawn_edges = svg.count('<g class="node"'), svg.count('<g class="edge"')
+    assert f"({drawn_nodes} nodes, {drawn_edges} edges;" in result.stdout
+    scene, _ = scene_of(SPECS / "antikythera.yaml")
+    assert drawn_edges < len(scene.edges)  # some reads are folded
+
+
+SELF_LOOP = """
+spec: 1
+name: loop
+inputs:
+  tokens: {kind: tokens, vocab: 17, context: 16}
+nodes:
+  body: {kind: transformer, width: 32, heads: 2, layers: 1}
+edges:
+  - {from: body, to: body, kind: feedback, delay: 1, ratio: 355/113}
+feedback: {steps: 2}
+outputs:
+  logits: {from: body, kind: lm_head}
+"""
+
+
+def test_a_self_loops_label_sits_beside_the_loop_not_under_its_node(write_spec):
+    from compiler.tools.viz import figure_of
+    from compiler.tools.viz.draw import Rect, Text, text_width
+
+    figure = figure_of(scene_of(write_spec(SELF_LOOP))[0], "python")
+    (loop,) = [e for e in figure.elements if e.cls == "edge" and "×355/113" in _texts(e)]
+    (body,) = [e for e in figure.elements if e.id == "nodes.body"]
+    box = next(s for s in body.shapes if isinstance(s, Rect))
+    label = next(s for s in loop.shapes if isinstance(s, Text))
+    left = label.x - text_width(label.text, label.size) / 2  # anchored in the middle
+    assert left > box.x + box.w
+    assert left + text_width(label.text, label.size) < figure.width  # and inside the picture
+
+
+def test_everything_drawn_lies_inside_the_figure():
+    from compiler.tools.viz import figure_of
+    from compiler.tools.viz.draw import _extent
+
+    for spec in GALLERY:
+        figure = figure_of(scene_of(spec)[0], "python")
+        left, top, right, bottom = _extent(figure.elements)
+        assert left >= 0 and top >= 0, spec
+        assert right <= figure.width and bottom <= figure.height, spec
+
+
+def _texts(element) -> str:
+    return " ".join(getattr(s, "text", "") for s in element.shapes)

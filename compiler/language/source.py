@@ -20,6 +20,7 @@ Nothing here calls `eval` or constructs anything but dicts, lists, str, int, flo
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def _decode(raw: bytes, file: str) -> str:
                     1,
                     f"this file is {wide}; save it as UTF-8",
                     "specs are read as UTF-8 (in most editors: Save with Encoding > UTF-8; or "
-                    f"`iconv -f {wide.split()[0]} -t UTF-8`)",
+                    f"`iconv -f {_ICONV_NAMES[wide]} -t UTF-8`)",
                 )
             ]
         )
@@ -184,6 +185,12 @@ _BYTE_ORDER_MARKS = (  # UTF-32's before UTF-16's: FF FE 00 00 starts with UTF-1
     (b"\xff\xfe", "UTF-16 (little-endian)"),
     (b"\xfe\xff", "UTF-16 (big-endian)"),
 )
+_ICONV_NAMES = {
+    "UTF-32 (little-endian)": "UTF-32LE",
+    "UTF-32 (big-endian)": "UTF-32BE",
+    "UTF-16 (little-endian)": "UTF-16LE",
+    "UTF-16 (big-endian)": "UTF-16BE",
+}
 # (encoding, code unit bytes, offsets in a unit that are NUL for ASCII text, offsets that are not)
 _NUL_PATTERNS = (
     ("UTF-32 (little-endian)", 4, (1, 2, 3), (0,)),
@@ -281,10 +288,33 @@ def _prescan(text: str, file: str, loader: type = None) -> None:  # type: ignore
                     entry[1] += size
                 if total > MAX_VALUES:
                     raise _too_many_values(refuse, event, aliased)
+    except yaml.reader.ReaderError as exc:
+        raise SpecError([_unacceptable_character(exc, text, file)]) from None
     except yaml.YAMLError as exc:
         if loader is not yaml.SafeLoader and "nesting depth" in str(exc):
             _prescan(text, file, yaml.SafeLoader)  # raises the located refusal
         raise SpecError([_yaml_error(_python_parser_error(text) or exc, file)]) from None
+
+
+_CONTROL_NAMES = {0x07: "bell", 0x08: "backspace", 0x1B: "escape", 0x7F: "delete"}
+
+
+def _unacceptable_character(exc: yaml.reader.ReaderError, text: str, file: str) -> Diagnostic:
+    """A control character YAML does not allow (ESC of an ANSI sequence, a bell), at its place."""
+    offset = min(max(exc.position, 0), len(text))
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    name = unicodedata.name(chr(code), None) or _CONTROL_NAMES.get(code)
+    return _diag(
+        file,
+        line,
+        col,
+        f"the control character U+{code:04X}"
+        + (f" ({name.lower()})" if name else "")
+        + " is not allowed in YAML",
+        "remove it; inside a double-quoted string it can be written as an escape (`\\x1b`)",
+    )
 
 
 def _too_many_values(refuse, event: yaml.Event, aliased: int) -> SpecError:
