@@ -96,11 +96,16 @@ def test_a_device_as_output_file_is_refused():
     assert "--out /dev/null: this is a character device" in result.stderr
 
 
-def test_a_special_file_system_exits_1_with_what_to_do():
-    result = run("schema", "-o", "/proc/epicycle-test/schema.json")
-    assert result.exit_code == 1, result.output
-    assert "cannot write" in result.stderr and "internal error" not in result.output
-    assert "help: choose a path on a disk you can write to" in result.stderr
+def test_a_special_file_system_exits_1_with_what_to_do(write_spec):
+    for command in (
+        ["schema", "-o", "/proc/epicycle-test/schema.json"],
+        ["train", write_spec(TINY), "--out", "/proc/epicycle-test"],  # refused before training
+    ):
+        result = run(*command)
+        assert result.exit_code == 1, result.output
+        assert "epicycle: error: --out /proc/epicycle-test" in result.stderr
+        assert "cannot write in `/proc`" in result.stderr and "internal error" not in result.output
+        assert "help: choose a path on a disk you can write to" in result.stderr
     assert not os.path.exists("/proc/epicycle-test")
 
 

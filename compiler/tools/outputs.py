@@ -58,8 +58,6 @@ class OutputError(Exception):
     def __str__(self) -> str:
         return f"{self.option} {self.path}: {self.message}"
 
-    def format(self) -> str:
-        return f"epicycle: error: {self}\n  help: {self.hint}"
 
 
 def new_file_mode() -> int:
@@ -215,6 +213,8 @@ def _check_parents(parent: Path, option: str, shown: str) -> None:
 
 
 def _check_writable(directory: Path, option: str, shown: str) -> None:
+    """Asked of the system twice: `access` (permissions, a read-only mount), then by making and
+    removing an empty directory there, because root passes `access` in /proc and /sys too."""
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError(
             option,
@@ -222,6 +222,15 @@ def _check_writable(directory: Path, option: str, shown: str) -> None:
             f"cannot write in `{directory}` (permission denied or a read-only file system)",
             "choose a directory you can write to",
         )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".epicycle-probe-", dir=directory))
+    except OSError as exc:
+        raise OutputError(
+            option,
+            shown,
+            f"cannot write in `{directory}`: {exc.strerror or exc}",
+            _SYSTEM_HINT,
+        ) from None
 
 
 def _system_error(option: str, shown: str, exc: OSError) -> OutputError:
@@ -230,9 +239,14 @@ def _system_error(option: str, shown: str, exc: OSError) -> OutputError:
         option,
         shown,
         f"cannot write: {exc.strerror or exc}{where}",
-        "choose a path on a disk you can write to (not /proc, /sys or a read-only mount), "
-        "with free space",
+        _SYSTEM_HINT,
     )
+
+
+_SYSTEM_HINT = (
+    "choose a path on a disk you can write to (not /proc, /sys or a read-only mount), with free "
+    "space"
+)
 
 
 # --------------------------------------------------------------------------- creating and undoing

@@ -53,7 +53,7 @@ def _guarded(command: F) -> F:
             _print_diagnostics(exc.diagnostics)
             raise typer.Exit(1) from None
         except OutputError as exc:
-            err.print(printable(str(exc), limit=2000), markup=False)
+            err.print(f"epicycle: error: {printable(str(exc), limit=2000)}", markup=False)
             err.print(f"  help: {printable(exc.hint)}", markup=False)
             raise typer.Exit(2 if exc.usage else 1) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):

@@ -112,6 +112,8 @@ def compile_(
     model = build_model(ir, device=device, budget=0)
     if level is not None:
         out.print(_sub_model_table(ir, model.node(fractal).fractal, level, index))
+        for line in _kind_notes(ir):  # the levels there are, to choose others from
+            out.print(line, markup=False)
         out.print(_capability_line(ir), markup=False)
     if smoke:
         model.eval()
