@@ -59,7 +59,6 @@ class OutputError(Exception):
         return f"{self.option} {self.path}: {self.message}"
 
 
-
 def new_file_mode() -> int:
     """The mode `open()` gives a new file now: 0666 less the process's umask."""
     return 0o666 & ~_umask()
