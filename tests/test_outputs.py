@@ -13,8 +13,12 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from compiler.tools.cli import app
@@ -209,3 +213,41 @@ def _user() -> str:
     import getpass
 
     return getpass.getuser()
+
+
+def test_a_name_too_long_for_the_file_system_exits_1_saying_so(tmp_path):
+    result = run("compile", FEDERATION, "--no-smoke", "--out", tmp_path / ("a" * 300) / "ck")
+    assert result.exit_code == 1, result.output
+    assert "File name too long" in result.stderr and "help: shorten the path" in result.stderr
+
+
+PARTS = ["file", "dir", "fifo", "new", "..", ".", "a" * 300]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(PARTS), min_size=1, max_size=4), st.booleans())
+def test_every_output_path_is_written_or_refused_and_a_refusal_creates_nothing(parts, as_dir):
+    """Any path made of existing files, directories, FIFOs, new names, `..`, `.` and over-long
+    names: either the output is written where the path says, or an `OutputError` (never another
+    exception) and the tree is as it was."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        (root / "file").write_text("old")
+        (root / "dir").mkdir()
+        os.mkfifo(root / "fifo")
+        before = tree(root)
+        target = root.joinpath(*parts)
+        try:
+            if as_dir:
+                with output_directory(target):
+                    pass
+            else:
+                write_file(target, "new")
+        except OutputError:
+            assert tree(root) == before
+            assert (root / "file").read_text() == "old"
+            return
+        if as_dir:
+            assert target.is_dir()
+        else:
+            assert target.read_text() == "new"

@@ -22,6 +22,7 @@ which the CLI prints located on the command line (`--out PATH`) with what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -87,7 +88,21 @@ def publish(temporary: str | Path, final: str | Path) -> None:
 
 def check_file_output(path: str | Path, option: str = "--out") -> Path:
     """`path` as a file output, or the `OutputError` saying why it cannot be one. Creates nothing."""
-    path = Path(path)
+    try:
+        return _check_file(Path(path), option)
+    except OSError as exc:  # a name too long, a loop of symbolic links, ...
+        raise _system_error(option, str(path), exc) from None
+
+
+def check_directory_output(path: str | Path, option: str = "--out") -> Path:
+    """`path` as a directory output, or the `OutputError` saying why not. Creates nothing."""
+    try:
+        return _check_directory(Path(path), option)
+    except OSError as exc:
+        raise _system_error(option, str(path), exc) from None
+
+
+def _check_file(path: Path, option: str) -> Path:
     shown = str(path)
     try:
         mode = path.stat().st_mode
@@ -117,9 +132,7 @@ def check_file_output(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
-def check_directory_output(path: str | Path, option: str = "--out") -> Path:
-    """`path` as a directory output, or the `OutputError` saying why not. Creates nothing."""
-    path = Path(path)
+def _check_directory(path: Path, option: str) -> Path:
     shown = str(path)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
@@ -234,12 +247,12 @@ def _check_writable(directory: Path, option: str, shown: str) -> None:
 
 def _system_error(option: str, shown: str, exc: OSError) -> OutputError:
     where = f" (`{exc.filename}`)" if exc.filename and str(exc.filename) != shown else ""
-    return OutputError(
-        option,
-        shown,
-        f"cannot write: {exc.strerror or exc}{where}",
-        _SYSTEM_HINT,
+    hint = (
+        "shorten the path: a file or directory name has at most 255 bytes"
+        if exc.errno == errno.ENAMETOOLONG
+        else _SYSTEM_HINT
     )
+    return OutputError(option, shown, f"cannot write: {exc.strerror or exc}{where}", hint)
 
 
 _SYSTEM_HINT = (
