@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from compiler.language.diagnostics import Diagnostic, SpecError
+from compiler.language.diagnostics import Diagnostic, SpecError, printable
 from compiler.language.kinds import KINDS
 from compiler.tools.cli.common import _guarded, _print_diagnostics, app, out
 from compiler.tools.outputs import OutputError, check_directory_output, output_directory
@@ -33,7 +33,7 @@ def validate(
             _print_diagnostics(exc.diagnostics)
             continue
         _print_diagnostics(ir.facts.warnings)
-        out.print(f"{file}: ok ({_count(ir.facts.parameters)} parameters)", markup=False)
+        out.print(f"{printable(file)}: ok ({_count(ir.facts.parameters)} parameters)", markup=False)
     if failed:
         raise typer.Exit(1)
 
