@@ -34,6 +34,7 @@ BAD_SPECS = ROOT / "tests" / "bad_specs"
 CASES = sorted(BAD_SPECS.glob("*.yaml"))
 UPDATE = os.environ.get("EPICYCLE_UPDATE_GOLDEN") == "1"
 TIME_LIMIT_S = 2.0
+SPEC_FILE_HINT = "pass a spec's .yaml file (a spec describes a topology, in at most 4 MiB)"
 
 # `FILE:LINE:COL: error: MESSAGE`, optionally followed by `  help: ...`
 DIAGNOSTIC = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?:error|warning): \S.*$")
@@ -162,8 +163,8 @@ def test_files_that_are_not_yaml_specs_get_one_located_error(make, tmp_path: Pat
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda tmp: tmp / "missing.yaml", "cannot read the file: No such file or directory"),
-        (lambda tmp: tmp, "is a directory, not a spec file"),
+        (lambda tmp: tmp / "missing.yaml", "no such spec file"),
+        (lambda tmp: tmp, "the spec file path is a directory, not a regular file"),
     ],
     ids=["missing_file", "directory"],
 )
@@ -171,4 +172,4 @@ def test_paths_that_are_not_files_are_reported_at_1_1(make, message, tmp_path: P
     path = make(tmp_path)
     result, _ = _validate_in_process(str(path))
     assert result.exit_code == 1, result.output
-    assert result.stderr == f"{path}:1:1: error: {message}\n"
+    assert result.stderr == f"{path}:1:1: error: {message}\n  help: {SPEC_FILE_HINT}\n"

@@ -119,3 +119,28 @@ def test_the_real_command_end_to_end(write_spec):
     )
     assert proc.returncode == 1
     assert "duplicate key `vocab`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"epicycle {version('epicycle')}\n"
+
+
+def test_compile_level_index_prints_the_sub_models_own_table():
+    result = run(
+        "compile", str(ROOT / "specs" / "fractalformer.yaml"), "--level", "1", "--index", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert "sub-model (1, 1) of lm in fractalformer" in result.stdout
+    assert "FLOPs/token" not in result.stdout  # the full model's table is not printed
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
+    assert rows["lm"].split("│")[2].strip() == "64"  # width 128 split in 2
+    # as many parameters as the standalone transformer copied out of that sub-model
+    fractal = compiler.build_model(ROOT / "specs" / "fractalformer.yaml").node("lm").fractal
+    standalone = sum(p.numel() for p in fractal.fractal.extract(1, 1).parameters())
+    assert rows["lm"].split("│")[-2].strip() == f"{standalone / 1000:.2f}K"
+    assert "inputs.tokens" in rows and "outputs.logits (tied)" in rows
+    assert "smoke forward: logits (2, 16, 84)" in result.stdout

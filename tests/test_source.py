@@ -85,7 +85,7 @@ def test_an_alias_bomb_is_refused_quickly():
     for i in range(1, 10):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
     start = time.perf_counter()
-    assert "alias bomb" in error_of("\n".join(lines))
+    assert "aliases expand the spec to more than 200,000 values" in error_of("\n".join(lines))
     assert time.perf_counter() - start < 2
 
 

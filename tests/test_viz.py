@@ -263,15 +263,20 @@ def test_an_unknown_extension_is_a_usage_error(tmp_path):
     )
 
 
-def test_an_unwritable_output_is_a_clear_error(tmp_path):
-    target = tmp_path / "missing" / "x.svg"
-    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(target))
-    assert result.exit_code == 1
-    assert result.stderr.startswith(
-        f"{target}:1:1: error: cannot write the picture: No such file or directory"
-    )
+def test_an_output_in_a_missing_directory_creates_it_and_an_unwritable_one_is_clear(tmp_path):
+    target = tmp_path / "missing" / "x.svg"  # the output-path rule: parents are created
+    assert run("viz", str(SPECS / "transformer.yaml"), "-o", str(target)).exit_code == 0
+    assert target.is_file()
+    (tmp_path / "plain").write_text("")
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "plain" / "x.svg"))
+    assert result.exit_code == 2
+    assert "is not a directory, so nothing can be written below it" in result.stderr
     result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path))  # a directory
     assert result.exit_code == 2  # no extension at all
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "d.svg"))
+    (tmp_path / "dir.svg").mkdir()
+    result = run("viz", str(SPECS / "transformer.yaml"), "-o", str(tmp_path / "dir.svg"))
+    assert result.exit_code == 2 and "this is a directory" in result.stderr
 
 
 def test_a_missing_output_or_an_unknown_layout_is_a_usage_error(tmp_path):
@@ -362,3 +367,64 @@ def test_lattice_of_a_model_without_lattice_layers_is_refused(tmp_path):
     assert result.exit_code == 1
     assert "no lattice attention layer to plot" in result.stderr
     assert run("viz", "--lattice", str(tmp_path / "nothing")).exit_code == 1
+
+
+# --------------------------------------------------------------------------- what is drawn, in full
+
+
+def test_the_command_counts_the_nodes_and_edges_it_draws(tmp_path):
+    """antikythera's inputs fan out to many readers; those reads are folded into a line inside
+    each reader, so the picture has fewer edges than the scene, and the count says the picture's."""
+    result = run(
+        "viz", str(SPECS / "antikythera.yaml"), "-o", str(tmp_path / "a.svg"), "--layout", "python"
+    )
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "a.svg").read_text(encoding="utf-8")
+    drawn_nodes, drawn_edges = svg.count('<g class="node"'), svg.count('<g class="edge"')
+    assert f"({drawn_nodes} nodes, {drawn_edges} edges;" in result.stdout
+    scene, _ = scene_of(SPECS / "antikythera.yaml")
+    assert drawn_edges < len(scene.edges)  # some reads are folded
+
+
+SELF_LOOP = """
+spec: 1
+name: loop
+inputs:
+  tokens: {kind: tokens, vocab: 17, context: 16}
+nodes:
+  body: {kind: transformer, width: 32, heads: 2, layers: 1}
+edges:
+  - {from: body, to: body, kind: feedback, delay: 1, ratio: 355/113}
+feedback: {steps: 2}
+outputs:
+  logits: {from: body, kind: lm_head}
+"""
+
+
+def test_a_self_loops_label_sits_beside_the_loop_not_under_its_node(write_spec):
+    from compiler.tools.viz import figure_of
+    from compiler.tools.viz.draw import Rect, Text, text_width
+
+    figure = figure_of(scene_of(write_spec(SELF_LOOP))[0], "python")
+    (loop,) = [e for e in figure.elements if e.cls == "edge" and "×355/113" in _texts(e)]
+    (body,) = [e for e in figure.elements if e.id == "nodes.body"]
+    box = next(s for s in body.shapes if isinstance(s, Rect))
+    label = next(s for s in loop.shapes if isinstance(s, Text))
+    left = label.x - text_width(label.text, label.size) / 2  # anchored in the middle
+    assert left > box.x + box.w
+    assert left + text_width(label.text, label.size) < figure.width  # and inside the picture
+
+
+def test_everything_drawn_lies_inside_the_figure():
+    from compiler.tools.viz import figure_of
+    from compiler.tools.viz.draw import _extent
+
+    for spec in GALLERY:
+        figure = figure_of(scene_of(spec)[0], "python")
+        left, top, right, bottom = _extent(figure.elements)
+        assert left >= 0 and top >= 0, spec
+        assert right <= figure.width and bottom <= figure.height, spec
+
+
+def _texts(element) -> str:
+    return " ".join(getattr(s, "text", "") for s in element.shapes)

@@ -9,11 +9,39 @@ never does.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 Severity = Literal["error", "warning"]
+
+MAX_SHOWN_CHARS = 400  # of one message or help line; a value pasted into a spec can be megabytes
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` safe to print on a terminal: control characters (ANSI escapes, NUL, a carriage
+    return, bidirectional overrides) written as escapes (`\\x1b`), and anything longer than
+    `limit` cut in the middle, saying how much was left out. Messages echo the user's input
+    (names, values, file names), and an escape sequence in a spec must not reach the terminal."""
+    shown = "".join(_escape(ch) for ch in text)
+    if len(shown) <= limit:
+        return shown
+    head, tail = shown[: limit * 3 // 4], shown[-(limit // 8) :]
+    return f"{head}... [{len(shown) - len(head) - len(tail):,} characters left out] ...{tail}"
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    if ch in _BIDI_CONTROLS or unicodedata.category(ch) == "Cc":
+        code = ord(ch)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return ch
 
 
 @dataclass(frozen=True)
@@ -27,7 +55,7 @@ class Span:
     via: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
+        return f"{printable(self.file)}:{self.line}:{self.col}"
 
 
 @dataclass(frozen=True)
@@ -38,11 +66,12 @@ class Diagnostic:
     severity: Severity = "error"
 
     def format(self) -> str:
-        text = f"{self.span}: {self.severity}: {self.message}"
+        """The one place a diagnostic becomes text: what it echoes is escaped and cut short."""
+        text = f"{self.span}: {self.severity}: {printable(self.message)}"
         if self.span.via:
-            text += f" ({self.span.via})"
+            text += f" ({printable(self.span.via)})"
         if self.hint:
-            text += f"\n  help: {self.hint}"
+            text += f"\n  help: {printable(self.hint)}"
         return text
 
 

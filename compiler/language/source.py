@@ -20,6 +20,7 @@ Nothing here calls `eval` or constructs anything but dicts, lists, str, int, flo
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.language.files import read_regular_file
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
@@ -86,30 +88,15 @@ class Document:
 
 
 def read_spec_file(path: str | Path) -> Document:
-    path = Path(path)
+    """Read and parse a spec file; a FIFO, a device or a directory is refused before reading, and
+    no more than `MAX_FILE_BYTES` are ever read (`/dev/zero` has no end)."""
     shown = str(path)
-    try:
-        if path.is_dir():
-            raise SpecError([_diag(shown, 1, 1, "is a directory, not a spec file")])
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise SpecError(
-                [
-                    _diag(
-                        shown,
-                        1,
-                        1,
-                        f"the file is {size:,} bytes; a spec may be at most {MAX_FILE_BYTES:,}",
-                        "a spec describes a topology, not data: move large tables into files "
-                        "the training code reads",
-                    )
-                ]
-            )
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError(
-            [_diag(shown, 1, 1, f"cannot read the file: {exc.strerror or exc}")]
-        ) from None
+    raw = read_regular_file(
+        shown,
+        limit=MAX_FILE_BYTES,
+        what="spec file",
+        hint="pass a spec's .yaml file (a spec describes a topology, in at most 4 MiB)",
+    )
     return parse_spec_text(raw, shown)
 
 
@@ -143,6 +130,20 @@ def parse_spec_text(raw: bytes | str, file: str = "<string>") -> Document:
 
 
 def _decode(raw: bytes, file: str) -> str:
+    wide = _wide_encoding(raw)
+    if wide is not None:
+        raise SpecError(
+            [
+                _diag(
+                    file,
+                    1,
+                    1,
+                    f"this file is {wide}; save it as UTF-8",
+                    "specs are read as UTF-8 (in most editors: Save with Encoding > UTF-8; or "
+                    f"`iconv -f {_ICONV_NAMES[wide]} -t UTF-8`)",
+                )
+            ]
+        )
     if not raw.strip():
         raise SpecError(
             [_diag(file, 1, 1, "the file is empty", "a spec starts with `spec: 1` and a `name:`")]
@@ -178,6 +179,45 @@ def _decode(raw: bytes, file: str) -> str:
         ) from None
 
 
+_BYTE_ORDER_MARKS = (  # UTF-32's before UTF-16's: FF FE 00 00 starts with UTF-16-LE's mark
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+)
+_ICONV_NAMES = {
+    "UTF-32 (little-endian)": "UTF-32LE",
+    "UTF-32 (big-endian)": "UTF-32BE",
+    "UTF-16 (little-endian)": "UTF-16LE",
+    "UTF-16 (big-endian)": "UTF-16BE",
+}
+# (encoding, code unit bytes, offsets in a unit that are NUL for ASCII text, offsets that are not)
+_NUL_PATTERNS = (
+    ("UTF-32 (little-endian)", 4, (1, 2, 3), (0,)),
+    ("UTF-32 (big-endian)", 4, (0, 1, 2), (3,)),
+    ("UTF-16 (little-endian)", 2, (1,), (0,)),
+    ("UTF-16 (big-endian)", 2, (0,), (1,)),
+)
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """UTF-16 or UTF-32, told by a byte-order mark or, without one, by the NUL bytes that ASCII
+    text (every spec's keys) leaves in each code unit; None for anything else."""
+    for mark, name in _BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return name
+    sample = raw[:1024]
+    for name, unit, zero, text in _NUL_PATTERNS:
+        units = [sample[i : i + unit] for i in range(0, len(sample) - unit + 1, unit)]
+        if len(units) < 4:
+            continue
+        nul_share = sum(all(u[k] == 0 for k in zero) for u in units) / len(units)
+        text_share = sum(all(u[k] != 0 for k in text) for u in units) / len(units)
+        if nul_share >= 0.9 and text_share >= 0.9:
+            return name
+    return None
+
+
 def _line_col_of_byte(raw: bytes, offset: int) -> tuple[int, int]:
     line = raw.count(b"\n", 0, offset) + 1
     col = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
@@ -197,6 +237,7 @@ def _prescan(text: str, file: str, loader: type = None) -> None:  # type: ignore
     total = 0
     open_counts: list[list] = []  # [anchor or None, values inside] per open collection
     anchor_sizes: dict[str, int] = {}
+    aliased = 0  # of `total`, the values that aliases repeat
 
     def refuse(event: yaml.Event, message: str, hint: str) -> SpecError:
         mark = event.start_mark
@@ -239,21 +280,59 @@ def _prescan(text: str, file: str, loader: type = None) -> None:  # type: ignore
                             "an alias may only repeat a finished collection",
                         )
                     size = anchor_sizes.get(event.anchor, 1)
+                    aliased += size
                 elif event.anchor is not None:
                     anchor_sizes[event.anchor] = 1
                 total += size
                 for entry in open_counts:
                     entry[1] += size
                 if total > MAX_VALUES:
-                    raise refuse(
-                        event,
-                        f"the spec expands to more than {MAX_VALUES:,} values here (an alias bomb?)",
-                        "anchors and aliases may share settings, not multiply them",
-                    )
+                    raise _too_many_values(refuse, event, aliased)
+    except yaml.reader.ReaderError as exc:
+        raise SpecError([_unacceptable_character(exc, text, file)]) from None
     except yaml.YAMLError as exc:
         if loader is not yaml.SafeLoader and "nesting depth" in str(exc):
             _prescan(text, file, yaml.SafeLoader)  # raises the located refusal
         raise SpecError([_yaml_error(_python_parser_error(text) or exc, file)]) from None
+
+
+_CONTROL_NAMES = {0x07: "bell", 0x08: "backspace", 0x1B: "escape", 0x7F: "delete"}
+
+
+def _unacceptable_character(exc: yaml.reader.ReaderError, text: str, file: str) -> Diagnostic:
+    """A control character YAML does not allow (ESC of an ANSI sequence, a bell), at its place."""
+    offset = min(max(exc.position, 0), len(text))
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    name = unicodedata.name(chr(code), None) or _CONTROL_NAMES.get(code)
+    return _diag(
+        file,
+        line,
+        col,
+        f"the control character U+{code:04X}"
+        + (f" ({name.lower()})" if name else "")
+        + " is not allowed in YAML",
+        "remove it; inside a double-quoted string it can be written as an escape (`\\x1b`)",
+    )
+
+
+def _too_many_values(refuse, event: yaml.Event, aliased: int) -> SpecError:
+    """Say which limit was passed, and whether aliases or the written text passed it."""
+    if aliased * 2 > MAX_VALUES:
+        return refuse(
+            event,
+            f"aliases expand the spec to more than {MAX_VALUES:,} values here "
+            f"({aliased:,} of them repeated by aliases); a spec may hold at most {MAX_VALUES:,}",
+            "anchors and aliases may share settings, not multiply them",
+        )
+    return refuse(
+        event,
+        f"the spec holds more than {MAX_VALUES:,} values (keys' values, list items and "
+        f"collections), the most a spec may hold; this is value {MAX_VALUES + 1:,}",
+        "a spec describes a topology and stays far below this: move tables of numbers into "
+        "files the training code reads",
+    )
 
 
 def _python_parser_error(text: str) -> yaml.YAMLError | None:
@@ -384,7 +463,8 @@ class _DataBuilder:
         if self.count > MAX_VALUES:
             raise self.fail(
                 node,
-                f"the spec expands to more than {MAX_VALUES:,} values (an alias bomb?)",
+                f"merge keys (`<<: *anchor`) expand the spec to more than {MAX_VALUES:,} values, "
+                "the most a spec may hold",
                 "anchors and aliases may share settings, not multiply them",
             )
         if depth > MAX_DEPTH:

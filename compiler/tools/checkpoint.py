@@ -39,6 +39,7 @@ from pydantic import (
 from torch import Tensor
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.tools.outputs import publish
 from runtime.model import GraphModel
 
 WEIGHTS = "model.safetensors"
@@ -85,7 +86,7 @@ def save_checkpoint(
         written.append((spec_tmp, directory / SPEC))
         spec_tmp.write_text(model.spec_text, encoding="utf-8")
         for temporary, final in reversed(written):  # the weights last: they name the step
-            os.replace(temporary, final)
+            publish(temporary, final)  # safetensors creates 0600: give the umask's mode
     finally:
         for temporary, _ in written:
             temporary.unlink(missing_ok=True)

@@ -51,6 +51,15 @@ class EdgeConditionedMessage(MessagePassing):
             init_zeros_(self.edge_bias.weight)
             init_zeros_(self.edge_bias.bias)
 
+    def propagate(self, edge_index: Tensor, size=None, **kwargs: Tensor) -> Tensor:
+        """torch-geometric's own `MessagePassing.propagate`, unchanged. Defining it here keeps
+        torch-geometric from generating a specialised `propagate` from its jinja template: that
+        writes a `*_propagate_*.py` module into the system temp folder for every new process and
+        imports it from there (a file outside the requested output, and code run from /tmp).
+        Without the template the same collect-message-aggregate steps run, and
+        `torch.compile(fullgraph=True)` traces them just as well."""
+        return MessagePassing.propagate(self, edge_index, size=size, **kwargs)
+
     def forward(
         self, x_source: Tensor, edge_index: Tensor, edge_attr: Tensor, targets: int
     ) -> Tensor:

@@ -39,7 +39,9 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        from compiler.tools.outputs import write_file
+
+        write_file(output, text, "--out")
 
 
 @app.command()

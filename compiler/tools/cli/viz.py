@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from compiler.tools.cli.common import _guarded, _print_diagnostics, _usage, app, err, out
+from compiler.tools.outputs import check_file_output, output_directory
 
 
 @app.command()
@@ -70,6 +70,7 @@ def viz(
             choose_engine(layout)
     except (UnknownFormat, LayoutUnavailable) as exc:
         _usage(str(exc))
+    check_file_output(output, "--out")
     scene, invalid = scene_of(file, errors=errors)
     if invalid is not None:
         _print_diagnostics(invalid.diagnostics)
@@ -91,18 +92,11 @@ def viz(
 def _viz_lattice(checkpoint: Path, output: Path | None) -> None:
     from compiler.tools.viz.lattice import plot_checkpoint
 
-    if output is not None and not output.is_dir():
-        raise SpecError(
-            [
-                Diagnostic(
-                    Span(str(output), 1, 1),
-                    "with `--lattice`, `--out` is the directory the two PNGs go to, and this "
-                    "is not an existing directory",
-                    "create it first, or leave `--out` out to write beside the checkpoint",
-                )
-            ]
-        )
-    plots = plot_checkpoint(checkpoint, output)
+    if output is None:
+        plots = plot_checkpoint(checkpoint, None)
+    else:  # with `--lattice`, `--out` is the directory the two PNGs go to
+        with output_directory(output, "--out"):
+            plots = plot_checkpoint(checkpoint, output)
     out.print(f"wrote {plots.phases}", markup=False)
     if plots.order is not None:
         out.print(f"wrote {plots.order}", markup=False)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from compiler.language.diagnostics import SpecError
 from compiler.tools.interop._common import _error, _require
+from compiler.tools.outputs import write_with
 from runtime.model import GraphModel
 
 if TYPE_CHECKING:
@@ -114,10 +115,7 @@ def save_program(
 ) -> Path:
     """Write `torch.export`'s program to a `.pt2` archive (`torch.export.load` reads it)."""
     program = export_program(model, inputs, dynamic=dynamic, source=source)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path))
-    return path
+    return write_with(path, lambda staged: torch.export.save(program, str(staged)))
 
 
 def export_onnx(
@@ -158,10 +156,8 @@ def export_onnx(
         ) from None
     finally:
         model.train(was_training)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
-    return path
+    # staged under the final name, so external weights (`path.data`) are named to match
+    return write_with(path, lambda staged: program.save(str(staged)))
 
 
 def _onnx_reason(exc: BaseException) -> str:

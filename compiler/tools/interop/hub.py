@@ -99,6 +99,7 @@ def _hub_class() -> type:
 
         def _save_pretrained(self, save_directory: Path) -> None:
             from compiler.tools.checkpoint import FORMAT, save_checkpoint
+            from compiler.tools.outputs import write_file
 
             save_checkpoint(self, save_directory)
             config = {
@@ -108,9 +109,7 @@ def _hub_class() -> type:
                 "spec_sha256": self.spec_digest,
                 "parameters": _parameter_count(self),
             }
-            (Path(save_directory) / CONFIG).write_text(
-                json.dumps(config, indent=2) + "\n", encoding="utf-8"
-            )
+            write_file(Path(save_directory) / CONFIG, json.dumps(config, indent=2) + "\n")
 
         def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
             kwargs = {

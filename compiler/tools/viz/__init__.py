@@ -12,12 +12,10 @@ lattice model's phases and its order parameter over training (`epicycle viz --la
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.language.diagnostics import Diagnostic, Span, SpecError
+from compiler.language.diagnostics import SpecError
 from compiler.tools.viz.layout import ENGINES, LayoutUnavailable, choose_engine, layout
 from compiler.tools.viz.scene import Issue, Scene, scene_from_document, scene_from_ir
 
@@ -49,7 +47,7 @@ class Rendered:
     path: Path
     format: str
     engine: str  # the layout used, as the output states it
-    nodes: int
+    nodes: int  # drawn: a read folded into its reader's box is not an edge of the picture
     edges: int
     issues: int
 
@@ -99,6 +97,7 @@ def render(
     """Draw `scene` to `out` (its extension picks the format); the file is replaced atomically."""
     out = Path(out)
     kind = output_format(out)
+    nodes, edges = len(scene.nodes), sum(not edge.folded for edge in scene.edges)
     if kind == ".mmd":
         from compiler.tools.viz.mermaid import to_mermaid
 
@@ -107,6 +106,8 @@ def render(
     else:
         figure = figure_of(scene, engine, show_issues=show_issues)
         used = figure.engine
+        nodes = sum(element.cls == "node" for element in figure.elements)
+        edges = sum(element.cls == "edge" for element in figure.elements)
         if kind == ".svg":
             from compiler.tools.viz.svg import to_svg
 
@@ -119,14 +120,7 @@ def render(
             from compiler.tools.viz.png import write_png
 
             _write_with(out, lambda tmp: write_png(figure, tmp))
-    return Rendered(
-        out,
-        kind,
-        used,
-        len(scene.nodes),
-        len(scene.edges),
-        len(scene.all_issues()) if show_issues else 0,
-    )
+    return Rendered(out, kind, used, nodes, edges, len(scene.all_issues()) if show_issues else 0)
 
 
 def _write(out: Path, data: bytes) -> None:
@@ -134,26 +128,7 @@ def _write(out: Path, data: bytes) -> None:
 
 
 def _write_with(out: Path, write) -> None:
-    """Write through a temporary file beside `out`, so a failure never leaves half a picture."""
-    try:
-        if out.is_dir():
-            raise IsADirectoryError(21, "is a directory")
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}-", suffix=out.suffix)
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            write(tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise SpecError(
-            [
-                Diagnostic(
-                    Span(str(out), 1, 1),
-                    f"cannot write the picture: {reason}",
-                    "choose an output path in an existing directory you can write to",
-                )
-            ]
-        ) from None
+    """All or nothing, by the output-path rule of every command (`compiler.tools.outputs`)."""
+    from compiler.tools.outputs import write_with
+
+    write_with(out, write, "--out")

@@ -14,7 +14,7 @@ exact ratio and delay, a legend of what is present, the layout engine, and any l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from compiler.tools.viz.layout import Box, Layout, Point
 from compiler.tools.viz.scene import GEAR_TRAIN_KINDS, Scene, SceneEdge, SceneNode
@@ -222,7 +222,54 @@ def draw(scene: Scene, placed: Layout, *, show_issues: bool = True) -> Figure:
         width = max(width, text_width(text, size) + 2 * MARGIN)
         y += size + 5
     elements.append(footer)
-    return Figure(width, y + 10, scene.title, elements, placed.engine, (ox, oy))
+    return _fitted(Figure(width, y + 10, scene.title, elements, placed.engine, (ox, oy)))
+
+
+def _fitted(figure: Figure) -> Figure:
+    """The figure grown (and shifted) so that everything drawn lies inside it with a margin: a
+    self-loop's label or a side channel can reach past the layout's own bounds."""
+    left, top, right, bottom = _extent(figure.elements)
+    dx, dy = max(0.0, MARGIN / 2 - left), max(0.0, MARGIN / 2 - top)
+    width = max(figure.width + dx, right + dx + MARGIN / 2)
+    height = max(figure.height + dy, bottom + dy + MARGIN / 2)
+    if dx or dy:
+        for element in figure.elements:
+            element.shapes = [_shifted(shape, dx, dy) for shape in element.shapes]
+            if element.hit is not None:
+                element.hit = _shifted(element.hit, dx, dy)
+    offset = (figure.offset[0] + dx, figure.offset[1] + dy)
+    return replace(figure, width=width, height=height, offset=offset)
+
+
+def _extent(elements: list[Element]) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of every shape; text by its estimated width and its anchor."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for element in elements:
+        for shape in element.shapes:
+            if isinstance(shape, Rect):
+                xs += [shape.x, shape.x + shape.w]
+                ys += [shape.y, shape.y + shape.h]
+            elif isinstance(shape, Circle):
+                xs += [shape.cx - shape.r, shape.cx + shape.r]
+                ys += [shape.cy - shape.r, shape.cy + shape.r]
+            elif isinstance(shape, (Poly, Curve)):
+                xs += [x for x, _ in shape.points]
+                ys += [y for _, y in shape.points]
+            else:
+                w = text_width(shape.text, shape.size, shape.weight == "bold")
+                start = {"start": 0.0, "middle": w / 2, "end": w}[shape.anchor]
+                xs += [shape.x - start, shape.x - start + w]
+                ys += [shape.y - shape.size, shape.y + shape.size * 0.3]  # ascent, descent
+    return (min(xs, default=0.0), min(ys, default=0.0), max(xs, default=0.0), max(ys, default=0.0))
+
+
+def _shifted(shape: Shape, dx: float, dy: float) -> Shape:
+    if isinstance(shape, (Poly, Curve)):
+        return replace(shape, points=tuple((x + dx, y + dy) for x, y in shape.points))
+    if isinstance(shape, Circle):
+        return replace(shape, cx=shape.cx + dx, cy=shape.cy + dy)
+    return replace(shape, x=shape.x + dx, y=shape.y + dy)
 
 
 def kind_colour(node: SceneNode) -> str:
@@ -409,7 +456,12 @@ def _edge(edge: SceneEdge, route: tuple[Point, ...], taken: list[Box]) -> Elemen
     label = edge.label + (" !" if edge.issues else "")
     if label:
         w = text_width(label, 10) + 6
-        x, y = _label_place(route, w, taken)
+        if edge.source == edge.target:  # beside the loop: its middle is inside the node's box
+            middle = bezier_point(route, 0.5)
+            x, y = middle[0] + 6 + w / 2, middle[1]
+            taken.append(Box(x - w / 2, y - 8, w, 14))
+        else:
+            x, y = _label_place(route, w, taken)
         element.shapes.append(
             Rect(x - w / 2, y - 8, w, 14, Style("#ffffff", "none", opacity=0.9), 3)
         )

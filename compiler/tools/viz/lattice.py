@@ -25,6 +25,7 @@ from pathlib import Path
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 METRICS = "metrics.jsonl"
+METRICS_LIMIT = 1 << 30  # a line per logged step: a long run's file is megabytes, never this
 PHASES_PNG = "lattice_phases.png"
 ORDER_PNG = "lattice_order.png"
 _LAYER = re.compile(r"^federation\.transformers\.(\d+)\.blocks\.(\d+)\.")  # lattice_metrics'
@@ -148,13 +149,21 @@ def plot_phases(fields: list[PhaseField], path: str | Path, title: str = "") -> 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a `metrics.jsonl`; a line that is not a JSON object is a located error."""
+    from compiler.language.files import read_regular_file
+
     path = Path(path)
     records = []
+    raw = read_regular_file(
+        path,
+        limit=METRICS_LIMIT,
+        what="metrics file",
+        hint="metrics.jsonl is written by `epicycle train` beside its checkpoint",
+    )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
         raise SpecError(
-            [Diagnostic(Span(str(path), 1, 1), f"cannot read the metrics: {exc}")]
+            [Diagnostic(Span(str(path), 1, 1), f"the metrics file is not UTF-8 ({exc.reason})")]
         ) from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -260,19 +269,15 @@ def _pyplot():
 
 
 def _save(plt, fig, path: str | Path) -> Path:
-    path = Path(path)
+    """Written all or nothing, by the output-path rule (`compiler.tools.outputs`); the bounding
+    box is the drawing's own, so tick labels and titles past the axes are never cut off."""
+    from compiler.tools.outputs import write_with
+
     try:
-        fig.savefig(path, dpi=130)
-    except OSError as exc:
-        raise SpecError(
-            [
-                Diagnostic(
-                    Span(str(path), 1, 1),
-                    f"cannot write the plot: {exc.strerror or exc}",
-                    "choose an output directory that exists and that you can write to",
-                )
-            ]
-        ) from None
+        return write_with(
+            path,
+            lambda staged: fig.savefig(staged, dpi=130, bbox_inches="tight", pad_inches=0.15),
+            "--out",
+        )
     finally:
         plt.close(fig)
-    return path
