@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from compiler.language.diagnostics import Diagnostic, SpecError
 from compiler.language.kinds import KINDS
@@ -140,7 +139,9 @@ def compile_(
         out.print(f"wrote {path}", markup=False)
 
 
-def _table(ir) -> Table:
+def _table(ir) -> Any:
+    from rich.table import Table  # only `compile` draws a table
+
     table = Table(
         title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
     )
