@@ -13,7 +13,18 @@ from compiler.language.frontend import LoadedSpec, load_spec, load_spec_text
 from compiler.language.registry import REGISTRY, ComponentConfig, register
 from compiler.language.spec import Spec, json_schema
 from compiler.pipeline import analyze, build_model
-from compiler.tools.training import build_optimizer, clip_gradients
+
+# the training helpers load on first use: `epicycle validate` imports `compiler` and no training code
+_LAZY = {"build_optimizer", "clip_gradients"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from compiler.tools import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'compiler' has no attribute {name!r}")
+
 
 __all__ = [
     "IR",

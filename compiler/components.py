@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
+from compiler import counting
 from compiler.language.capabilities import Capabilities
 from compiler.language.registry import REGISTRY, Component, ComponentConfig, register
 from compiler.language.spec import Int, LatticeAttention, Real
@@ -36,6 +37,7 @@ REGISTRY.add(
         build=_lattice,
         level="lattice",
         check=lambda ir, data, head_width: _check_lattice(ir, data, head_width),
+        parameters=counting.lattice_attention,
     )
 )
 
@@ -116,19 +118,26 @@ class Myelinated(ComponentConfig):
 
 
 # plain attention and RoPE slice into a fractal's sub-models; the other components do not
-register("attention", config=SDPA, level="scores", capabilities=Capabilities(in_fractal=True))(
-    lambda **kw: _score_module("sdpa", kw)
-)
-for _config, _level in (
-    (SlidingWindow, "scores"),
-    (AdaptiveSpan, "scores"),
-    (LocalGlobal, "scores"),
+register(
+    "attention",
+    config=SDPA,
+    level="scores",
+    capabilities=Capabilities(in_fractal=True),
+    parameters=counting.no_parameters,
+)(lambda **kw: _score_module("sdpa", kw))
+for _config, _count in (
+    (SlidingWindow, counting.no_parameters),
+    (AdaptiveSpan, counting.adaptive_span),
+    (LocalGlobal, counting.no_parameters),
 ):
-    register("attention", config=_config, level=_level)(
+    register("attention", config=_config, level="scores", parameters=_count)(
         lambda *, _name=_config.model_fields["kind"].default, **kw: _score_module(_name, kw)
     )
-for _config in (RelativeForce, Myelinated):
-    register("attention", config=_config, level="mixer")(
+for _config, _count in (
+    (RelativeForce, counting.relative_force),
+    (Myelinated, counting.myelinated),
+):
+    register("attention", config=_config, level="mixer", parameters=_count)(
         lambda *, _name=_config.model_fields["kind"].default, **kw: _mixer_module(_name, kw)
     )
 
@@ -199,9 +208,18 @@ def _rotary(name: str, kw: dict[str, Any]) -> Any:
     return ROTARY_KINDS[name](**kw)
 
 
-register("rotary", config=Rope, capabilities=Capabilities(in_fractal=True))(_rope)
-for _config in (LearnedRope, Givens, Quaternion):
-    register("rotary", config=_config)(
+register(
+    "rotary",
+    config=Rope,
+    capabilities=Capabilities(in_fractal=True),
+    parameters=counting.no_parameters,
+)(_rope)
+for _config, _count in (
+    (LearnedRope, counting.learned_frequencies),
+    (Givens, counting.learned_frequencies),
+    (Quaternion, counting.quaternion),
+):
+    register("rotary", config=_config, parameters=_count)(
         lambda *, _name=_config.model_fields["kind"].default, **kw: _rotary(_name, kw)
     )
 

@@ -11,12 +11,12 @@ by the kernel half-way through initialisation. The estimate is deliberately simp
   times feedback steps for `unroll`, in 4-byte floats. It is an upper estimate for fused kernels.
 
 The default budget is the free memory of the target device (`torch.cuda.mem_get_info`, or the
-available physical memory on the CPU).
+available physical memory on the CPU: `compiler.tools.training.memory.available_memory`). A
+training step's own estimate, per device and precision, is `compiler.tools.training.memory`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from compiler.ir import IR, node_id
@@ -55,18 +55,9 @@ def free_memory(device: str | None) -> int | None:
     """Bytes free on `device`, or None when it cannot be told."""
     import torch
 
-    kind = torch.device(device or "cpu").type
-    if kind == "meta":
-        return None
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    from compiler.tools.training.memory import available_memory
+
+    return available_memory(str(torch.device(device or "cpu")))[0]
 
 
 def check_resources(

@@ -66,101 +66,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The rigidity envelope's coefficient: |deviation| < ENVELOPE_COEFF * sqrt(sphere_dim).
-ENVELOPE_COEFF = 0.02
+from runtime.configs import ENVELOPE_COEFF, CompanionConfig  # noqa: F401 (re-exported)
+
 # alpha_init / alpha_max is clamped to [eps, 1 - eps] before the logit, so that alpha_init == 0 or
 # alpha_init == alpha_max give a finite logit (within alpha_max * 1e-6 of the request).
 _RATIO_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class CompanionConfig:
-    """Sizes and knobs of a `GeoCompanion`; validated on construction (ValueError names the field).
-
-    input_width: width of the host's feature tokens read and reconstructed.
-    rows: V, rows of each token's sphere-normalised matrix M (>= 2: the rigidity metric
-        averages over pairs of rows).
-    sphere_dim: d, the rows live on S^(d-1) (>= 2).
-    lens_dim: D, width of the isometric lens (>= sphere_dim) and of the spectrum.
-    heads: attention heads across tokens; must divide lens_dim.
-    layers: stacked spectral-alpha attention layers (the public code stacks 1 to 6).
-    alpha_max: upper bound of every per-mode alpha; 0 <= alpha_init <= alpha_max <= 1.
-    alpha_init: initial alpha of every mode (the design's sigmoid(-2) * 0.2 ~= 0.024).
-    hidden: hidden width of the encoder's and the decoder's residual MLPs.
-    depth: residual blocks in the encoder and in the decoder (>= 0).
-    causal: attention across tokens is causal (token t sees tokens <= t).
-    canonical_signs: sign-canonicalise each row of M (first non-zero coordinate positive).
-    lens_trainable: the lens is learned (always exactly orthonormal) rather than a fixed
-        random orthonormal matrix.
-    cosine_weight: weight of (1 - cosine) added to the MSE objective (>= 0).
-    """
-
-    input_width: int
-    rows: int = 32
-    sphere_dim: int = 4
-    lens_dim: int = 16
-    heads: int = 4
-    layers: int = 1
-    alpha_max: float = 0.2
-    alpha_init: float = 0.024
-    hidden: int = 256
-    depth: int = 1
-    causal: bool = False
-    canonical_signs: bool = True
-    lens_trainable: bool = True
-    cosine_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        positive = {
-            "input_width": 1,
-            "rows": 2,
-            "sphere_dim": 2,
-            "lens_dim": 1,
-            "heads": 1,
-            "layers": 1,
-            "hidden": 1,
-            "depth": 0,
-        }
-        for name, least in positive.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        if self.lens_dim < self.sphere_dim:
-            raise ValueError(
-                f"lens_dim ({self.lens_dim}) must be >= sphere_dim ({self.sphere_dim}): "
-                "an isometric lift cannot reduce dimension"
-            )
-        if self.lens_dim % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide lens_dim ({self.lens_dim})")
-        for name in ("alpha_max", "alpha_init", "cosine_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-        if not 0.0 <= self.alpha_max <= 1.0:
-            raise ValueError(f"alpha_max must lie in [0, 1], got {self.alpha_max}")
-        if not 0.0 <= self.alpha_init <= self.alpha_max:
-            raise ValueError(
-                f"alpha_init must lie in [0, alpha_max={self.alpha_max}], got {self.alpha_init}"
-            )
-        if self.cosine_weight < 0:
-            raise ValueError(f"cosine_weight must be >= 0, got {self.cosine_weight}")
-        for name in ("causal", "canonical_signs", "lens_trainable"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-    @property
-    def rigidity_envelope(self) -> float:
-        """The critical frame deviation, 0.02 * sqrt(sphere_dim)."""
-        return ENVELOPE_COEFF * math.sqrt(self.sphere_dim)
 
 
 class CompanionOutput(NamedTuple):

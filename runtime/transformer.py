@@ -8,102 +8,15 @@ weights (see `runtime.layers`); a single model is `members == 1`. Attention runs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime.attention.lattice import PHASE_DIMS, LatticeAttention, LatticeConfig
+from runtime.attention.lattice import LatticeAttention
+from runtime.configs import Choice, LayerSettings, TransformerConfig  # noqa: F401 (re-exported)
 from runtime.layers import MemberEmbedding, MemberLinear, MemberNorm, scaled_init_
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A registered component chosen by the spec (see `compiler.language.registry`): its name, its
-    level (attention: `scores`, `mixer` or `lattice`), its builder and its options, hashable so that
-    nodes choosing the same component with the same options still batch together."""
-
-    name: str
-    build: Callable[..., nn.Module]
-    options: tuple[tuple[str, Any], ...] = ()
-    level: str | None = None
-
-    def make(self, **context: Any) -> nn.Module:
-        return self.build(**context, **dict(self.options))
-
-
-@dataclass(frozen=True)
-class LayerSettings:
-    """What one layer drew from the spec's `variations`."""
-
-    activation: str
-    heads: int
-    dropout: float
-    norm: str
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    """A resolved transformer: every field has its final value (the compiler fills them in)."""
-
-    width: int
-    heads: int
-    layers: int
-    context: int
-    kv_heads: int | None = None
-    mlp_width: int | None = None
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    position: str = "rope"
-    rope_theta: float = 10000.0
-    dropout: float = 0.0
-    bias: bool = False
-    causal: bool = True
-    attention: LatticeConfig | None = None  # a lattice layout; None: plain attention
-    variant: Choice | None = None  # a registered attention component; None: fused SDPA
-    rotary: Choice | None = (
-        None  # a registered rotary embedding; None: RoPE (when position is rope)
-    )
-    layer_settings: tuple[LayerSettings, ...] = ()  # per layer, when the spec has `variations`
-
-    def layer(self, index: int) -> TransformerConfig:
-        """The config layer `index` is built with: this one, with what that layer drew."""
-        if not self.layer_settings:
-            return self
-        drawn = self.layer_settings[index]
-        return replace(
-            self,
-            activation=drawn.activation,
-            heads=drawn.heads,
-            kv_heads=self.kv_heads if self.kv_heads not in (None, drawn.heads) else None,
-            dropout=drawn.dropout,
-            norm=drawn.norm,
-            layer_settings=(),
-        )
-
-    @property
-    def head_width(self) -> int:
-        return self.width // self.heads
-
-    @property
-    def content_width(self) -> int:
-        """Width of each head's content queries and keys (lattice heads give 2 to the phase term)."""
-        return self.head_width - (PHASE_DIMS if self.attention is not None else 0)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.kv_heads or self.heads
-
-    @property
-    def inner_width(self) -> int:
-        return self.mlp_width or 4 * self.width
-
-    @property
-    def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu")
 
 
 class RotaryEmbedding(nn.Module):

@@ -46,3 +46,48 @@ def test_compile_reports_an_exceeded_budget_and_zero_turns_the_guard_off():
         app, ["compile", str(ROOT / "specs" / "transformer.yaml"), "--budget", "0"]
     )
     assert allowed.exit_code == 0, allowed.output
+
+
+HUGE_TABLE = """spec: 1
+name: huge_table
+inputs:
+  text: {kind: tokens, vocab: 16777216, context: 64, width: 1048576}
+nodes:
+  body: {kind: transformer, width: 64, heads: 2, layers: 1}
+outputs:
+  logits: {from: body, kind: lm_head, tie: false}
+"""
+
+HUGE_HEAD = """spec: 1
+name: huge_head
+inputs:
+  text: {kind: tokens, vocab: 100, context: 64}
+nodes:
+  body: {kind: transformer, width: 131072, heads: 1, layers: 1}
+outputs:
+  label: {from: body, kind: classification, classes: 16777216}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "part"),
+    [(HUGE_TABLE, 4, "inputs.text"), (HUGE_HEAD, 8, "outputs.label")],
+    ids=["an embedding of 2^24 x 2^20", "a classification head of 131072 x 2^24"],
+)
+def test_every_parameter_counts_so_a_huge_table_or_head_is_refused_where_it_is(text, line, part):
+    start = time.perf_counter()
+    with pytest.raises(compiler.SpecError) as info:
+        compiler.analyze(compiler.load_spec_text(text, "huge.yaml"))
+    assert time.perf_counter() - start < 2
+    (diagnostic,) = info.value.diagnostics
+    assert diagnostic.span.line == line
+    assert "beyond what epicycle will build (at most 2,000,000,000,000)" in diagnostic.message
+    assert f"the largest part, `{part}`" in diagnostic.message
+
+
+def test_validate_refuses_a_huge_embedding_with_exit_1(tmp_path):
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(HUGE_TABLE)
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 1
+    assert f"{spec}:4:" in result.output and "17,592,186,044,416" in result.output

@@ -270,7 +270,7 @@ class Fractal(TransformerKind):
         return tuple(node.branching**level for level in range(node.levels))
 
     def plan(self, ir: IR, vertex: str) -> NodePlan:
-        from runtime.fractal.transformer import FractalConfig
+        from runtime.configs import FractalConfig
 
         node = ir.graph.nodes[vertex]["spec"]
         levels = FractalConfig(

@@ -38,10 +38,17 @@ class TransformerKind(NodeKind):
 
         return Transformer(group.config, len(group.nodes), group.rope_scales or None)
 
+    counts_exactly = True  # tests/test_parameter_counts.py holds the count to the built module
+
     def parameters(self, config: Any) -> int:
         from compiler.passes.estimate import transformer_parameters
 
         return transformer_parameters(config)
+
+    def group_parameters(self, group: Any) -> int:
+        from compiler.passes.estimate import transformer_parameters
+
+        return transformer_parameters(group.config, len(group.nodes))
 
     def flops_per_token(self, config: Any) -> int:
         from compiler.passes.estimate import transformer_flops_per_token

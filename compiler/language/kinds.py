@@ -83,6 +83,9 @@ class NodeKind(abc.ABC):
     * `plan(ir, vertex)`: the node's resolved runtime config (`NodePlan`).
     * `build(group)`: the runtime module for a batch group of this kind; no YAML below this line.
     * `parameters(config)`: a closed-form count, the guard before anything is built.
+    * `counts_exactly`: `group_parameters(group)` (by default `parameters` times the members) is
+      the built module's exact count, so the estimate builds nothing (`epicycle validate` then
+      imports no torch); false: the estimate builds the group on the meta device to count it.
     * `flops_per_token(config)`: forward FLOPs a token costs in one step.
     * `describe(ir, vertex)`: what the compile table and viz show (`Description`);
       `describe_written(raw)` the same for a node of a spec that does not validate.
@@ -97,6 +100,7 @@ class NodeKind(abc.ABC):
     graph_checks: ClassVar[tuple[Callable[[Any], list], ...]] = ()
     graph_transforms: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
     colour: ClassVar[str | None] = None  # its boxes' tint in `epicycle viz`
+    counts_exactly: ClassVar[bool] = False
     attributes: ClassVar[
         dict[str, str]
     ] = {}  # IR vertex fields its passes write, and what they hold
@@ -137,6 +141,10 @@ class NodeKind(abc.ABC):
 
     @abc.abstractmethod
     def flops_per_token(self, config: Any) -> int: ...
+
+    def group_parameters(self, group: Any) -> int:
+        """The parameters of a batch group's module (`build(group)`), when `counts_exactly`."""
+        return self.parameters(group.config) * len(group.nodes)
 
     def describe(self, ir: Any, vertex: str) -> Description:
         config = ir.graph.nodes[vertex].get("config")

@@ -80,6 +80,9 @@ class Component:
     capabilities: Capabilities = Capabilities()  # what a node using it can take part in
     # its rules for the node it sits in: `check(ir, vertex data, head_width) -> diagnostics`
     check: Callable[..., list] | None = None
+    # its parameter count from the arguments `build` takes, so a spec is counted without building
+    # it (`epicycle validate` imports no torch); None: the estimate builds it on the meta device
+    parameters: Callable[..., int] | None = None
 
     @property
     def summary(self) -> str:
@@ -112,13 +115,16 @@ class Registry:
         level: str | None = None,
         capabilities: Capabilities | None = None,
         replace: bool = False,
+        parameters: Callable[..., int] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register a builder (a module class or factory) under `family` and `name`
         (default: the config's `kind` literal)."""
 
         def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
             chosen = capabilities or Capabilities()
-            component = Component(family, name or kind_of(config), config, build, level, chosen)
+            component = Component(
+                family, name or kind_of(config), config, build, level, chosen, None, parameters
+            )
             self.add(component, replace=replace)
             return build
 

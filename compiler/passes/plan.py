@@ -19,13 +19,13 @@ from compiler.language.kinds import KINDS, NodePlan
 from compiler.passes.contract import contract
 
 if TYPE_CHECKING:
-    from runtime.transformer import TransformerConfig
+    from runtime.configs import TransformerConfig
 
 
 def transformer_config(
     settings: dict, width: int, context: int, layer_settings: tuple = ()
 ) -> TransformerConfig:
-    from runtime.transformer import TransformerConfig
+    from runtime.configs import TransformerConfig
 
     attention = settings["attention"]
     lattice = attention if attention is not None and attention.kind == "lattice" else None
@@ -60,7 +60,7 @@ def component_choice(family: str, config):
     if config is None:
         return None
     from compiler.language.registry import REGISTRY
-    from runtime.transformer import Choice
+    from runtime.configs import Choice
 
     component = REGISTRY.get(family, config.kind)
     if component.level == "lattice":  # its options travel resolved, as the config's layout
@@ -80,7 +80,7 @@ def _frozen(value):
 def lattice_config(attention):
     if attention is None:
         return None
-    from runtime.attention.lattice import LatticeConfig
+    from runtime.configs import LatticeConfig
 
     lattice, oscillator = attention.lattice, attention.oscillator
     return LatticeConfig(
@@ -126,7 +126,7 @@ def lattice_config(attention):
     ),
 )
 def plan(ir: IR) -> IR:
-    from runtime.federation.executor import EdgePlan, FederationPlan, GroupPlan
+    from runtime.configs import EdgePlan, FederationPlan, GroupPlan
 
     spec = ir.spec
     context = max(inp.context for inp in spec.inputs.values())

@@ -22,7 +22,7 @@ def layer_generator(seed: int, node: str) -> random.Random:
 
 @contract(requires=("nodes.settings",), provides=("nodes.layer_settings",))
 def sample_variations(ir: IR) -> IR:
-    from runtime.transformer import LayerSettings
+    from runtime.configs import LayerSettings
 
     graph = ir.graph.copy()
     for vertex, data in ir.vertices("node"):

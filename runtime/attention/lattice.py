@@ -29,40 +29,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.configs import PHASE_DIMS, LatticeConfig  # noqa: F401 (re-exported)
 from runtime.layers import MemberLinear, scaled_init_
-
-PHASE_DIMS = 2
-
-
-@dataclass(frozen=True)
-class LatticeConfig:
-    shape: tuple[int, ...]
-    boundary: str = "periodic"
-    neighbourhood: str = "moore"
-    radius: float | None = None
-    frequencies: str = "learned"
-    frequency_range: tuple[float, float] = (0.95, 1.05)
-    coupling: float = 0.1
-    range: float = 1.0
-    dt: float = 0.1
-    substeps: int = 1
-    strength: float = 1.0
-    token_frequency: float = 0.1
-    phase_weight: float = 0.0  # training terms (see `lattice_regularisation`)
-    phase_target: str = "synchrony"
-    phase_schedule: tuple[str, int] = ("constant", 1000)
-    coherence_weight: float = 0.0
-    coherence_schedule: tuple[str, int] = ("constant", 1000)
-
-    @property
-    def cells(self) -> int:
-        return math.prod(self.shape)
 
 
 def lattice_distances(cfg: LatticeConfig) -> Tensor:

@@ -23,13 +23,12 @@ solves for the bus state that one more step leaves unchanged, iterating this mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from runtime.attention.cross import CrossAttention
+from runtime.configs import EdgePlan, FederationPlan, GroupPlan  # noqa: F401 (re-exported)
 from runtime.federation.equilibrium import (
     EquilibriumSolver,
     NonFiniteError,  # noqa: F401 - raised by the unrolled loop too, and imported from here
@@ -40,55 +39,6 @@ from runtime.federation.messages import stage_edges
 from runtime.layers import MemberLinear
 from runtime.names import NamedModules
 from runtime.perspective import Perspective, apply_frames
-from runtime.transformer import TransformerConfig
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Same-shaped nodes that read the same input: run as one `Transformer` with stacked weights."""
-
-    nodes: tuple[str, ...]
-    indices: tuple[int, ...]  # positions on the message bus
-    config: TransformerConfig
-    inputs: tuple[tuple[str, int], ...]  # (input name, its width); their reads are summed
-    rope_scales: tuple[float, ...] = ()  # per member: a gear's velocity; empty = all 1
-    perspectives: tuple[str | None, ...] = ()  # per member: the frame it sees its inputs through
-    kind: str = "transformer"  # the node kind whose `build` hook makes the group's module
-    options: Any = None  # what that hook needs beyond `config` (a fractal's levels)
-
-
-@dataclass(frozen=True)
-class EdgePlan:
-    source: int
-    target: int
-    delay: int
-    kind: str
-    ratio: float | None
-
-
-@dataclass(frozen=True)
-class FederationPlan:
-    nodes: tuple[str, ...]
-    stages: tuple[tuple[GroupPlan, ...], ...]
-    edges: tuple[EdgePlan, ...]
-    bus_width: int
-    aggregate: str = "sum"
-    steps: int = 1
-    backprop_steps: int = 1
-    mode: str = "unroll"  # unroll | truncated | equilibrium
-    tolerance: float = 1e-4  # equilibrium: relative change at which the fixed point is reached
-    lipschitz: float | None = None  # equilibrium: bound on the Jacobian's spectral norm at z*
-    power_iterations: int = 4  # per measurement, for `lipschitz`
-    perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
-    time: bool = False  # a time axis: each step reads its own inputs; `step` carries the state
-
-    @property
-    def groups(self) -> tuple[GroupPlan, ...]:
-        return tuple(g for stage in self.stages for g in stage)
-
-    @property
-    def max_delay(self) -> int:
-        return max((e.delay for e in self.edges), default=0)
 
 
 def _reported(field: str) -> property:

@@ -11,8 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-EDGE_KINDS = ("message", "mesh", "arbor", "pin_slot", "feedback", "cross")
-EDGE_FEATURES = len(EDGE_KINDS) + 2  # one-hot kind, log ratio, delay
+from runtime.configs import EDGE_FEATURES, EDGE_KINDS  # noqa: F401 (re-exported)
 
 
 def edge_features(kind: str, ratio: float | None, delay: int) -> list[float]:

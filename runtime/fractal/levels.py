@@ -9,43 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-RESIDUALS = ("none", "upstream", "downstream")
-STACK_WIDTH = 256  # `schedule: auto` stacks the levels of fractals up to this width on a GPU
-
-
-@dataclass(frozen=True)
-class FractalConfig:
-    levels: int
-    branching: int
-    residual: str = "none"
-    level_weights: tuple[float, ...] = ()  # loss weight per level; empty = all 1
-    heads: str = (
-        "narrow"  # narrow: every sub-model keeps all heads, narrower; subset: a share of them
-    )
-    schedule: str = "auto"  # how all levels run at once: stacked | blocks | auto (see `stacked`)
-    level_batch: str = (
-        "shared"  # shared: every level trains on the whole batch; split: a share each
-    )
-
-    def blocks(self, level: int) -> int:
-        """Sub-models at `level`."""
-        return self.branching**level
-
-    def weights(self) -> tuple[float, ...]:
-        return self.level_weights or (1.0,) * self.levels
-
-    def stacked(self, width: int, device: torch.device) -> bool:
-        """Whether all levels run as one stacked pass (`runtime.fractal.stacked`) rather than one
-        block-diagonal pass per level. `auto` stacks on a GPU up to width STACK_WIDTH, where one
-        pass of level 0's kernel count beats `levels` passes (BENCHMARKS.md, fractal levels);
-        wider models and the CPU keep `blocks`, since stacking costs `levels` times level 0's
-        matmul FLOPs against 1.75x for blocks."""
-        if self.schedule == "auto":
-            return device.type == "cuda" and width <= STACK_WIDTH
-        return self.schedule == "stacked"
+from runtime.configs import RESIDUALS, STACK_WIDTH, FractalConfig  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

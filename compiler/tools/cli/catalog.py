@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from compiler.tools.cli.common import _guarded, app, err, out
 
@@ -55,6 +54,8 @@ def components(
     ] = None,
 ) -> None:
     """List the registered components a spec can choose by `kind`, with their options."""
+    from rich.table import Table
+
     from compiler.language.registry import FAMILIES, REGISTRY
 
     if family is not None and family not in FAMILIES:
@@ -77,6 +78,8 @@ def components(
 @_guarded
 def kinds() -> None:
     """List the registered node kinds a spec can use, with their options and capabilities."""
+    from rich.table import Table
+
     from compiler.language.capabilities import Capabilities
     from compiler.language.kinds import KINDS
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 from compiler.language.diagnostics import Diagnostic, SpecError, printable
 from compiler.language.kinds import KINDS
@@ -172,7 +174,9 @@ def compile_(
         out.print(f"wrote {path}", markup=False)
 
 
-def _table(ir) -> Table:
+def _table(ir) -> Any:
+    from rich.table import Table  # only `compile` draws a table
+
     table = Table(
         title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
     )
@@ -226,6 +230,8 @@ def _sub_model_table(ir, view, level: int, index: int) -> Table:
     """Sub-model `(level, index)` of a fractal on its own: its shape and the parameters it uses,
     counted from the slices of the full model's weights that it reads (its blocks, its columns of
     each input's table or projection and of each output head)."""
+    from rich.table import Table
+
     from runtime.ports import TokenInput
 
     fractal = view.fractal
