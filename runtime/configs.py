@@ -166,6 +166,60 @@ class EdgePlan:
     ratio: float | None
 
 
+# --------------------------------------------------------------------------- equilibrium
+
+METHODS = ("fixed_point", "anderson", "broyden")
+STOPS = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How one root-finding problem is solved: `method` (one of METHODS), at most `steps`
+    evaluations of f, stopping when the `stop` residual (STOPS) of every example is below
+    `tolerance`; `history` past iterates for Anderson and Broyden; `mixing` for fixed point and
+    Anderson (the share of the new image taken each step)."""
+
+    method: str = "fixed_point"
+    steps: int = 30
+    tolerance: float = 1e-4
+    stop: str = "relative"
+    history: int = 5
+    mixing: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown solver `{self.method}`; the solvers are {METHODS}")
+        if self.stop not in STOPS:
+            raise ValueError(f"unknown stop criterion `{self.stop}`; use one of {STOPS}")
+        if self.steps < 1 or self.history < 1 or not 0 < self.mixing <= 1 or self.tolerance <= 0:
+            raise ValueError(f"solver settings out of range: {self}")
+
+
+@dataclass(frozen=True)
+class EquilibriumPlan:
+    """The solver and gradient settings of `mode: equilibrium`, resolved (spec `feedback:`)."""
+
+    forward: SolverSettings = SolverSettings()
+    backward: SolverSettings = SolverSettings()
+    eval_steps: int | None = None  # the forward's `steps` outside training (None: the same)
+    grad: str = "implicit"  # implicit | phantom
+    phantom_steps: int = 5
+    phantom_damping: float = 1.0
+    correction_states: int = 0  # trajectory states supervised in training (0: none)
+    correction_decay: float = 0.8  # weight decay^k for the k-th state back from the fixed point
+    jacobian_weight: float = 0.0  # 0: no Jacobian regularisation
+    jacobian_every: int = 1  # training forwards between two estimates
+    spectral_radius_every: int = 0  # forwards between two estimates (0: never)
+    spectral_radius_iterations: int = 10
+
+    def __post_init__(self) -> None:
+        if self.grad not in GRADIENTS:
+            raise ValueError(f"unknown equilibrium gradient `{self.grad}`; use one of {GRADIENTS}")
+
+
+GRADIENTS = ("implicit", "phantom")
+
+
 @dataclass(frozen=True)
 class FederationPlan:
     nodes: tuple[str, ...]
@@ -181,6 +235,9 @@ class FederationPlan:
     power_iterations: int = 4  # per measurement, for `lipschitz`
     perspectives: tuple[tuple[str, str], ...] = ()  # (name, kind)
     time: bool = False  # a time axis: each step reads its own inputs; `step` carries the state
+    equilibrium: EquilibriumPlan | None = (
+        None  # solvers and gradients (None: fixed point, implicit)
+    )
 
     @property
     def groups(self) -> tuple[GroupPlan, ...]:

@@ -12,6 +12,7 @@ kind, its place in the federation, its state, its module, its fractal view), and
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -284,14 +285,28 @@ class GraphModel(nn.Module):
             result[name] = head(concat_states(read))
         return result
 
-    def auxiliary_loss(self, step: int = 0) -> Tensor:
+    def auxiliary_loss(
+        self, step: int = 0, task_loss: Callable[[dict[str, Tensor]], Tensor] | None = None
+    ) -> Tensor:
         """Every training term the spec declares, summed; add it to the task loss. Lattice phase
         and coherence terms at their scheduled weights for `step`, attention
-        components' own penalties such as adaptive span's L1 on spans, and each
-        companion's reconstruction loss on the latest forward pass, times its `weight`."""
+        components' own penalties such as adaptive span's L1 on spans, the equilibrium loop's
+        Jacobian term (`feedback.jacobian`), and each companion's reconstruction loss on the
+        latest forward pass, times its `weight`. Under `feedback.correction`, `task_loss` (the
+        task's loss of a dict of outputs, as `forward` returns) also scores the outputs at the
+        supervised trajectory states (`correction_loss`); it is required then."""
         from runtime.attention.lattice import LatticeOscillators, lattice_regularisation
 
         total = lattice_regularisation(self, step)
+        corrected = self.federation.correction_states()
+        if corrected and task_loss is None:
+            raise ValueError(
+                "`feedback.correction` supervises states along the equilibrium solve with the "
+                "task loss: pass it as `model.auxiliary_loss(step, task_loss=...)`, a function "
+                "of the outputs dict"
+            )
+        if corrected:
+            total = total + self.correction_loss(task_loss)
         for module in self.modules():
             term = getattr(module, "regularisation", None)
             if callable(term) and not isinstance(module, LatticeOscillators):
@@ -303,6 +318,16 @@ class GraphModel(nn.Module):
             if weight:
                 total = total + weight * self.companions[name].loss(features, output)
         return total
+
+    def correction_loss(self, task_loss: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+        """Fixed-point correction (Bai et al. 2022): sum of weight * task_loss(outputs) over the
+        trajectory states of the latest training forward that `feedback.correction` supervises
+        (zero without them); each state's outputs reach the parameters through one step of f."""
+        terms = [
+            weight * task_loss(self.read_outputs(states))
+            for weight, states in self.federation.correction_states()
+        ]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def companion_metrics(self) -> dict[str, dict[str, Any]]:
         """Per companion, on the latest forward pass: reconstruction cosine and loss, the frame

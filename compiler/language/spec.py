@@ -435,6 +435,67 @@ class Edge(SpecModel):
     )
 
 
+Solver = Literal["fixed_point", "anderson", "broyden"]
+History = Annotated[Int, Field(ge=1, le=64)]
+Mixing = Annotated[Real, Field(gt=0, le=1)]
+
+
+class BackwardSolve(SpecModel):
+    """The implicit backward's own solve of g = J^T g + dL/dz*; unset fields take the forward's."""
+
+    solver: Solver | None = Field(None, description="As `feedback.solver`; default: the forward's.")
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
+        None, description="The most iterations; default: `feedback.steps`."
+    )
+    tolerance: Annotated[Real, Field(gt=0)] | None = Field(
+        None, description="Residual at which the gradient counts as found; default: the forward's."
+    )
+    history: History | None = Field(None, description="As `feedback.history`.")
+    mixing: Mixing | None = Field(None, description="As `feedback.mixing`.")
+
+
+class PhantomGradient(SpecModel):
+    """Phantom gradients (Geng et al. 2021): backpropagate through `steps` damped steps
+    z <- (1 - damping) z + damping f(z) unrolled from the fixed point, instead of solving the
+    implicit backward."""
+
+    steps: Annotated[Int, Field(ge=1, le=64)] = Field(
+        5, description="Steps unrolled with a tape (memory grows with them)."
+    )
+    damping: Mixing = Field(1.0, description="Share of f(z) in each step, in (0, 1].")
+
+
+class FixedPointCorrection(SpecModel):
+    """Fixed-point correction (Bai et al. 2022): the task loss is also applied to the outputs at
+    `states` evenly spaced iterates of the training solve, weighted `decay^k` for the k-th back
+    from the fixed point (the trainer adds them: `GraphModel.correction_loss`)."""
+
+    states: Annotated[Int, Field(ge=1, le=64)] = Field(description="Trajectory states supervised.")
+    decay: Mixing = Field(0.8, description="Weight ratio between neighbouring states, in (0, 1].")
+
+
+class JacobianPenalty(SpecModel):
+    """Jacobian regularisation (Bai, Koltun & Kolter 2021): a training term `weight` times a
+    Hutchinson (random-projection) estimate of ||df/dz||_F^2 / dim at the fixed point."""
+
+    weight: Annotated[Real, Field(gt=0)] = Field(description="Weight of the term in the loss.")
+    every: Annotated[Int, Field(ge=1, le=1_000_000)] = Field(
+        1, description="Training steps between two estimates (the term is 0 in between)."
+    )
+
+
+class SpectralRadiusMonitor(SpecModel):
+    """Estimate the spectral radius of df/dz at the fixed point, which decides whether the solve
+    converges, and report it (`model.report()`, `metrics.jsonl`)."""
+
+    every: Annotated[Int, Field(ge=1, le=1_000_000)] = Field(
+        1, description="Forward passes between two estimates."
+    )
+    iterations: Annotated[Int, Field(ge=2, le=1000)] = Field(
+        10, description="Power iterations per estimate (one vector-Jacobian product each)."
+    )
+
+
 class Feedback(SpecModel):
     """Iterate the whole graph `steps` times; delayed edges carry state between iterations."""
 
@@ -449,9 +510,50 @@ class Feedback(SpecModel):
     backprop_steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
         None, description="For `truncated`: steps that keep gradients (the last ones)."
     )
-    tolerance: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
+    solver: Solver | None = Field(
         None,
-        description="For `equilibrium`: relative change at which the fixed point counts as found. Default 1e-4.",
+        description="For `equilibrium`: `fixed_point` (default), `anderson` (Anderson acceleration, "
+        "Walker & Ni 2011) or `broyden` (limited-memory good Broyden, as Bai et al. 2019), each "
+        "batched over the sequences of a batch.",
+    )
+    history: History | None = Field(
+        None, description="For `anderson` and `broyden`: past iterates kept. Default 5."
+    )
+    mixing: Mixing | None = Field(
+        None,
+        description="For `fixed_point` and `anderson`: the share of f(z) in each step, in (0, 1] "
+        "(damping below 1). Default 1.",
+    )
+    tolerance: Annotated[Real, Field(gt=0)] | None = Field(
+        None,
+        description="For `equilibrium`: residual at which the fixed point counts as found. Default 1e-4.",
+    )
+    stop: Literal["relative", "absolute"] | None = Field(
+        None,
+        description="For `equilibrium`: stop on the relative residual ||f(z) - z|| / ||f(z)|| "
+        "(default, below 1) or the absolute ||f(z) - z||, per sequence, the largest of the batch.",
+    )
+    eval_iterations: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = Field(
+        None,
+        description="For `equilibrium`: the most solver iterations outside training; default `steps`.",
+    )
+    backward: BackwardSolve | None = Field(
+        None, description="For `equilibrium` with the implicit gradient: the backward's own solve."
+    )
+    grad: Literal["implicit", "phantom"] | None = Field(
+        None,
+        description="For `equilibrium`: `implicit` (the implicit function theorem, default) or "
+        "`phantom` (see `phantom`).",
+    )
+    phantom: PhantomGradient | None = Field(None, description="For `grad: phantom`: its steps.")
+    correction: FixedPointCorrection | None = Field(
+        None, description="For `equilibrium`: supervise states along the solver's trajectory."
+    )
+    jacobian: JacobianPenalty | None = Field(
+        None, description="For `equilibrium`: penalise ||df/dz||_F at the fixed point in training."
+    )
+    spectral_radius: SpectralRadiusMonitor | None = Field(
+        None, description="For `equilibrium`: estimate and report rho(df/dz) at the fixed point."
     )
     lipschitz: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
         None,
@@ -463,8 +565,8 @@ class Feedback(SpecModel):
     )
     power_iterations: Annotated[Int, Field(ge=1, le=100)] | None = Field(
         None,
-        description="For `lipschitz`: power iterations per training step, warm-started from the last step "
-        "(each costs about three graph steps). Default 2.",
+        description="For `lipschitz`: power iterations per training step, from a seeded start "
+        "(each costs about three graph steps). Default 4.",
     )
 
 

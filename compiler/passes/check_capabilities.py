@@ -145,7 +145,11 @@ def model_capabilities(ir: IR) -> dict[str, list[Limit]]:
         for name, reason in (
             ("onnx", f"{why}, a data-dependent loop that cannot be exported"),
             ("export", f"{why}, a data-dependent loop that cannot be captured"),
-            ("fullgraph", f"{why}, and its implicit backward runs eagerly"),
+            (
+                "fullgraph",
+                f"{why}: the solver runs eagerly (torch.compiler.disable), a graph break, and so "
+                "does its implicit backward",
+            ),
             ("cuda_graphs", f"{why}, which reads the residual on the host"),
         ):
             limits[name].append(Limit(where, reason))
@@ -155,6 +159,14 @@ def model_capabilities(ir: IR) -> dict[str, list[Limit]]:
                     ("feedback", "lipschitz"),
                     "`lipschitz` measures the loop through a double backward, which cannot reach "
                     "the weights FSDP gathers",
+                )
+            )
+        if feedback.jacobian is not None:
+            limits["fsdp"].append(
+                Limit(
+                    ("feedback", "jacobian"),
+                    "`jacobian` trains on a vector-Jacobian product, whose gradient is a double "
+                    "backward that cannot reach the weights FSDP gathers",
                 )
             )
     return limits

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from compiler.ir import IR
 from compiler.language.diagnostics import Diagnostic
 from compiler.passes.contract import contract
+
+# The settings of the equilibrium solve and its gradient: meaningless in the other modes.
+EQUILIBRIUM_ONLY = (
+    "solver",
+    "history",
+    "mixing",
+    "tolerance",
+    "stop",
+    "eval_iterations",
+    "backward",
+    "grad",
+    "phantom",
+    "correction",
+    "jacobian",
+    "spectral_radius",
+)
 
 
 @contract(requires=(), provides=())
@@ -76,15 +94,20 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                         "use `delay: 1`, or `mode: unroll`",
                     )
                 )
-    if feedback.tolerance is not None and feedback.mode != "equilibrium":
-        found.append(
-            ir.error(
-                ("feedback", "tolerance"),
-                "`tolerance` applies only to `mode: equilibrium`",
-                "add `mode: equilibrium`, or remove `tolerance`",
-                key=True,
-            )
-        )
+    if feedback.mode != "equilibrium":
+        for field in EQUILIBRIUM_ONLY:
+            if getattr(feedback, field) is not None:
+                found.append(
+                    ir.error(
+                        ("feedback", field),
+                        f"`{field}` applies only to `mode: equilibrium`; `mode: {feedback.mode}` "
+                        "runs a fixed number of steps and has no fixed point to solve for",
+                        f"add `mode: equilibrium`, or remove `{field}`",
+                        key=True,
+                    )
+                )
+    else:
+        found += check_solvers(ir, feedback)
     if feedback.lipschitz is not None and feedback.mode != "equilibrium":
         found.append(
             ir.error(
@@ -122,4 +145,74 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                     f"use at most {feedback.steps}",
                 )
             )
+    return found
+
+
+def check_solvers(ir: IR, feedback: Any) -> list[Diagnostic]:
+    """Each solver's settings must be ones it has, and the gradient's ones it uses."""
+    found = solver_settings(ir, ("feedback",), feedback.solver, feedback)
+    relative = feedback.stop != "absolute"
+    backward = feedback.backward
+    if backward is not None:
+        solver = backward.solver or feedback.solver
+        found += solver_settings(ir, ("feedback", "backward"), solver, backward)
+        if feedback.grad == "phantom":
+            found.append(
+                ir.error(
+                    ("feedback", "backward"),
+                    "`backward` configures the implicit backward solve, but `grad: phantom` "
+                    "unrolls a few steps instead and solves nothing",
+                    "remove `backward`, or use `grad: implicit`",
+                    key=True,
+                )
+            )
+    for path, tolerance in (
+        (("feedback", "tolerance"), feedback.tolerance),
+        (("feedback", "backward", "tolerance"), backward and backward.tolerance),
+    ):
+        if relative and tolerance is not None and tolerance >= 1:
+            found.append(
+                ir.error(
+                    path,
+                    f"a relative residual ||f(z) - z|| / ||f(z)|| below {tolerance:g} is met by "
+                    "almost any state: the tolerance must be below 1",
+                    "use a tolerance such as 1e-4, or `stop: absolute`",
+                )
+            )
+    if feedback.phantom is not None and feedback.grad != "phantom":
+        found.append(
+            ir.error(
+                ("feedback", "phantom"),
+                "`phantom` sets the steps of phantom gradients, but the gradient is "
+                f"`{feedback.grad or 'implicit'}`",
+                "add `grad: phantom`, or remove `phantom`",
+                key=True,
+            )
+        )
+    return found
+
+
+def solver_settings(ir: IR, where: tuple, solver: str | None, settings: Any) -> list[Diagnostic]:
+    """`history` is Anderson's and Broyden's memory; `mixing` damps fixed point and Anderson."""
+    solver, found = solver or "fixed_point", []
+    if settings.history is not None and solver == "fixed_point":
+        found.append(
+            ir.error(
+                (*where, "history"),
+                "`history` is the memory of `solver: anderson` or `broyden`; fixed-point "
+                "iteration keeps no past iterates",
+                "add `solver: anderson`, or remove `history`",
+                key=True,
+            )
+        )
+    if settings.mixing is not None and solver == "broyden":
+        found.append(
+            ir.error(
+                (*where, "mixing"),
+                "`mixing` damps `fixed_point` and `anderson` steps; Broyden takes full "
+                "quasi-Newton steps",
+                "remove `mixing`, or use `solver: anderson`",
+                key=True,
+            )
+        )
     return found

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
@@ -19,7 +19,7 @@ from compiler.language.kinds import KINDS, NodePlan
 from compiler.passes.contract import contract
 
 if TYPE_CHECKING:
-    from runtime.configs import TransformerConfig
+    from runtime.configs import EquilibriumPlan, TransformerConfig
 
 
 def transformer_config(
@@ -210,6 +210,9 @@ def plan(ir: IR) -> IR:
         lipschitz=float(feedback.lipschitz) if feedback and feedback.lipschitz else None,
         power_iterations=(feedback.power_iterations or 4) if feedback else 4,
         time=spec.time is not None,
+        equilibrium=plan_equilibrium(feedback)
+        if feedback and feedback.mode == "equilibrium"
+        else None,
     )
     address = {}
     for g, group in enumerate(federation.groups):
@@ -247,3 +250,44 @@ def plan_observers(ir: IR, address: dict[str, tuple[int, int]]) -> dict[str, tup
         host = next(u for u, _, role in graph.in_edges(vertex, data="role") if role == "companion")
         planned[data["name"]] = (address[graph.nodes[host]["name"]], config)
     return planned
+
+
+def plan_equilibrium(feedback: Any) -> EquilibriumPlan:
+    """The resolved solvers and gradient of `mode: equilibrium` (defaults filled in; the backward
+    takes the forward's settings where it sets none)."""
+    from dataclasses import replace
+
+    from runtime.configs import EquilibriumPlan, SolverSettings
+
+    forward = SolverSettings(
+        method=feedback.solver or "fixed_point",
+        steps=feedback.steps,
+        tolerance=float(feedback.tolerance or 1e-4),
+        stop=feedback.stop or "relative",
+        history=feedback.history or 5,
+        mixing=float(feedback.mixing or 1.0),
+    )
+    chosen = feedback.backward
+    backward = forward
+    if chosen is not None:
+        fields = {
+            k: getattr(chosen, k) for k in ("solver", "steps", "tolerance", "history", "mixing")
+        }
+        fields["method"] = fields.pop("solver")
+        backward = replace(forward, **{k: v for k, v in fields.items() if v is not None})
+    phantom, correction = feedback.phantom, feedback.correction
+    jacobian, radius = feedback.jacobian, feedback.spectral_radius
+    return EquilibriumPlan(
+        forward=forward,
+        backward=backward,
+        eval_steps=feedback.eval_iterations,
+        grad=feedback.grad or "implicit",
+        phantom_steps=phantom.steps if phantom else 5,
+        phantom_damping=float(phantom.damping) if phantom else 1.0,
+        correction_states=correction.states if correction else 0,
+        correction_decay=float(correction.decay) if correction else 0.8,
+        jacobian_weight=float(jacobian.weight) if jacobian else 0.0,
+        jacobian_every=jacobian.every if jacobian else 1,
+        spectral_radius_every=radius.every if radius else 0,
+        spectral_radius_iterations=radius.iterations if radius else 10,
+    )

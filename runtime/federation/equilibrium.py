@@ -2,10 +2,21 @@
 
 `f` is one step of the federation whose delayed edges read `z` (the bus of "the step before"):
 the `Federation` hands its step function to an `EquilibriumSolver`, which knows nothing else of
-the graph. The fixed point is found without a tape (up to `steps` iterations, stopping at
-`tolerance` relative change), so memory does not grow with the iterations. Gradients use the
-implicit function theorem: a hook on z = f(z*) replaces dL/dz by the solution g of
-g = J_f(z*)^T g + dL/dz, found by the same fixed-point iteration over vector-Jacobian products.
+the graph. The fixed point is found without a tape by one of the batched solvers of `solvers.py`
+(fixed point, Anderson, Broyden; up to `steps` evaluations of f, or `eval_steps` outside training),
+so memory does not grow with the iterations. The bus holds every node's row, so all members of
+all groups are one vector per sequence and are solved jointly, in one batched call per iteration.
+
+Gradients, as `EquilibriumPlan.grad` says:
+- `implicit` (the implicit function theorem): a hook on z = f(z*) replaces dL/dz by the solution
+  g of g = J_f(z*)^T g + dL/dz, found by the backward solver over vector-Jacobian products;
+- `phantom` (Geng et al. 2021): `phantom_steps` damped steps z <- (1 - d) z + d f(z) unrolled with
+  a tape from z*, whose gradient approximates the implicit one at the cost of those steps.
+Fixed-point correction (Bai et al. 2022) additionally reads the outputs at `correction_states`
+iterates of the forward solve, each through one step with a tape; the trainer adds their task
+losses (`GraphModel.correction_loss`). Jacobian regularisation (Bai, Koltun & Kolter 2021) adds
+`jacobian_weight` times a Hutchinson estimate of ||J_f(z*)||_F^2 / dim to the training loss, as the
+`regularisation()` term `GraphModel.auxiliary_loss` collects.
 
 With a Lipschitz `bound` c the map is f(z) = step(gain * z), and in training (and in a fresh
 model's first forward) the spectral norm sigma of J_f(z*) is measured after the solve
@@ -20,9 +31,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from runtime.configs import GRADIENTS, EquilibriumPlan  # noqa: F401 (re-exported)
+from runtime.federation.solvers import SolverSettings, Trace, solve
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +57,68 @@ class NonFiniteError(FloatingPointError):
 
 
 class EquilibriumSolver:
-    """The fixed point of `step` and its implicit gradient, with the latest solves' convergence.
+    """The fixed point of `step` and its gradient, with the latest solves' statistics.
 
-    After a `solve`, `iterations`, `residual` and `contraction` (the observed rate per iteration)
-    describe the forward solve, `backward_iterations` and `backward_residual` the implicit
-    backward's, and `lipschitz` the Jacobian norm last measured under the bound (None before).
+    After a `solve`, `forward_trace` and `backward_trace` (`solvers.Trace`) hold the residual
+    trace of the latest forward and backward solves; `iterations`, `residual` and `contraction`
+    summarise the forward, `backward_iterations` and `backward_residual` the backward, `lipschitz`
+    is the Jacobian norm last measured under the bound, `spectral_radius` the last estimate of
+    rho(J_f(z*)) and `jacobian` the last estimate of ||J_f(z*)||_F^2 / dim (None before them).
     """
 
     def __init__(
         self,
         step: Step,
         nodes: Sequence[str],
-        steps: int,
-        tolerance: float,
+        settings: EquilibriumPlan,
         bound: float | None = None,
         power_iterations: int = 4,
     ):
         self.step = step
         self.nodes = tuple(nodes)  # names, for the message when a solve diverges
-        self.steps = steps
-        self.tolerance = tolerance
+        self.settings = settings
         self.bound = bound
         self.power_iterations = power_iterations
-        self.iterations: int | None = None
-        self.residual: float | None = None
-        self.contraction: float | None = None
+        self.forward_trace: Trace | None = None
+        self.backward_trace: Trace | None = None
         self.lipschitz: float | None = None
-        self.backward_iterations: int | None = None
-        self.backward_residual: float | None = None
+        self.spectral_radius: float | None = None
+        self.jacobian_term: Tensor | None = (
+            None  # weight * estimate, of the latest training forward
+        )
+        self._jacobian: Tensor | None = None  # the estimate itself, read out by `report`
+        # (weight, final states per group) per supervised trajectory state of the latest forward
+        self.correction: list[tuple[float, list[Tensor]]] = []
+        self.forwards = self.training_forwards = 0
         self.mask_seed: int | None = None  # set during a training solve: one set of dropout masks
+
+    @property
+    def tolerance(self) -> float:
+        return self.settings.forward.tolerance
+
+    @property
+    def iterations(self) -> int | None:
+        return None if self.forward_trace is None else self.forward_trace.iterations
+
+    @property
+    def residual(self) -> float | None:
+        return None if self.forward_trace is None else self.forward_trace.residual
+
+    @property
+    def contraction(self) -> float | None:
+        return None if self.forward_trace is None else self.forward_trace.contraction()
+
+    @property
+    def backward_iterations(self) -> int | None:
+        return None if self.backward_trace is None else self.backward_trace.iterations
+
+    @property
+    def backward_residual(self) -> float | None:
+        return None if self.backward_trace is None else self.backward_trace.residual
+
+    @property
+    def jacobian(self) -> float | None:
+        return None if self._jacobian is None else float(self._jacobian)
 
     # Eager under torch.compile: the solve stops at a data-dependent iteration, and the implicit
     # backward replays one step's tape many times, which a compiled backward cannot.
@@ -82,12 +131,13 @@ class EquilibriumSolver:
         measured: Tensor | None = None,
     ) -> list[Tensor]:
         """The final states per group at the fixed point, attached to the parameters through the
-        implicit gradient. With a bound, `gain` and `measured` are the owner's buffers: in training
+        chosen gradient. With a bound, `gain` and `measured` are the owner's buffers: in training
         (or while `measured` is False) the loop is measured and the gain stored for the next step."""
         # One set of dropout masks per forward: with fresh masks at every evaluation, f would be a
         # different map each iteration and the solve would stall at the noise (the tied masks of
         # Bai et al.'s variational dropout). Drawn from the global generator, so seeded runs repeat.
         self.mask_seed = int(torch.randint(2**62, ())) if training else None
+        self.jacobian_term, self.correction = None, []
         try:
             return self._solve_with_masks(embedded, training, gain, measured)
         finally:
@@ -100,66 +150,138 @@ class EquilibriumSolver:
         stored: Tensor | None,
         measured: Tensor | None,
     ) -> list[Tensor]:
+        plan = self.settings
+        learning = training and torch.is_grad_enabled()
+        self.forwards += 1
+        self.training_forwards += learning
+        forward = plan.forward
+        if not training and plan.eval_steps is not None:
+            forward = replace(forward, steps=plan.eval_steps)
+        record = learning and plan.correction_states > 0
         start = self.step(embedded, [])[1].detach()
         gain = stored.clone() if self.bound is not None else None
-        z = self._iterate(embedded, start, gain)
+        z = self._forward(embedded, start, gain, forward, record)
         if gain is not None:
-            learning = (training and torch.is_grad_enabled()) or not bool(measured)
-            if learning or self.residual >= self.tolerance:
+            measuring = learning or not bool(measured)
+            if measuring or self.residual >= forward.tolerance:
                 # Outside training a solve that fails is bounded too, for this forward only.
-                z, gain = self._bound(embedded, start, z, gain, stored if learning else None)
-            if learning:
+                z, gain = self._bound(
+                    embedded, start, z, gain, stored if measuring else None, forward, record
+                )
+            if measuring:
                 measured.fill_(True)
-        if self.residual >= self.tolerance:
+        if self.residual >= forward.tolerance:
             log.warning(
-                "equilibrium feedback did not converge: relative change %.3g after %d iterations (tolerance %.3g); "
-                "raise `feedback.steps` or bound the loop with `feedback.lipschitz`",
+                "equilibrium feedback did not converge: %s residual %.3g after %d iterations of "
+                "`%s` (tolerance %.3g); raise `feedback.steps`, try `solver: anderson`, or bound "
+                "the loop with `feedback.lipschitz` or `feedback.jacobian`",
+                forward.stop,
                 self.residual,
                 self.iterations,
-                self.tolerance,
+                forward.method,
+                forward.tolerance,
+            )
+        if plan.spectral_radius_every and (self.forwards - 1) % plan.spectral_radius_every == 0:
+            self.spectral_radius = self.spectral_radius_at(
+                embedded, z, gain, plan.spectral_radius_iterations
             )
         if not torch.is_grad_enabled():
             return self.map(embedded, z, gain)[0]
+        if (
+            learning
+            and plan.jacobian_weight
+            and ((self.training_forwards - 1) % plan.jacobian_every == 0)
+        ):
+            estimate = self.jacobian_estimate(embedded, z, gain, differentiable=True)
+            self.jacobian_term, self._jacobian = plan.jacobian_weight * estimate, estimate.detach()
+        if record:
+            self.correction = self._correction_states(embedded, gain)
+        if plan.grad == "phantom":
+            return self._phantom(embedded, z, gain)
+        return self._implicit(embedded, z, gain)
+
+    def _implicit(
+        self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None
+    ) -> list[Tensor]:
+        """The outputs one step past z*, whose gradient reaches the parameters through the implicit
+        function theorem: dL/dz is replaced by the root of g = J^T g + dL/dz."""
         _, z_next = self.map(embedded, z, gain)  # re-attaches the tape to the parameters
-        z0 = z_next.detach().requires_grad_()
+        z0 = z.detach().requires_grad_()
         _, f0 = self.map(embedded, z0, gain)
+        backward = self.settings.backward
 
         def implicit_gradient(grad: Tensor) -> Tensor:
-            g, change = grad, float("inf")
-            for iterations in range(1, self.steps + 1):  # noqa: B007 - reported below
+            def adjoint(g: Tensor) -> Tensor:
                 (vjp,) = torch.autograd.grad(f0, z0, g, retain_graph=True)
-                following = vjp + grad
-                change = float((following - g).norm() / following.norm().clamp_min(1e-12))
-                g = following
-                if change <= self.tolerance:
-                    break
-            self.backward_iterations, self.backward_residual = iterations, change
-            if change > self.tolerance:
+                return vjp + grad
+
+            g, self.backward_trace = solve(adjoint, grad, backward, _agreed)
+            if self.backward_trace.residual >= backward.tolerance:
                 log.warning(
-                    "equilibrium backward did not converge: relative change %.3g after %d iterations "
-                    "(tolerance %.3g), so the gradient is approximate; bound the loop with "
-                    "`feedback.lipschitz` or raise `feedback.steps`",
-                    change,
-                    iterations,
-                    self.tolerance,
+                    "equilibrium backward did not converge: %s residual %.3g after %d iterations "
+                    "of `%s` (tolerance %.3g), so the gradient is approximate; bound the loop with "
+                    "`feedback.lipschitz`, or raise `feedback.backward.steps`",
+                    backward.stop,
+                    self.backward_trace.residual,
+                    self.backward_trace.iterations,
+                    backward.method,
+                    backward.tolerance,
                 )
             return g
 
         z_next.register_hook(implicit_gradient)
         return self.map(embedded, z_next, gain)[0]
 
-    def report(self, gain: Tensor | None = None) -> dict[str, float | int | None] | None:
-        """The latest solves as a dict (None before the first); with a bound, the measured
-        Jacobian norm and the stored `gain`."""
-        if self.iterations is None:
+    def _phantom(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> list[Tensor]:
+        """The outputs after `phantom_steps` damped steps from z*, unrolled with a tape: their
+        gradient is the phantom gradient (Geng et al. 2021), exact as the steps grow when f
+        contracts, and its memory grows with the steps."""
+        self.backward_trace = None
+        damping = self.settings.phantom_damping
+        z = z.detach()
+        for _ in range(self.settings.phantom_steps):
+            _, image = self.map(embedded, z, gain)
+            z = image if damping == 1 else (1 - damping) * z + damping * image
+        return self.map(embedded, z, gain)[0]
+
+    def _correction_states(
+        self, embedded: dict[str, Tensor], gain: Tensor | None
+    ) -> list[tuple[float, list[Tensor]]]:
+        """The final states per group one step (with a tape) past evenly spaced iterates of the
+        forward solve before its last, weighted decay^k for the k-th back from the fixed point."""
+        iterates = self.forward_trace.iterates[:-1]
+        self.forward_trace.iterates = []  # they are held only until the states are read
+        picks = correction_picks(len(iterates), self.settings.correction_states)
+        decay = self.settings.correction_decay
+        return [
+            (decay ** (len(picks) - k), self.map(embedded, iterates[i].detach(), gain)[0])
+            for k, i in enumerate(picks)
+        ]
+
+    def report(self, gain: Tensor | None = None) -> dict[str, Any] | None:
+        """The latest solves as a dict (None before the first): iterations, residual, contraction
+        and the residual trace of both solves, the solvers, the estimates (spectral radius, the
+        Jacobian's squared Frobenius norm per dimension) and, with a bound, the measured Jacobian
+        norm and the stored `gain`."""
+        if self.forward_trace is None:
             return None
         report = {
+            "solver": self.settings.forward.method,
             "iterations": self.iterations,
             "residual": self.residual,
+            "residuals": list(self.forward_trace.residuals),
             "contraction": self.contraction,
+            "gradient": self.settings.grad,
+            "backward_solver": self.settings.backward.method,
             "backward_iterations": self.backward_iterations,
             "backward_residual": self.backward_residual,
+            "backward_residuals": None
+            if self.backward_trace is None
+            else list(self.backward_trace.residuals),
+            "spectral_radius": self.spectral_radius,
         }
+        if self.settings.jacobian_weight:
+            report["jacobian"] = self.jacobian
         if self.bound is not None:
             report["lipschitz"] = self.lipschitz
             report["feedback_gain"] = None if gain is None else float(gain)
@@ -169,7 +291,7 @@ class EquilibriumSolver:
         """z* for these inputs under `gain` (no tape)."""
         with torch.no_grad():
             start = self.step(embedded, [])[1]
-        return self._iterate(embedded, start, gain)
+        return self._forward(embedded, start, gain, self.settings.forward)
 
     def map(
         self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None = None
@@ -184,30 +306,24 @@ class EquilibriumSolver:
             torch.manual_seed(self.mask_seed)
             return self.step(embedded, history)
 
-    def _iterate(self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None) -> Tensor:
-        """z <- f(z) without a tape until the relative change falls below the tolerance."""
-        residual = first = torch.tensor(float("inf"))
-        iterations = 0
+    def _forward(
+        self,
+        embedded: dict[str, Tensor],
+        start: Tensor,
+        gain: Tensor | None,
+        settings: SolverSettings,
+        record: bool = False,
+    ) -> Tensor:
+        """z* by `settings`' solver from `start`, without a tape; NaN or Inf names its node."""
         finite: list[Tensor] = []
-        with torch.no_grad():
-            for iterations in range(1, self.steps + 1):  # noqa: B007 - reported below
-                _, following = self.map(embedded, z, gain)
-                finite.append(finite_per_node(following))
-                # Every process stops at the same iteration: under FSDP each step gathers weights.
-                residual = _agreed((following - z).norm() / following.norm().clamp_min(1e-12))
-                first = residual if iterations == 2 else first
-                z = following
-                if residual < self.tolerance:
-                    break
+
+        def f(z: Tensor) -> Tensor:
+            following = self.map(embedded, z, gain)[1]
+            finite.append(finite_per_node(following))
+            return following
+
+        z, self.forward_trace = solve(f, start, settings, _agreed, record)
         raise_if_not_finite(torch.stack(finite), "equilibrium iteration", self.nodes)
-        self.iterations, self.residual = iterations, float(residual)
-        # The observed rate per iteration from the second change on (the first is from the start):
-        # it tends to the spectral radius of J_f(z*), which is what decides convergence.
-        self.contraction = (
-            float((residual / first.clamp_min(1e-30)) ** (1 / (iterations - 2)))
-            if iterations > 2
-            else None
-        )
         return z
 
     def _bound(
@@ -217,6 +333,8 @@ class EquilibriumSolver:
         z: Tensor,
         gain: Tensor,
         store: Tensor | None,
+        settings: SolverSettings,
+        record: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Measure ||J_f(z*)||, shrink the gain while it exceeds the bound (re-solving each time),
         and (into `store`, if given) leave the next step a gain that puts it at `_HEADROOM` of the
@@ -244,8 +362,8 @@ class EquilibriumSolver:
                 )
                 break
             gain = proposed
-            converged = self.residual < self.tolerance
-            z = self._iterate(embedded, z if converged else start, gain)
+            converged = self.residual < settings.tolerance
+            z = self._forward(embedded, z if converged else start, gain, settings, record)
         self.lipschitz = sigma
         return z, gain
 
@@ -291,6 +409,77 @@ class EquilibriumSolver:
                 # ||J^T J v|| / ||J v|| >= ||J v|| for a unit v: the sharper lower bound
                 sigma = v.flatten(1).norm(dim=1).max()
         return float(_agreed(sigma.detach()))
+
+    def spectral_radius_at(
+        self, embedded: dict[str, Tensor], z: Tensor, gain: Tensor | None, iterations: int
+    ) -> float:
+        """An estimate of rho(J_f(z)), the spectral radius that decides whether fixed-point
+        iteration converges near z (Ostrowski), largest over the sequences of the batch.
+
+        Power iteration on J^T (the same eigenvalues as J) by vector-Jacobian products on one tape,
+        per sequence; the estimate is the geometric mean of the growth ratios over the second half
+        of the iterations (Gelfand's formula rho = lim ||A^k||^(1/k)), which also settles when the
+        dominant eigenvalues are a complex pair, where the plain ratio oscillates. Under a forked
+        RNG from a seeded start, so the caller's random stream is untouched."""
+        generator = torch.Generator(device=z.device).manual_seed(0)
+        v = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        devices = [z.device] if z.device.type == "cuda" else []
+        logs = []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            point = z.detach().requires_grad_()
+            _, image = self.map(embedded, point, gain)
+            for _ in range(iterations):
+                v = _per_sequence_unit(v)
+                (u,) = torch.autograd.grad(image, point, v, retain_graph=True)
+                logs.append(u.flatten(1).norm(dim=1).clamp_min(1e-30).log())
+                v = u
+        tail = torch.stack(logs[iterations // 2 :]).mean(0)
+        return float(_agreed(tail.exp().max().detach()))
+
+    def jacobian_estimate(
+        self,
+        embedded: dict[str, Tensor],
+        z: Tensor,
+        gain: Tensor | None,
+        differentiable: bool = False,
+        probes: int = 1,
+    ) -> Tensor:
+        """A Hutchinson estimate of ||J_f(z)||_F^2 / dim (dim: the size of one sequence's state),
+        averaged over the batch: for v ~ N(0, I), E ||v^T J||^2 = ||J||_F^2 (Hutchinson 1989; the
+        training term of Bai, Koltun & Kolter 2021). `differentiable` keeps its graph, so the
+        estimate can be a loss: a double backward, in the math attention kernel. The probes come
+        from a generator of their own, seeded by the forward's dropout seed in training."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        seed = 0 if self.mask_seed is None else self.mask_seed + 1
+        generator = torch.Generator(device=z.device).manual_seed(seed)
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            point = z.detach().requires_grad_()
+            _, image = self.map(embedded, point, gain)
+            total = image.new_zeros((), dtype=torch.float32)
+            for probe in range(probes):
+                v = torch.randn(
+                    image.shape, generator=generator, device=image.device, dtype=image.dtype
+                )
+                # a differentiable product keeps the tape: its own backward reads the saved tensors
+                (vj,) = torch.autograd.grad(
+                    image,
+                    point,
+                    v,
+                    create_graph=differentiable,
+                    retain_graph=differentiable or probe + 1 < probes,
+                )
+                total = total + vj.float().square().sum()
+        estimate = total / (probes * image.numel())
+        return estimate if differentiable else estimate.detach()
+
+
+def correction_picks(available: int, states: int) -> list[int]:
+    """`states` (or all, if fewer) evenly spaced indices of `available` trajectory iterates,
+    ending at the last one: the states fixed-point correction supervises."""
+    if available <= states:
+        return list(range(available))
+    return sorted({round((k + 1) * available / states) - 1 for k in range(states)})
 
 
 def finite_per_node(bus: Tensor) -> Tensor:

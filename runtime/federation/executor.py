@@ -30,12 +30,14 @@ from torch import Tensor, nn
 from runtime.attention.cross import CrossAttention
 from runtime.configs import EdgePlan, FederationPlan, GroupPlan  # noqa: F401 (re-exported)
 from runtime.federation.equilibrium import (
+    EquilibriumPlan,
     EquilibriumSolver,
     NonFiniteError,  # noqa: F401 - raised by the unrolled loop too, and imported from here
     finite_per_node,
     raise_if_not_finite,
 )
 from runtime.federation.messages import stage_edges
+from runtime.federation.solvers import SolverSettings
 from runtime.layers import MemberLinear
 from runtime.names import NamedModules
 from runtime.perspective import Perspective, apply_frames
@@ -150,14 +152,15 @@ class Federation(nn.Module):
             EquilibriumSolver(
                 self._step,
                 plan.nodes,
-                plan.steps,
-                plan.tolerance,
+                plan.equilibrium or _plain_equilibrium(plan),
                 plan.lipschitz,
                 plan.power_iterations,
             )
             if plan.mode == "equilibrium"
             else None
         )
+        if self.equilibrium is not None and self.equilibrium.settings.jacobian_weight:
+            self.jacobian_regularisation = JacobianRegularisation(self.equilibrium)
 
     @property
     def leaves_parameters_unused(self) -> bool:
@@ -235,6 +238,11 @@ class Federation(nn.Module):
         return self.equilibrium.lipschitz_at(
             embedded, z, gain if gain is not None else self._gain(), iterations
         )
+
+    def correction_states(self) -> list[tuple[float, list[Tensor]]]:
+        """Fixed-point correction: (weight, final states per group) for each trajectory state of
+        the latest training forward that `feedback.correction` supervises (empty otherwise)."""
+        return [] if self.equilibrium is None else list(self.equilibrium.correction)
 
     def solve_report(self) -> dict[str, float | int | None] | None:
         """The latest equilibrium solves, for logs and the command line: iterations, residual and
@@ -351,6 +359,26 @@ class Federation(nn.Module):
             )
             mats.append(eye if matrix is None else matrix.to(like.dtype))
         return torch.stack(mats)
+
+
+class JacobianRegularisation(nn.Module):
+    """`feedback.jacobian`'s training term, found by `GraphModel.auxiliary_loss` through its
+    `regularisation()`: weight times the estimate of ||J_f(z*)||_F^2 / dim of the latest training
+    forward that made one (None on the others). A module of its own, present only when the spec
+    asks for it, so models without it keep their FSDP wrapping (which looks for the hook)."""
+
+    def __init__(self, solver: EquilibriumSolver):
+        super().__init__()
+        self.solver = solver
+
+    def regularisation(self) -> Tensor | None:
+        return self.solver.jacobian_term
+
+
+def _plain_equilibrium(plan: FederationPlan) -> EquilibriumPlan:
+    """Fixed-point iteration forward and backward to the plan's tolerance, implicit gradient."""
+    settings = SolverSettings(steps=plan.steps, tolerance=plan.tolerance)
+    return EquilibriumPlan(forward=settings, backward=settings)
 
 
 def _projection(members: int, width_in: int, width_out: int) -> nn.Module:

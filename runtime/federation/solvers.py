@@ -1,0 +1,187 @@
+"""Root finders for z = f(z), batched over the leading (batch) dimension.
+
+Each solver sees `f` as a map on `(batch, ...)` tensors whose examples do not interact (no layer of
+a federation mixes the sequences of a batch, so its Jacobian is block-diagonal over them). Every
+example therefore runs its own solver, in one batched tensor program: Anderson's least-squares
+weights are a batch of small linear systems, Broyden's low-rank inverse Jacobians a batch of
+rank-`history` updates. An example that reaches the tolerance stops moving (its iterate is
+frozen), so its answer does not depend on the examples it is batched with. The loop stops when the
+largest residual of the batch, agreed over the processes of a distributed run, is below the
+tolerance; that is one host sync per iteration, which also feeds the residual trace.
+
+- fixed point: z <- (1 - mixing) z + mixing f(z) (Krasnosel'skii-Mann damping for mixing < 1).
+- Anderson acceleration (Anderson 1965; Walker & Ni 2011), type II: the next iterate mixes the last
+  `history` images with the weights that minimise the norm of the mixed residual.
+- Broyden's "good" method (Broyden 1965) on g(z) = f(z) - z with a limited-memory inverse Jacobian
+  H = -I + U V^T (the form deep-equilibrium models use, Bai et al. 2019), full steps, no line search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from runtime.configs import METHODS, STOPS, SolverSettings  # noqa: F401 (re-exported)
+
+# Anderson's normal equations are regularised relative to their scale: an absolute ridge (1e-4 in
+# many codes) swamps them once the residuals are small and turns acceleration into averaging.
+_ANDERSON_RIDGE = 1e-8
+_BROYDEN_MIN_DENOMINATOR = 1e-30
+
+
+@dataclass
+class Trace:
+    """What one solve did: f evaluations; the batch's largest residual at each (agreed over
+    processes); `residual`, the largest over examples of the smallest each reached (that of the
+    returned state, which the stop test reads); and, when asked for, every iterate evaluated."""
+
+    iterations: int = 0
+    residuals: list[float] = field(default_factory=list)
+    residual: float = float("inf")
+    iterates: list[Tensor] = field(default_factory=list)
+
+    def contraction(self) -> float | None:
+        """The observed rate per iteration from the second residual on (the first measures the
+        distance from the start): for fixed-point iteration it tends to the spectral radius of the
+        damped map's Jacobian."""
+        if self.iterations <= 2:
+            return None
+        first, last = self.residuals[1], self.residuals[-1]
+        return (last / max(first, 1e-30)) ** (1 / (self.iterations - 2))
+
+
+Agree = Callable[[Tensor], Tensor]
+
+
+def solve(
+    f: Callable[[Tensor], Tensor],
+    start: Tensor,
+    settings: SolverSettings,
+    agree: Agree = lambda value: value,
+    record: bool = False,
+) -> tuple[Tensor, Trace]:
+    """The iterate with the smallest residual per example, and the trace; without a tape.
+    `agree(residual)` makes every process see the same largest residual (a max all-reduce)."""
+    shape = start.shape
+
+    def flat_f(z: Tensor) -> Tensor:
+        return f(z.view(shape)).reshape(shape[0], -1)
+
+    step = {"fixed_point": _fixed_point, "anderson": _anderson, "broyden": _broyden}
+    with torch.no_grad():
+        z, trace = _iterate(flat_f, start.reshape(shape[0], -1), settings, agree, record, step)
+    trace.iterates = [iterate.view(shape) for iterate in trace.iterates]
+    return z.view(shape), trace
+
+
+def _iterate(f, z, settings, agree, record, steps_by_method):
+    """The loop every method shares: evaluate, measure, keep the best, stop together, update."""
+    trace = Trace()
+    best = z.clone()
+    best_residual = torch.full((z.shape[0],), float("inf"), device=z.device)
+    update = steps_by_method[settings.method](z, settings)
+    for iteration in range(1, settings.steps + 1):
+        image = f(z)
+        if record:
+            trace.iterates.append(z.clone())
+        g = image - z
+        residual = _residual(g, image, settings.stop)
+        better = residual < best_residual
+        best = torch.where(better[:, None], z, best)
+        best_residual = torch.where(better, residual, best_residual)
+        # one all-reduce and one host sync per iteration: the current and the best residuals
+        worst = agree(torch.stack([residual.max(), best_residual.max()])).tolist()
+        trace.iterations = iteration
+        trace.residuals.append(worst[0])
+        trace.residual = worst[1]
+        if trace.residual < settings.tolerance or iteration == settings.steps:
+            break
+        active = (best_residual >= settings.tolerance)[:, None]
+        z = torch.where(active, update(z, image, g), z)
+    return best, trace
+
+
+def _residual(g: Tensor, image: Tensor, stop: str) -> Tensor:
+    """Per example; in float32 at least (a bf16 norm is too coarse to test 1e-4 against)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    absolute = g.norm(dim=1, dtype=dtype)
+    if stop == "absolute":
+        return absolute
+    return absolute / image.norm(dim=1, dtype=dtype).clamp_min(1e-12)
+
+
+def _fixed_point(z0: Tensor, settings: SolverSettings):
+    beta = settings.mixing
+
+    def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
+        return image if beta == 1 else z + beta * g
+
+    return update
+
+
+def _anderson(z0: Tensor, settings: SolverSettings):
+    """Type-II Anderson: with G the last m residuals (rows), the weights alpha minimise
+    ||G^T alpha|| subject to sum(alpha) = 1, that is alpha ∝ (G G^T)^-1 1; the next iterate is
+    sum alpha_i ((1 - beta) z_i + beta f(z_i))."""
+    m, beta = settings.history, settings.mixing
+    batch, dim = z0.shape
+    points = z0.new_zeros(batch, m, dim)
+    images = z0.new_zeros(batch, m, dim)
+    filled = {"count": 0}
+
+    def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
+        slot = filled["count"] % m
+        points[:, slot], images[:, slot] = z, image
+        filled["count"] += 1
+        n = min(filled["count"], m)
+        residuals = (images[:, :n] - points[:, :n]).double()
+        gram = residuals @ residuals.transpose(1, 2)
+        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        gram = gram + (_ANDERSON_RIDGE * scale)[:, None, None] * eye
+        ones = gram.new_ones(batch, n, 1)
+        weights = torch.linalg.solve(gram, ones)
+        weights = (weights / weights.sum(1, keepdim=True)).to(z.dtype)  # (batch, n, 1)
+        mixed = (1 - beta) * points[:, :n] + beta * images[:, :n]
+        return (weights * mixed).sum(1)
+
+    return update
+
+
+def _broyden(z0: Tensor, settings: SolverSettings):
+    """Good Broyden with H = -I + sum u_i v_i^T approximating the inverse Jacobian of g: the step
+    is -H g; after it, with s the step and y the change of g, the rank-one update
+    u = (s - H y) / (s^T H y), v = H^T s keeps the secant condition H y = s."""
+    m = settings.history
+    batch, dim = z0.shape
+    us = z0.new_zeros(batch, m, dim)
+    vs = z0.new_zeros(batch, m, dim)
+    last: dict[str, Tensor | int] = {"count": 0}
+
+    def apply(x: Tensor) -> Tensor:  # H x
+        return -x + (us * (vs * x[:, None]).sum(-1, keepdim=True)).sum(1)
+
+    def apply_transposed(x: Tensor) -> Tensor:  # H^T x
+        return -x + (vs * (us * x[:, None]).sum(-1, keepdim=True)).sum(1)
+
+    def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
+        if "z" in last:
+            s, y = z - last["z"], g - last["g"]
+            hy = apply(y)
+            denominator = (s * hy).sum(-1, keepdim=True)
+            usable = denominator.abs() > _BROYDEN_MIN_DENOMINATOR
+            safe = torch.where(usable, denominator, torch.ones_like(denominator))
+            u = torch.where(usable, (s - hy) / safe, torch.zeros_like(s))
+            v = torch.where(usable, apply_transposed(s), torch.zeros_like(s))
+            slot = last["count"] % m
+            if slot == 0:  # memory full: restart from H = -I (overwriting only the oldest
+                us.zero_(), vs.zero_()  # update breaks the secant conditions and can diverge)
+            us[:, slot], vs[:, slot] = u, v
+            last["count"] += 1
+        last["z"], last["g"] = z, g
+        return z - apply(g)
+
+    return update
