@@ -269,3 +269,36 @@ def test_checkpoints_keep_phases_and_fixed_frequencies(tmp_path):
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt")).eval()
     ids = torch.randint(0, 40, (2, 16))
     torch.testing.assert_close(loaded(ids)["logits"], model(ids)["logits"], rtol=0, atol=0)
+
+
+def test_evaluation_takes_eval_substeps_kuramoto_updates(tmp_path):
+    """`oscillator.eval_substeps`: more oscillator steps at test time than in training (AKOrN,
+    Miyato et al. 2025); `model.eval()` switches, `model.train()` switches back."""
+    from runtime.attention.lattice import kuramoto_phases
+
+    attention = (
+        "{kind: lattice, lattice: {shape: [2, 2]},"
+        " oscillator: {coupling: 2.0, substeps: 2, eval_substeps: 12}}"
+    )
+    model = compiler.build_model(lattice_spec(tmp_path, attention))
+    layer = layers_of(model)[0]
+
+    def after(steps: int) -> torch.Tensor:
+        tensors = layer.oscillator_tensors()
+        initial, omega, coupling, log_range, _, distance, neighbour = tensors
+        return kuramoto_phases(
+            initial, omega, coupling, log_range, distance, neighbour, 0.1, steps
+        ).detach()
+
+    ids = torch.randint(0, 40, (2, 16))
+    trained = model(ids)["logits"]
+    torch.testing.assert_close(layer.last_phase, after(2))
+    evaluated = model.eval()(ids)["logits"]
+    torch.testing.assert_close(layer.last_phase, after(12))
+    torch.testing.assert_close(layer.phases(), after(12))  # the metrics read the same phases
+    assert not torch.allclose(trained, evaluated)
+    model.train()(ids)
+    torch.testing.assert_close(layer.last_phase, after(2))
+    # unset, evaluation takes the training's substeps
+    plain = compiler.build_model(lattice_spec(tmp_path, LATTICE)).eval()
+    assert layers_of(plain)[0].substeps == 3
