@@ -27,9 +27,11 @@ a `runtime.transformer.Block` builds it like any other attention choice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -468,6 +470,24 @@ def lattice_regularisation(model: nn.Module, step: int) -> Tensor:
     if total is None:
         total = next(model.parameters()).new_zeros(())
     return total
+
+
+@contextlib.contextmanager
+def phase_term_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The lattice-off ablation (the `lot` project's): inside the block every lattice layer's
+    phase-term gain `strength` is 0, so heads attend by content alone with the same weights;
+    the gains come back on leaving it."""
+    layers = [layer for _, layer in lattice_layers(model)]
+    saved = [layer.strength.detach().clone() for layer in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.strength.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, strength in zip(layers, saved, strict=True):
+                layer.strength.copy_(strength)
 
 
 @torch.no_grad()
