@@ -302,3 +302,27 @@ def test_evaluation_takes_eval_substeps_kuramoto_updates(tmp_path):
     # unset, evaluation takes the training's substeps
     plain = compiler.build_model(lattice_spec(tmp_path, LATTICE)).eval()
     assert layers_of(plain)[0].substeps == 3
+
+
+def test_the_report_gives_every_layer_and_head_as_plain_numbers(tmp_path):
+    """`model.report()`'s lattice entries are what training logs (metrics.jsonl, and one
+    TensorBoard scalar per number: `lattice/body.blocks.0.attn.lattice/heads/phase/3`): the
+    layer's order parameter and the other scalars, and per head its phase, coupling force,
+    frequency, gain and (when recorded) attention entropy."""
+    model = compiler.build_model(lattice_spec(tmp_path, LATTICE, nodes="a b"))
+    for layer in layers_of(model):
+        layer.record_entropy = True
+    model(torch.randint(0, 40, (2, 16)))
+    report = model.report()["nodes"]
+    for node in ("a", "b"):  # one batched group: each node reports its own member
+        for entry in report[node]["lattice"].values():
+            assert 0 <= entry["order_parameter"] <= 1
+            heads = entry["heads"]
+            assert set(heads) >= {"phase", "coupling_force", "frequency", "strength"}
+            assert all(len(values) == 4 for values in heads.values())
+            assert all(-math.pi <= p < math.pi for p in heads["phase"])
+            phases = torch.tensor(heads["phase"])
+            r = torch.polar(torch.ones(4), phases).mean().abs()
+            assert r.item() == pytest.approx(entry["order_parameter"], abs=1e-5)
+    assert "attention_entropy" in report["a"]["lattice"]["blocks.0.attn.lattice"]["heads"]
+    assert report["a"]["lattice"] != report["b"]["lattice"]

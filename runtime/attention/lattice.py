@@ -33,6 +33,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -491,22 +492,46 @@ def phase_term_off(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def lattice_metrics(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per lattice layer: Kuramoto order parameter, mean |coupling force|, spatial incoherence, and
-    the attention entropy (nats, mean over heads) recorded by the layer's last forward pass."""
-    metrics = {}
-    for name, layer in lattice_layers(model):
-        theta = layer.phases()
-        metrics[name] = {
-            "order_parameter": float(layer.order_parameter(theta).mean()),
-            "coupling_force": float(layer.coupling_force(theta).abs().mean()),
-            "incoherence": float(layer.coherence(theta).mean()),
-            "coupling": float(layer.coupling.mean()),
-            "range": float(layer.log_range.exp().mean()),
-        }
-        if layer.last_entropy is not None:
-            metrics[name]["attention_entropy"] = float(layer.last_entropy.mean())
-    return metrics
+def layer_report(layer: LatticeOscillators, member: int | None = None) -> dict[str, Any]:
+    """One lattice layer's numbers, as `GraphModel.report()` gives them (and so metrics.jsonl and
+    TensorBoard, one scalar per number): the Kuramoto order parameter, mean |coupling force|,
+    spatial incoherence, coupling, range and (after a pass with `record_entropy` set) the mean
+    attention entropy; and `heads`, per head: phase (wrapped to [-pi, pi)), coupling force,
+    intrinsic frequency, phase-term gain and attention entropy. `member`: one member of a batched
+    layer; None: the scalars averaged over members (per-head values only for a single member)."""
+    theta = layer.phases()
+    force = layer.coupling_force(theta)
+    scalars = {
+        "order_parameter": layer.order_parameter(theta),
+        "coupling_force": force.abs().mean(-1),
+        "incoherence": layer.coherence(theta),
+        "coupling": layer.coupling.mean(-1),
+        "range": layer.log_range.exp().flatten(1).mean(-1),
+    }
+    pick = (lambda v: v.mean()) if member is None else (lambda v: v[member])
+    entry: dict[str, Any] = {name: float(pick(value)) for name, value in scalars.items()}
+    entropy = layer.last_entropy  # recorded for the first member only
+    if entropy is not None and member in (None, 0):
+        entry["attention_entropy"] = float(entropy.mean())
+    if member is None and theta.shape[0] > 1:
+        return entry
+    m = member or 0
+    wrapped = torch.remainder(theta[m] + math.pi, 2 * math.pi) - math.pi
+    heads = {
+        "phase": wrapped,
+        "coupling_force": force[m],
+        "frequency": layer.omega[m],
+        "strength": layer.strength[m],
+    }
+    if entropy is not None and m == 0:
+        heads["attention_entropy"] = entropy
+    entry["heads"] = {name: [float(v) for v in values] for name, values in heads.items()}
+    return entry
+
+
+def lattice_metrics(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """`layer_report` of every lattice layer of `model` (members averaged), by module path."""
+    return {name: layer_report(layer) for name, layer in lattice_layers(model)}
 
 
 def _meta() -> bool:
