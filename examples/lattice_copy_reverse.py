@@ -176,10 +176,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--half", type=int, default=8, help="tokens before the delimiter")
-    parser.add_argument("--vocab", type=int, default=16, help="content tokens (plus a delimiter)")
+    parser.add_argument("--half", type=int, default=16, help="tokens before the delimiter")
+    parser.add_argument("--vocab", type=int, default=32, help="content tokens (plus a delimiter)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--substeps", type=int, default=4, help="Kuramoto substeps in training")
