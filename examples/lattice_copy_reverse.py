@@ -40,11 +40,13 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from runtime.attention.lattice import lattice_layers, phase_term_off  # noqa: E402
 
-LATTICE = """
+SHAPE, TOKEN_FREQUENCY = (2, 2), 0.1
+LATTICE = f"""
     attention:
       kind: lattice
-      lattice: {{shape: [2, 2], boundary: periodic, neighbourhood: moore}}
-      oscillator: {{coupling: 0.5, dt: 0.1, substeps: {substeps}{eval_substeps}}}"""
+      lattice: {{{{shape: {list(SHAPE)}, boundary: periodic, neighbourhood: moore}}}}
+      oscillator: {{{{coupling: 0.5, dt: 0.1, substeps: {{substeps}}{{eval_substeps}}}}}}
+      token_frequency: {TOKEN_FREQUENCY}"""
 SPEC = """
 spec: 1
 name: copy-reverse
@@ -89,7 +91,11 @@ def answer_logits(model, sequences: torch.Tensor, half: int) -> torch.Tensor:
     return model(sequences[:, :-1])["logits"][:, half:]
 
 
-def train(model, args, seed: int) -> float:
+def train(model, args, seed: int, history: list | None = None) -> float:
+    """AdamW with warm-up and cosine decay on the reversed half; with `history`, every
+    `args.every` steps the lattice layers' report entries (`model.report()`, as `epicycle train`
+    logs them, attention entropy included) are appended to it."""
+    layers = [layer for _, layer in lattice_layers(model)]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 10)
@@ -101,10 +107,19 @@ def train(model, args, seed: int) -> float:
     )
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(args.steps):
+    for step in range(args.steps + 1):
+        recording = history is not None and (step % args.every == 0 or step == args.steps)
+        for layer in layers:
+            layer.record_entropy = recording
         sequences = copy_reverse(args.batch, args.half, args.vocab, generator)
         logits = answer_logits(model, sequences, args.half)
         loss = F.cross_entropy(logits.flatten(0, 1), sequences[:, args.half + 1 :].flatten())
+        if recording:
+            entry = model.report()["nodes"]["body"]["lattice"]
+            lattice = {f"body.{layer}": values for layer, values in entry.items()}
+            history.append({"step": step, "loss": float(loss), "lattice": lattice})
+        if step == args.steps:  # the last pass only records
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -138,7 +153,7 @@ def parameter_difference(lattice_model, plain_model) -> dict[str, int]:
     }
 
 
-def run_seed(args, seed: int, test: torch.Tensor) -> dict[str, dict]:
+def run_seed(args, seed: int, test: torch.Tensor, history: list | None) -> dict[str, dict]:
     results = {}
     torch.manual_seed(seed)
     lattice = compiler.build_model(compiler.load_spec_text(spec_text(args, seed, True)))
@@ -146,7 +161,7 @@ def run_seed(args, seed: int, test: torch.Tensor) -> dict[str, dict]:
     plain = compiler.build_model(compiler.load_spec_text(spec_text(args, seed, False)))
     for name, model in (("lattice", lattice), ("plain", plain)):
         began = time.perf_counter()
-        loss = train(model, args, seed)
+        loss = train(model, args, seed, history if name == "lattice" else None)
         results[name] = {**score(model, test, args.half), "train_loss": loss}
         results[name]["train_s"] = time.perf_counter() - began
         results[name]["parameters"] = sum(p.numel() for p in model.parameters())
@@ -158,6 +173,38 @@ def run_seed(args, seed: int, test: torch.Tensor) -> dict[str, dict]:
     longer.load_state_dict(lattice.state_dict())
     results[f"lattice, eval_substeps {args.eval_substeps}"] = score(longer, test, args.half)
     return results
+
+
+def draw_figures(history: list[dict], half: int, out: Path) -> list[Path]:
+    """The phase-wave animation, the per-head histories and the delimiter wave (at the first and
+    the last recorded step) of seed 0's lattice model, with `compiler.tools.viz.lattice`."""
+    from compiler.tools.viz import lattice as viz
+
+    histories = viz.head_histories(history, viz.layer_label)
+    shapes = dict.fromkeys(histories, SHAPE)
+    paths = [
+        viz.animate_phases(histories, shapes, out / viz.ANIMATION_GIF, "copy-reverse"),
+        viz.plot_head_histories(histories, out / viz.HEADS_PNG, "copy-reverse"),
+    ]
+    plt = viz._pyplot()
+    fig, axes = plt.subplots(2, len(histories), figsize=(4.6 * len(histories), 6), squeeze=False)
+    for row, record in enumerate((history[0], history[-1])):
+        for col, (name, values) in enumerate(record["lattice"].items()):
+            heads = values["heads"]
+            waves = viz.phase_term_wave(
+                heads["phase"],
+                heads["frequency"],
+                heads["strength"],
+                TOKEN_FREQUENCY,
+                half,
+            )
+            title = f"{viz.layer_label(name)}, step {record['step']}"
+            viz.draw_delimiter_wave(axes[row][col], waves, half, title)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("copy-reverse: each head's phase term from the delimiter's query")
+    fig.tight_layout()
+    paths.append(viz._save(plt, fig, out / "delimiter_wave.png"))
+    return paths
 
 
 def summarise(per_seed: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
@@ -189,19 +236,26 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (one is fastest for models this small)"
     )
+    parser.add_argument("--every", type=int, default=10, help="record the lattice every N steps")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, required=True, help="folder for copy_reverse.json")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.steps, args.batch, args.test = 2, 3, 8, 32
+        args.seeds, args.steps, args.batch, args.test, args.every = 2, 3, 8, 32, 1
     torch.set_num_threads(args.threads)
     test = copy_reverse(args.test, args.half, args.vocab, torch.Generator().manual_seed(10**6))
-    per_seed = [run_seed(args, seed, test) for seed in range(args.seeds)]
+    history: list[dict] = []  # seed 0's lattice model over training
+    per_seed = [
+        run_seed(args, seed, test, history if seed == 0 else None) for seed in range(args.seeds)
+    ]
     summary = summarise(per_seed)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) for k, v in vars(args).items()}
     payload = {"settings": settings, "per_seed": per_seed, "summary": summary}
     (args.out / "copy_reverse.json").write_text(json.dumps(payload, indent=2))
+    with open(args.out / "lattice_history.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in history)
+    figures = draw_figures(history, args.half, args.out)
     first = per_seed[0]
     print(
         f"{args.seeds} seeds, {args.steps} steps of batch {args.batch}, {args.half} tokens + "
@@ -215,7 +269,7 @@ def main() -> None:
             f"| {arm} | {values['exact_match']:.3f} ± {values['exact_match_std']:.3f} "
             f"| {values['token_accuracy']:.3f} ± {values['token_accuracy_std']:.3f} |"
         )
-    print(f"wrote {args.out / 'copy_reverse.json'}")
+    print(f"wrote {args.out / 'copy_reverse.json'}, " + ", ".join(str(p) for p in figures))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_the_lattice_off_ablation_zeroes_the_phase_term_and_restores_it():
 
 
 def test_copy_reverse_quick(tmp_path):
+    pytest.importorskip("matplotlib", reason="the example draws with matplotlib")
     run_example("lattice_copy_reverse.py", "--out", str(tmp_path))
     result = json.loads((tmp_path / "copy_reverse.json").read_text())
     arms = {"lattice", "plain", "lattice off", "lattice, eval_substeps 16"}
@@ -68,6 +69,15 @@ def test_copy_reverse_quick(tmp_path):
     for seed in result["per_seed"]:
         for values in seed.values():
             assert 0 <= values["exact_match"] <= values["token_accuracy"] <= 1
+    # seed 0's lattice over training: the animation, the per-head histories, the delimiter wave
+    for name, magic in (
+        ("lattice_phases.gif", b"GIF8"),
+        ("lattice_heads.png", b"\x89PNG"),
+        ("delimiter_wave.png", b"\x89PNG"),
+    ):
+        assert (tmp_path / name).read_bytes()[:4] == magic
+    history = (tmp_path / "lattice_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("half", [1, 5])

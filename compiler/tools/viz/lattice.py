@@ -334,22 +334,8 @@ def animate_phases(
         return []
 
     animation = FuncAnimation(fig, draw, frames=picked, blit=False)
-    path = Path(path)
-    try:
-        animation.save(path, writer=PillowWriter(fps=fps))
-    except OSError as exc:
-        raise SpecError(
-            [
-                Diagnostic(
-                    Span(str(path), 1, 1),
-                    f"cannot write the animation: {exc.strerror or exc}",
-                    "choose an output directory that exists and that you can write to",
-                )
-            ]
-        ) from None
-    finally:
-        plt.close(fig)
-    return path
+    save = lambda path: animation.save(path, writer=PillowWriter(fps=fps))  # noqa: E731
+    return _save(plt, fig, path, save, "animation")
 
 
 def phase_term_wave(
@@ -448,16 +434,18 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def _save(plt, fig, path: str | Path, save=None, what: str = "plot") -> Path:
+    """Write `fig` (or, with `save`, what `save(path)` writes of it) and close it; an unwritable
+    path is a located error."""
     path = Path(path)
     try:
-        fig.savefig(path, dpi=130)
+        (save or (lambda p: fig.savefig(p, dpi=130)))(path)
     except OSError as exc:
         raise SpecError(
             [
                 Diagnostic(
                     Span(str(path), 1, 1),
-                    f"cannot write the plot: {exc.strerror or exc}",
+                    f"cannot write the {what}: {exc.strerror or exc}",
                     "choose an output directory that exists and that you can write to",
                 )
             ]
