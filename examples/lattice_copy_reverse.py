@@ -117,7 +117,7 @@ def train(model, args, seed: int, history: list | None = None) -> float:
         if recording:
             entry = model.report()["nodes"]["body"]["lattice"]
             lattice = {f"body.{layer}": values for layer, values in entry.items()}
-            history.append({"step": step, "loss": float(loss), "lattice": lattice})
+            history.append({"step": step, "loss": float(loss.detach()), "lattice": lattice})
         if step == args.steps:  # the last pass only records
             break
         optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,12 @@ attention stays one fused `scaled_dot_product_attention` call. The two dimension
 the head's width (content queries and keys are `d_head - 2` wide, values `d_head`), so the kernel
 sees the head width the spec asked for.
 
+In eager mode the small work around the projections (the Kuramoto chain, the phase features, the
+slot layout of the projection's rows: ~200 kernels forward and backward) is one pure function,
+`slot_terms`, which a GPU runs as one compiled region (`fused_slot_terms`); its eager ops are the
+reference the region is tested against. In evaluation mode the chain takes `eval_substeps`
+updates where set (AKOrN, Miyato et al., ICLR 2025: more oscillator steps at test time).
+
 `LatticeAttention` is that attention sub-layer, registered as the `lattice` attention component;
 a `runtime.transformer.Block` builds it like any other attention choice.
 """
