@@ -1,9 +1,12 @@
-"""Lattice attention vs flash (issue 5): one attention layer, forward + backward, bf16.
+"""Lattice attention vs flash (issues 5 and 23): one attention layer, forward + backward, bf16.
 
 Compared at 2k and 8k tokens, 16 heads of 64 (width 1024), causal:
 * `sdpa`: the plain layer (`F.scaled_dot_product_attention`, flash on a Hopper GPU);
 * `lattice (fused)`: the lattice layer, its phase term folded into Q/K (two of the 64 dimensions),
   Kuramoto phases recomputed every pass (4 substeps on a 4 x 4 periodic lattice);
+* `lattice (reference ops)` (eager only): the same layer running the Kuramoto chain, the phase
+  features and the slot layout as ~200 small eager kernels instead of its fused region (issue 23:
+  `runtime.attention.lattice.fused_slot_terms`, one compiled region inside the eager layer);
 * `dense bias` (2k only): the design's formula with a `(tokens x tokens)` bias per head, as a
   reference for what folding avoids.
 Each layer runs without and with RoPE (the default position encoding), eager, compiled and compiled
@@ -11,7 +14,11 @@ with CUDA graphs; every compiled arm starts from a reset dynamo cache. Besides t
 call, `torch.profiler` gives the GPU kernel time and the kernel count of the non-graph arms: a single
 layer at these sizes leaves the GPU idle between launches, so wall time without CUDA graphs
 measures launch overhead as much as the layer.
-Target: lattice at most 1.15x the time of sdpa, memory linear in tokens.
+Targets (issue 23): eager at most 1.5x sdpa at 2k and 8k tokens, compiled without CUDA graphs at
+most 1.10x, peak memory per token within 10% of sdpa's (`peak x sdpa`); with CUDA graphs at most
+1.15x (issue 5). The summary says, per target, the worst ratio and whether it is met.
+
+    python benchmarks/lattice_attention.py            # on the GPU: table, then JSON in results/
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ import torch
 from common import parse_args, peak_memory, profiled, report, time_call
 
 from runtime.attention.lattice import LatticeAttention, LatticeConfig
+
+TARGETS = {  # (arm mode, measure): the most `x sdpa` allowed
+    ("eager", "x sdpa"): 1.5,
+    ("compiled", "x sdpa"): 1.10,
+    ("CUDA graphs", "x sdpa"): 1.15,
+    ("eager", "peak x sdpa"): 1.10,
+    ("compiled", "peak x sdpa"): 1.10,
+}
 from runtime.transformer import RotaryEmbedding, SelfAttention, TransformerConfig, attention_layer
 
 
@@ -53,7 +68,10 @@ def arms(plain, latt, rope_plain, rope_latt, cuda: bool):
     )
     for mode, how in modes:
         for rotary in (False, True):
-            for name, module, rope in (("sdpa", plain, rope_plain), ("lattice", latt, rope_latt)):
+            layers = [("sdpa", plain, rope_plain), ("lattice", latt, rope_latt)]
+            if mode == "eager":
+                layers.append(("lattice (reference ops)", latt, rope_latt))
+            for name, module, rope in layers:
                 label = f"{name}{' + rope' if rotary else ''}, {mode}"
                 yield label, module, rope if rotary else None, how
 
@@ -90,9 +108,10 @@ def main() -> None:
         ]
         if tokens <= 2048:
             variants.append(("dense bias, eager", None, None, None))
-        times, kernels = {}, {}
+        times, kernels, peaks = {}, {}, {}
         for label, module, rope, how in variants:
             torch._dynamo.reset()  # every compiled arm starts from a clean cache: no recompile limit
+            latt.fused_region = "reference ops" not in label
             if module is None:
                 fn = lambda: dense_bias_attention(latt, x).sum().backward()  # noqa: E731
             else:
@@ -117,6 +136,8 @@ def main() -> None:
                 }
             )
             kernels[label] = rows[-1]["kernel_ms"]
+            peaks[label] = peak
+        latt.fused_region = True
         for row in rows:
             if row["tokens"] != tokens:
                 continue
@@ -126,6 +147,8 @@ def main() -> None:
             row["x sdpa"] = row["fwd+bwd_ms"] / times[base]
             if row["kernel_ms"] and kernels.get(base):
                 row["kernel x sdpa"] = row["kernel_ms"] / kernels[base]
+            if peaks[row["variant"]] and peaks.get(base):
+                row["peak x sdpa"] = peaks[row["variant"]] / peaks[base]
     summary = {}
     for r in rows:
         if r["variant"].startswith("lattice") or r["variant"].startswith("dense"):
@@ -134,7 +157,28 @@ def main() -> None:
                 summary[f"{r['tokens']} tokens: {r['variant']} kernel time x sdpa"] = round(
                     r["kernel x sdpa"], 3
                 )
+    if cuda:  # the targets are a GPU's; a CPU smoke run only exercises the code
+        summary.update(target_verdicts(rows))
     report("lattice_attention", args, rows, summary)
+
+
+def target_verdicts(rows: list[dict]) -> dict[str, str]:
+    """Per target, the worst ratio of the fused lattice arms (with and without RoPE, every length)
+    and whether it is within the target."""
+    verdicts = {}
+    for (mode, measure), limit in TARGETS.items():
+        ratios = [
+            r[measure]
+            for r in rows
+            if r["variant"].split(", ")[-1] == mode
+            and r["variant"].split(" + ")[0].split(",")[0] == "lattice"
+            and r.get(measure) is not None
+        ]
+        if ratios:
+            worst = max(ratios)
+            verdict = "met" if worst <= limit else "NOT met"
+            verdicts[f"target {mode} {measure} <= {limit}"] = f"{worst:.3f} ({verdict})"
+    return verdicts
 
 
 if __name__ == "__main__":

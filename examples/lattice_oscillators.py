@@ -9,6 +9,9 @@ trains, and writes:
 * `lattice_sync.png`: the order parameter of every layer over training, one panel per dataset;
 * `lattice_phases.png`: each dataset's final phase field, one arrow per head on its lattice cell
   (direction = phase), coloured by phase;
+* `lattice_phases_DATASET.gif`: each dataset's phase field over training, every layer, one frame
+  per recorded step (the phase wave of `epicycle viz --lattice`);
+* `lattice_heads_DATASET.png`: per-head histories of phase, coupling force and attention entropy;
 * `lattice_oscillators.json`: every recorded metric.
 
     pip install -e '.[examples]'
@@ -30,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
+from compiler.tools.viz.lattice import layer_label  # noqa: E402
 from runtime.attention.lattice import lattice_layers, lattice_metrics, lattice_regularisation  # noqa: E402
 
 VOCAB = 16
@@ -105,13 +109,14 @@ def run(name: str, args) -> dict:
         task = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss = task + lattice_regularisation(model, step)
         if record:
-            history.append({"step": step, "loss": task.item(), "layers": lattice_metrics(model)})
+            layers_now = {layer_label(n, model): v for n, v in lattice_metrics(model).items()}
+            history.append({"step": step, "loss": task.item(), "layers": layers_now})
         if step == args.steps:
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    phases = {n: layer.phases()[0].detach().tolist() for n, layer in layers}
+    phases = {layer_label(n, model): layer.phases()[0].detach().tolist() for n, layer in layers}
     return {"history": history, "final_phases": phases}
 
 
@@ -122,7 +127,13 @@ def plot(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from compiler.tools.viz.lattice import draw_order_parameter, draw_phase_field, layer_label
+    from compiler.tools.viz.lattice import (
+        animate_phases,
+        draw_order_parameter,
+        draw_phase_field,
+        head_histories,
+        plot_head_histories,
+    )
 
     paths = []
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.4), sharey=True)
@@ -162,6 +173,12 @@ def plot(results: dict, out: Path) -> list[Path]:
     paths.append(out / "lattice_phases.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+    for name, result in results.items():
+        records = [{"step": h["step"], "lattice": h["layers"]} for h in result["history"]]
+        histories = head_histories(records)
+        shapes = dict.fromkeys(histories, (4, 4))
+        paths.append(animate_phases(histories, shapes, out / f"lattice_phases_{name}.gif", name))
+        paths.append(plot_head_histories(histories, out / f"lattice_heads_{name}.png", name))
     return paths
 
 

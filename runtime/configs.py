@@ -35,6 +35,7 @@ class LatticeConfig:
     range: float = 1.0
     dt: float = 0.1
     substeps: int = 1
+    eval_substeps: int | None = None  # Kuramoto updates in eval mode; None: `substeps`
     strength: float = 1.0
     token_frequency: float = 0.1
     phase_weight: float = 0.0  # training terms (see `lattice_regularisation`)

@@ -159,10 +159,10 @@ class NodeHandle:
                 with torch.no_grad():
                     entry["companion"] = self.module.summary(*observed)
             return entry
-        from runtime.attention.lattice import lattice_layers
+        from runtime.attention.lattice import lattice_layers, layer_report
 
         lattice = {
-            path: _lattice_entry(layer, self.member) for path, layer in lattice_layers(self.module)
+            path: layer_report(layer, self.member) for path, layer in lattice_layers(self.module)
         }
         if lattice:
             entry["lattice"] = lattice
@@ -460,22 +460,6 @@ class GraphModel(nn.Module):
                 f"missing input(s) {missing}; the spec's inputs are {list(self.input_names)}"
             )
         return values
-
-
-@torch.no_grad()
-def _lattice_entry(layer: nn.Module, member: int) -> dict[str, float]:
-    """`lattice_metrics`' numbers for one member of a batched lattice layer."""
-    theta = layer.phases()
-    entry = {
-        "order_parameter": float(layer.order_parameter(theta)[member]),
-        "coupling_force": float(layer.coupling_force(theta)[member].abs().mean()),
-        "incoherence": float(layer.coherence(theta)[member]),
-        "coupling": float(layer.coupling[member].mean()),
-        "range": float(layer.log_range[member].exp().mean()),
-    }
-    if layer.last_entropy is not None and member == 0:  # recorded for the first member only
-        entry["attention_entropy"] = float(layer.last_entropy.mean())
-    return entry
 
 
 def _fractal_entry(module: nn.Module) -> dict[str, Any]:

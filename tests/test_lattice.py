@@ -269,3 +269,60 @@ def test_checkpoints_keep_phases_and_fixed_frequencies(tmp_path):
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "ckpt")).eval()
     ids = torch.randint(0, 40, (2, 16))
     torch.testing.assert_close(loaded(ids)["logits"], model(ids)["logits"], rtol=0, atol=0)
+
+
+def test_evaluation_takes_eval_substeps_kuramoto_updates(tmp_path):
+    """`oscillator.eval_substeps`: more oscillator steps at test time than in training (AKOrN,
+    Miyato et al. 2025); `model.eval()` switches, `model.train()` switches back."""
+    from runtime.attention.lattice import kuramoto_phases
+
+    attention = (
+        "{kind: lattice, lattice: {shape: [2, 2]},"
+        " oscillator: {coupling: 2.0, substeps: 2, eval_substeps: 12}}"
+    )
+    model = compiler.build_model(lattice_spec(tmp_path, attention))
+    layer = layers_of(model)[0]
+
+    def after(steps: int) -> torch.Tensor:
+        tensors = layer.oscillator_tensors()
+        initial, omega, coupling, log_range, _, distance, neighbour = tensors
+        return kuramoto_phases(
+            initial, omega, coupling, log_range, distance, neighbour, 0.1, steps
+        ).detach()
+
+    ids = torch.randint(0, 40, (2, 16))
+    trained = model(ids)["logits"]
+    torch.testing.assert_close(layer.last_phase, after(2))
+    evaluated = model.eval()(ids)["logits"]
+    torch.testing.assert_close(layer.last_phase, after(12))
+    torch.testing.assert_close(layer.phases(), after(12))  # the metrics read the same phases
+    assert not torch.allclose(trained, evaluated)
+    model.train()(ids)
+    torch.testing.assert_close(layer.last_phase, after(2))
+    # unset, evaluation takes the training's substeps
+    plain = compiler.build_model(lattice_spec(tmp_path, LATTICE)).eval()
+    assert layers_of(plain)[0].substeps == 3
+
+
+def test_the_report_gives_every_layer_and_head_as_plain_numbers(tmp_path):
+    """`model.report()`'s lattice entries are what training logs (metrics.jsonl, and one
+    TensorBoard scalar per number: `lattice/body.blocks.0.attn.lattice/heads/phase/3`): the
+    layer's order parameter and the other scalars, and per head its phase, coupling force,
+    frequency, gain and (when recorded) attention entropy."""
+    model = compiler.build_model(lattice_spec(tmp_path, LATTICE, nodes="a b"))
+    for layer in layers_of(model):
+        layer.record_entropy = True
+    model(torch.randint(0, 40, (2, 16)))
+    report = model.report()["nodes"]
+    for node in ("a", "b"):  # one batched group: each node reports its own member
+        for entry in report[node]["lattice"].values():
+            assert 0 <= entry["order_parameter"] <= 1
+            heads = entry["heads"]
+            assert set(heads) >= {"phase", "coupling_force", "frequency", "strength"}
+            assert all(len(values) == 4 for values in heads.values())
+            assert all(-math.pi <= p < math.pi for p in heads["phase"])
+            phases = torch.tensor(heads["phase"])
+            r = torch.polar(torch.ones(4), phases).mean().abs()
+            assert r.item() == pytest.approx(entry["order_parameter"], abs=1e-5)
+    assert "attention_entropy" in report["a"]["lattice"]["blocks.0.attn.lattice"]["heads"]
+    assert report["a"]["lattice"] != report["b"]["lattice"]

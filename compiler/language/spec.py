@@ -186,6 +186,12 @@ class Oscillator(SpecModel):
     substeps: Annotated[Int, Field(ge=1, le=256)] = Field(
         1, description="Kuramoto updates per forward pass."
     )
+    eval_substeps: Annotated[Int, Field(ge=1, le=1024)] | None = Field(
+        None,
+        description="Kuramoto updates per forward pass in evaluation mode (`model.eval()`); unset: "
+        "`substeps`. More oscillator steps at test time than in training can help (AKOrN, Miyato "
+        "et al., ICLR 2025).",
+    )
 
 
 class Regulariser(SpecModel):

@@ -94,6 +94,7 @@ def lattice_config(attention):
         range=float(oscillator.range),
         dt=float(oscillator.dt),
         substeps=oscillator.substeps,
+        eval_substeps=oscillator.eval_substeps,
         strength=float(attention.strength),
         token_frequency=float(attention.token_frequency),
         phase_weight=float(attention.training.phase.weight),

@@ -21,14 +21,24 @@ attention stays one fused `scaled_dot_product_attention` call. The two dimension
 the head's width (content queries and keys are `d_head - 2` wide, values `d_head`), so the kernel
 sees the head width the spec asked for.
 
+In eager mode the small work around the projections (the Kuramoto chain, the phase features, the
+slot layout of the projection's rows: ~200 kernels forward and backward) is one pure function,
+`slot_terms`, which a GPU runs as one compiled region (`fused_slot_terms`); its eager ops are the
+reference the region is tested against. In evaluation mode the chain takes `eval_substeps`
+updates where set (AKOrN, Miyato et al., ICLR 2025: more oscillator steps at test time).
+
 `LatticeAttention` is that attention sub-layer, registered as the `lattice` attention component;
 a `runtime.transformer.Block` builds it like any other attention choice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +65,104 @@ def lattice_distances(cfg: LatticeConfig) -> Tensor:
         near = delta.max(-1).values <= 1
     near &= distance > 0
     return torch.where(near, distance, torch.full_like(distance, math.inf)).float()
+
+
+def coupling_weights(distance: Tensor, neighbour: Tensor, log_range: Tensor) -> Tensor:
+    """`(members, heads, heads)`: `exp(-distance / range)` between neighbours, 0 elsewhere."""
+    return torch.exp(-distance / log_range.exp()) * neighbour
+
+
+def kuramoto_phases(
+    initial_phase: Tensor,
+    omega: Tensor,
+    coupling: Tensor,
+    log_range: Tensor,
+    distance: Tensor,
+    neighbour: Tensor,
+    dt: float,
+    substeps: int,
+) -> Tensor:
+    """`(members, heads)` phases after `substeps` explicit Euler steps of Kuramoto's equation,
+    `theta_h += dt * (omega_h + K/|N(h)| * sum_n w_hn sin(theta_n - theta_h))`: a pure function
+    of the parameters, so the fused region (`fused_slot_terms`) and the metrics share it."""
+    weights = coupling_weights(distance, neighbour, log_range)
+    degree = neighbour.sum(-1).clamp_min(1)
+    theta = initial_phase
+    for _ in range(substeps):
+        pull = (weights * torch.sin(theta[:, None, :] - theta[:, :, None])).sum(-1) / degree
+        theta = theta + dt * (omega + coupling * pull)
+    return theta
+
+
+def phase_features(
+    theta: Tensor,
+    omega: Tensor,
+    strength: Tensor,
+    token_frequency: float,
+    tokens: int,
+    head_width: int,
+) -> tuple[Tensor, Tensor]:
+    """Query and key features `(members, heads, tokens, 2)`: `sqrt(head_width) * strength *
+    (cos, sin)(theta + nu * i)` and `(cos, sin)(nu * j)`, `nu = token_frequency * omega`, whose
+    dot product under SDPA's `1/sqrt(head_width)` is `strength * cos(theta + nu * (i - j))`."""
+    nu = token_frequency * omega
+    position = torch.arange(tokens, device=theta.device, dtype=theta.dtype)
+    key_angle = nu[..., None] * position  # (members, heads, tokens)
+    query_angle = theta[..., None] + key_angle
+    amplitude = (strength * math.sqrt(head_width))[..., None, None]
+    query = torch.stack((query_angle.cos(), query_angle.sin()), -1) * amplitude
+    key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
+    return query, key
+
+
+def slot_terms(
+    weight: Tensor,
+    bias: Tensor | None,
+    oscillators: tuple[Tensor, ...],
+    heads: int,
+    content_width: int,
+    tokens: int,
+    dt: float,
+    substeps: int,
+    token_frequency: float,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Everything a lattice layer computes besides its projections and attention, as one pure
+    function: the query/key projection rows laid out with a zero row at each phase slot, the
+    Kuramoto chain, and the phase pairs `(members, tokens, 2 * heads, 2)` (query heads, then key
+    heads) that go into the slots. `oscillators` is `(initial_phase, omega, coupling, log_range,
+    strength, distance, neighbour)`. Returns `(weight, bias, pairs, theta)`.
+
+    In eager mode these are ~200 small kernels (forward and backward) around three big ones, so
+    on a GPU the layer runs this function compiled (`fused_slot_terms`): one region of a few
+    fused kernels each way. These eager ops are the reference the region is tested against."""
+    initial_phase, omega, coupling, log_range, strength, distance, neighbour = oscillators
+    theta = kuramoto_phases(
+        initial_phase, omega, coupling, log_range, distance, neighbour, dt, substeps
+    )
+    head_width = content_width + PHASE_DIMS
+    query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+    pairs = torch.cat((query, key), 1).transpose(1, 2)  # (members, tokens, 2 * heads, 2)
+    rows = 2 * heads * content_width  # query and key rows; the value rows follow
+    slotted = _with_slots(weight[..., :rows, :], 2 * heads, content_width, dim=-2)
+    weight = torch.cat((slotted, weight[..., rows:, :]), -2)
+    if bias is not None:
+        slotted = _with_slots(bias[..., :rows], 2 * heads, content_width, dim=-1)
+        bias = torch.cat((slotted, bias[..., rows:]), -1)
+    return weight, bias, pairs, theta
+
+
+@functools.cache
+def _compiled_slot_terms():
+    return torch.compile(slot_terms, fullgraph=True)
+
+
+def fused_slot_terms(*args, fused: bool = True, **kwargs):
+    """`slot_terms`, compiled into one region when its tensors are on a GPU and the caller is
+    eager (inside a compiled model it is traced with the rest); the reference ops elsewhere
+    (on the CPU, where a compile per shape costs more than it saves)."""
+    if fused and args[0].is_cuda and not torch.compiler.is_compiling():
+        return _compiled_slot_terms()(*args, **kwargs)
+    return slot_terms(*args, **kwargs)
 
 
 class LatticeOscillators(nn.Module):
@@ -90,18 +198,43 @@ class LatticeOscillators(nn.Module):
         self.last_entropy: Tensor | None = None  # per head, when `record_entropy` is set
         self.record_entropy = False
 
+    def oscillator_tensors(self) -> tuple[Tensor, ...]:
+        """What `slot_terms` reads of this layer, in its order."""
+        return (
+            self.initial_phase,
+            self.omega,
+            self.coupling,
+            self.log_range,
+            self.strength,
+            self.distance,
+            self.neighbour,
+        )
+
     def weights(self) -> Tensor:
         """`(members, heads, heads)` coupling weights `exp(-distance / range)` (0 off the neighbourhood)."""
-        return torch.exp(-self.distance / self.log_range.exp()) * self.neighbour
+        return coupling_weights(self.distance, self.neighbour, self.log_range)
+
+    @property
+    def substeps(self) -> int:
+        """Kuramoto updates this pass takes: `eval_substeps` in eval mode (AKOrN, Miyato et al.
+        2025: more oscillator steps at test time than in training), else `substeps`."""
+        cfg = self.cfg
+        if not self.training and cfg.eval_substeps is not None:
+            return cfg.eval_substeps
+        return cfg.substeps
 
     def phases(self) -> Tensor:
         """`(members, heads)` phases after `substeps` Kuramoto updates from the initial phases."""
-        weights = self.weights()
-        degree = self.neighbour.sum(-1).clamp_min(1)
-        theta = self.initial_phase
-        for _ in range(self.cfg.substeps):
-            pull = (weights * torch.sin(theta[:, None, :] - theta[:, :, None])).sum(-1) / degree
-            theta = theta + self.cfg.dt * (self.omega + self.coupling * pull)
+        theta = kuramoto_phases(
+            self.initial_phase,
+            self.omega,
+            self.coupling,
+            self.log_range,
+            self.distance,
+            self.neighbour,
+            self.cfg.dt,
+            self.substeps,
+        )
         if not torch.compiler.is_compiling():
             self.last_phase = theta.detach()
         return theta
@@ -111,15 +244,11 @@ class LatticeOscillators(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Query and key features `(members, heads, tokens, 2)` whose dot product, under SDPA's
         `1/sqrt(head_width)` scaling, is `strength * cos(theta + nu * (i - j))`."""
-        theta = self.phases()
-        nu = self.cfg.token_frequency * self.omega
-        position = torch.arange(tokens, device=theta.device, dtype=theta.dtype)
-        key_angle = nu[..., None] * position  # (members, heads, tokens)
-        query_angle = theta[..., None] + key_angle
-        amplitude = (self.strength * math.sqrt(head_width))[..., None]
-        query = torch.stack((query_angle.cos(), query_angle.sin()), -1) * amplitude[..., None]
-        key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
-        return query.to(dtype), key.to(dtype)
+        cfg = self.cfg
+        q, k = phase_features(
+            self.phases(), self.omega, self.strength, cfg.token_frequency, tokens, head_width
+        )
+        return q.to(dtype), k.to(dtype)
 
     def order_parameter(self, theta: Tensor | None = None) -> Tensor:
         """Kuramoto's `r = |mean_h exp(i theta_h)|` per member (1: in sync, ~0: incoherent)."""
@@ -189,6 +318,7 @@ class LatticeAttention(nn.Module):
         self.proj = MemberLinear(members, h * hw, width, bias)
         scaled_init_(self.proj, layers)
         self.lattice = LatticeOscillators(layout, members)
+        self.fused_region = True  # False: the reference ops on a GPU too (`fused_slot_terms`)
 
     def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
         *lead, n, _ = x.shape
@@ -205,31 +335,39 @@ class LatticeAttention(nn.Module):
     def _slotted_qkv(self, x: Tensor, rotary: nn.Module | None) -> tuple[Tensor, Tensor, Tensor]:
         """Each query and key head is laid out `[content half, cos slot, content half, sin slot]`:
         the projection's rows get a zero row at each slot, so one matmul writes whole aligned
-        heads, the phase features are added into the slots, and RoPE (whose tables, `padded_to`
-        the head width, leave the slot pair unrotated) turns the content pairs in the same pass.
-        Concatenating two dimensions to `d_head - 2`-wide heads instead (the first version) made
-        every copy of q, k and of their gradients unaligned; a registered rotary component, which
-        knows nothing of slots, takes that path (`_concatenated_qkv`)."""
+        heads, the phase pairs are added into the slots in place (q, k and v stay views of one
+        projection, so the layer holds what plain attention holds), and RoPE (whose tables,
+        `padded_to` the head width, leave the slot pair unrotated) turns the content pairs in
+        the same pass. Concatenating two dimensions to `d_head - 2`-wide heads instead (the
+        first version) made every copy of q, k and of their gradients unaligned; a registered
+        rotary component, which knows nothing of slots, takes that path (`_concatenated_qkv`)."""
         h, hw, cw = self.heads, self.head_width, self.content_width
         n = x.shape[-2]
-        weight, bias = self.qkv.weight, self.qkv.bias
-        rows = 2 * h * cw  # query and key rows; the value rows follow
-        slotted = _with_slots(weight[..., :rows, :], 2 * h, cw, dim=-2, phase=False)
-        weight = torch.cat((slotted, weight[..., rows:, :]), -2)
-        if bias is not None:
-            slotted = _with_slots(bias[..., :rows], 2 * h, cw, dim=-1, phase=False)
-            bias = torch.cat((slotted, bias[..., rows:]), -1)
+        lattice = self.lattice
+        weight, bias, pairs, theta = fused_slot_terms(
+            self.qkv.weight,
+            self.qkv.bias,
+            lattice.oscillator_tensors(),
+            h,
+            cw,
+            n,
+            lattice.cfg.dt,
+            lattice.substeps,
+            lattice.cfg.token_frequency,
+            fused=self.fused_region,
+        )
+        if not torch.compiler.is_compiling():
+            lattice.last_phase = theta.detach()
         if self.members == 1:
             qkv = F.linear(x, weight, bias)
         else:
             qkv = torch.bmm(x.reshape(self.members, -1, x.shape[-1]), weight.transpose(1, 2))
             qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
         qkv = qkv.reshape(self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
-        phase_q, phase_k = self.lattice.phase_features(n, hw, qkv.dtype)  # (members, h, n, 2)
-        phase = torch.cat((phase_q, phase_k), 1).transpose(1, 2).flatten(-2)  # (members, n, 2h*2)
-        phase = _with_slots(phase, 2 * h, cw, dim=-1, phase=True).unflatten(-1, (2 * h, hw))
         qk = qkv[..., : 2 * h, :]
-        qk = (qk if rotary is None else rotary.rotate_token_major(qk)) + phase[:, None]
+        if rotary is not None:
+            qk.copy_(rotary.rotate_token_major(qk))
+        _phase_slots(qk, cw).add_(pairs[:, None])
         q, k = qk.flatten(0, 1).transpose(1, 2).split((h, h), dim=1)  # (members * batch, h, n, hw)
         v = qkv[..., 2 * h :, :].flatten(0, 1).transpose(1, 2)
         return q, k, v
@@ -251,19 +389,24 @@ class LatticeAttention(nn.Module):
         return torch.cat((q, phase_q), -1), torch.cat((k, phase_k), -1), v
 
 
-def _with_slots(values: Tensor, heads: int, content_width: int, dim: int, phase: bool) -> Tensor:
-    """Lay `heads` groups along `dim` of `values` out as lattice heads with two phase slots: each
-    half of a head ends in one slot, `[c_0..c_{m-1}, slot, c_m..c_{2m-1}, slot]`, the layout in
-    which RoPE's halves pair the two slots with each other (an odd content width puts both at
-    the end). Groups hold `content_width` content entries (zeros go in the slots) or, with
-    `phase`, the two phase entries (cos, sin), zeros going everywhere else."""
+def _with_slots(values: Tensor, heads: int, content_width: int, dim: int) -> Tensor:
+    """Lay `heads` groups of `content_width` entries along `dim` of `values` out as lattice heads
+    with a zero at each of the two phase slots: each half of a head ends in one slot,
+    `[c_0..c_{m-1}, slot, c_m..c_{2m-1}, slot]`, the layout in which RoPE's halves pair the two
+    slots with each other (an odd content width puts both at the end)."""
     x = values.movedim(dim, -1).unflatten(-1, (heads, -1))
     if content_width % 2 == 0:
-        x = x.unflatten(-1, (2, -1))  # content (2, m) or phase (2, 1)
-        x = F.pad(x, (content_width // 2, 0) if phase else (0, 1)).flatten(-2)
+        x = F.pad(x.unflatten(-1, (2, -1)), (0, 1)).flatten(-2)
     else:
-        x = F.pad(x, (content_width, 0) if phase else (0, PHASE_DIMS))
+        x = F.pad(x, (0, PHASE_DIMS))
     return x.flatten(-2).movedim(-1, dim)
+
+
+def _phase_slots(heads: Tensor, content_width: int) -> Tensor:
+    """The `(..., 2)` view of the (cos, sin) slots of lattice heads laid out by `_with_slots`."""
+    if content_width % 2 == 0:
+        return heads.unflatten(-1, (2, -1))[..., -1]
+    return heads[..., content_width:]
 
 
 @torch.no_grad()
@@ -308,23 +451,65 @@ def lattice_regularisation(model: nn.Module, step: int) -> Tensor:
     return total
 
 
+@contextlib.contextmanager
+def phase_term_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The lattice-off ablation (the `lot` project's): inside the block every lattice layer's
+    phase-term gain `strength` is 0, so heads attend by content alone with the same weights;
+    the gains come back on leaving it."""
+    layers = [layer for _, layer in lattice_layers(model)]
+    saved = [layer.strength.detach().clone() for layer in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.strength.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, strength in zip(layers, saved, strict=True):
+                layer.strength.copy_(strength)
+
+
 @torch.no_grad()
-def lattice_metrics(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per lattice layer: Kuramoto order parameter, mean |coupling force|, spatial incoherence, and
-    the attention entropy (nats, mean over heads) recorded by the layer's last forward pass."""
-    metrics = {}
-    for name, layer in lattice_layers(model):
-        theta = layer.phases()
-        metrics[name] = {
-            "order_parameter": float(layer.order_parameter(theta).mean()),
-            "coupling_force": float(layer.coupling_force(theta).abs().mean()),
-            "incoherence": float(layer.coherence(theta).mean()),
-            "coupling": float(layer.coupling.mean()),
-            "range": float(layer.log_range.exp().mean()),
-        }
-        if layer.last_entropy is not None:
-            metrics[name]["attention_entropy"] = float(layer.last_entropy.mean())
-    return metrics
+def layer_report(layer: LatticeOscillators, member: int | None = None) -> dict[str, Any]:
+    """One lattice layer's numbers, as `GraphModel.report()` gives them (and so metrics.jsonl and
+    TensorBoard, one scalar per number): the Kuramoto order parameter, mean |coupling force|,
+    spatial incoherence, coupling, range and (after a pass with `record_entropy` set) the mean
+    attention entropy; and `heads`, per head: phase (wrapped to [-pi, pi)), coupling force,
+    intrinsic frequency, phase-term gain and attention entropy. `member`: one member of a batched
+    layer; None: the scalars averaged over members (per-head values only for a single member)."""
+    theta = layer.phases()
+    force = layer.coupling_force(theta)
+    scalars = {
+        "order_parameter": layer.order_parameter(theta),
+        "coupling_force": force.abs().mean(-1),
+        "incoherence": layer.coherence(theta),
+        "coupling": layer.coupling.mean(-1),
+        "range": layer.log_range.exp().flatten(1).mean(-1),
+    }
+    pick = (lambda v: v.mean()) if member is None else (lambda v: v[member])
+    entry: dict[str, Any] = {name: float(pick(value)) for name, value in scalars.items()}
+    entropy = layer.last_entropy  # recorded for the first member only
+    if entropy is not None and member in (None, 0):
+        entry["attention_entropy"] = float(entropy.mean())
+    if member is None and theta.shape[0] > 1:
+        return entry
+    m = member or 0
+    wrapped = torch.remainder(theta[m] + math.pi, 2 * math.pi) - math.pi
+    heads = {
+        "phase": wrapped,
+        "coupling_force": force[m],
+        "frequency": layer.omega[m],
+        "strength": layer.strength[m],
+    }
+    if entropy is not None and m == 0:
+        heads["attention_entropy"] = entropy
+    entry["heads"] = {name: [float(v) for v in values] for name, values in heads.items()}
+    return entry
+
+
+def lattice_metrics(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """`layer_report` of every lattice layer of `model` (members averaged), by module path."""
+    return {name: layer_report(layer) for name, layer in lattice_layers(model)}
 
 
 def _meta() -> bool:

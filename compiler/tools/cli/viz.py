@@ -102,3 +102,8 @@ def _viz_lattice(checkpoint: Path, output: Path | None) -> None:
         out.print(f"wrote {plots.order}", markup=False)
     else:
         err.print(f"epicycle: no order-parameter plot: {plots.note}", markup=False)
+    for extra in (plots.animation, plots.heads):
+        if extra is not None:
+            out.print(f"wrote {extra}", markup=False)
+    if plots.heads_note is not None:
+        err.print(f"epicycle: no phase animation: {plots.heads_note}", markup=False)

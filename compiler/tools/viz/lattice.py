@@ -10,8 +10,14 @@
   `GraphModel.report()`; the module names of `runtime.attention.lattice.lattice_metrics`,
   `federation.transformers.G.blocks.I...`, are read too).
 
-`draw_phase_field` and `draw_order_parameter` draw onto a matplotlib axis, so
-`examples/lattice_oscillators.py` composes its multi-dataset figures from the same code.
+* `lattice_phases.gif`: the phase field of every layer over training, one frame per logged step
+  (matplotlib's PillowWriter), from the per-head phases `GraphModel.report()` gives and training
+  logs (`lattice` -> layer -> `heads` -> `phase`);
+* `lattice_heads.png`: per-head histories over training: phase (unwrapped), coupling force and,
+  where recorded, attention entropy, one panel per quantity and layer.
+
+`draw_phase_field`, `draw_order_parameter`, `draw_head_histories` and `draw_delimiter_wave` draw
+onto a matplotlib axis, so the examples compose their figures from the same code.
 """
 
 from __future__ import annotations
@@ -28,6 +34,14 @@ METRICS = "metrics.jsonl"
 METRICS_LIMIT = 1 << 30  # a line per logged step: a long run's file is megabytes, never this
 PHASES_PNG = "lattice_phases.png"
 ORDER_PNG = "lattice_order.png"
+ANIMATION_GIF = "lattice_phases.gif"
+HEADS_PNG = "lattice_heads.png"
+HEAD_QUANTITIES = {  # per-head histories: report key -> axis label
+    "phase": "phase (rad, unwrapped)",
+    "coupling_force": "coupling force",
+    "attention_entropy": "attention entropy (nats)",
+}
+MAX_FRAMES = 120
 _LAYER = re.compile(r"^federation\.transformers\.(\d+)\.blocks\.(\d+)\.")  # lattice_metrics'
 _NODE_LAYER = re.compile(r"^(.+?)\.blocks\.(\d+)\.")  # training's `NODE.blocks.I.attn.lattice`
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -218,10 +232,162 @@ def plot_order_parameter(
 
 
 @dataclass(frozen=True)
+class HeadHistory:
+    """One layer's per-head values over training: `values[quantity][t][h]` at `steps[t]`."""
+
+    steps: tuple[int, ...]
+    values: dict[str, tuple[tuple[float, ...], ...]]
+
+
+def head_histories(records: list[dict], label=lambda name: name) -> dict[str, HeadHistory]:
+    """layer -> its per-head history, from records whose `lattice` entries carry `heads` (a
+    quantity missing at some step, such as an unrecorded attention entropy, is left out)."""
+    found: dict[str, tuple[list[int], dict[str, list]]] = {}
+    for record in records:
+        lattice, step = record.get("lattice"), record.get("step")
+        if not isinstance(lattice, dict) or not isinstance(step, (int, float)):
+            continue
+        for name, values in lattice.items():
+            heads = values.get("heads") if isinstance(values, dict) else None
+            if not isinstance(heads, dict) or not _numbers(heads.get("phase")):
+                continue
+            steps, quantities = found.setdefault(label(name), ([], {}))
+            steps.append(int(step))
+            for quantity in HEAD_QUANTITIES:
+                if _numbers(heads.get(quantity)):
+                    quantities.setdefault(quantity, []).append((len(steps) - 1, heads[quantity]))
+    histories = {}
+    for name, (steps, quantities) in found.items():
+        complete = {
+            q: tuple(tuple(float(v) for v in row) for _, row in rows)
+            for q, rows in quantities.items()
+            if len(rows) == len(steps)
+        }
+        histories[name] = HeadHistory(tuple(steps), complete)
+    return histories
+
+
+def draw_head_histories(ax, steps, rows, ylabel: str, unwrap: bool = False) -> None:
+    """One line per head of `rows[t][h]` against the step."""
+    import numpy as np
+
+    values = np.asarray(rows, dtype=float)
+    if unwrap:
+        values = np.unwrap(values, axis=0)
+    for head in range(values.shape[1]):
+        ax.plot(steps, values[:, head], lw=1, label=f"head {head}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def plot_head_histories(histories: dict[str, HeadHistory], path: str | Path, title: str = ""):
+    plt = _pyplot()
+    quantities = [q for q in HEAD_QUANTITIES if any(q in h.values for h in histories.values())]
+    fig, axes = plt.subplots(
+        len(quantities),
+        len(histories),
+        figsize=(4.2 * len(histories), 2.8 * len(quantities)),
+        squeeze=False,
+    )
+    for col, (layer, history) in enumerate(histories.items()):
+        for row, quantity in enumerate(quantities):
+            ax = axes[row][col]
+            if quantity not in history.values:
+                ax.axis("off")
+                continue
+            rows = history.values[quantity]
+            draw_head_histories(
+                ax, history.steps, rows, HEAD_QUANTITIES[quantity], unwrap=quantity == "phase"
+            )
+            if row == 0:
+                ax.set_title(layer, fontsize=9)
+    if len(axes[0][0].get_lines()) <= 16:
+        axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{title}: per-head histories" if title else "per-head histories")
+    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def animate_phases(
+    histories: dict[str, HeadHistory],
+    shapes: dict[str, tuple[int, ...]],
+    path: str | Path,
+    title: str = "",
+    fps: int = 6,
+) -> Path:
+    """A GIF of every layer's phase field over training (at most `MAX_FRAMES` frames, evenly
+    spaced over the logged steps): the phase wave an arrow per head on its lattice cell."""
+    plt = _pyplot()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    layers = list(histories)
+    frames = min(len(h.steps) for h in histories.values())
+    picked = sorted({round(i * (frames - 1) / max(MAX_FRAMES - 1, 1)) for i in range(MAX_FRAMES)})
+    picked = [i for i in picked if i < frames]
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.6 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+
+    def draw(frame: int):
+        for ax, layer in zip(axes.flat, layers, strict=False):
+            ax.clear()
+            phases = histories[layer].values["phase"][frame]
+            shape = shapes.get(layer, (len(phases),))
+            r = math.hypot(sum(map(math.cos, phases)), sum(map(math.sin, phases))) / len(phases)
+            draw_phase_field(ax, shape, phases, f"{layer}: r = {r:.2f}")
+        step = histories[layers[0]].steps[frame]
+        fig.suptitle(f"{title + ': ' if title else ''}lattice phases, step {step}")
+        return []
+
+    animation = FuncAnimation(fig, draw, frames=picked, blit=False)
+    save = lambda path: animation.save(path, writer=PillowWriter(fps=fps))  # noqa: E731
+    return _save(plt, fig, path, save)
+
+
+def phase_term_wave(
+    phases, frequencies, strengths, token_frequency: float, query: int
+) -> list[list[float]]:
+    """Per head, the phase term the query at position `query` adds to the score of each key
+    `j <= query` (causal): `strength_h * cos(theta_h + token_frequency * omega_h * (query - j))`."""
+    return [
+        [s * math.cos(p + token_frequency * f * (query - j)) for j in range(query + 1)]
+        for p, f, s in zip(phases, frequencies, strengths, strict=True)
+    ]
+
+
+def draw_delimiter_wave(ax, waves: list[list[float]], delimiter: int, title: str = "") -> None:
+    """The phase term of the delimiter's query over the keys before it, one line per head: the
+    wave each head lays over the sequence it is about to reverse."""
+    offsets = [j - delimiter for j in range(delimiter + 1)]
+    for head, wave in enumerate(waves):
+        ax.plot(offsets, wave, lw=1.2, label=f"head {head}")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("key position - delimiter position")
+    ax.set_ylabel("phase term added to the score")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _numbers(values) -> bool:
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    )
+
+
+@dataclass(frozen=True)
 class LatticePlots:
     phases: Path
     order: Path | None
     note: str | None  # why there is no order-parameter plot
+    animation: Path | None = None  # the phases over training, from per-head metrics
+    heads: Path | None = None
+    heads_note: str | None = None  # why there is no animation or per-head plot
 
 
 def plot_checkpoint(directory: str | Path, out: str | Path | None = None) -> LatticePlots:
@@ -251,10 +417,19 @@ def plot_checkpoint(directory: str | Path, out: str | Path | None = None) -> Lat
             None,
             f"no {metrics}: the order-parameter plot needs the metrics a training run writes there",
         )
-    series = order_parameter_series(read_metrics(metrics), lambda n: layer_label(n, model))
+    records = read_metrics(metrics)
+    series = order_parameter_series(records, lambda n: layer_label(n, model))
     if not series:
         return LatticePlots(phases, None, f"{metrics} holds no `lattice` order parameters")
-    return LatticePlots(phases, plot_order_parameter(series, out / ORDER_PNG, name), None)
+    order = plot_order_parameter(series, out / ORDER_PNG, name)
+    histories = head_histories(records, lambda n: layer_label(n, model))
+    if not histories or max(len(h.steps) for h in histories.values()) < 2:
+        note = f"{metrics} holds per-head phases at fewer than two steps"
+        return LatticePlots(phases, order, None, heads_note=note)
+    shapes = {layer_label(f"{f.node}.{f.layer}"): f.shape for f in fields}
+    animation = animate_phases(histories, shapes, out / ANIMATION_GIF, name)
+    heads = plot_head_histories(histories, out / HEADS_PNG, name)
+    return LatticePlots(phases, order, None, animation, heads)
 
 
 def _pyplot():
@@ -268,16 +443,14 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
-    """Written all or nothing, by the output-path rule (`compiler.tools.outputs`); the bounding
-    box is the drawing's own, so tick labels and titles past the axes are never cut off."""
+def _save(plt, fig, path: str | Path, save=None) -> Path:
+    """Write `fig` (or, with `save`, what `save(path)` writes of it) and close it, all or nothing
+    by the output-path rule (`compiler.tools.outputs`); the bounding box is the drawing's own, so
+    tick labels and titles past the axes are never cut off."""
     from compiler.tools.outputs import write_with
 
+    default = lambda staged: fig.savefig(staged, dpi=130, bbox_inches="tight", pad_inches=0.15)  # noqa: E731
     try:
-        return write_with(
-            path,
-            lambda staged: fig.savefig(staged, dpi=130, bbox_inches="tight", pad_inches=0.15),
-            "--out",
-        )
+        return write_with(path, save or default, "--out")
     finally:
         plt.close(fig)
