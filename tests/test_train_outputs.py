@@ -339,3 +339,61 @@ def test_a_set_loss_for_a_missing_output_is_located_on_the_command_line(write_sp
     assert "--set:2:15: error: `train.losses` names `logit`" in result.stderr
     assert "did you mean `logits`?" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+CORRECTED_LOOP = """
+spec: 1
+name: corrected
+inputs:
+  tokens: {kind: tokens, vocab: 12, context: 8}
+nodes:
+  reader: {kind: transformer, width: 16, heads: 2, layers: 1}
+  refiner: {kind: transformer, width: 16, heads: 2, layers: 1}
+edges:
+  - {from: reader, to: refiner}
+  - {from: refiner, to: reader, kind: feedback, delay: 1}
+feedback: {mode: equilibrium, steps: 12, tolerance: 1.0e-6, correction: {states: 2, decay: 0.5}}
+outputs:
+  label: {from: refiner, kind: classification, classes: 3}
+train: {steps: 2, batch: 4, eval_every: 2}
+"""
+
+
+def test_fixed_point_correction_adds_the_task_loss_at_states_along_the_solve(write_spec, tmp_path):
+    """`feedback.correction` scores the outputs at states along the solve with the output losses,
+    so `epicycle train` passes them to the model's training terms: the auxiliary loss is that."""
+    spec = write_spec(CORRECTED_LOOP)
+    data = classifier_data(tmp_path / "parity.npz")
+    result = cli(spec, "--data", data, "--out", tmp_path / "run", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    first = records(tmp_path / "run")[0]
+    # two supervised states, weighted 0.5^0 and 0.5^1, each scored near a fresh model's task loss
+    assert 0.5 * first["loss"] < first["auxiliary_loss"] < 3 * first["loss"]
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(
+    write_spec, text, tmp_path
+):
+    """`--batch 1000000` allocated for a minute and died in the allocator; now `train` refuses it
+    at once, on the command line, with the estimate, the machine's memory and a batch that fits."""
+    run = tmp_path / "run"
+    result = cli(
+        write_spec(TINY_LM), "--data", text, "--out", run, "--batch", 1_000_000,
+        "--set", "inputs.tokens.context=2048",  # about 6 TiB of activations
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "command line: --batch:1:1: error: a training step needs about" in result.output
+    assert "a batch of at most" in result.output
+    assert not run.exists()
+
+
+def test_a_command_line_value_outside_the_specs_bounds_is_located_at_its_option(
+    write_spec, tmp_path
+):
+    spec = write_spec(CLASSIFIER)
+    data = classifier_data(tmp_path / "parity.npz")
+    result = cli(spec, "--data", data, "--out", tmp_path / "run", "--batch", 100_000_000)
+    assert result.exit_code == 1, result.output
+    assert "command line: --batch:1:1: error: --batch 100000000: input should be less than" in (
+        result.output
+    )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from compiler.passes.check_capabilities import require
+from compiler.tools.training.memory import check_training_memory
 from compiler.tools.training.metrics import (
     LOSS_CURVE,
     append_metric,
@@ -47,6 +48,8 @@ if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs i
     from compiler.ir import IR
 
 log = logging.getLogger(__name__)
+
+ACTIVATIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # by `--precision`
 
 
 def train(
@@ -107,6 +110,17 @@ def train(
                 )
             ]
         )
+    check_training_memory(  # refused with the estimate before a weight is allocated
+        ir,
+        batch=settings.batch,
+        context=task.context,
+        precision="float32",  # autocast keeps float32 weights, gradients and optimizer state
+        activation_precision=ACTIVATIONS[machine.precision],
+        device=str(processes.device),
+        world=processes.world,
+        sharded=processes.strategy == "fsdp",
+        batch_span=Span("command line: --batch", 1, 1) if overrides.get("batch") else None,
+    )
     if processes.strategy == "fsdp":  # what the spec's parts say they support, asked first
         require(
             ir,

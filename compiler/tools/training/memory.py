@@ -82,10 +82,16 @@ def estimate_training_memory(
     precision: str = "float32",
     world: int = 1,
     sharded: bool = False,
+    activation_precision: str | None = None,
 ) -> TrainingMemory:
-    """A training step of `batch` sequences (over all `world` devices) of `context` tokens."""
-    if precision not in BYTES:
-        raise ValueError(f"precision must be one of {', '.join(BYTES)}, got {precision!r}")
+    """A training step of `batch` sequences (over all `world` devices) of `context` tokens, with
+    weights, gradients and optimizer state at `precision` and activations at
+    `activation_precision` (default the same; under autocast the weights stay float32 and the
+    activations are mostly 16-bit)."""
+    activation_precision = activation_precision or precision
+    for given in (precision, activation_precision):
+        if given not in BYTES:
+            raise ValueError(f"precision must be one of {', '.join(BYTES)}, got {given!r}")
     element = BYTES[precision]
     per_device = -(-batch // world)
     parameters = ir.facts.parameters
@@ -96,7 +102,7 @@ def estimate_training_memory(
         weights=held * element,
         gradients=held * element,
         optimizer=moments * held * element,
-        activations=values * element,
+        activations=values * BYTES[activation_precision],
         parameters=parameters,
         batch=per_device,
         context=context,
@@ -192,11 +198,18 @@ def check_training_memory(
     world: int = 1,
     sharded: bool = False,
     batch_span: Span | None = None,
+    activation_precision: str | None = None,
 ) -> TrainingMemory:
     """Refuse a step that cannot fit, before allocating: a `SpecError` at `batch_span` (where the
     batch was chosen; default the spec's `train.batch`) with the estimate and the memory."""
     need = estimate_training_memory(
-        ir, batch=batch, context=context, precision=precision, world=world, sharded=sharded
+        ir,
+        batch=batch,
+        context=context,
+        precision=precision,
+        world=world,
+        sharded=sharded,
+        activation_precision=activation_precision,
     )
     have, source = available_memory(device)
     if have is None or need.total <= have:

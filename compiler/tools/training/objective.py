@@ -125,9 +125,22 @@ def training_loss_class():
             weighted = sum(
                 o.weight * loss for o, loss in zip(self.task.outputs, losses, strict=True)
             )
-            auxiliary = self.model.auxiliary_loss(step)
+            auxiliary = self.model.auxiliary_loss(step, task_loss=self.weighted_plain(targets))
             each = torch.stack([*(loss.float() for loss in losses), auxiliary.float()])
             return weighted + auxiliary, each
+
+        def weighted_plain(self, targets: dict[str, Tensor]):
+            """The weighted task loss of an outputs dict, as `feedback.correction` scores the
+            outputs at the supervised states along the equilibrium solve."""
+
+            def task_loss(outputs: dict[str, Tensor]) -> Tensor:
+                return sum(
+                    o.weight * output_loss(o, outputs[o.name], targets[o.name])
+                    for o in self.task.outputs
+                    if o.name in outputs
+                )
+
+            return task_loss
 
     return TrainingLoss
 

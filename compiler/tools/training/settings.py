@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from compiler.language.diagnostics import SpecError
+from compiler.language.diagnostics import Diagnostic, Span, SpecError
 
 if TYPE_CHECKING:
     from compiler.ir import IR
@@ -167,9 +167,22 @@ def configure_matmuls(machine: Machine) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def _option_error(error: dict) -> Diagnostic:
+    """A pydantic error of a `train` field set from the command line, located at its option."""
+    field = str(error["loc"][0]) if error["loc"] else "train"
+    option = "--lr" if field == "optimizer" else "--" + field.replace("_", "-")
+    return Diagnostic(
+        Span(f"command line: {option}", 1, 1),
+        f"{option} {error['input']!r}: {error['msg'][0].lower()}{error['msg'][1:]}",
+        f"give {option} a value the spec's `train.{field}` accepts (docs/spec.md)",
+    )
+
+
 def effective_train(ir: IR, **overrides: Any) -> Any:
     """The spec's `train:` section with command-line values (those not None) put over it; `lr`
     replaces the optimizer's learning rate."""
+    from pydantic import ValidationError
+
     from compiler.components import AdamW
     from compiler.language.spec import Train
 
@@ -179,7 +192,10 @@ def effective_train(ir: IR, **overrides: Any) -> Any:
     if lr is not None:
         optimizer = train.optimizer if train.optimizer is not None else AdamW()
         values["optimizer"] = optimizer.model_copy(update={"lr": float(lr)})
-    train = Train.model_validate({**dict(train), **values})
+    try:
+        train = Train.model_validate({**dict(train), **values})
+    except ValidationError as exc:  # a command-line value outside the schema's bounds
+        raise SpecError([_option_error(error) for error in exc.errors()]) from None
     schedule = train.schedule
     warmup = getattr(schedule, "warmup", 0)
     if warmup > train.steps:
