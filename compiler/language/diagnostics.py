@@ -104,5 +104,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The nearest known name to a misspelt one, for help lines."""
     import difflib
 
-    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    word = str(word)
+
+    def comparable(choice: str) -> bool:
+        """A much shorter or longer name is another word, however many letters it shares (`time`
+        is not what `optimizer` meant, though difflib scores them 0.62), unless one holds the
+        other (`tanh` for `gelu_tanh`)."""
+        if word in choice or choice in word:
+            return True
+        return abs(len(choice) - len(word)) * 2 <= max(len(choice), len(word))
+
+    near = [str(c) for c in choices if comparable(str(c))]
+    matches = difflib.get_close_matches(word, near, n=1, cutoff=0.6)
     return matches[0] if matches else None
