@@ -311,13 +311,26 @@ class _StoredModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class StoredTokenizer(_StoredModel):
+    """The tokenizer file a text was read through, by digest."""
+
+    file: StrictStr
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    tokens: Annotated[StrictInt, Field(ge=0)]
+
+
 class StoredData(_StoredModel):
-    """Which text the run read, and how far."""
+    """Which data the run read (`TrainingData.state()`: its format, and the vocabulary, tokenizer,
+    token dtype or array mapping it was read with), and how far."""
 
     file: StrictStr
     sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
     position: Annotated[StrictInt, Field(ge=0)]
-    train_characters: Annotated[StrictInt, Field(ge=0)]
+    format: StrictStr
+    vocabulary: Annotated[StrictStr, Field(min_length=1)] | None = None
+    tokenizer: StoredTokenizer | None = None
+    dtype: StrictStr | None = None
+    arrays: dict[StrictStr, StrictStr] | None = None
 
 
 class StoredRng(_StoredModel):
@@ -372,7 +385,7 @@ class StoredTrainingState(_StoredModel):
     """The JSON of a training state (`TrainingState.state`) as `epicycle train` writes it: read
     through this model, a field of the wrong type is a clear refusal instead of a crash later."""
 
-    vocabulary: Annotated[StrictStr, Field(min_length=1)]
+    vocabulary: Annotated[StrictStr, Field(min_length=1)] | None = None  # a character text's
     data: StoredData
     settings: dict[str, Any]
     rng: StoredRng
