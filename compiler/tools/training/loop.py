@@ -4,7 +4,8 @@ output kind, with periodic validation, checkpoints and metrics records.
 On a GPU it runs the way a loop written by hand for speed does: bf16 autocast by default (fp16
 with a gradient scaler, or fp32 with TF32 matmuls, on request), fused AdamW, batches pinned and
 copied without blocking, and no host synchronisation in a step: losses add up on the device and
-are read once per log interval. `--compile` runs the objective through `torch.compile`."""
+are read once per log interval. `--compile` runs the objective through `torch.compile`. A spec
+with a time axis trains chunk by chunk, one optimizer step per chunk (`tbptt.py`)."""
 
 from __future__ import annotations
 
@@ -193,8 +194,8 @@ def train(
                     total, each = step_fn(inputs, targets, step)
                 tokens_done += settings.batch * task.context
             else:
-                inputs, targets, state = chunks.at(step, model)
-                with _autocast(machine):
+                with _autocast(machine):  # a state rebuilt on resuming runs as training did
+                    inputs, targets, state = chunks.at(step, model)
                     total, each, state = step_fn(inputs, targets, step, state)
                 chunks.carry(step, state)
                 first = next(iter(inputs.values()))  # (rank's batch, chunk, tokens, ...)
