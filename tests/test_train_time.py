@@ -173,3 +173,26 @@ def test_compile_is_refused_on_a_time_axis(write_spec, tmp_path):
     )
     assert result.exit_code == 2
     assert "--compile: this spec declares a time axis" in result.output
+
+
+def test_token_sequences_predict_their_next_ids_and_a_class_per_time_step(write_spec, tmp_path):
+    spec = (
+        ORBIT.replace(
+            "{kind: features, width: 3, context: 8}", "{kind: tokens, vocab: 11, context: 8}"
+        )
+        .replace(
+            "longitude: {from: [sun, moon], kind: regression, width: 2}",
+            "next: {from: moon, kind: lm_head}\n  phase: {from: sun, kind: classification, classes: 3}",
+        )
+        .replace("steps: 6", "steps: 2")
+        .replace("eval_every: 3", "eval_every: 2")
+    )
+    generator = np.random.default_rng(0)
+    data = tmp_path / "ids.npz"  # ids hold one more token per step: the next ids are predicted
+    np.savez(
+        data, date=generator.integers(0, 11, (20, 5, 4)), phase=generator.integers(0, 3, (20, 5))
+    )
+    result = cli(write_spec(spec), "--data", data, "--out", tmp_path / "run", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record["losses"]) == {"next", "phase"} and np.isfinite(record["val_loss"])
