@@ -134,7 +134,7 @@ def salvage(
     withheld = set(removed) | set(meant)
     values: dict[str, Any] = {}
     try:
-        for name in ("spec", "name", "seed", "defaults", "feedback", "train"):
+        for name in ("spec", "name", "seed", "defaults", "feedback", "time", "train"):
             if name == "defaults" and isinstance(kept.get(name), dict):
                 kept[name] = _pruned(kept[name], removed, (name,))
             if name in kept:

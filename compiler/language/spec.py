@@ -701,6 +701,16 @@ class TrainData(SpecModel):
         return self
 
 
+class Tbptt(SpecModel):
+    """Truncated backpropagation through time: how `epicycle train` cuts a time axis into chunks."""
+
+    chunk: Annotated[Int, Field(ge=1, le=1 << 16)] = Field(
+        description="Time steps per chunk. Each chunk is one optimizer step: its per-step outputs "
+        "are scored against its targets and backpropagated, then the state is carried, detached, "
+        "into the next chunk; a sequence of T steps takes ceil(T / chunk) steps."
+    )
+
+
 class Train(SpecModel):
     """How the model is trained: `compiler.tools.training.build_optimizer(model)` reads this section."""
 
@@ -741,6 +751,12 @@ class Train(SpecModel):
     )
     data: TrainData | None = Field(
         None, description="`epicycle train`: the data file; default: `--data`."
+    )
+    tbptt: Tbptt | None = Field(
+        None,
+        description="`epicycle train` on a spec with a time axis (`time:`): truncated "
+        "backpropagation through time over chunks of this many steps; default: the whole "
+        "sequence is one chunk. Refused on a spec without `time:`.",
     )
 
 

@@ -16,6 +16,15 @@ def check_training(ir: IR) -> list[Diagnostic]:
     train = ir.spec.train
     schedule = train.schedule
     found: list[Diagnostic] = check_losses(ir)
+    if train.tbptt is not None and ir.spec.time is None:
+        found.append(
+            ir.error(
+                ("train", "tbptt"),
+                "`train.tbptt` cuts a time axis into chunks, and this spec declares none",
+                "add `time: {}` (the graph then steps through time), or remove `tbptt`",
+                key=True,
+            )
+        )
     if schedule is None or schedule.kind != "warmup_cosine":
         return found
     where = ("train", "schedule")

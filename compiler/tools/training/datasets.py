@@ -209,6 +209,14 @@ def _stream_ports(ports: Ports, chosen: str, shown: str) -> tuple[InputPort, tup
     what = "a text" if chosen == "text" else "a token array"
     inputs = ", ".join(f"`{p.name}` ({p.kind})" for p in ports.inputs)
     outputs = ", ".join(f"`{t.name}` ({t.kind})" for t in ports.targets)
+    if ports.time:
+        raise refuse(
+            shown,
+            f"{what} is one stream of tokens; this spec declares a time axis (`time:`), so its "
+            "inputs and targets are arrays of shape (examples, time, tokens[, width])",
+            "give the data as arrays named after the spec's inputs and outputs, in an .npz or "
+            ".safetensors file (see the README's `A time axis`)",
+        )
     fits = (
         len(ports.inputs) == 1
         and ports.inputs[0].kind == "tokens"
@@ -381,6 +389,14 @@ def _load_examples(source: DataSource, chosen: str, ports: Ports, val_fraction: 
     limit = CSV_LIMIT if chosen == "csv" else ARRAYS_LIMIT
     raw = read_data_file(shown, limit=limit)
     digest = hashlib.sha256(raw).hexdigest()
+    if ports.time and chosen in ("csv", "parquet"):
+        raise refuse(
+            shown,
+            f"this spec declares a time axis (`time:`), and {chosen} columns hold one token axis "
+            "per example, not a time axis beside it",
+            "give the data as arrays of shape (examples, time, tokens[, width]) in an .npz or "
+            ".safetensors file",
+        )
     if chosen in ("csv", "parquet"):
         reader = read_csv if chosen == "csv" else read_parquet
         table = reader(raw, shown, _port_kinds(ports, source.arrays))
@@ -436,10 +452,11 @@ def _port_arrays(ports: Ports, mapping: dict[str, str], table: Table, shown: str
     """Each port's array, checked (shape, dtype, finite values, ids in range) and, for a
     next-token target with no array, cut from its input: `ids[:, :-1]` in, `ids[:, 1:]` out."""
     shifted = {t.over for t in ports.targets if t.kind == "next_token" and t.name not in mapping}
-    inputs, targets, lengths = {}, {}, {}
+    inputs, targets, lengths, steps = {}, {}, {}, {}
+    time = ports.time
     for port in ports.inputs:
         name = mapping[port.name]
-        array = _checked_input(port, name, table, port.name in shifted)
+        array = _checked_input(port, name, table, port.name in shifted, time)
         if port.name in shifted:
             for target in ports.targets:
                 if (
@@ -447,117 +464,153 @@ def _port_arrays(ports: Ports, mapping: dict[str, str], table: Table, shown: str
                     and target.name not in mapping
                     and target.over == port.name
                 ):
-                    targets[target.name] = array[:, 1:]
-            array = array[:, :-1]
+                    targets[target.name] = array[..., 1:]  # token ids: tokens are the last axis
+            array = array[..., :-1]
         inputs[port.name] = array
-        if array.ndim >= 2:
-            lengths[name] = array.shape[1]
+        _note_axes(array, name, lengths, steps, time)
     for target in ports.targets:
         if target.name in targets:
             continue
         name = mapping[target.name]
         targets[target.name] = array = _checked_target(target, name, table, ports)
-        if array.ndim >= 2:
-            lengths[name] = array.shape[1]
+        _note_axes(array, name, lengths, steps, time)
     counts = {mapping.get(n, n): len(a) for n, a in {**inputs, **targets}.items()}
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"`{n}` {c}" for n, c in counts.items())
-        raise refuse(
-            shown,
-            f"the arrays hold different numbers of examples: {listed}",
-            "every array's first axis is the examples: give each the same number",
-        )
-    if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"`{n}` {t}" for n, t in lengths.items())
-        raise refuse(
-            shown,
-            f"the per-token arrays have different numbers of tokens: {listed}",
-            "the model reads every input and predicts every output at the same tokens"
-            + (
-                " (a tokens input whose next ids are predicted holds one more token)"
-                if shifted
-                else ""
-            ),
-        )
+    _refuse_unequal(
+        shown,
+        counts,
+        "the arrays hold different numbers of examples",
+        "every array's first axis is the examples: give each the same number",
+    )
+    _refuse_unequal(
+        shown,
+        steps,
+        "the arrays have different numbers of time steps",
+        "the model reads every input and predicts every output at the same time steps (axis 1)",
+    )
+    _refuse_unequal(
+        shown,
+        lengths,
+        "the per-token arrays have different numbers of tokens",
+        "the model reads every input and predicts every output at the same tokens"
+        + (
+            " (a tokens input whose next ids are predicted holds one more token)" if shifted else ""
+        ),
+    )
     return inputs, targets
 
 
-def _checked_input(port: InputPort, name: str, table: Table, shifted: bool) -> np.ndarray:
+def _note_axes(array, name, lengths, steps, time) -> None:
+    """Record an array's tokens (axis 1, or 2 after a time axis) and time steps (axis 1)."""
+    tokens_axis = 2 if time else 1
+    if array.ndim > tokens_axis:
+        lengths[name] = array.shape[tokens_axis]
+    if time:
+        steps[name] = array.shape[1]
+
+
+def _refuse_unequal(shown: str, sizes: dict[str, int], says: str, hint: str) -> None:
+    """Every array agrees on one axis's size, or the file is refused, each array's size listed."""
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"`{n}` {size}" for n, size in sizes.items())
+        raise refuse(shown, f"{says}: {listed}", hint)
+
+
+def _checked_input(
+    port: InputPort, name: str, table: Table, shifted: bool, time: bool
+) -> np.ndarray:
     array = table.arrays[name]
     if port.kind == "tokens":
-        expected = f"(examples, tokens{' + 1' if shifted else ''})"
-        _check_ids(array, name, table, expected, port.vocab, f"input `{port.name}`", "vocab")
-        _check_tokens(array, name, table, port.context + (1 if shifted else 0), shifted)
+        expected = _layout(time, f"tokens{' + 1' if shifted else ''}")
+        _check_ids(array, name, table, expected, port.vocab, f"input `{port.name}`", "vocab", time)
+        _check_tokens(array, name, table, port.context + (1 if shifted else 0), shifted, time)
     else:
-        _check_values(array, name, table, port.width, f"input `{port.name}`")
-        _check_tokens(array, name, table, port.context, False)
+        _check_values(array, name, table, port.width, f"input `{port.name}`", time)
+        _check_tokens(array, name, table, port.context, False, time)
     return array
 
 
 def _checked_target(target: TargetPort, name: str, table: Table, ports: Ports) -> np.ndarray:
     array = table.arrays[name]
+    time = ports.time
     if target.kind == "next_token":
         vocab = ports.input(target.over).vocab
-        _check_ids(
-            array, name, table, "(examples, tokens)", vocab, f"input `{target.over}`", "vocab"
-        )
+        expected = _layout(time, "tokens")
+        _check_ids(array, name, table, expected, vocab, f"input `{target.over}`", "vocab", time)
     elif target.kind == "classes":
-        expected = "(examples,): one class id per example"
+        expected = (
+            "(examples, time): one class id per example and time step"
+            if time
+            else "(examples,): one class id per example"
+        )
         _check_ids(
-            array, name, table, expected, target.classes, f"output `{target.name}`", "classes"
+            array, name, table, expected, target.classes, f"output `{target.name}`", "classes", time
         )
     else:
-        _check_values(array, name, table, target.width, f"output `{target.name}`")
+        _check_values(array, name, table, target.width, f"output `{target.name}`", time)
     return array
 
 
-def _check_ids(array, name, table, expected, limit, port, field_name) -> None:
+def _layout(time: bool, per_example: str) -> str:
+    """The shape a port's array takes, as its error messages write it: a time axis (`time:`)
+    adds the time steps after the examples."""
+    return f"(examples, {'time, ' if time else ''}{per_example})"
+
+
+def _check_ids(array, name, table, expected, limit, port, field_name, time=False) -> None:
     """Token or class ids: integers of the expected rank, each below the port's `limit`."""
-    _check_shape(array, name, table, 1 if field_name == "classes" else 2, expected)
+    ndim = (1 if field_name == "classes" else 2) + int(time)
+    _check_shape(array, name, table, ndim, expected, time)
     what = "class ids" if field_name == "classes" else "token ids"
     _check_integers(array, name, table, what)
     of = f"the {'classes' if field_name == 'classes' else 'vocabulary'} of {port}"
     _check_range(array, name, table, limit, f"{of} (`{field_name}: {limit}`)", field_name)
 
 
-def _check_values(array, name, table, width, port) -> None:
-    """Features or values: finite numbers `(examples, tokens, width)`."""
-    _check_shape(array, name, table, 3, f"(examples, tokens, {width})")
-    _check_width(array, name, table, width, f"{port} has `width: {width}`")
+def _check_values(array, name, table, width, port, time=False) -> None:
+    """Features or values: finite numbers `(examples, tokens, width)` (`(examples, time, tokens,
+    width)` on a time axis)."""
+    expected = _layout(time, f"tokens, {width}")
+    _check_shape(array, name, table, 3 + int(time), expected, time)
+    _check_width(array, name, table, width, f"{port} has `width: {width}`", expected)
     _check_finite(array, name, table)
 
 
-def _check_shape(array, name, table, ndim, expected) -> None:
+def _check_shape(array, name, table, ndim, expected, time=False) -> None:
     if array.ndim != ndim or 0 in array.shape:
         raise refuse_at(
             table.where(name, 0, ())[0],
             f"{table.kind_of_name} `{name}` has shape {tuple(array.shape)}; it should be {expected}",
-            "the first axis is the examples",
+            "the first axis is the examples, the second the time steps (the spec declares `time:`)"
+            if time
+            else "the first axis is the examples",
         )
 
 
-def _check_width(array, name, table, width, says) -> None:
-    if array.shape[2] != width:
+def _check_width(array, name, table, width, says, expected) -> None:
+    if array.shape[-1] != width:
         raise refuse_at(
             table.where(name, 0, ())[0],
-            f"{table.kind_of_name} `{name}` has {array.shape[2]} values per token; {says}",
-            f"give `{name}` the shape (examples, tokens, {width})",
+            f"{table.kind_of_name} `{name}` has {array.shape[-1]} values per token; {says}",
+            f"give `{name}` the shape {expected}",
         )
 
 
-def _check_tokens(array, name, table, most, shifted) -> None:
-    if array.shape[1] > most:
+def _check_tokens(array, name, table, most, shifted, time=False) -> None:
+    tokens = array.shape[2 if time else 1]
+    per = "tokens per time step" if time else "tokens per example"
+    if tokens > most:
         raise refuse_at(
             table.where(name, 0, ())[0],
-            f"{table.kind_of_name} `{name}` has {array.shape[1]} tokens per example; the model "
+            f"{table.kind_of_name} `{name}` has {tokens} {per}; the model "
             f"reads at most {most - (1 if shifted else 0)}"
             + (" (plus the one predicted)" if shifted else ""),
             "cut the examples to the spec's `context`, or raise it",
         )
-    if shifted and array.shape[1] < 2:
+    if shifted and tokens < 2:
         raise refuse_at(
             table.where(name, 0, ())[0],
-            f"{table.kind_of_name} `{name}` has 1 token per example: no next token to predict",
+            f"{table.kind_of_name} `{name}` has 1 token per {'time step' if time else 'example'}: "
+            "no next token to predict",
             "give at least 2 tokens per example (the last is only predicted)",
         )
 

@@ -4,7 +4,8 @@ output kind, with periodic validation, checkpoints and metrics records.
 On a GPU it runs the way a loop written by hand for speed does: bf16 autocast by default (fp16
 with a gradient scaler, or fp32 with TF32 matmuls, on request), fused AdamW, batches pinned and
 copied without blocking, and no host synchronisation in a step: losses add up on the device and
-are read once per log interval. `--compile` runs the objective through `torch.compile`."""
+are read once per log interval. `--compile` runs the objective through `torch.compile`. A spec
+with a time axis trains chunk by chunk, one optimizer step per chunk (`tbptt.py`)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ from compiler.tools.training.resume import restore_run, save_run, seed_dropout, 
 from compiler.tools.training.settings import (
     Machine,
     RunOptions,
+    UsageError,
     configure_matmuls,
     effective_train,
     resolve_machine,
 )
+from compiler.tools.training.tbptt import Chunks, chunk_length, time_steps
 
 if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs it
     from torch import Tensor, nn
@@ -71,6 +74,12 @@ def train(
 
     machine = resolve_machine(options.device, options.precision, options.compile_mode)
     ir = analyze(spec, overrides=options.overrides)  # the checkpoint keeps this effective spec
+    if options.compile and ir.spec.time is not None:
+        raise UsageError(
+            "--compile: this spec declares a time axis (`time:`), trained chunk by chunk through "
+            "a Python loop over its time steps (`model.scan`), which torch.compile would unroll "
+            "and recompile for every chunk length; train it without --compile"
+        )
     task = training_task(ir)
     settings = effective_train(ir, **overrides)
     out = Path(options.out)
@@ -98,6 +107,9 @@ def train(
             data.describe(),
             previous.state["data"].get("file", "another file"),
         )
+    # a time axis: one training step per chunk of `chunk` time steps (tbptt.py)
+    sequence = time_steps(data, settings) if task.ports.time else 1
+    chunk = chunk_length(settings, sequence) if task.ports.time else 1
     processes = start_processes(machine.device, options.strategy)
     machine = Machine(processes.device, machine.precision)
     if settings.batch % processes.world:
@@ -112,7 +124,7 @@ def train(
         )
     check_training_memory(  # refused with the estimate before a weight is allocated
         ir,
-        batch=settings.batch,
+        batch=settings.batch * chunk,  # a chunk holds the activations of its `chunk` time steps
         context=task.context,
         precision="float32",  # autocast keeps float32 weights, gradients and optimizer state
         activation_precision=ACTIVATIONS[machine.precision],
@@ -169,11 +181,25 @@ def train(
     plotted = clock
     sums = torch.zeros(len(task.outputs) + 1, device=processes.device)  # outputs, training terms
     summed = 0
+    chunks = None
+    if task.ports.time:
+        chunks = Chunks(
+            lambda index: _batch(data, "train", index, settings, processes), sequence, chunk
+        )
     try:
         while step < stop:
-            inputs, targets = _batch(data, "train", step, settings, processes)
-            with _autocast(machine):
-                total, each = step_fn(inputs, targets, step)
+            if chunks is None:
+                inputs, targets = _batch(data, "train", step, settings, processes)
+                with _autocast(machine):
+                    total, each = step_fn(inputs, targets, step)
+                tokens_done += settings.batch * task.context
+            else:
+                with _autocast(machine):  # a state rebuilt on resuming runs as training did
+                    inputs, targets, state = chunks.at(step, model)
+                    total, each, state = step_fn(inputs, targets, step, state)
+                chunks.carry(step, state)
+                first = next(iter(inputs.values()))  # (rank's batch, chunk, tokens, ...)
+                tokens_done += settings.batch * first.shape[1] * first.shape[2]
             sums += each.detach()
             summed += 1
             scaler.scale(total).backward()
@@ -185,7 +211,6 @@ def train(
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_done += settings.batch * task.context
             evaluate = step % settings.eval_every == 0 or step == stop
             if not (evaluate or step % options.log_every == 0):
                 continue

@@ -109,12 +109,21 @@ def training_loss_class():
             }
 
         def forward(
-            self, inputs: dict[str, Tensor], targets: dict[str, Tensor], step: int
-        ) -> tuple[Tensor, Tensor]:
+            self,
+            inputs: dict[str, Tensor],
+            targets: dict[str, Tensor],
+            step: int,
+            state: tuple[Tensor, ...] | None = None,
+        ):
+            """With `state` (a time axis's, `tbptt.py`): the chunk in `inputs` runs from it by
+            `model.scan`, and the state after the chunk is returned third."""
             import torch
 
             plain = [o for o in self.task.outputs if o.name not in self.scored_by]
-            predicted = self.model(**inputs) if plain else {}
+            if state is not None:
+                state, predicted = self.model.scan(state, **inputs)
+            else:
+                predicted = self.model(**inputs) if plain else {}
             losses = []
             for spec in self.task.outputs:
                 if spec.name in self.scored_by:
@@ -127,6 +136,8 @@ def training_loss_class():
             )
             auxiliary = self.model.auxiliary_loss(step, task_loss=self.weighted_plain(targets))
             each = torch.stack([*(loss.float() for loss in losses), auxiliary.float()])
+            if state is not None:
+                return weighted + auxiliary, each, state
             return weighted + auxiliary, each
 
         def weighted_plain(self, targets: dict[str, Tensor]):

@@ -43,8 +43,12 @@ class TargetPort:
 
 @dataclass(frozen=True)
 class Ports:
+    """`time`: the spec declares a time axis, so every input and target holds one more axis,
+    the time steps, after the examples: `(examples, time, ...)`, one step of the graph each."""
+
     inputs: tuple[InputPort, ...]
     targets: tuple[TargetPort, ...]
+    time: bool = False
 
     def input(self, name: str) -> InputPort:
         return next(p for p in self.inputs if p.name == name)
@@ -77,4 +81,4 @@ def ports_of(ir: IR) -> Ports:
             targets.append(TargetPort(name, "classes", classes=spec.classes))
         else:
             targets.append(TargetPort(name, "values", width=spec.width))
-    return Ports(tuple(inputs), tuple(targets))
+    return Ports(tuple(inputs), tuple(targets), time=ir.spec.time is not None)
