@@ -110,13 +110,21 @@ def test_the_state_is_carried_from_chunk_to_chunk(orbit):
     assert not torch.allclose(second, fresh)
 
 
-def test_a_run_resumed_in_mid_sequence_rebuilds_the_state(orbit):
+def test_a_walk_resumed_in_mid_sequence_starts_from_the_state_the_checkpoint_carried(orbit):
     model, _, chunks, date = orbit
     with torch.no_grad():
         whole = model(date=date)["longitude"]
-        inputs, _, state = chunks.at(2, model)  # a new walk, at the third chunk
-        third = model.scan(state, **inputs)[1]["longitude"]
+        state, _ = model.scan(model.init_state(2, 3), date=date[:, :4])  # the first two chunks
+        chunks.restored = state  # as `resume.carried_state` reads it from the checkpoint
+        inputs, _, start = chunks.at(2, model)  # a new walk, at the third chunk
+        third = model.scan(start, **inputs)[1]["longitude"]
     torch.testing.assert_close(third, whole[:, 4:6])
+
+
+def test_a_walk_resumed_in_mid_sequence_without_a_carried_state_stops(orbit):
+    model, _, chunks, _ = orbit
+    with pytest.raises(RuntimeError, match="holds no carried state"):
+        chunks.at(2, model)
 
 
 def test_the_chunk_length_is_bounded(spec_errors):
@@ -196,3 +204,21 @@ def test_token_sequences_predict_their_next_ids_and_a_class_per_time_step(write_
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(record["losses"]) == {"next", "phase"} and np.isfinite(record["val_loss"])
+
+
+def test_a_time_run_stopped_in_mid_sequence_resumes_to_the_uninterrupted_run(write_spec, tmp_path):
+    """Stopped after the first chunk of a sequence and resumed, the run rebuilds the carried state
+    from the resumed weights and ends where the run that never stopped ends."""
+    spec, data = write_spec(ORBIT), sequences(tmp_path / "orbit.npz")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run = ("--data", data, "--device", "cpu", "--log-every", "1")
+    assert cli(spec, *run, "--out", whole).exit_code == 0
+    first = cli(spec, *run, "--out", parts, "--stop-at", "4")  # chunk 1 of the second batch
+    assert first.exit_code == 0, first.output
+    second = cli(spec, *run, "--out", parts, "--resume", parts)
+    assert second.exit_code == 0, second.output
+    ended = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[-1]["step"] == ended[-1]["step"] == 6
+    for step in (5, 6):  # the chunks after the stop, each from the rebuilt state
+        assert resumed[step - 1]["loss"] == pytest.approx(ended[step - 1]["loss"], rel=1e-5)

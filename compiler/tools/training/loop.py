@@ -34,7 +34,13 @@ from compiler.tools.training.objective import (
 )
 from compiler.tools.training.optimizers import build_optimizer, clip_gradients
 from compiler.tools.training.processes import Processes, gathered, start_processes, wrap
-from compiler.tools.training.resume import restore_run, save_run, seed_dropout, spec_differences
+from compiler.tools.training.resume import (
+    carried_state,
+    restore_run,
+    save_run,
+    seed_dropout,
+    spec_differences,
+)
 from compiler.tools.training.settings import (
     Machine,
     RunOptions,
@@ -186,6 +192,7 @@ def train(
         chunks = Chunks(
             lambda index: _batch(data, "train", index, settings, processes), sequence, chunk
         )
+        chunks.restored = carried_state(previous, processes) if previous else None
     try:
         while step < stop:
             if chunks is None:
@@ -243,8 +250,9 @@ def train(
                     write_events(events, record)
             if evaluate:
                 save_run(
-                    model, root, optimizer, schedule, scaler, step, data, settings, processes, out
-                )
+                    model, root, optimizer, schedule, scaler, step, data, settings, processes, out,
+                    carried=None if chunks is None else chunks.carried(step),
+                )  # fmt: skip
                 if processes.leader and (step == stop or time.perf_counter() - plotted > 60):
                     write_loss_curve(records, out / LOSS_CURVE)  # at the end, and each minute
                     plotted = time.perf_counter()

@@ -99,6 +99,35 @@ def _rng_tensors(processes: Processes) -> dict[str, Tensor]:
     return gathered_states
 
 
+def _gathered(tensors, processes: Processes, prefix: str) -> dict[str, Tensor]:
+    """Each rank's `tensors` (same shapes on every rank), gathered to all as
+    `prefix/<rank>/<i>`."""
+    import torch
+
+    if processes.world == 1:
+        return {f"{prefix}/0/{i}": t.detach().cpu() for i, t in enumerate(tensors)}
+    import torch.distributed as dist
+
+    out = {}
+    for i, tensor in enumerate(tensors):
+        local = tensor.detach().contiguous().to(processes.device)
+        parts = [torch.empty_like(local) for _ in range(processes.world)]
+        dist.all_gather(parts, local)
+        out.update({f"{prefix}/{r}/{i}": p.cpu() for r, p in enumerate(parts)})
+    return out
+
+
+def carried_state(previous: Any, processes: Processes) -> tuple[Tensor, ...] | None:
+    """This rank's carried time-axis state from a checkpoint saved in mid-sequence, or None."""
+    prefix = f"tbptt/{processes.rank}/"
+    found = sorted(
+        (int(k.removeprefix(prefix)), v)
+        for k, v in previous.tensors.items()
+        if k.startswith(prefix)
+    )
+    return tuple(v.to(processes.device) for _, v in found) or None
+
+
 def _state_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -106,11 +135,12 @@ def _state_options():
 
 
 def save_run(
-    model, root, optimizer, schedule, scaler, step, data, settings, processes, out
+    model, root, optimizer, schedule, scaler, step, data, settings, processes, out, carried=None
 ) -> None:
     """A checkpoint of everything resuming needs; collectives on every rank, files on rank 0.
     `data.state()` says which data the run read (file, digest, vocabulary); the data position is
-    the step alone."""
+    the step alone. `carried`: on a time axis stopped in mid-sequence, the state each rank carries
+    into its next chunk (`tbptt/<rank>/<i>`), so the resumed run continues from that very state."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -127,6 +157,7 @@ def save_run(
     else:
         optimizer_state = _named_optimizer_state(root, optimizer)
     rng = _rng_tensors(processes)
+    kept_state = {} if carried is None else _gathered(carried, processes, "tbptt")
     if not processes.leader:
         return
     state = TrainingState(step)
@@ -137,6 +168,7 @@ def save_run(
     state.state["settings"] = json.loads(settings.model_dump_json())
     state.state["rng"] = {"world": processes.world}
     state.tensors.update(rng)
+    state.tensors.update(kept_state)
     state.pack("optimizer", optimizer_state)
     state.pack("schedule", schedule.state_dict())
     if scaler.is_enabled():  # fp16: the loss scale and its growth tracker

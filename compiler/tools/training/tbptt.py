@@ -6,8 +6,9 @@ the state the previous chunk left, its per-step outputs are scored against its t
 backpropagated and the optimizer steps; the state is then detached (the gradient stops at the
 chunk's first step) and carried into the next chunk. A sequence of T steps takes ceil(T / chunk)
 training steps, the next batch starting from a fresh state. Step `s` reads batch `s // chunks` at
-chunk `s % chunks`, so a run resumed in mid-sequence rebuilds the state by running the batch's
-earlier chunks forward (no gradient) with the resumed weights."""
+chunk `s % chunks`; a checkpoint written in mid-sequence holds the state carried into the next
+chunk (`resume.carried_state`), so a resumed run continues from exactly that state, as the run
+that never stopped did."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Chunks:
     _batch: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
     _state: tuple[Tensor, ...] | None = None
     _next: int = field(default=-1)  # the chunk `_state` is the start of
+    restored: tuple[Tensor, ...] | None = None  # from a checkpoint, for the first chunk resumed
 
     @property
     def per_sequence(self) -> int:
@@ -50,7 +52,6 @@ class Chunks:
 
     def at(self, step: int, model: nn.Module):
         """Inputs, targets and starting state of training step `step`'s chunk."""
-        import torch
 
         index, chunk = divmod(step, self.per_sequence)
         if index != self._index:
@@ -58,17 +59,25 @@ class Chunks:
         inputs, targets = self._batch
         first = next(iter(inputs.values()))
         begin, end = chunk * self.length, min((chunk + 1) * self.length, self.steps)
-        if chunk == 0 or self._state is None or self._next != chunk:
-            state = model.init_state(first.shape[0], first.shape[2])
-            if begin > 0:  # resumed in mid-sequence: the earlier chunks, forward only
-                with torch.no_grad():
-                    state, _ = model.scan(state, **{k: v[:, :begin] for k, v in inputs.items()})
-            self._state = state
+        if chunk == 0:
+            self._state = model.init_state(first.shape[0], first.shape[2])
+        elif self._next != chunk:  # resumed in mid-sequence: the state the checkpoint carried
+            if self.restored is None:
+                raise RuntimeError(
+                    f"step {step} resumes chunk {chunk} of a sequence, but the checkpoint holds "
+                    "no carried state"
+                )
+            self._state, self.restored = self.restored, None
         return (
             {k: v[:, begin:end] for k, v in inputs.items()},
             {k: v[:, begin:end] for k, v in targets.items()},
             self._state,
         )
+
+    def carried(self, step: int) -> tuple[Tensor, ...] | None:
+        """The state the next chunk starts from, after training step `step` (counted from 1),
+        when that chunk continues a sequence; None at a sequence's end."""
+        return self._state if step % self.per_sequence else None
 
     def carry(self, step: int, state: tuple[Tensor, ...]) -> None:
         """Keep the state `step`'s chunk ended in, detached: the next chunk's gradient stops at
