@@ -35,6 +35,7 @@ from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
 from compiler.language.kinds import KINDS
 from compiler.language.salvage import Withheld
+from compiler.language.spec import FED_BACK
 
 NONE = type(None)
 ANY = None  # a field whose values are checked by the pass writing them (pydantic, runtime configs)
@@ -159,9 +160,6 @@ def node_id(name: str) -> str:
 
 def output_id(name: str) -> str:
     return f"outputs.{name}"
-
-
-FED_BACK = "outputs."  # `from: outputs.NAME`: an edge that feeds output NAME back
 
 
 def fed_back_output(source: str) -> str | None:

@@ -290,7 +290,7 @@ class GraphModel(nn.Module):
 
     def _fed_outputs(self, states: list[Tensor]) -> dict[str, Tensor]:
         """The outputs that edges feed back, from one step's final states (per group)."""
-        return {name: self._output(name, states) for name in self.federation.plan.fed_outputs}
+        return {name: self._output(name, states) for name in self.federation.fed_outputs}
 
     def auxiliary_loss(
         self, step: int = 0, task_loss: Callable[[dict[str, Tensor]], Tensor] | None = None

@@ -5,6 +5,8 @@ input. Under a time axis the output of time step t reaches the node at step t + 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -197,3 +199,30 @@ def test_a_companion_takes_no_fed_back_output():
     )
     text = text.replace("to: a, delay: 1", "to: geo, delay: 1")
     assert "`geo` is a `kind: companion` node, which observes its host" in refusal(text)
+
+
+def test_a_model_that_feeds_outputs_back_traces_as_one_graph_and_copies_whole():
+    model = build(ITERATED)
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        expected = model(x=x)["y"]
+        traced = torch.compile(model, fullgraph=True, backend="eager")  # dynamo, no codegen
+        torch.testing.assert_close(traced(x=x)["y"], expected)
+        copied = copy.deepcopy(model)
+        assert copied.federation.read_back.__self__ is copied  # its own heads, not the original's
+        torch.testing.assert_close(copied(x=x)["y"], expected)
+
+
+def test_a_sub_graph_feeds_its_own_output_back_by_its_path(tmp_path):
+    part = ITERATED.replace("name: iterated", "name: part").replace("feedback: {steps: 3}\n", "")
+    (tmp_path / "part.yaml").write_text(part, encoding="utf-8")
+    top = tmp_path / "top.yaml"
+    top.write_text(
+        "spec: 1\nname: top\ninputs: {x: {kind: features, width: 3, context: 8}}\n"
+        "nodes: {g: {kind: graph, spec: part.yaml}}\nfeedback: {steps: 3}\n"
+        "outputs: {z: {from: g.b, kind: regression, width: 1}}\n",
+        encoding="utf-8",
+    )
+    ir = compiler.analyze(top)
+    (feed,) = ir.facts.federation.feeds
+    assert (feed.output, ir.facts.federation.nodes[feed.target]) == ("g.y", "g.a")

@@ -415,6 +415,9 @@ Node = Annotated[Any, NodeField()]
 # --------------------------------------------------------------------------- edges and feedback
 
 
+FED_BACK = "outputs."  # `from: outputs.NAME`: an edge that feeds output NAME back
+
+
 class Edge(SpecModel):
     """Messages from one node's state to another's, for every token in parallel.
 

@@ -156,6 +156,8 @@ class Federation(nn.Module):
         # The model's heads for the fed-back outputs, `states -> {output: values}`: set by
         # `GraphModel` (its heads are its own modules, not registered twice here).
         self.read_back: Callable[[list[Tensor]], dict[str, Tensor]] | None = None
+        self.feed_delay = plan.feed_delay  # plain values, constants to torch.compile
+        self.fed_outputs = plan.fed_outputs
         if plan.mode == "equilibrium" and plan.lipschitz is not None:
             # What the delayed edges read is scaled by this gain (<= 1): the Lipschitz bound's only
             # lever, kept in the state dict so a checkpoint reproduces the map it was trained on.
@@ -233,8 +235,8 @@ class Federation(nn.Module):
         width = {f.output: f.width for f in self.plan.feeds}
         fed = tuple(
             torch.zeros(batch, tokens, width[name], device=device, dtype=dtype)
-            for _ in range(self.plan.feed_delay)
-            for name in self.plan.fed_outputs
+            for _ in range(self.feed_delay)
+            for name in self.fed_outputs
         )
         return buses + fed
 
@@ -243,18 +245,18 @@ class Federation(nn.Module):
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         """One time step of a time axis: this step's inputs and the state `init_state` or the
         previous step gave; the final states per group, and the state for the next step."""
-        buses = len(state) - self.plan.feed_delay * len(self.plan.fed_outputs)
+        buses = len(state) - self.feed_delay * len(self.fed_outputs)
         history, fed = list(state[:buses]), self._unflatten(state[buses:])
         outs, bus = self._step(embedded, history, fed)
         if bus is not None and self.max_delay:
             history = [bus, *history][: self.max_delay]
         fed = self._feed_back(outs, fed)
-        names = self.plan.fed_outputs
+        names = self.fed_outputs
         return outs, (*history, *(values[name] for values in fed for name in names))
 
     def _unflatten(self, flat: tuple[Tensor, ...]) -> list[dict[str, Tensor]]:
         """The fed-back outputs of a flat state, one dict per step back, newest first."""
-        names = self.plan.fed_outputs
+        names = self.fed_outputs
         return [
             dict(zip(names, flat[d : d + len(names)], strict=True))
             for d in range(0, len(flat), len(names) or 1)
@@ -264,14 +266,14 @@ class Federation(nn.Module):
         self, outs: list[Tensor], fed: list[dict[str, Tensor]]
     ) -> list[dict[str, Tensor]]:
         """The fed-back outputs with this step's (from its final states) as the newest."""
-        if not self.plan.feeds:
+        if not self.feed_delay:
             return fed
         if self.read_back is None:
             raise RuntimeError(
                 "this federation feeds outputs back, and no heads were given to compute them: "
                 "run it inside its `GraphModel`, which sets `read_back`"
             )
-        return [self.read_back(outs), *fed][: self.plan.feed_delay]
+        return [self.read_back(outs), *fed][: self.feed_delay]
 
     def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
         """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""
