@@ -213,9 +213,14 @@ def test_a_model_that_feeds_outputs_back_traces_as_one_graph_and_copies_whole():
         torch.testing.assert_close(copied(x=x)["y"], expected)
 
 
-def test_a_sub_graph_feeds_its_own_output_back_by_its_path(tmp_path):
+def write_part(folder) -> None:
+    """`part.yaml`: ITERATED as a sub-graph (the including spec schedules the feedback)."""
     part = ITERATED.replace("name: iterated", "name: part").replace("feedback: {steps: 3}\n", "")
-    (tmp_path / "part.yaml").write_text(part, encoding="utf-8")
+    (folder / "part.yaml").write_text(part, encoding="utf-8")
+
+
+def test_a_sub_graph_feeds_its_own_output_back_by_its_path(tmp_path):
+    write_part(tmp_path)
     top = tmp_path / "top.yaml"
     top.write_text(
         "spec: 1\nname: top\ninputs: {x: {kind: features, width: 3, context: 8}}\n"
@@ -226,3 +231,17 @@ def test_a_sub_graph_feeds_its_own_output_back_by_its_path(tmp_path):
     ir = compiler.analyze(top)
     (feed,) = ir.facts.federation.feeds
     assert (feed.output, ir.facts.federation.nodes[feed.target]) == ("g.y", "g.a")
+
+
+def test_a_sub_graph_named_outputs_would_make_an_edge_ambiguous(tmp_path):
+    write_part(tmp_path)
+    top = tmp_path / "top.yaml"
+    top.write_text(
+        "spec: 1\nname: top\ninputs: {x: {kind: features, width: 3, context: 8}}\n"
+        "nodes: {outputs: {kind: graph, spec: part.yaml}, c: {kind: transformer, width: 8}}\n"
+        "edges: [{from: outputs.a, to: c, delay: 1, projection: linear}]\n"
+        "feedback: {steps: 3}\noutputs: {a: {from: c, kind: regression, width: 1}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SpecError, match="rename the sub-graph"):
+        compiler.analyze(top)

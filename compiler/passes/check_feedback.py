@@ -174,6 +174,15 @@ def check_fed_back_outputs(ir: IR) -> list[Diagnostic]:
                     )
                 )
             continue
+        if edge.source in spec.nodes:  # a sub-graph named `outputs` has nodes `outputs.X`
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"`{edge.source}` names output `{fed}` fed back, and also node `{edge.source}` "
+                    "of the sub-graph `outputs`",
+                    "rename the sub-graph: `outputs.NAME` in an edge always means an output",
+                )
+            )
         if edge.delay == 0 and edge.kind != "feedback":  # a delay-less `feedback` edge: above
             found.append(
                 ir.error(
