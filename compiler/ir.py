@@ -15,6 +15,10 @@ sub-model of the federation: it observes one host through a `kind: companion` ed
 nothing, so it gets the role `observer`, its edge the role `companion`, and the passes that plan the federation (which walk
 `node` vertices and `edge` edges) never see them.
 
+An edge written `from: outputs.NAME` starts at that output's vertex and has the role `feed`: the
+output's values, fed back `delay` steps later (the passes that plan the federation's bus never see
+it; `plan` turns it into a `FeedPlan`).
+
 An edge or output naming something that does not exist gets an `unknown` vertex, so building never
 fails and `check_references` can report every dangling name at once.
 """
@@ -31,6 +35,7 @@ from compiler.language.diagnostics import Diagnostic, Span
 from compiler.language.frontend import LoadedSpec
 from compiler.language.kinds import KINDS
 from compiler.language.salvage import Withheld
+from compiler.language.spec import FED_BACK
 
 NONE = type(None)
 ANY = None  # a field whose values are checked by the pass writing them (pydantic, runtime configs)
@@ -125,7 +130,7 @@ _declared: list = [-1, {}]  # (registry version, the vertex fields with every ki
 
 class EdgeRecord(Record):
     FIELDS: ClassVar[dict[str, Declared]] = {
-        "role": Declared((str,), "read | edge | companion | output (build_ir)"),
+        "role": Declared((str,), "read | edge | companion | output | feed (build_ir)"),
         "path": Declared((tuple,), "where it was written (build_ir)"),
         "kind": Declared((str, NONE), "the spec edge's kind (build_ir)"),
         "delay": Declared((int,), "feedback steps of delay (build_ir)"),
@@ -155,6 +160,11 @@ def node_id(name: str) -> str:
 
 def output_id(name: str) -> str:
     return f"outputs.{name}"
+
+
+def fed_back_output(source: str) -> str | None:
+    """The output an edge's `from` feeds back (`outputs.NAME` -> NAME), or None for a node."""
+    return source[len(FED_BACK) :] if source.startswith(FED_BACK) else None
 
 
 @dataclass(frozen=True)
@@ -252,12 +262,18 @@ def build_ir(loaded: LoadedSpec) -> IR:
             g.add_edge(endpoint(input_id(inp), inp, path), node_id(name), role="read", path=path)
     for index, edge in enumerate(spec.edges):
         path = ("edges", index)
-        u = endpoint(node_id(edge.source), edge.source, (*path, "from"))
+        fed = fed_back_output(edge.source)
+        if fed is not None:
+            u = endpoint(output_id(fed), fed, (*path, "from"))
+            role = "feed"
+        else:
+            u = endpoint(node_id(edge.source), edge.source, (*path, "from"))
+            role = "companion" if edge.kind == "companion" else "edge"
         v = endpoint(node_id(edge.to), edge.to, (*path, "to"))
         g.add_edge(
             u,
             v,
-            role="companion" if edge.kind == "companion" else "edge",
+            role=role,
             kind=edge.kind,
             delay=edge.delay,
             ratio=edge.ratio,

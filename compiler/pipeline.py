@@ -45,7 +45,10 @@ def analyze(source: str | Path | LoadedSpec, *, overrides: Sequence[str | Overri
         if invalid.salvaged is None:
             raise
         _, found = _checked(build_ir(invalid.salvaged))
-        raise SpecError(dict.fromkeys([*invalid.diagnostics, *found])) from None
+        # only errors: a warning about the salvaged part may be about what was cut away (a time
+        # axis "without delayed edges" whose one delayed edge was the invalid one)
+        errors = [d for d in found if d.severity == "error"]
+        raise SpecError(dict.fromkeys([*invalid.diagnostics, *errors])) from None
     ir, found = _checked(build_ir(loaded))
     warnings = raise_if_errors(found)
     for transform in TRANSFORMS_AFTER_CHECKS:

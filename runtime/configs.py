@@ -167,6 +167,18 @@ class EdgePlan:
     ratio: float | None
 
 
+@dataclass(frozen=True)
+class FeedPlan:
+    """An output fed back (`from: outputs.NAME`): the `width` values per token that output
+    `output` gave `delay` steps earlier, through a learned linear map to the width of node
+    `target` (a bus position), are added to that node's input."""
+
+    output: str
+    width: int
+    target: int
+    delay: int
+
+
 # --------------------------------------------------------------------------- equilibrium
 
 METHODS = ("fixed_point", "anderson", "broyden")
@@ -239,6 +251,7 @@ class FederationPlan:
     equilibrium: EquilibriumPlan | None = (
         None  # solvers and gradients (None: fixed point, implicit)
     )
+    feeds: tuple[FeedPlan, ...] = ()  # outputs fed back into nodes, in the spec's edge order
 
     @property
     def groups(self) -> tuple[GroupPlan, ...]:
@@ -247,6 +260,16 @@ class FederationPlan:
     @property
     def max_delay(self) -> int:
         return max((e.delay for e in self.edges), default=0)
+
+    @property
+    def fed_outputs(self) -> tuple[str, ...]:
+        """The outputs some edge feeds back, each once, in the order first fed."""
+        return tuple(dict.fromkeys(f.output for f in self.feeds))
+
+    @property
+    def feed_delay(self) -> int:
+        """How many steps of fed-back outputs the state keeps."""
+        return max((f.delay for f in self.feeds), default=0)
 
 
 # --------------------------------------------------------------------------- fractal

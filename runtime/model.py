@@ -97,9 +97,10 @@ class NodeHandle:
 
     @property
     def receives_messages(self) -> bool:
-        """Whether any edge of the graph sends it messages."""
+        """Whether any edge of the graph sends it messages (or feeds it an output)."""
         position = self.plan.indices[self.member]
-        return any(e.target == position for e in self.model.federation.plan.edges)
+        plan = self.model.federation.plan
+        return any(e.target == position for e in (*plan.edges, *plan.feeds))
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -213,6 +214,8 @@ class GraphModel(nn.Module):
         self.spec_digest: str = ""
         self.kinds = dict(kinds or {})
         self._fractal_views: dict[str, FractalView] = {}
+        if federation.plan.feeds:  # the federation computes the fed-back outputs with our heads
+            federation.read_back = self._fed_outputs
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> dict[str, Tensor]:
         if self.federation.plan.time:  # inputs (batch, time, tokens, ...): step through them
@@ -279,11 +282,15 @@ class GraphModel(nn.Module):
 
     def read_outputs(self, states: list[Tensor]) -> dict[str, Tensor]:
         """The spec's outputs by name from the federation's final states (per group)."""
-        result = {}
-        for name, head in self.outputs.items():
-            read = [states[g][m] for g, m in self.wiring[name].sources]
-            result[name] = head(concat_states(read))
-        return result
+        return {name: self._output(name, states) for name in self.outputs}
+
+    def _output(self, name: str, states: list[Tensor]) -> Tensor:
+        read = [states[g][m] for g, m in self.wiring[name].sources]
+        return self.outputs[name](concat_states(read))
+
+    def _fed_outputs(self, states: list[Tensor]) -> dict[str, Tensor]:
+        """The outputs that edges feed back, from one step's final states (per group)."""
+        return {name: self._output(name, states) for name in self.federation.fed_outputs}
 
     def auxiliary_loss(
         self, step: int = 0, task_loss: Callable[[dict[str, Tensor]], Tensor] | None = None

@@ -34,6 +34,7 @@ def built_parts(ir, model) -> dict[str, int]:
         parts["messages"] = numel(federation.messages)
     parts["cross"] = numel(federation.cross)
     parts["perspectives"] = numel(federation.perspectives)
+    parts["feeds"] = numel(federation.feeds)
     return {k: v for k, v in parts.items() if v or k.startswith(("inputs", "outputs"))}
 
 
@@ -94,6 +95,23 @@ edges:
   - {from: b, to: c, kind: mesh}
 outputs:
   y: {from: [b, c], kind: regression, width: 3}
+""",
+    "outputs fed back through their projections": """
+spec: 1
+name: counted
+defaults: {transformer: {width: 24, heads: 2, layers: 1}}
+feedback: {steps: 2}
+inputs: {text: {kind: tokens, vocab: 30, context: 16}}
+nodes:
+  a: {kind: transformer}
+  b: {kind: transformer, width: 16}
+edges:
+  - {from: a, to: b}
+  - {from: outputs.next, to: a, delay: 1, projection: linear}
+  - {from: outputs.angle, to: b, delay: 1, projection: linear}
+outputs:
+  next: {from: b, kind: lm_head}
+  angle: {from: [a, b], kind: regression, width: 4}
 """,
 }
 

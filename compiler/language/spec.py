@@ -415,14 +415,26 @@ Node = Annotated[Any, NodeField()]
 # --------------------------------------------------------------------------- edges and feedback
 
 
+FED_BACK = "outputs."  # `from: outputs.NAME`: an edge that feeds output NAME back
+
+
 class Edge(SpecModel):
     """Messages from one node's state to another's, for every token in parallel.
 
     `delay: d` reads the source's state from `d` feedback steps earlier, which is what makes a
     directed cycle legal; a cycle of edges all with `delay: 0` is an algebraic loop.
+
+    `from: outputs.NAME` feeds an output's values back instead (design 000's "outputs are fed
+    back into the model as inputs for the next step"): what output NAME gave `delay` steps earlier
+    (at least 1), through the declared `projection` to the receiving node's width, is added to
+    that node's input. Only per-token outputs (`lm_head`, `regression`) feed back.
     """
 
-    source: Name = Field(alias="from", description="The node whose state is sent.")
+    source: Name = Field(
+        alias="from",
+        description="The node whose state is sent, or `outputs.NAME`: the values output NAME "
+        "gave `delay` steps earlier (needs `delay` >= 1 and `projection`).",
+    )
     to: Name = Field(description="The node that receives.")
     kind: Literal["message", "mesh", "arbor", "pin_slot", "feedback", "cross", "companion"] = Field(
         "message",
@@ -438,6 +450,11 @@ class Edge(SpecModel):
         None,
         description="Exact turns of `to` per turn of `from` (`223/19`); conditions the message. Between gears it "
         "defaults to the derived ratio and, on mesh/arbor/pin_slot edges, constrains the train.",
+    )
+    projection: Literal["linear"] | None = Field(
+        None,
+        description="Edges from `outputs.NAME` only, and required there: how the output's values "
+        "are mapped to the receiving node's width. `linear`: a learned matrix, no bias.",
     )
 
 

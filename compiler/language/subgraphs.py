@@ -29,6 +29,7 @@ from typing import Any
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from compiler.language.source import Document, PathKey, SourceMap, read_spec_file
+from compiler.language.spec import FED_BACK
 from compiler.language.templates import expand_templates
 
 MAX_DEPTH = 16  # graphs inside graphs
@@ -373,12 +374,16 @@ def _flatten(
         if edges is None:
             edges = []
             outer["edges"] = edges
+        # an edge feeding one of the body's outputs back names it by its new path too
+        ends = renamed | {
+            f"{FED_BACK}{o}": f"{FED_BACK}{name}.{o}" for o in data.get("outputs") or {}
+        }
         for i, edge in enumerate(data["edges"]):
             moved = dict(edge) if isinstance(edge, dict) else edge
             if isinstance(moved, dict):
                 for end in ("from", "to"):
                     if isinstance(moved.get(end), str):
-                        moved[end] = renamed.get(moved[end], moved[end])
+                        moved[end] = ends.get(moved[end], moved[end])
             spans.move(inner_map, ("edges", i), ("edges", len(edges)), None)
             edges.append(moved)
 

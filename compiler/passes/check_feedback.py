@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler.ir import IR
+from compiler.ir import IR, fed_back_output
 from compiler.language.diagnostics import Diagnostic
 from compiler.passes.contract import contract
 
@@ -63,6 +63,7 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                     f"raise `feedback.steps` above {edge.delay}, or lower the delay",
                 )
             )
+    found += check_fed_back_outputs(ir)
     if feedback is None:
         return found
     undelayed_feedback = any(e.kind == "feedback" and e.delay == 0 for e in spec.edges)
@@ -143,6 +144,110 @@ def check_feedback(ir: IR) -> list[Diagnostic]:
                     ("feedback", "backprop_steps"),
                     f"`backprop_steps: {feedback.backprop_steps}` is more than the {feedback.steps} steps run",
                     f"use at most {feedback.steps}",
+                )
+            )
+    return found
+
+
+# outputs computed per token, whose values can be added to a node's token stream
+PER_TOKEN_OUTPUTS = ("lm_head", "regression")
+
+
+def check_fed_back_outputs(ir: IR) -> list[Diagnostic]:
+    """An edge `from: outputs.NAME` must be delayed (the output is computed from its own step's
+    states: undelayed, it would be a loop through the head), declare its projection, be a plain
+    edge into a federation node, and run where each step has a previous one to read."""
+    spec, found = ir.spec, []
+    feedback = spec.feedback
+    for i, edge in enumerate(spec.edges):
+        fed = fed_back_output(edge.source)
+        label = f"{edge.source} -> {edge.to}"
+        if fed is None:
+            if edge.projection is not None:
+                found.append(
+                    ir.error(
+                        ("edges", i, "projection"),
+                        f"edge {label} starts at a node: `projection` maps an output's values "
+                        "to a node's width, and messages between nodes travel on the bus",
+                        "remove `projection`, or start the edge at `outputs.NAME`",
+                        key=True,
+                    )
+                )
+            continue
+        if edge.source in spec.nodes:  # a sub-graph named `outputs` has nodes `outputs.X`
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"`{edge.source}` names output `{fed}` fed back, and also node `{edge.source}` "
+                    "of the sub-graph `outputs`",
+                    "rename the sub-graph: `outputs.NAME` in an edge always means an output",
+                )
+            )
+        if edge.delay == 0 and edge.kind != "feedback":  # a delay-less `feedback` edge: above
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"edge {label} starts at an output but has no delay: an output is computed "
+                    "from its own step's states, so an undelayed edge from it loops through the head",
+                    "add `delay: 1`: the node then reads what the output gave one step before",
+                )
+            )
+        if edge.projection is None:
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"edge {label} starts at an output and needs `projection`, the map from the "
+                    "output's values to the receiving node's width",
+                    "add `projection: linear`",
+                )
+            )
+        if edge.kind not in ("message", "feedback"):
+            found.append(
+                ir.error(
+                    ("edges", i, "kind"),
+                    f"edge {label} starts at an output, which has no state on the bus: "
+                    f"`kind: {edge.kind}` is for edges between nodes",
+                    "remove `kind`, or use `kind: feedback`",
+                )
+            )
+        if edge.ratio is not None:
+            found.append(
+                ir.error(
+                    ("edges", i, "ratio"),
+                    f"edge {label} starts at an output: a ratio conditions messages between "
+                    "nodes' states, and an output's values go through its projection",
+                    "remove `ratio`",
+                    key=True,
+                )
+            )
+        output = spec.outputs.get(fed)
+        if output is not None and output.kind not in PER_TOKEN_OUTPUTS:
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"output `{fed}` is `kind: {output.kind}`, one value per example, and only "
+                    f"per-token outputs ({', '.join(PER_TOKEN_OUTPUTS)}) can be added to a "
+                    "node's tokens",
+                    "feed back a per-token output (a `regression`, an `lm_head`)",
+                )
+            )
+        receiver = ir.graph.nodes.get(f"nodes.{edge.to}")
+        if receiver is not None and receiver["role"] == "observer":
+            found.append(
+                ir.error(
+                    ("edges", i, "to"),
+                    f"`{edge.to}` is a `kind: {receiver['kind']}` node, which observes its host "
+                    "and takes no input",
+                    "feed the output back into a node of the federation",
+                )
+            )
+        if feedback is not None and feedback.mode == "equilibrium":
+            found.append(
+                ir.error(
+                    ("edges", i, "from"),
+                    f"edge {label} feeds an output back, but `mode: equilibrium` solves for the "
+                    "nodes' states alone: the heads are not part of its fixed point",
+                    "use `mode: unroll` or `mode: truncated`, or a time axis (`time: {}`)",
                 )
             )
     return found

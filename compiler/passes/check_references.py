@@ -15,8 +15,9 @@ def check_references(ir: IR) -> list[Diagnostic]:
         section = vertex.split(".", 1)[0]
         if ir.withheld.may_name(section, data["name"]):
             continue  # it may name what is written but failed validation: reported there
-        known = ir.withheld.names(section, spec.inputs if section == "inputs" else spec.nodes)
-        what = "input" if section == "inputs" else "node"
+        declared = {"inputs": spec.inputs, "outputs": spec.outputs}.get(section, spec.nodes)
+        known = ir.withheld.names(section, declared)
+        what = {"inputs": "input", "outputs": "output"}.get(section, "node")
         guess = did_you_mean(data["name"], known)
         hint = (
             f"did you mean `{guess}`?" if guess else f"the spec's {what}s are: {', '.join(known)}"
@@ -28,7 +29,8 @@ def check_references(ir: IR) -> list[Diagnostic]:
             target = path
             if path[0] == "edges":
                 edge = spec.edges[path[1]]
-                target = (*path, "from") if edge.source == data["name"] else (*path, "to")
+                sent = edge.source if section != "outputs" else edge.source.split(".", 1)[1]
+                target = (*path, "from") if sent == data["name"] else (*path, "to")
             found.append(ir.error(target, f"no {what} named `{data['name']}`", hint))
     if "self" in spec.inputs:  # `model(self=...)` binds the model: Python refuses the call
         found.append(

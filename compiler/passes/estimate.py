@@ -163,7 +163,8 @@ def _projection(members: int, width_in: int, width_out: int) -> int:
 
 def federation_parameters(plan: Any) -> dict[str, Any]:
     """`runtime.federation.executor.Federation` outside its groups' sub-models: per group its
-    reads and bus projections; the message layer, cross attention and perspectives."""
+    reads and bus projections; the message layer, cross attention, perspectives and the
+    projections of outputs fed back."""
     groups = plan.groups
     senders = {e.source for e in plan.edges}
     receivers = {e.target for e in plan.edges}
@@ -193,7 +194,15 @@ def federation_parameters(plan: Any) -> dict[str, Any]:
     perspectives = sum(
         w * w for (p, _), w in frames.items() if kinds[p] in ("rotation", "projection")
     )
-    return {"groups": per_group, "messages": messages, "cross": cross, "perspectives": perspectives}
+    place = {i: g for g in groups for i in g.indices}
+    feeds = sum(counting.linear(f.width, place[f.target].config.width, False) for f in plan.feeds)
+    return {
+        "groups": per_group,
+        "messages": messages,
+        "cross": cross,
+        "perspectives": perspectives,
+        "feeds": feeds,
+    }
 
 
 def _group_parameters(ir: IR, group: Any, built: dict) -> int:
@@ -263,7 +272,7 @@ def estimate(ir: IR) -> IR:
     parts |= {("nodes", name): n for name, n in companions.items()}
     for g, group in enumerate(federation.groups):  # a group's guess is its first node's part
         parts[("nodes", group.nodes[0])] = guesses[g] + around["groups"][g]
-    parts[("edges",)] = around["messages"] + around["cross"]
+    parts[("edges",)] = around["messages"] + around["cross"] + around["feeds"]
     parts[("perspectives",)] = around["perspectives"]
     _guard(ir, parts, blocks)
 
@@ -285,7 +294,7 @@ def estimate(ir: IR) -> IR:
             }
     outside = {f"inputs.{name}": n for name, n in inputs.items()}
     outside |= {f"outputs.{name}": n for name, n in outputs.items()}
-    for part in ("messages", "cross", "perspectives"):
+    for part in ("messages", "cross", "perspectives", "feeds"):
         if around[part]:
             outside[part] = around[part]
     companion_rows = {

@@ -211,6 +211,7 @@ def plan(ir: IR) -> IR:
         lipschitz=float(feedback.lipschitz) if feedback and feedback.lipschitz else None,
         power_iterations=(feedback.power_iterations or 4) if feedback else 4,
         time=spec.time is not None,
+        feeds=plan_feeds(ir, position),
         equilibrium=plan_equilibrium(feedback)
         if feedback and feedback.mode == "equilibrium"
         else None,
@@ -226,6 +227,28 @@ def plan(ir: IR) -> IR:
     return ir.with_graph(graph).with_facts(
         federation=federation, address=address, companions=companions
     )
+
+
+def plan_feeds(ir: IR, position: dict[str, int]) -> tuple:
+    """The edges `from: outputs.NAME` (role `feed`), in the spec's order: each output's values
+    per token (an lm_head's vocabulary, a regression's width) into a node's bus position."""
+    from runtime.configs import FeedPlan
+
+    graph, feeds = ir.graph, []
+    for u, v, edge in sorted(ir.graph.edges(data=True), key=lambda e: e[2].get("index", -1)):
+        if edge["role"] != "feed":
+            continue
+        output = graph.nodes[u]["spec"]
+        width = output.width if output.kind == "regression" else _vocabulary(ir, output)
+        feeds.append(
+            FeedPlan(graph.nodes[u]["name"], width, position[graph.nodes[v]["name"]], edge["delay"])
+        )
+    return tuple(feeds)
+
+
+def _vocabulary(ir: IR, head: Any) -> int:
+    tokens = [n for n, i in ir.spec.inputs.items() if i.kind == "tokens"]
+    return ir.spec.inputs[head.vocab_of or tokens[0]].vocab
 
 
 def _check_plan(kind: str, planned: NodePlan) -> None:

@@ -16,6 +16,9 @@ with their delays, and the feedback schedule. The forward pass is then:
 Every step reads the inputs afresh (the original sketch's loop began from zeros and never saw them);
 a delayed edge reads the bus of `delay` steps before, which is zero before the first step.
 The loops run over the plan, whose length is fixed at compile time, so `torch.compile` unrolls them.
+An edge from an output (`FeedPlan`) adds what that output gave `delay` steps before, through its
+projection, to the receiving node's input; the heads are the model's (`GraphModel` sets
+`read_back`), evaluated after each step on its final states.
 Under `mode: equilibrium` the steps are not unrolled: an `EquilibriumSolver` (equilibrium.py)
 solves for the bus state that one more step leaves unchanged, iterating this module's `_step`.
 """
@@ -38,7 +41,7 @@ from runtime.federation.equilibrium import (
 )
 from runtime.federation.messages import stage_edges
 from runtime.federation.solvers import SolverSettings
-from runtime.layers import MemberLinear
+from runtime.layers import MemberLinear, init_normal_
 from runtime.names import NamedModules
 from runtime.perspective import Perspective, apply_frames
 
@@ -140,6 +143,21 @@ class Federation(nn.Module):
                 self.register_buffer(f"cross_source_{g}", torch.tensor(sources), persistent=False)
                 self.register_buffer(f"cross_member_{g}", torch.tensor(members), persistent=False)
         self.cross = nn.ModuleDict(cross)
+        # Outputs fed back: one projection per edge `from: outputs.NAME`, from the output's width
+        # to its receiver's; the receiver's (group, member) and the delay say where and when.
+        place = {i: (g, m) for g, group in enumerate(groups) for m, i in enumerate(group.indices)}
+        self.feeds = nn.ModuleList(
+            _feed_projection(f.width, groups[place[f.target][0]].config.width) for f in plan.feeds
+        )
+        self._feeds_into: list[list[tuple[int, int, str, int]]] = [[] for _ in groups]
+        for k, f in enumerate(plan.feeds):
+            g, m = place[f.target]
+            self._feeds_into[g].append((k, m, f.output, f.delay))
+        # The model's heads for the fed-back outputs, `states -> {output: values}`: set by
+        # `GraphModel` (its heads are its own modules, not registered twice here).
+        self.read_back: Callable[[list[Tensor]], dict[str, Tensor]] | None = None
+        self.feed_delay = plan.feed_delay  # plain values, constants to torch.compile
+        self.fed_outputs = plan.fed_outputs
         if plan.mode == "equilibrium" and plan.lipschitz is not None:
             # What the delayed edges read is scaled by this gain (<= 1): the Lipschitz bound's only
             # lever, kept in the state dict so a checkpoint reproduces the map it was trained on.
@@ -177,14 +195,18 @@ class Federation(nn.Module):
             measured = self.feedback_gain_measured if plan.lipschitz is not None else None
             return self.equilibrium.solve(embedded, self.training, self._gain(), measured)
         history: list[Tensor] = []  # buses of earlier steps, newest first
+        fed: list[dict[str, Tensor]] = []  # fed-back outputs of earlier steps, newest first
         outs: list[Tensor] = []
         finite: list[Tensor] = []
         for step in range(plan.steps):
+            last = step == plan.steps - 1  # its outputs are the model's, fed back to no step
             if step >= plan.steps - plan.backprop_steps:
-                outs, bus = self._step(embedded, history)
+                outs, bus = self._step(embedded, history, fed)
+                fed = fed if last else self._feed_back(outs, fed)
             else:  # truncated: the early steps run without a tape
                 with torch.no_grad():
-                    outs, bus = self._step(embedded, history)
+                    outs, bus = self._step(embedded, history, fed)
+                    fed = self._feed_back(outs, fed)
             if bus is not None and self.max_delay:
                 history = [bus, *history][: self.max_delay]
                 if plan.steps > 1 and not torch.compiler.is_compiling():
@@ -202,21 +224,56 @@ class Federation(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, ...]:
         """The state before the first time step: the buses the delayed edges read, newest first,
-        all zero (nothing was sent before the first step). Empty without delayed edges."""
-        if not self.has_bus or not self.max_delay:
-            return ()
-        shape = (batch, tokens, len(self.plan.nodes), self.plan.bus_width)
-        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.max_delay))
+        then for each step back the fed-back outputs (`plan.fed_outputs` order), all zero
+        (nothing was sent before the first step). Empty without delayed edges."""
+        buses: tuple[Tensor, ...] = ()
+        if self.has_bus and self.max_delay:
+            shape = (batch, tokens, len(self.plan.nodes), self.plan.bus_width)
+            buses = tuple(
+                torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.max_delay)
+            )
+        width = {f.output: f.width for f in self.plan.feeds}
+        fed = tuple(
+            torch.zeros(batch, tokens, width[name], device=device, dtype=dtype)
+            for _ in range(self.feed_delay)
+            for name in self.fed_outputs
+        )
+        return buses + fed
 
     def step(
         self, embedded: dict[str, Tensor], state: tuple[Tensor, ...]
     ) -> tuple[list[Tensor], tuple[Tensor, ...]]:
         """One time step of a time axis: this step's inputs and the state `init_state` or the
         previous step gave; the final states per group, and the state for the next step."""
-        outs, bus = self._step(embedded, list(state))
+        buses = len(state) - self.feed_delay * len(self.fed_outputs)
+        history, fed = list(state[:buses]), self._unflatten(state[buses:])
+        outs, bus = self._step(embedded, history, fed)
         if bus is not None and self.max_delay:
-            state = (bus, *state)[: self.max_delay]
-        return outs, state
+            history = [bus, *history][: self.max_delay]
+        fed = self._feed_back(outs, fed)
+        names = self.fed_outputs
+        return outs, (*history, *(values[name] for values in fed for name in names))
+
+    def _unflatten(self, flat: tuple[Tensor, ...]) -> list[dict[str, Tensor]]:
+        """The fed-back outputs of a flat state, one dict per step back, newest first."""
+        names = self.fed_outputs
+        return [
+            dict(zip(names, flat[d : d + len(names)], strict=True))
+            for d in range(0, len(flat), len(names) or 1)
+        ]
+
+    def _feed_back(
+        self, outs: list[Tensor], fed: list[dict[str, Tensor]]
+    ) -> list[dict[str, Tensor]]:
+        """The fed-back outputs with this step's (from its final states) as the newest."""
+        if not self.feed_delay:
+            return fed
+        if self.read_back is None:
+            raise RuntimeError(
+                "this federation feeds outputs back, and no heads were given to compute them: "
+                "run it inside its `GraphModel`, which sets `read_back`"
+            )
+        return [self.read_back(outs), *fed][: self.feed_delay]
 
     def fixed_point(self, embedded: dict[str, Tensor]) -> Tensor:
         """The equilibrium bus state z* for these inputs, with the stored gain (no tape)."""
@@ -277,7 +334,10 @@ class Federation(nn.Module):
         self.equilibrium.mask_seed = seed
 
     def _step(
-        self, embedded: dict[str, Tensor], history: list[Tensor]
+        self,
+        embedded: dict[str, Tensor],
+        history: list[Tensor],
+        fed: list[dict[str, Tensor]] = (),
     ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan
         n = len(plan.nodes)
@@ -310,6 +370,7 @@ class Federation(nn.Module):
                     received = attended if received is None else received + attended
                 if received is not None:
                     x = x + self.from_bus[g](received)
+                x = self._add_fed_back(g, x, fed)
                 y = self.transformers[g](x)
                 outs.append(y)
                 if self._sends[g]:  # a row no edge reads stays zero, out of an equilibrium residual
@@ -319,6 +380,15 @@ class Federation(nn.Module):
                     bus = bus.index_add(-2, index, sent)
                 g += 1
         return outs, bus
+
+    def _add_fed_back(self, g: int, x: Tensor, fed: list[dict[str, Tensor]]) -> Tensor:
+        """Group `g`'s input plus, for each output fed into one of its members, the projection
+        of what that output gave `delay` steps before (nothing before the first such step)."""
+        for k, member, output, delay in self._feeds_into[g]:
+            if delay <= len(fed):
+                added = self.feeds[k](fed[delay - 1][output].to(x.dtype))
+                x = torch.cat([x[:member], (x[member] + added)[None], x[member + 1 :]])
+        return x
 
     def _read(
         self, group: GroupPlan, g: int, embedded: dict[str, Tensor], batch: int, tokens: int
@@ -379,6 +449,14 @@ def _plain_equilibrium(plan: FederationPlan) -> EquilibriumPlan:
     """Fixed-point iteration forward and backward to the plan's tolerance, implicit gradient."""
     settings = SolverSettings(steps=plan.steps, tolerance=plan.tolerance)
     return EquilibriumPlan(forward=settings, backward=settings)
+
+
+def _feed_projection(width_in: int, width_out: int) -> nn.Linear:
+    """`projection: linear` of an output fed back: a learned matrix, no bias (a zero output, as
+    before the first step, adds nothing)."""
+    projection = nn.Linear(width_in, width_out, bias=False)
+    init_normal_(projection.weight)
+    return projection
 
 
 def _projection(members: int, width_in: int, width_out: int) -> nn.Module:

@@ -98,7 +98,7 @@ class SceneEdge:
     id: str  # `edges.3` for the spec's edges; `reads.N` / `outputs.N` for the others
     source: str
     target: str
-    role: str  # read | edge | companion | output
+    role: str  # read | edge | companion | output | feed (an output fed back)
     kind: str | None = None
     ratio: str | None = None
     delay: int = 0
@@ -176,7 +176,7 @@ def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
     edges = []
     reads = outputs = 0
     for u, v, data in graph.edges(data=True):
-        if data["role"] in ("edge", "companion"):
+        if data["role"] in ("edge", "companion", "feed"):
             ratio = data.get("ratio")
             edge_id = f"edges.{data['index']}"
             edges.append(
@@ -208,7 +208,7 @@ def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
         part
         for part in (
             _plural(sum(n.role not in ("input", "output") for n in nodes), "node"),
-            _plural(sum(e.role in ("edge", "companion") for e in edges), "edge"),
+            _plural(sum(e.role in ("edge", "companion", "feed") for e in edges), "edge"),
             f"{_count(total)} parameters" if total is not None else "",
         )
         if part
