@@ -12,7 +12,7 @@ import typer
 if TYPE_CHECKING:
     from rich.table import Table
 
-from compiler.language.diagnostics import Diagnostic, SpecError, printable
+from compiler.language.diagnostics import Diagnostic, Span, SpecError, did_you_mean, printable
 from compiler.language.kinds import KINDS
 from compiler.tools.cli.common import _guarded, _print_diagnostics, _usage, app, out
 from compiler.tools.outputs import OutputError, check_directory_output, output_directory
@@ -109,6 +109,16 @@ def compile_(
         typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
     ] = None,
     sets: SetOption = None,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            metavar="PATH",
+            help="Print the rows of this node, or of every node inside this sub-graph "
+            "(a dotted path, e.g. outer.inner), with their total; the smoke forward and --out "
+            "still concern the whole model.",
+        ),
+    ] = None,
 ) -> None:
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
@@ -116,12 +126,16 @@ def compile_(
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import save_checkpoint
 
+    if node is not None and level is not None:
+        _usage("--node and --level each choose the table to print: give one of them")
     if out_dir is not None:  # refused before the work, not after it
         check_directory_output(out_dir, "--out")
     ir = analyze(file, overrides=_overrides(sets))
     _print_diagnostics(ir.facts.warnings)
     if level is not None:  # the sub-model's own table, once the model is built
         fractal = _check_sub_model_address(ir, fractal, level, index)
+    elif node is not None:
+        out.print(_table(ir, _nodes_under(ir, node), node))
     else:
         out.print(_table(ir))
         for line in _kind_notes(ir):
@@ -174,12 +188,34 @@ def compile_(
         out.print(f"wrote {path}", markup=False)
 
 
-def _table(ir) -> Any:
+def _nodes_under(ir, path: str) -> set[str]:
+    """The nodes at `path` (one node, or every node of the sub-graph there, at any depth); an
+    unknown path is a located error on the command line, with the nearest known path."""
+    names = set(ir.facts.estimates) | set(ir.facts.companions)
+    picked = {n for n in names if n == path or n.startswith(path + ".")}
+    if picked:
+        return picked
+    known = names | {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 1)}
+    guess = did_you_mean(path, known)
+    raise SpecError(
+        [
+            Diagnostic(
+                Span("command line: --node", 1, 1),
+                f"no node or sub-graph `{path}` in {ir.spec.name}",
+                (f"did you mean `{guess}`? " if guess else "")
+                + "the paths are the node column of `epicycle compile` (sub-graphs: the part "
+                "before a dot)",
+            )
+        ]
+    )
+
+
+def _table(ir, only: set[str] | None = None, path: str | None = None) -> Any:
+    """The per-node table; with `only`, just those nodes' rows and their total (`--node`)."""
     from rich.table import Table  # only `compile` draws a table
 
-    table = Table(
-        title=f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})", title_justify="left"
-    )
+    title = f"{ir.spec.name}  (spec sha256 {ir.loaded.digest[:12]})"
+    table = Table(title=title + (f", {path}" if path else ""), title_justify="left")
     for column in (
         "node",
         "kind",
@@ -194,6 +230,8 @@ def _table(ir) -> Any:
             column, justify="left" if column in ("node", "kind", "batch group") else "right"
         )
     for name, row in ir.facts.estimates.items():
+        if only is not None and name not in only:
+            continue
         vertex = f"nodes.{name}"
         described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         group = f"#{row['group']} x{row['members']}" if row["members"] > 1 else f"#{row['group']}"
@@ -208,6 +246,8 @@ def _table(ir) -> Any:
             _count(row["flops_per_token"]),
         )
     for name in ir.facts.companions:
+        if only is not None and name not in only:
+            continue
         row, vertex = ir.facts.companion_estimates[name], f"nodes.{name}"
         described = KINDS.get(ir.graph.nodes[vertex]["kind"]).describe(ir, vertex)
         table.add_row(
@@ -220,6 +260,13 @@ def _table(ir) -> Any:
             _count(row["parameters"]),
             _count(row["flops_per_token"]),
         )
+    if only is not None:
+        within = sum(ir.facts.estimates[n]["parameters"] for n in only if n in ir.facts.estimates)
+        within += sum(
+            ir.facts.companion_estimates[n]["parameters"] for n in only if n in ir.facts.companions
+        )
+        table.add_row(f"total of {path}", "", "", "", "", "", _count(within), "", end_section=True)
+        return table
     for part, count in ir.facts.parameters_outside_nodes.items():
         table.add_row(part, "", "", "", "", "", _count(count), "")
     table.add_row("total", "", "", "", "", "", _count(ir.facts.parameters), "", end_section=True)
