@@ -7,18 +7,12 @@ import torch
 
 import compiler
 from compiler.passes.check_capabilities import model_capabilities
+from compiler.tools.inputs import random_inputs as compiler_inputs
 from tests.conftest import GALLERY, ROOT
 
 
 def random_inputs(spec, batch: int = 2, tokens: int = 8) -> dict[str, torch.Tensor]:
-    lead = (batch, 3) if spec.time is not None else (batch,)  # a time axis: 3 time steps
-    inputs = {}
-    for name, inp in spec.inputs.items():
-        if inp.kind == "tokens":
-            inputs[name] = torch.randint(0, inp.vocab, (*lead, tokens))
-        else:
-            inputs[name] = torch.randn(*lead, tokens, inp.width)
-    return inputs
+    return compiler_inputs(spec, batch=batch, tokens=tokens)
 
 
 def test_the_gallery_is_not_empty():

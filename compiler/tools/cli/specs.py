@@ -158,7 +158,9 @@ def compile_(
         out.print(_capability_line(ir), markup=False)
     if smoke:
         model.eval()
-        inputs = _random_inputs(ir, min(tokens, ir.facts.context), device)
+        from compiler.tools.inputs import random_inputs
+
+        inputs = random_inputs(ir.spec, tokens=min(tokens, ir.facts.context), device=device)
         start = time.perf_counter()
         with torch.no_grad():
             if level is None:
@@ -396,18 +398,3 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
-
-
-def _random_inputs(ir, tokens: int, device: str) -> dict:
-    import torch
-
-    generator = torch.Generator().manual_seed(ir.spec.seed)
-    lead = (2, 3) if ir.spec.time is not None else (2,)  # a time axis: 3 time steps
-    inputs = {}
-    for name, spec in ir.spec.inputs.items():
-        if spec.kind == "tokens":
-            shape = (*lead, tokens)
-            inputs[name] = torch.randint(0, spec.vocab, shape, generator=generator).to(device)
-        else:
-            inputs[name] = torch.randn(*lead, tokens, spec.width, generator=generator).to(device)
-    return inputs

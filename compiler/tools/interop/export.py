@@ -25,17 +25,13 @@ if TYPE_CHECKING:
 
 def example_inputs(model: GraphModel, batch: int = 2, tokens: int = 8) -> tuple[Tensor, ...]:
     """Random inputs in the spec's declaration order, drawn from the spec's seed."""
-    generator = torch.Generator().manual_seed(model.spec.seed)
-    tokens = min(tokens, _context(model))
-    values = []
-    for name in model.input_names:
-        spec = model.spec.inputs[name]
-        if spec.kind == "tokens":
-            values.append(torch.randint(0, spec.vocab, (batch, tokens), generator=generator))
-        else:
-            values.append(torch.randn(batch, tokens, spec.width, generator=generator))
+    from compiler.tools.inputs import random_inputs
+
     device = next(model.parameters()).device
-    return tuple(v.to(device) for v in values)
+    drawn = random_inputs(
+        model.spec, batch=batch, tokens=min(tokens, _context(model)), device=device
+    )
+    return tuple(drawn[name] for name in model.input_names)
 
 
 def _context(model: GraphModel) -> int:
