@@ -10,7 +10,8 @@ Kolter 2023) run in the same process when the package is importable, and are ski
 Iterations are counted as evaluations of the map (or of the vector-Jacobian product), the same for
 every solver; the residual is that of the returned z, ||f(z) - z|| / ||f(z)|| per sequence, the
 largest of the batch, recomputed here. Peak memory (CUDA only) is measured above the memory held
-before the solve.
+before the solve; the backward's includes the one taped evaluation of f that its products
+differentiate, as in the executor's implicit backward.
 """
 
 from __future__ import annotations
