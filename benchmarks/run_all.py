@@ -23,6 +23,7 @@ SCRIPTS = [
     "profile_steps",
     "composition",
     "train_throughput",
+    "equilibrium_solvers",
 ]
 
 
