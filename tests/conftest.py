@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -11,6 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 GALLERY = sorted((ROOT / "specs").glob("*.yaml"))
 # the first 20,000 characters of the corpus `epicycle data shakespeare` writes, shipped here
 CORPUS = ROOT / "tests" / "fixtures" / "shakespeare_20k.txt"
+# `epicycle train --device auto` takes a GPU where there is one; the suite's training tests compare
+# against CPU computations, so they train on the CPU everywhere unless a test asks for CUDA (the
+# variable is `--device`'s default; subprocesses inherit it)
+os.environ.setdefault("EPICYCLE_DEVICE", "cpu")
+
+
+def python_path() -> str:
+    """PYTHONPATH for a subprocess that must import this checkout, keeping what the environment
+    already puts there (a machine whose pydantic lives on PYTHONPATH keeps it)."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (str(ROOT), inherited) if p)
 
 
 @pytest.fixture

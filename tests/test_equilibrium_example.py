@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_path
 
 
 def test_the_loop_helps_example_writes_every_arm_at_equal_steps_and_equal_time(tmp_path):
@@ -22,7 +22,7 @@ def test_the_loop_helps_example_writes_every_arm_at_equal_steps_and_equal_time(t
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": python_path()},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "equilibrium_loop_helps.json").read_text())

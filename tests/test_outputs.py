@@ -29,7 +29,7 @@ from compiler.tools.outputs import (
     write_file,
     write_with,
 )
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, python_path
 
 runner = CliRunner()
 FEDERATION = str(ROOT / "specs" / "federation.yaml")
@@ -194,7 +194,7 @@ def test_compile_leaves_nothing_in_the_temp_folder(tmp_path):
     from doing so. (torch's own compiler cache directory, created empty on import, is allowed.)"""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": python_path()}
     done = subprocess.run(  # compile validates, builds the message layers and runs them
         [sys.executable, "-m", "compiler.tools.cli", "compile", FEDERATION, "--tokens", "4"],
         env=env,

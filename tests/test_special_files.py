@@ -14,7 +14,7 @@ import pytest
 from compiler.language.diagnostics import SpecError
 from compiler.language.source import MAX_FILE_BYTES, read_spec_file
 from compiler.tools.viz.lattice import read_metrics
-from tests.conftest import ROOT
+from tests.conftest import python_path
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 
@@ -23,7 +23,7 @@ def validate(path) -> subprocess.CompletedProcess:
     """The real command in its own process: a hang is a timeout here, not a stuck test run."""
     return subprocess.run(
         [sys.executable, "-m", "compiler.tools.cli", "validate", str(path)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": python_path()},
         capture_output=True,
         text=True,
         timeout=60,

@@ -19,7 +19,7 @@ from compiler.tools.training.memory import (
     check_training_memory,
     estimate_training_memory,
 )
-from tests.conftest import ROOT
+from tests.conftest import python_path
 
 MEASURED = """spec: 1
 name: measured
@@ -133,7 +133,7 @@ def test_the_estimate_bounds_a_measured_cpu_step_within_a_factor_of_two():
         [sys.executable, "-c", MEASURE_CPU, MEASURED, TINY],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": python_path()},
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

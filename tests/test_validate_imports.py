@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import GALLERY, ROOT
+from tests.conftest import GALLERY, ROOT, python_path
 
 VALIDATE_AND_LIST_MODULES = """
 import json, sys
@@ -30,7 +30,7 @@ def test_validating_every_gallery_spec_imports_neither_torch_nor_torch_geometric
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": python_path()},
         timeout=60,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -80,8 +80,9 @@ def train(
     device: Annotated[
         str,
         typer.Option(
+            envvar="EPICYCLE_DEVICE",
             help="auto (CUDA when there is a GPU, else cpu), cpu, cuda (under torchrun: the local "
-            "rank's GPU), cuda:N, mps."
+            "rank's GPU), cuda:N, mps.",
         ),
     ] = "auto",
     precision: Annotated[
