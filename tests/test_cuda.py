@@ -20,8 +20,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("path", GALLERY, ids=lambda p: p.name)
 def test_gallery_matches_the_cpu_and_compiles_with_inductor_on_gpu(path):
     torch._dynamo.reset()
-    cpu = compiler.build_model(path).eval()
-    gpu = compiler.build_model(path, device="cuda").eval()
+    ir = compiler.analyze(path)
+    if ir.spec.feedback is not None and ir.spec.feedback.mode == "equilibrium":
+        # two solves stopped at a relative residual of 1e-4 differ by about that much over the
+        # contraction's 1 / (1 - L): solved tightly, the comparison is of the arithmetic
+        ir = compiler.analyze(path, overrides=["feedback.tolerance=1e-7", "feedback.steps=300"])
+    cpu = compiler.build_model(ir).eval()
+    gpu = compiler.build_model(ir, device="cuda").eval()
     gpu.load_state_dict(cpu.state_dict())
     inputs = random_inputs(cpu.spec, batch=4, tokens=64)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
@@ -45,7 +45,8 @@ class RunOptions:
     stop_at: int | None = None  # stop after this step; the schedule still spans `steps`
     log_every: int = 10
     eval_batches: int = 8
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto | cpu | cuda | cuda:N | mps; default: $EPICYCLE_DEVICE, else auto (as `--device`)
+    device: str = field(default_factory=lambda: os.environ.get("EPICYCLE_DEVICE", "auto"))
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead: CUDA graphs
