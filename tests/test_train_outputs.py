@@ -245,7 +245,10 @@ def test_a_device_or_precision_this_machine_lacks_is_a_usage_error(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="needs a machine without a GPU (it asks for CUDA where there is none)",
+)
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cuda_where_there_is_none_says_what_to_use(write_spec, text, tmp_path, device):
     result = cli(
