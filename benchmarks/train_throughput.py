@@ -9,7 +9,8 @@ draws its batches on the GPU and computes `F.cross_entropy` over the whole batch
 `epicycle train` (`compiler.tools.training.train`, called in-process) reads its text reader's
 batches, pins and copies them, logs every 10 steps, and validates and checkpoints at the end.
 
-Rows: tokens/s of the hand loop, of `epicycle train`'s steps (its own `tokens_per_s`: logging
+Rows: tokens/s of the hand loop (measured before and after `epicycle train`, ratios against the
+mean of the two), of `epicycle train`'s steps (its own `tokens_per_s`: logging
 intervals after warm-up, its data reading included), and of `epicycle train` end to end (from the
 end of the warm-up to its return: logging, one validation of 2 batches, one checkpoint with the
 optimizer state and the loss curve included). The overhead row is the difference, in seconds and
@@ -31,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,8 +123,10 @@ def flops_per_token(model: torch.nn.Module, shape: dict) -> int:
     return 6 * matmul + 6 * shape["layers"] * shape["context"] * shape["width"]
 
 
-def hand_loop(spec: Path, vocab: int, shape: dict, args: argparse.Namespace) -> float:
-    """Tokens/s of a loop written by hand over the compiled spec model (nanoGPT's train.py)."""
+def hand_loop(spec: Path, vocab: int, shape: dict, args: argparse.Namespace) -> Callable[[], float]:
+    """A loop written by hand over the compiled spec model (nanoGPT's train.py): a function that
+    warms up, then returns the tokens/s of `args.steps` steps. It is measured before and after
+    `epicycle train`, so a drift of the GPU's clocks between the two shows and averages out."""
     device, cuda = args.device, args.device == "cuda"
     model = compiler.build_model(spec, device=device).train()
     step_model = torch.compile(model) if args.compile else model
@@ -145,14 +149,17 @@ def hand_loop(spec: Path, vocab: int, shape: dict, args: argparse.Namespace) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    begin = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return args.steps * batch * context / (time.perf_counter() - begin)
+    def measure() -> float:
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        begin = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        return args.steps * batch * context / (time.perf_counter() - begin)
+
+    return measure
 
 
 def trainer(spec: Path, data: Path, shape: dict, args: argparse.Namespace, out: Path) -> dict:
@@ -210,11 +217,16 @@ def main() -> None:
             spec.write_text(spec_text(vocab, shape, steps, args.warmup), encoding="utf-8")
             per_token = flops_per_token(compiler.build_model(spec, device="meta", budget=0), shape)
             torch._dynamo.reset()
-            hand = hand_loop(spec, vocab, shape, args)
-            torch._dynamo.reset()
+            measure_hand = hand_loop(spec, vocab, shape, args)
+            before = measure_hand()
             ours = trainer(spec, data, shape, args, scratch / f"run-{vocab}")
+            after = measure_hand()
+            hand = (before + after) / 2
+            torch._dynamo.reset()
             for loop, tokens_per_s in [
-                ("hand-written loop", hand),
+                ("hand-written loop, before", before),
+                ("hand-written loop, after", after),
+                ("hand-written loop (mean)", hand),
                 ("epicycle train (steps)", ours["steps"]),
                 ("epicycle train (end to end)", ours["end_to_end"]),
             ]:

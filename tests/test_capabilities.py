@@ -107,4 +107,23 @@ def test_compile_says_what_the_model_supports_and_what_rules_the_rest_out(write_
     result = CliRunner().invoke(app, ["compile", str(write_spec(ROTATED)), "--no-smoke"])
     assert result.exit_code == 0, result.output
     line = " ".join(result.output.split()[result.output.split().index("supports:") :])
-    assert line.startswith("supports: export, fullgraph, fsdp, cuda_graphs; not onnx (perspective")
+    assert line.startswith("supports: export, fullgraph, fsdp; not onnx (perspective")
+
+
+def test_training_under_cuda_graphs_is_refused_where_a_rotation_rules_them_out(
+    write_spec, tmp_path
+):
+    """`reduce-overhead` records CUDA graphs; the rotation's matrix exponential syncs the host
+    inside the step, so the spec is refused at its perspective before a weight is built."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["train", str(write_spec(ROTATED)), "--compile", "--compile-mode", "reduce-overhead",
+         "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "6:15: error: cannot train with --compile-mode reduce-overhead (CUDA graphs): " in (
+        result.output
+    )
+    assert "use --compile-mode default or max-autotune-no-cudagraphs" in result.output
+    assert not out.exists()

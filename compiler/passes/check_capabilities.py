@@ -131,6 +131,14 @@ def model_capabilities(ir: IR) -> dict[str, list[Limit]]:
                     "generator, an operator ONNX has no counterpart for",
                 )
             )
+            limits["cuda_graphs"].append(
+                Limit(
+                    ("perspectives", name, "kind"),
+                    f"perspective `{name}` is a rotation, whose matrix exponential picks its "
+                    "series' degree from the generator's norm read on the host, which a CUDA "
+                    "graph cannot capture",
+                )
+            )
     if ir.spec.time is not None:
         why = "a time axis steps through the sequence one time step at a time"
         for name, reason in (

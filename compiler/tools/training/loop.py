@@ -42,6 +42,7 @@ from compiler.tools.training.resume import (
     spec_differences,
 )
 from compiler.tools.training.settings import (
+    GRAPHED_MODES,
     Machine,
     RunOptions,
     UsageError,
@@ -78,8 +79,15 @@ def train(
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import load_weights, read_checkpoint_spec, read_training_state
 
-    machine = resolve_machine(options.device, options.precision, options.compile_mode)
     ir = analyze(spec, overrides=options.overrides)  # the checkpoint keeps this effective spec
+    if options.compile and options.compile_mode in GRAPHED_MODES:
+        require(
+            ir,
+            "cuda_graphs",
+            f"train with --compile-mode {options.compile_mode} (CUDA graphs)",
+            "use --compile-mode default or max-autotune-no-cudagraphs",
+        )
+    machine = resolve_machine(options.device, options.precision, options.compile_mode)
     if options.compile and ir.spec.time is not None:
         raise UsageError(
             "--compile: this spec declares a time axis (`time:`), trained chunk by chunk through "

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
 
 
 class UsageError(ValueError):
@@ -80,7 +81,7 @@ def resolve_machine(device: str, precision: str, compile_mode: str = "default") 
     chosen = resolve_precision(precision, resolved)
     if compile_mode not in COMPILE_MODES:
         raise UsageError(f"unknown --compile-mode `{compile_mode}`: use {', '.join(COMPILE_MODES)}")
-    if compile_mode in ("reduce-overhead", "max-autotune") and not resolved.startswith("cuda"):
+    if compile_mode in GRAPHED_MODES and not resolved.startswith("cuda"):
         raise UsageError(
             f"--compile-mode {compile_mode} records CUDA graphs, and this run is on {resolved}: "
             "use --compile-mode default (or max-autotune-no-cudagraphs)"
