@@ -13,6 +13,7 @@ lattice model's phases and its order parameter over training (`epicycle viz --la
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
     Without `errors`, an invalid spec raises its `SpecError`. With it, the spec is drawn from its
     raw YAML with every diagnostic attached, and a valid spec's warnings are attached too."""
     from compiler.language.source import read_spec_file
+    from compiler.language.subgraphs import expand
     from compiler.pipeline import analyze
 
     try:
@@ -81,6 +83,11 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
             doc = read_spec_file(path)
         except SpecError:
             doc = None  # not even YAML: the page shows the errors alone
+        if doc is not None:
+            # its sub-graphs flattened, as validation reads them, so they are framed; where the
+            # error is in a sub-graph, each is drawn as one box, as written
+            with suppress(SpecError):
+                doc = expand(doc)
         return scene_from_document(doc, exc.diagnostics, str(path)), exc
     return scene_from_ir(ir, ir.facts.warnings if errors else ()), None
 
@@ -89,9 +96,10 @@ def figure_of(
     scene: Scene, engine: str = "auto", *, show_issues: bool = True, toggles: bool = False
 ):
     """`toggles`: the sub-graphs' open/close buttons, for the HTML page."""
-    from compiler.tools.viz.draw import draw, node_size
+    from compiler.tools.viz.draw import draw, frame_label_size, node_size
 
     sizes = {node.id: node_size(node) for node in scene.nodes}
+    sizes.update({frame.id: frame_label_size(frame) for frame in scene.frames})
     placed = layout(scene, sizes, engine)
     return draw(scene, placed, show_issues=show_issues, toggles=toggles)
 

@@ -159,6 +159,13 @@ def node_size(node: SceneNode) -> tuple[float, float]:
     return max(width + 2 * PAD, 120.0), height + PAD
 
 
+def frame_label_size(frame: Frame) -> tuple[float, float]:
+    """The room a frame's top band needs for its button, path and counts: the layouts make the
+    frame at least this wide."""
+    path = text_width(frame.path, 12, bold=True)
+    return 8 + TOGGLE + 6 + path + 10 + text_width(" · ".join(frame.lines), 10) + 8, FRAME_LABEL
+
+
 def _grid_drawn(node: SceneNode) -> tuple[int, int]:
     rows, cols = node.lattice.grid
     return min(rows, MAX_CELLS), min(cols, MAX_CELLS)

@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape
 from compiler.tools.viz.draw import Figure
 from compiler.tools.viz.scene import Scene
 from compiler.tools.viz.svg import to_svg
-from compiler.tools.viz.views import MAX_VIEWS, Views, plan_views, view_key, view_scene
+from compiler.tools.viz.views import Views, plan_views, view_key, view_scene
 
 CSS = """
 * { box-sizing: border-box; }
@@ -424,7 +424,7 @@ def _subgraph_note(scene: Scene, views: Views) -> str:
     )
     if views.fixed:
         text += (
-            f" {len(views.fixed)} of them stay closed here (a page holds at most {MAX_VIEWS} "
-            "drawings); the .svg and .png draw every sub-graph open."
+            f" {len(views.fixed)} of them stay closed here (this page holds at most "
+            f"{views.limit} drawings); the .svg and .png draw every sub-graph open."
         )
     return f'  <p id="subgraphs">{escape(text)}</p>'

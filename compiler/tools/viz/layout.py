@@ -231,9 +231,15 @@ def _dot_block(
     index = {f.path: i for i, f in enumerate(scene.frames)}
     for inner in frame.frames if frame is not None else _top_frames(scene):
         child = scene.frames[index[inner]]
+        width, height = sizes.get(child.id, (0.0, FRAME_LABEL))
+        room = (  # an empty label of the size of ours (in points: one of our pixels each)
+            '<<table border="0" cellpadding="0" cellspacing="0"><tr>'
+            f'<td fixedsize="true" width="{max(width, 1):.0f}" height="{height:.0f}"></td>'
+            "</tr></table>>"
+        )
         lines.append(
-            f'{pad}subgraph cluster_f{index[inner]} {{ label="{"x" * len(child.path)}"; '
-            f'fontsize=14; labeljust=l; margin="{FRAME_PAD:.0f}";'
+            f"{pad}subgraph cluster_f{index[inner]} {{ label={room}; "
+            f'labeljust=l; margin="{FRAME_PAD:.0f}";'
         )
         lines.extend(_dot_block(scene, child, sizes, names, pad + "  "))
         lines.append(f"{pad}}}")
@@ -340,7 +346,7 @@ def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layou
         for child in inner:
             stand_in = SceneNode(frame_id(child), child, "frame", None)
             nodes.append(stand_in)
-            local[stand_in.id] = _frame_size(blocks[child])
+            local[stand_in.id] = _frame_size(blocks[child], sizes.get(stand_in.id))
         here: dict[str, tuple[str, str]] = {}
         edges = []
         for edge in scene.edges:
@@ -422,8 +428,10 @@ def _inside_its_block(block: Layout) -> Layout:
     )
 
 
-def _frame_size(block: Layout) -> tuple[float, float]:
-    return block.width + 2 * FRAME_PAD, block.height + FRAME_LABEL + FRAME_PAD
+def _frame_size(block: Layout, label: tuple[float, float] | None) -> tuple[float, float]:
+    """Its inside with a margin, and at least as wide as its label (`sizes[frame id]`)."""
+    width = max(block.width + 2 * FRAME_PAD, label[0] if label else 0.0)
+    return width, block.height + FRAME_LABEL + FRAME_PAD
 
 
 def _continued(

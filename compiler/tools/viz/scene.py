@@ -6,7 +6,8 @@ about what a graph holds. A scene comes from one of two places:
 * `scene_from_ir`: a valid spec after `compiler.analyze`: resolved settings, exact gear velocities,
   batch groups, parameters and FLOPs per node;
 * `scene_from_document`: the raw YAML of a spec that does not validate, drawn from what was written
-  (tolerating anything malformed), so that its errors can be shown at the nodes they concern.
+  (tolerating anything malformed), so that its errors can be shown at the nodes they concern;
+  its sub-graphs are expanded where they can be (`scene_of`), else drawn as one box each.
 
 Sub-graphs (`kind: graph`) are flattened before validation, so a valid spec's nodes carry their
 paths (`outer.train_a.driver`); the scene gives every sub-graph a `Frame` holding the nodes and
@@ -296,22 +297,24 @@ def nest_frames(scene: Scene) -> None:
         inside = [by_id[i] for i in _members_at_any_depth(f, frames)]
         models = sum(n.role in ("node", "observer") for n in inside)
         outputs = sum(n.role == "output" for n in inside)
-        parameters = sum(n.details.get("parameters") or 0 for n in inside)
         counted = [_plural(models, "node")]
         if f.frames:
             counted.append(_plural(len(f.frames), "sub-graph"))
         if outputs:
             counted.append(_plural(outputs, "output"))
-        f.lines = ["graph · " + " · ".join(counted), f"{_count(parameters)} params"]
+        f.lines = ["graph · " + " · ".join(counted)]
         f.details = {
             "role": "sub-graph",
             "kind": "graph",
             "nodes": models,
             "sub-graphs inside": len(f.frames),
             "outputs": outputs,
-            "parameters": parameters,
-            "parameters are": "its nodes' and its output heads', at every depth",
         }
+        if any("parameters" in n.details for n in inside):  # a valid spec's estimates
+            parameters = sum(n.details.get("parameters") or 0 for n in inside)
+            f.lines.append(f"{_count(parameters)} params")
+            f.details["parameters"] = parameters
+            f.details["parameters are"] = "its nodes' and its output heads', at every depth"
     _unframe_cross_groups(scene, by_id)
 
 
@@ -501,6 +504,9 @@ def scene_from_document(
     edges: list[SceneEdge] = []
 
     def endpoint(vertex: str, label: str) -> str:
+        graph = f"nodes.{label.split('.', 1)[0]}"
+        if vertex not in nodes and "." in label and graph in nodes and nodes[graph].kind == "graph":
+            return graph  # inside a sub-graph that could not be expanded: its box stands for it
         if vertex not in nodes:
             nodes[vertex] = SceneNode(vertex, label, "unknown", None, ["not declared"])
         return vertex
@@ -614,6 +620,7 @@ def scene_from_document(
     scene = Scene(str(name), summary, False, list(nodes.values()), edges)
     fold_reads(scene)
     attach_issues(scene, diagnostics, doc.source if doc is not None else None)
+    nest_frames(scene)
     return scene
 
 

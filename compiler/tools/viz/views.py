@@ -33,6 +33,7 @@ class Views:
     fixed: tuple[str, ...]  # frame paths past the bound: drawn closed on the page
     default: frozenset[str]  # open at load
     states: tuple[frozenset[str], ...]  # every view the page holds, as its open frames
+    limit: int  # the most views this page could hold
 
 
 def plan_views(scene: Scene) -> Views:
@@ -47,7 +48,7 @@ def plan_views(scene: Scene) -> Views:
     fixed = tuple(f.path for f in scene.frames if f.path not in openable)
     default = _default_open(scene, frames, set(openable))
     states = tuple(_states(frames, set(openable)))
-    return Views(tuple(openable), fixed, default, states)
+    return Views(tuple(openable), fixed, default, states, limit)
 
 
 def view_key(scene: Scene, opened: Iterable[str]) -> str:
