@@ -12,7 +12,7 @@ import pytest
 
 from compiler.tools.viz import render, scene_of
 from compiler.tools.viz import views as views_module
-from compiler.tools.viz.draw import node_size
+from compiler.tools.viz.draw import bezier_point, node_size
 from compiler.tools.viz.layout import Box, dot_layout, dot_program, python_layout
 from compiler.tools.viz.mermaid import to_mermaid
 from compiler.tools.viz.scene import collapsed
@@ -194,6 +194,12 @@ def test_the_python_layout_carries_an_edge_across_frames_to_its_own_nodes(write_
     feedback = placed.routes["edges.2"]  # tail -> block.a, delayed: up out of tail, into a
     assert feedback[0][1] == placed.boxes["nodes.tail"].y
     assert feedback[-1][1] == placed.boxes["nodes.block.a"].bottom
+    # into the frame through a port on its top: around block.a to block.b, not through it
+    route = tuple(placed.routes["reads.2"])
+    a = placed.boxes["nodes.block.a"]
+    for t in range(1, 100):
+        x, y = bezier_point(route, t / 100)
+        assert not (a.x < x < a.right and a.y < y < a.bottom), (x, y)
 
 
 # --------------------------------------------------------------------------- SVG and Mermaid

@@ -13,8 +13,8 @@ together), and x positions by isotonic regression towards the mean of each item'
 Sub-graphs (`Scene.frames`) are nested boxes. `dot` draws them as nested clusters. The Python
 engine lays out each frame's inside on its own, innermost first, and places it in its parent as
 one box of that size, so a frame never overlaps anything outside it; an edge between nodes of
-different frames is routed where both ends meet (between the two frames' boxes) and continued
-inside each frame to its node.
+different frames is routed where both ends meet (between the two frames' boxes) and, inside
+each frame, from a port on the frame's top (or to one on its bottom) to its node.
 
 `EPICYCLE_VIZ_LAYOUT=python` (or `--layout python`) forces the Python engine even where `dot` exists.
 """
@@ -327,11 +327,20 @@ def python_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout
 
 def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
     """Each frame's inside laid out on its own (innermost first) and placed in its parent as one
-    box; see the module's docstring."""
+    box; see the module's docstring.
+
+    A forward edge that enters a frame comes in through a port, a point on the top rank of the
+    frame's own layout, and one that leaves goes out through a port on its bottom rank, so inside
+    the frame it is routed between the boxes like any edge there; its pieces (out of each frame
+    around the source, between the outermost two, into each frame around the target) are joined
+    at the frames' borders. An edge running upwards across frames is routed between the frames'
+    boxes and carried on straight to its nodes."""
     frames = {f.path: f for f in scene.frames}
     chains = {n.id: scene.frame_chain(n.id) for n in scene.nodes}
+    _, side = forward_and_side(scene)
+    upwards = {e.id for e in side}
     blocks: dict[str | None, Layout] = {}
-    units: dict[str | None, dict[str, tuple[str, str]]] = {}  # block -> edge -> its two units
+    units: dict[str, tuple[str, str]] = {}  # edge -> the two boxes its middle piece joins
 
     def lay_out(path: str | None) -> Layout:
         frame = frames.get(path)
@@ -347,23 +356,28 @@ def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layou
             stand_in = SceneNode(frame_id(child), child, "frame", None)
             nodes.append(stand_in)
             local[stand_in.id] = _frame_size(blocks[child], sizes.get(stand_in.id))
-        here: dict[str, tuple[str, str]] = {}
         edges = []
         for edge in scene.edges:
             a, b = (_stand_in(chains[end], end, path, depth) for end in (edge.source, edge.target))
-            if a is None or b is None or (a == b and a != edge.source):
-                continue  # not in this frame, or inside one of its sub-graphs
-            here[edge.id] = (a, b)
-            edges.append(replace(edge, source=a, target=b))
+            if a is not None and b is not None:
+                if a == b and a != edge.source:
+                    continue  # inside one of its sub-graphs
+                units[edge.id] = (a, b)
+                edges.append(replace(edge, source=a, target=b))
+            elif (a or b) and not edge.folded and edge.id not in upwards:
+                port = SceneNode(f"~{'out' if a else 'in'}~{edge.id}", "", "port", None)
+                nodes.append(port)
+                local[port.id] = (DUMMY_WIDTH, 1.0)
+                edges.append(replace(edge, source=a or port.id, target=b or port.id))
         ids = {n.id for n in nodes}
         groups = [g for g in scene.groups if all(m in ids for m in g.members)]
-        units[path] = here
         return _inside_its_block(
             _layered(Scene(scene.title, "", True, nodes, edges, groups), local)
         )
 
     root = lay_out(None)
     placed = Layout({}, {}, {}, root.width, root.height, root.engine)
+    pieces: dict[tuple[str | None, str], list[Point]] = {}  # (frame, edge) -> its route there
 
     def place(path: str | None, dx: float, dy: float) -> None:
         block = blocks[path] if path is not None else root
@@ -374,26 +388,52 @@ def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layou
                 child = item[len("graphs.") :]
                 placed.frames[child] = moved
                 place(child, moved.x + FRAME_PAD, moved.y + FRAME_LABEL)
-            else:
+            elif not item.startswith("~"):  # a port is a point of a route, not a box
                 placed.boxes[item] = moved
         for index, box in block.groups.items():
             placed.groups[index] = Box(box.x + dx, box.y + dy, box.w, box.h)
         for edge_id, route in block.routes.items():
-            placed.routes[edge_id] = [(x + dx, y + dy) for x, y in route]
+            pieces[(path, edge_id)] = [(x + dx, y + dy) for x, y in route]
 
     place(None, 0.0, 0.0)
-    ends = {e.id: (e.source, e.target) for e in scene.edges}
-    for here in units.values():
-        for edge_id, (a, b) in here.items():
-            if edge_id in placed.routes:
-                placed.routes[edge_id] = _continued(
-                    placed.routes[edge_id],
-                    *(ends[edge_id]),
-                    (a, b),
-                    placed.boxes,
-                    edge_id in placed.side_edges,
-                )
+    for edge in scene.edges:
+        source, target = chains[edge.source], chains[edge.target]
+        shared = _shared(source, target)
+        middle = pieces.get((shared[-1] if shared else None, edge.id))
+        if middle is None:
+            continue  # folded, or not routed
+        outwards = [pieces.get((path, edge.id)) for path in reversed(source[len(shared) :])]
+        inwards = [pieces.get((path, edge.id)) for path in target[len(shared) :]]
+        if edge.id in upwards or None in outwards or None in inwards:
+            placed.routes[edge.id] = _continued(
+                middle,
+                edge.source,
+                edge.target,
+                units[edge.id],
+                placed.boxes,
+                edge.id in placed.side_edges,
+            )
+        else:
+            placed.routes[edge.id] = _joined([*outwards, middle, *inwards])
     return placed
+
+
+def _shared(a: list[str], b: list[str]) -> list[str]:
+    """The frames around both of two nodes, outermost first."""
+    common = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return common
+
+
+def _joined(pieces: list[list[Point]]) -> list[Point]:
+    """One route through pieces that end and start on either side of a frame's border."""
+    route = pieces[0]
+    for piece in pieces[1:]:
+        route = route + _vertical_curve([route[-1], piece[0]])[1:] + piece[1:]
+    return route
 
 
 def _within(chain: list[str], path: str | None) -> bool:
@@ -532,7 +572,8 @@ def _ranks(scene: Scene, forward: list[SceneEdge], group_of: dict[str, int]) -> 
     for unit in nx.topological_sort(dag):
         unit_rank[unit] = max((unit_rank[p] + 1 for p in dag.predecessors(unit)), default=0)
     rank = {n.id: unit_rank[_unit(n.id, group_of)] for n in scene.nodes}
-    outputs = [n.id for n in scene.nodes if n.role == "output"]
+    # a frame's ports out of it (`_nested_layout`) on its bottom rank, as its outputs
+    outputs = [n.id for n in scene.nodes if n.role == "output" or n.id.startswith("~out~")]
     if outputs:
         last = max(rank.values())
         for output in outputs:
