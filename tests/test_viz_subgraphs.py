@@ -271,6 +271,9 @@ def test_past_the_bound_the_deeper_frames_stay_closed_and_the_page_says_so(
     assert len(plan.states) == 3 and len(plan.fixed) == 4
     page = render(federations, tmp_path / "sky.html", engine="python").path.read_text()
     assert "4 of them stay closed here" in page
+    assert 'class="node" data-id="graphs.outer"' in page  # closed, and with no button to open
+    assert 'class="toggle" data-id="graphs.outer"' not in page
+    assert 'class="toggle" data-id="graphs.inner.train_a"' in page
 
 
 def test_deeper_levels_open_at_load_only_while_the_drawing_stays_small(federations, monkeypatch):

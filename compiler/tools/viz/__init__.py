@@ -13,6 +13,7 @@ lattice model's phases and its order parameter over training (`epicycle viz --la
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,13 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
 
 
 def figure_of(
-    scene: Scene, engine: str = "auto", *, show_issues: bool = True, toggles: bool = False
+    scene: Scene,
+    engine: str = "auto",
+    *,
+    show_issues: bool = True,
+    toggles: Collection[str] = (),
 ):
-    """`toggles`: the sub-graphs' open/close buttons, for the HTML page."""
+    """`toggles`: the paths of the sub-graphs that get an open/close button (on the HTML page)."""
     from compiler.tools.viz.draw import draw, frame_label_size, node_size
 
     sizes = {node.id: node_size(node) for node in scene.nodes}
@@ -123,7 +128,7 @@ def render(
 
             views = plan_views(scene)
             first = view_scene(scene, views.default)
-            figure = figure_of(first, engine, show_issues=show_issues, toggles=True)
+            figure = figure_of(first, engine, show_issues=show_issues, toggles=views.openable)
         else:
             figure = figure_of(scene, engine, show_issues=show_issues)
         used = figure.engine

@@ -16,6 +16,7 @@ exact ratio and delay, a legend of what is present, the layout engine, and any l
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 from compiler.tools.viz.layout import FRAME_LABEL, Box, Layout, Point
@@ -183,10 +184,11 @@ def _nest_size(branching: int, levels: int) -> tuple[float, float]:
 
 
 def draw(
-    scene: Scene, placed: Layout, *, show_issues: bool = True, toggles: bool = False
+    scene: Scene, placed: Layout, *, show_issues: bool = True, toggles: Collection[str] = ()
 ) -> Figure:
-    """`toggles` adds a button to every sub-graph (its frame, or its box when closed), which the
-    HTML page opens and closes; pictures that cannot be clicked have none."""
+    """`toggles` are the paths of the sub-graphs that get a button (on the frame, or on the box
+    when closed), which the HTML page opens and closes; pictures that cannot be clicked have
+    none."""
     legend_rows = _legend(scene)
     issue_lines = _issue_lines(scene) if show_issues else []
     title_w = text_width(scene.title, 18, bold=True) + text_width(scene.summary, 12) + 40
@@ -204,7 +206,8 @@ def draw(
 
     for frame in sorted(scene.frames, key=lambda f: f.depth):  # outer frames under inner ones
         if frame.path in placed.frames:
-            elements.extend(_frame(frame, at(placed.frames[frame.path]), toggles))
+            button = frame.path in toggles
+            elements.extend(_frame(frame, at(placed.frames[frame.path]), button))
     for group in scene.groups:
         if group.index in placed.groups:
             box = at(placed.groups[group.index])
@@ -231,7 +234,7 @@ def draw(
             elements.append(_edge(edge, tuple((x + ox, y + oy) for x, y in route), taken))
     for node in scene.nodes:
         elements.append(_node(node, at(placed.boxes[node.id])))
-        if toggles and node.role == "graph":
+        if node.role == "graph" and node.name in toggles:
             box = at(placed.boxes[node.id])
             elements.append(_toggle(node.id, box.x + PAD, box.y + PAD - 1, opened=False))
 
@@ -300,20 +303,20 @@ def _shifted(shape: Shape, dx: float, dy: float) -> Shape:
     return replace(shape, x=shape.x + dx, y=shape.y + dy)
 
 
-def _frame(frame: Frame, box: Box, toggles: bool) -> list[Element]:
+def _frame(frame: Frame, box: Box, button: bool) -> list[Element]:
     """A sub-graph's frame: a box with its path, and what it holds, in a band along its top."""
     colour = KIND_COLOURS["graph"]
     element = Element("frame", frame.id)
     element.shapes.append(
         Rect(box.x, box.y, box.w, box.h, Style(_tint(colour, 0.95), colour, 1.4), 8)
     )
-    x = box.x + 8 + (TOGGLE + 6 if toggles else 0)
+    x = box.x + 8 + (TOGGLE + 6 if button else 0)
     element.shapes.append(Text(x, box.y + 17, frame.path, 12, colour, "bold"))
     summary = " · ".join(frame.lines)
     after = x + text_width(frame.path, 12, bold=True) + 10
     if after + text_width(summary, 10) < box.right - 6:
         element.shapes.append(Text(after, box.y + 17, summary, 10, MUTED))
-    if not toggles:
+    if not button:
         return [element]
     return [element, _toggle(frame.id, box.x + 6, box.y + 5, opened=True)]
 

@@ -342,7 +342,10 @@ def to_html(
             key = view_key(scene, state)
             if key not in drawings:
                 drawn = figure_of(
-                    view_scene(scene, state), engine, show_issues=show_issues, toggles=True
+                    view_scene(scene, state),
+                    engine,
+                    show_issues=show_issues,
+                    toggles=views.openable,
                 )
                 drawings[key] = {
                     "svg": _svg_body(drawn),
