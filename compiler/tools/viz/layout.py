@@ -336,7 +336,7 @@ def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layou
     at the frames' borders. An edge running upwards across frames is routed between the frames'
     boxes and carried on straight to its nodes."""
     frames = {f.path: f for f in scene.frames}
-    chains = {n.id: scene.frame_chain(n.id) for n in scene.nodes}
+    chains = scene.frame_chains()
     _, side = forward_and_side(scene)
     upwards = {e.id for e in side}
     blocks: dict[str | None, Layout] = {}

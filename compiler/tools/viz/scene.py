@@ -184,13 +184,19 @@ class Scene:
 
     def frame_chain(self, node_id: str) -> list[str]:
         """The paths of the frames around a node, outermost first (empty at the top level)."""
-        inside = {m: f.path for f in self.frames for m in f.members}
+        return self.frame_chains().get(node_id, [])
+
+    def frame_chains(self) -> dict[str, list[str]]:
+        """`frame_chain` of every node, in one pass."""
         parent = {f.path: f.parent for f in self.frames}
-        chain, at = [], inside.get(node_id)
-        while at is not None:
-            chain.append(at)
-            at = parent[at]
-        return chain[::-1]
+        chains = {}
+        for frame in self.frames:
+            chain, at = [], frame.path
+            while at is not None:
+                chain.append(at)
+                at = parent[at]
+            chains.update({member: chain[::-1] for member in frame.members})
+        return {n.id: chains.get(n.id, []) for n in self.nodes}
 
     def all_issues(self) -> list[Issue]:
         found = list(self.issues)
