@@ -163,3 +163,49 @@ def test_a_large_mechanism_renders_every_gear(browser, tmp_path):
     page.screenshot(path=str(tmp_path / "antikythera.png"))
     assert page.requests == [html.as_uri()] and page.script_errors == []
     page.close()
+
+
+def drawn_nodes(page) -> set[str]:
+    return set(page.eval_on_selector_all("g.node", "gs => gs.map(g => g.dataset.id)"))
+
+
+def test_a_sub_graph_box_closes_to_one_node_and_opens_again(browser, tmp_path):
+    html = tmp_path / "sky.html"
+    assert draw(ROOT / "specs" / "federation_of_federations.yaml", html) == 0
+    page = open_page(browser, html)
+    train = {f"nodes.outer.train_a.{g}" for g in ("driver", "idler", "follower")}
+    train.add("outputs.outer.train_a.phase")
+    everything = drawn_nodes(page)
+    assert len(everything) == 19 and train <= everything  # small enough: all open at load
+    assert page.locator("g.frame").count() == 6
+
+    page.click('g.toggle[data-id="graphs.outer.train_a"]')  # − on its frame: close it
+    closed = drawn_nodes(page)
+    assert closed == (everything - train) | {"graphs.outer.train_a"}
+    assert page.locator('g.frame[data-id="graphs.outer.train_a"]').count() == 0
+    box = page.text_content('g.node[data-id="graphs.outer.train_a"]')
+    assert "graph · 3 nodes · 1 output" in box and "37.60K params" in box
+    # the mesh out of the closed train now leaves its box; its tooltip still names the gear
+    assert hover_edge(page, "edges.9").startswith("outer.train_a.follower → outer.train_b.driver")
+
+    page.click('g.node[data-id="graphs.outer.train_a"] text')  # the box itself: its counts
+    details = page.inner_text("#details")
+    assert details.startswith("outer.train_a (sub-graph, closed)")
+    assert "parameters\t37,602" in details
+
+    page.click('g.toggle[data-id="graphs.outer.train_a"]')  # + on the box: open it again
+    assert drawn_nodes(page) == everything
+    assert page.locator('g.frame[data-id="graphs.outer.train_a"]').count() == 1
+
+    page.click('g.toggle[data-id="graphs.outer"]')  # a whole planet, trains and all
+    assert drawn_nodes(page) == {n for n in everything if ".outer." not in n} | {"graphs.outer"}
+    page.fill("#search", "outer.train_b.idler")  # found inside the closed planet: its box lights
+    assert page.eval_on_selector_all("g.node.match", "gs => gs.map(g => g.dataset.id)") == [
+        "graphs.outer"
+    ]
+    page.press("#search", "Enter")  # Enter opens the boxes around it and selects it
+    assert "nodes.outer.train_b.idler" in drawn_nodes(page)
+    assert page.inner_text("#details").startswith("outer.train_b.idler (gear)")
+    page.screenshot(path=str(tmp_path / "sky.png"))
+    assert page.requests == [html.as_uri()] and page.script_errors == []
+    page.close()

@@ -5,13 +5,16 @@
 
 The pipeline is scene (drawing-neutral, from the IR or, for an invalid spec, from the raw YAML)
 -> layout (Graphviz `dot` when installed, else pure Python) -> figure (draw.py: shapes) -> SVG,
-PNG (matplotlib), or the HTML page (the SVG with inline JS and CSS). Mermaid text is written from
+PNG (matplotlib), or the HTML page (the SVG with inline JS and CSS; for a spec with sub-graphs,
+one drawing per set of open sub-graphs, `views.py`). Mermaid text is written from
 the scene alone: Mermaid lays the graph out when it is rendered. `lattice.py` plots a trained
 lattice model's phases and its order parameter over training (`epicycle viz --lattice DIR`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,7 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
     Without `errors`, an invalid spec raises its `SpecError`. With it, the spec is drawn from its
     raw YAML with every diagnostic attached, and a valid spec's warnings are attached too."""
     from compiler.language.source import read_spec_file
+    from compiler.language.subgraphs import expand
     from compiler.pipeline import analyze
 
     try:
@@ -80,15 +84,29 @@ def scene_of(path: str | Path, *, errors: bool = False) -> tuple[Scene, SpecErro
             doc = read_spec_file(path)
         except SpecError:
             doc = None  # not even YAML: the page shows the errors alone
+        if doc is not None:
+            # its sub-graphs flattened, as validation reads them, so they are framed; where the
+            # error is in a sub-graph, each is drawn as one box, as written
+            with suppress(SpecError):
+                doc = expand(doc)
         return scene_from_document(doc, exc.diagnostics, str(path)), exc
     return scene_from_ir(ir, ir.facts.warnings if errors else ()), None
 
 
-def figure_of(scene: Scene, engine: str = "auto", *, show_issues: bool = True):
-    from compiler.tools.viz.draw import draw, node_size
+def figure_of(
+    scene: Scene,
+    engine: str = "auto",
+    *,
+    show_issues: bool = True,
+    toggles: Collection[str] = (),
+):
+    """`toggles`: the paths of the sub-graphs that get an open/close button (on the HTML page)."""
+    from compiler.tools.viz.draw import draw, frame_label_size, node_size
 
     sizes = {node.id: node_size(node) for node in scene.nodes}
-    return draw(scene, layout(scene, sizes, engine), show_issues=show_issues)
+    sizes.update({frame.id: frame_label_size(frame) for frame in scene.frames})
+    placed = layout(scene, sizes, engine)
+    return draw(scene, placed, show_issues=show_issues, toggles=toggles)
 
 
 def render(
@@ -104,7 +122,15 @@ def render(
         used = MERMAID_ENGINE
         _write(out, to_mermaid(scene).encode("utf-8"))
     else:
-        figure = figure_of(scene, engine, show_issues=show_issues)
+        if kind == ".html":  # the page's first view: its sub-graphs open as `views` says
+            from compiler.tools.viz.html import to_html
+            from compiler.tools.viz.views import plan_views, view_scene
+
+            views = plan_views(scene)
+            first = view_scene(scene, views.default)
+            figure = figure_of(first, engine, show_issues=show_issues, toggles=views.openable)
+        else:
+            figure = figure_of(scene, engine, show_issues=show_issues)
         used = figure.engine
         nodes = sum(element.cls == "node" for element in figure.elements)
         edges = sum(element.cls == "edge" for element in figure.elements)
@@ -113,9 +139,8 @@ def render(
 
             _write(out, to_svg(figure).encode("utf-8"))
         elif kind == ".html":
-            from compiler.tools.viz.html import to_html
-
-            _write(out, to_html(scene, figure).encode("utf-8"))
+            page = to_html(scene, figure, views, engine=engine, show_issues=show_issues)
+            _write(out, page.encode("utf-8"))
         else:
             from compiler.tools.viz.png import write_png
 

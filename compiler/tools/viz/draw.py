@@ -6,7 +6,9 @@ page makes those clickable). Sizes are in CSS pixels; text widths are estimated 
 proportions (the font both Chromium and matplotlib use here), with room to spare.
 
 What a reader sees: boxes tinted by kind (transformer, gear with a cog, fractal with its levels as
-nested boxes, lattice layouts as a grid of heads), batch groups as dashed frames, edges by kind
+nested boxes, lattice layouts as a grid of heads), sub-graphs as frames labelled by their path
+(nested to any depth; a closed one as a box with a double outline), batch groups as dashed
+frames, edges by kind
 (gear trains amber and thick, feedback red and dashed, cross-attention dotted) labelled with their
 exact ratio and delay, a legend of what is present, the layout engine, and any located errors.
 """
@@ -14,10 +16,11 @@ exact ratio and delay, a legend of what is present, the layout engine, and any l
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
-from compiler.tools.viz.layout import Box, Layout, Point
-from compiler.tools.viz.scene import GEAR_TRAIN_KINDS, Scene, SceneEdge, SceneNode
+from compiler.tools.viz.layout import FRAME_LABEL, Box, Layout, Point
+from compiler.tools.viz.scene import GEAR_TRAIN_KINDS, Frame, Scene, SceneEdge, SceneNode
 
 FONT = "DejaVu Sans, Verdana, Arial, sans-serif"
 PAD = 10.0
@@ -34,11 +37,13 @@ NEST_PAD = 4.0
 NEST_LABEL = 13.0
 MARGIN = 20.0
 HEADER = 62.0
+TOGGLE = 16.0  # the open/close button of a sub-graph on the HTML page
 
 KIND_COLOURS = {  # roles; node kinds bring their own (`NodeKind.colour`)
     "input": "#2f855a",
     "output": "#c05621",
     "unknown": "#718096",
+    "graph": "#2c5282",  # a sub-graph: its frame, or its box when it is drawn closed
 }
 OTHER_KIND = "#4a5568"
 ERROR = "#e53e3e"
@@ -102,7 +107,7 @@ Shape = Rect | Circle | Poly | Curve | Text
 
 @dataclass
 class Element:
-    cls: str  # node | edge | group | decoration
+    cls: str  # node | edge | group | frame | toggle | decoration
     id: str | None = None
     shapes: list[Shape] = field(default_factory=list)
     hit: Curve | None = None  # a wide invisible stroke that makes a thin edge easy to hover
@@ -138,6 +143,8 @@ def text_width(text: str, size: float, bold: bool = False) -> float:
 
 def node_size(node: SceneNode) -> tuple[float, float]:
     width = text_width(node.name, NAME_SIZE, bold=True) + (COG + 6 if node.cog else 0)
+    if node.role == "graph":
+        width += TOGGLE + 6
     width = max([width] + [text_width(line, LINE_SIZE) for line in node.lines])
     height = PAD + NAME_HEIGHT + LINE_HEIGHT * len(node.lines)
     if node.lattice is not None:
@@ -151,6 +158,13 @@ def node_size(node: SceneNode) -> tuple[float, float]:
         if node.fractal.drawn_levels < node.fractal.levels:
             height += LINE_HEIGHT
     return max(width + 2 * PAD, 120.0), height + PAD
+
+
+def frame_label_size(frame: Frame) -> tuple[float, float]:
+    """The room a frame's top band needs for its button, path and counts: the layouts make the
+    frame at least this wide."""
+    path = text_width(frame.path, 12, bold=True)
+    return 8 + TOGGLE + 6 + path + 10 + text_width(" · ".join(frame.lines), 10) + 8, FRAME_LABEL
 
 
 def _grid_drawn(node: SceneNode) -> tuple[int, int]:
@@ -169,7 +183,12 @@ def _nest_size(branching: int, levels: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------- the figure
 
 
-def draw(scene: Scene, placed: Layout, *, show_issues: bool = True) -> Figure:
+def draw(
+    scene: Scene, placed: Layout, *, show_issues: bool = True, toggles: Collection[str] = ()
+) -> Figure:
+    """`toggles` are the paths of the sub-graphs that get a button (on the frame, or on the box
+    when closed), which the HTML page opens and closes; pictures that cannot be clicked have
+    none."""
     legend_rows = _legend(scene)
     issue_lines = _issue_lines(scene) if show_issues else []
     title_w = text_width(scene.title, 18, bold=True) + text_width(scene.summary, 12) + 40
@@ -185,6 +204,10 @@ def draw(scene: Scene, placed: Layout, *, show_issues: bool = True) -> Figure:
     def at(box: Box) -> Box:
         return Box(box.x + ox, box.y + oy, box.w, box.h)
 
+    for frame in sorted(scene.frames, key=lambda f: f.depth):  # outer frames under inner ones
+        if frame.path in placed.frames:
+            button = frame.path in toggles
+            elements.extend(_frame(frame, at(placed.frames[frame.path]), button))
     for group in scene.groups:
         if group.index in placed.groups:
             box = at(placed.groups[group.index])
@@ -200,12 +223,20 @@ def draw(scene: Scene, placed: Layout, *, show_issues: bool = True) -> Figure:
         for g in scene.groups
         if (b := placed.groups.get(g.index))
     ]
+    taken += [  # a frame's label band
+        Box(b.x + ox, b.y + oy, b.w, FRAME_LABEL)
+        for f in scene.frames
+        if (b := placed.frames.get(f.path))
+    ]
     for edge in scene.edges:
         route = placed.routes.get(edge.id)
         if route:
             elements.append(_edge(edge, tuple((x + ox, y + oy) for x, y in route), taken))
     for node in scene.nodes:
         elements.append(_node(node, at(placed.boxes[node.id])))
+        if node.role == "graph" and node.name in toggles:
+            box = at(placed.boxes[node.id])
+            elements.append(_toggle(node.id, box.x + PAD, box.y + PAD - 1, opened=False))
 
     y = oy + placed.height + 24
     footer = Element("decoration")
@@ -272,8 +303,37 @@ def _shifted(shape: Shape, dx: float, dy: float) -> Shape:
     return replace(shape, x=shape.x + dx, y=shape.y + dy)
 
 
+def _frame(frame: Frame, box: Box, button: bool) -> list[Element]:
+    """A sub-graph's frame: a box with its path, and what it holds, in a band along its top."""
+    colour = KIND_COLOURS["graph"]
+    element = Element("frame", frame.id)
+    element.shapes.append(
+        Rect(box.x, box.y, box.w, box.h, Style(_tint(colour, 0.95), colour, 1.4), 8)
+    )
+    x = box.x + 8 + (TOGGLE + 6 if button else 0)
+    element.shapes.append(Text(x, box.y + 17, frame.path, 12, colour, "bold"))
+    summary = " · ".join(frame.lines)
+    after = x + text_width(frame.path, 12, bold=True) + 10
+    if after + text_width(summary, 10) < box.right - 6:
+        element.shapes.append(Text(after, box.y + 17, summary, 10, MUTED))
+    if not button:
+        return [element]
+    return [element, _toggle(frame.id, box.x + 6, box.y + 5, opened=True)]
+
+
+def _toggle(frame_id: str, x: float, y: float, *, opened: bool) -> Element:
+    """A small square with − (close it) on an open frame, + (open it) on a closed box."""
+    colour = KIND_COLOURS["graph"]
+    element = Element("toggle", frame_id)
+    element.shapes.append(Rect(x, y, TOGGLE, TOGGLE, Style("#ffffff", colour, 1.2), 3))
+    element.shapes.append(
+        Text(x + TOGGLE / 2, y + 12.5, "−" if opened else "+", 13, colour, "bold", "middle")
+    )
+    return element
+
+
 def kind_colour(node: SceneNode) -> str:
-    if node.role in ("input", "output", "unknown"):
+    if node.role in ("input", "output", "unknown", "graph"):
         return KIND_COLOURS[node.role]
     from compiler.language.kinds import KINDS
 
@@ -300,7 +360,13 @@ def _node(node: SceneNode, box: Box) -> Element:
             box.x, box.y, box.w, box.h, Style(_tint(colour), stroke, 3 if errors else 1.6, dash), rx
         )
     )
+    if node.role == "graph":  # a closed sub-graph: a box holding more than a node
+        element.shapes.append(
+            Rect(box.x + 3, box.y + 3, box.w - 6, box.h - 6, Style("none", colour, 0.9), 4)
+        )
     x, y = box.x + PAD, box.y + PAD
+    if node.role == "graph":
+        x += TOGGLE + 6
     if node.cog:
         element.shapes.extend(_cog(x + COG / 2, y + COG / 2 - 3, COG / 2, node.teeth, colour))
         x += COG + 6
@@ -522,6 +588,8 @@ def _legend(scene: Scene) -> list[list[tuple[str, str]]]:
         if key not in kinds:
             kinds.append(key)
     items.extend(("node", k) for k in kinds)
+    if scene.frames:
+        items.append(("frame", "sub-graph"))
     if scene.groups:
         items.append(("group", "batch group"))
     categories = {edge_category(e) for e in scene.edges}
@@ -543,6 +611,8 @@ def _legend_label(item: tuple[str, str]) -> str:
     kind, name = item
     if kind == "edge":
         return LEGEND_NAMES[name]
+    if name == "graph":
+        return "sub-graph (closed)"
     return name if name != "unknown" else "undeclared"
 
 
@@ -558,6 +628,9 @@ def _legend_item(item: tuple[str, str], x: float, y: float) -> list[Shape]:
         return [Curve(((x, y), (x + 9, y), (x + 18, y), (x + 26, y)), style), label]
     if kind == "group":
         return [Rect(x, y - 7, 26, 14, Style("#f7fafc", "#718096", 1.2, (5, 4)), 4), label]
+    if kind == "frame":
+        colour = KIND_COLOURS["graph"]
+        return [Rect(x, y - 7, 26, 14, Style(_tint(colour, 0.95), colour, 1.4), 4), label]
     colour = KIND_COLOURS.get(name, OTHER_KIND)
     return [Rect(x, y - 7, 26, 14, Style(_tint(colour), colour, 1.4), 4), label]
 

@@ -10,6 +10,12 @@ forward edges (batch groups contracted so their members share a rank), dummy poi
 span several ranks, barycentre sweeps to order each rank (keeping a batch group's members
 together), and x positions by isotonic regression towards the mean of each item's neighbours.
 
+Sub-graphs (`Scene.frames`) are nested boxes. `dot` draws them as nested clusters. The Python
+engine lays out each frame's inside on its own, innermost first, and places it in its parent as
+one box of that size, so a frame never overlaps anything outside it; an edge between nodes of
+different frames is routed where both ends meet (between the two frames' boxes) and, inside
+each frame, from a port on the frame's top (or to one on its bottom) to its node.
+
 `EPICYCLE_VIZ_LAYOUT=python` (or `--layout python`) forces the Python engine even where `dot` exists.
 """
 
@@ -20,11 +26,11 @@ import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from compiler.tools.viz.scene import Scene, SceneEdge
+from compiler.tools.viz.scene import Frame, Scene, SceneEdge, SceneNode, frame_id
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,8 @@ GROUP_LABEL = 20.0
 DUMMY_WIDTH = 10.0
 SIDE_GAP = 26.0
 SIDE_STEP = 16.0
+FRAME_PAD = 12.0  # around what a sub-graph's frame holds
+FRAME_LABEL = 24.0  # the band at a frame's top where its path is written
 
 
 class LayoutUnavailable(Exception):
@@ -78,6 +86,7 @@ class Layout:
     height: float
     engine: str  # what the output says was used
     side_edges: set[str] = field(default_factory=set)  # routed around the side
+    frames: dict[str, Box] = field(default_factory=dict)  # sub-graph path -> its frame
 
 
 def dot_program() -> str | None:
@@ -168,24 +177,12 @@ def dot_source(scene: Scene, sizes: dict[str, tuple[float, float]]) -> tuple[str
         '  node [shape=box, fixedsize=true, label=""];',
         "  edge [arrowhead=none];",
     ]
-    grouped = {m for g in scene.groups for m in g.members}
-    for node in scene.nodes:
-        if node.id in grouped:
-            continue
-        w, h = sizes[node.id]
-        lines.append(f'  {names[node.id]} [width="{w / 72:.4f}", height="{h / 72:.4f}"];')
-    for group in scene.groups:
-        # a label of our label's length makes dot leave room for it; we draw our own text there
-        lines.append(
-            f'  subgraph cluster_{group.index} {{ label="{"x" * len(group.label)}"; '
-            f'fontsize=11; labeljust=l; margin="{GROUP_PAD:.0f}";'
-        )
-        for member in group.members:
-            w, h = sizes[member]
-            lines.append(f'    {names[member]} [width="{w / 72:.4f}", height="{h / 72:.4f}"];')
-        lines.append("  }")
+    if scene.frames:
+        lines.insert(2, "  newrank=true;")  # rank=min / rank=max hold across the clusters
+    framed = {m for f in scene.frames for m in f.members}
+    lines.extend(_dot_block(scene, None, sizes, names, "  "))
     inputs = [names[n.id] for n in scene.nodes if n.role == "input"]
-    outputs = [names[n.id] for n in scene.nodes if n.role == "output"]
+    outputs = [names[n.id] for n in scene.nodes if n.role == "output" and n.id not in framed]
     if inputs:
         lines.append(f"  {{ rank=min; {'; '.join(inputs)}; }}")
     if outputs:
@@ -205,6 +202,64 @@ def dot_source(scene: Scene, sizes: dict[str, tuple[float, float]]) -> tuple[str
     return "\n".join(lines) + "\n", names
 
 
+def _dot_block(
+    scene: Scene,
+    frame: Frame | None,
+    sizes: dict[str, tuple[float, float]],
+    names: dict[str, str],
+    pad: str,
+) -> list[str]:
+    """The nodes directly in `frame` (the top level for None), its batch groups as clusters, and
+    its sub-graphs as clusters nested inside it. A label of our label's length makes dot leave
+    room for it; we draw our own text there."""
+    members = frame.members if frame is not None else _top_level(scene)
+    grouped = {m for g in scene.groups for m in g.members}
+    lines = []
+    for node_id in members:
+        if node_id not in grouped:
+            lines.append(f"{pad}{_dot_box(names[node_id], sizes[node_id])}")
+    here = set(members)
+    for group in scene.groups:
+        if group.members[0] not in here:
+            continue
+        lines.append(
+            f'{pad}subgraph cluster_g{group.index} {{ label="{"x" * len(group.label)}"; '
+            f'fontsize=11; labeljust=l; margin="{GROUP_PAD:.0f}";'
+        )
+        lines.extend(f"{pad}  {_dot_box(names[m], sizes[m])}" for m in group.members)
+        lines.append(f"{pad}}}")
+    index = {f.path: i for i, f in enumerate(scene.frames)}
+    for inner in frame.frames if frame is not None else _top_frames(scene):
+        child = scene.frames[index[inner]]
+        width, height = sizes.get(child.id, (0.0, FRAME_LABEL))
+        room = (  # an empty label of the size of ours (in points: one of our pixels each)
+            '<<table border="0" cellpadding="0" cellspacing="0"><tr>'
+            f'<td fixedsize="true" width="{max(width, 1):.0f}" height="{height:.0f}"></td>'
+            "</tr></table>>"
+        )
+        lines.append(
+            f"{pad}subgraph cluster_f{index[inner]} {{ label={room}; "
+            f'labeljust=l; margin="{FRAME_PAD:.0f}";'
+        )
+        lines.extend(_dot_block(scene, child, sizes, names, pad + "  "))
+        lines.append(f"{pad}}}")
+    return lines
+
+
+def _dot_box(name: str, size: tuple[float, float]) -> str:
+    w, h = size
+    return f'{name} [width="{w / 72:.4f}", height="{h / 72:.4f}"];'
+
+
+def _top_level(scene: Scene) -> list[str]:
+    framed = {m for f in scene.frames for m in f.members}
+    return [n.id for n in scene.nodes if n.id not in framed]
+
+
+def _top_frames(scene: Scene) -> list[str]:
+    return [f.path for f in scene.frames if f.parent is None]
+
+
 def dot_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
     text, names = dot_source(scene, sizes)
     result = subprocess.run(
@@ -220,11 +275,16 @@ def dot_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
     data = json.loads(result.stdout)
     _, _, width, height = (float(v) for v in data["bb"].split(","))
     by_name = {v: k for k, v in names.items()}
-    boxes, groups = {}, {}
+    boxes, groups, frames = {}, {}, {}
     for obj in data.get("objects", []):
         if obj["name"].startswith("cluster_"):
             x0, y0, x1, y1 = (float(v) for v in obj["bb"].split(","))
-            groups[int(obj["name"].split("_", 1)[1])] = Box(x0, height - y1, x1 - x0, y1 - y0)
+            box = Box(x0, height - y1, x1 - x0, y1 - y0)
+            kind, number = obj["name"][len("cluster_")], int(obj["name"][len("cluster_") + 1 :])
+            if kind == "g":
+                groups[number] = box
+            else:
+                frames[scene.frames[number].path] = box
         elif obj["name"] in by_name:
             node_id = by_name[obj["name"]]
             x, y = (float(v) for v in obj["pos"].split(","))
@@ -252,6 +312,7 @@ def dot_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
         height,
         f"graphviz dot {dot_version()}",
         {e.id for e in side},
+        frames,
     )
 
 
@@ -259,6 +320,182 @@ def dot_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
 
 
 def python_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
+    if scene.frames:
+        return _nested_layout(scene, sizes)
+    return _layered(scene, sizes)
+
+
+def _nested_layout(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
+    """Each frame's inside laid out on its own (innermost first) and placed in its parent as one
+    box; see the module's docstring.
+
+    A forward edge that enters a frame comes in through a port, a point on the top rank of the
+    frame's own layout, and one that leaves goes out through a port on its bottom rank, so inside
+    the frame it is routed between the boxes like any edge there; its pieces (out of each frame
+    around the source, between the outermost two, into each frame around the target) are joined
+    at the frames' borders. An edge running upwards across frames is routed between the frames'
+    boxes and carried on straight to its nodes."""
+    frames = {f.path: f for f in scene.frames}
+    chains = scene.frame_chains()
+    _, side = forward_and_side(scene)
+    upwards = {e.id for e in side}
+    blocks: dict[str | None, Layout] = {}
+    units: dict[str, tuple[str, str]] = {}  # edge -> the two boxes its middle piece joins
+
+    def lay_out(path: str | None) -> Layout:
+        frame = frames.get(path)
+        inner = frame.frames if frame is not None else _top_frames(scene)
+        for child in inner:
+            blocks[child] = lay_out(child)
+        depth = 0 if path is None else frames[path].depth
+        nodes = [
+            n for n in scene.nodes if len(chains[n.id]) == depth and _within(chains[n.id], path)
+        ]
+        local = dict(sizes)
+        for child in inner:
+            stand_in = SceneNode(frame_id(child), child, "frame", None)
+            nodes.append(stand_in)
+            local[stand_in.id] = _frame_size(blocks[child], sizes.get(stand_in.id))
+        edges = []
+        for edge in scene.edges:
+            a, b = (_stand_in(chains[end], end, path, depth) for end in (edge.source, edge.target))
+            if a is not None and b is not None:
+                if a == b and a != edge.source:
+                    continue  # inside one of its sub-graphs
+                units[edge.id] = (a, b)
+                edges.append(replace(edge, source=a, target=b))
+            elif (a or b) and not edge.folded and edge.id not in upwards:
+                port = SceneNode(f"~{'out' if a else 'in'}~{edge.id}", "", "port", None)
+                nodes.append(port)
+                local[port.id] = (DUMMY_WIDTH, 1.0)
+                edges.append(replace(edge, source=a or port.id, target=b or port.id))
+        ids = {n.id for n in nodes}
+        groups = [g for g in scene.groups if all(m in ids for m in g.members)]
+        return _inside_its_block(
+            _layered(Scene(scene.title, "", True, nodes, edges, groups), local)
+        )
+
+    root = lay_out(None)
+    placed = Layout({}, {}, {}, root.width, root.height, root.engine)
+    pieces: dict[tuple[str | None, str], list[Point]] = {}  # (frame, edge) -> its route there
+
+    def place(path: str | None, dx: float, dy: float) -> None:
+        block = blocks[path] if path is not None else root
+        placed.side_edges |= block.side_edges
+        for item, box in block.boxes.items():
+            moved = Box(box.x + dx, box.y + dy, box.w, box.h)
+            if item.startswith("graphs.") and item[len("graphs.") :] in blocks:
+                child = item[len("graphs.") :]
+                placed.frames[child] = moved
+                place(child, moved.x + FRAME_PAD, moved.y + FRAME_LABEL)
+            elif not item.startswith("~"):  # a port is a point of a route, not a box
+                placed.boxes[item] = moved
+        for index, box in block.groups.items():
+            placed.groups[index] = Box(box.x + dx, box.y + dy, box.w, box.h)
+        for edge_id, route in block.routes.items():
+            pieces[(path, edge_id)] = [(x + dx, y + dy) for x, y in route]
+
+    place(None, 0.0, 0.0)
+    for edge in scene.edges:
+        source, target = chains[edge.source], chains[edge.target]
+        shared = _shared(source, target)
+        middle = pieces.get((shared[-1] if shared else None, edge.id))
+        if middle is None:
+            continue  # folded, or not routed
+        outwards = [pieces.get((path, edge.id)) for path in reversed(source[len(shared) :])]
+        inwards = [pieces.get((path, edge.id)) for path in target[len(shared) :]]
+        if edge.id in upwards or None in outwards or None in inwards:
+            placed.routes[edge.id] = _continued(
+                middle,
+                edge.source,
+                edge.target,
+                units[edge.id],
+                placed.boxes,
+                edge.id in placed.side_edges,
+            )
+        else:
+            placed.routes[edge.id] = _joined([*outwards, middle, *inwards])
+    return placed
+
+
+def _shared(a: list[str], b: list[str]) -> list[str]:
+    """The frames around both of two nodes, outermost first."""
+    common = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return common
+
+
+def _joined(pieces: list[list[Point]]) -> list[Point]:
+    """One route through pieces that end and start on either side of a frame's border."""
+    route = pieces[0]
+    for piece in pieces[1:]:
+        route = route + _vertical_curve([route[-1], piece[0]])[1:] + piece[1:]
+    return route
+
+
+def _within(chain: list[str], path: str | None) -> bool:
+    """Whether a node whose frames are `chain` lies inside the frame `path` (None: the spec)."""
+    if path is None:
+        return True
+    depth = path.count(".") + 1
+    return len(chain) >= depth and chain[depth - 1] == path
+
+
+def _stand_in(chain: list[str], node_id: str, path: str | None, depth: int) -> str | None:
+    """What stands for a node in the block of frame `path`: itself if it is directly inside,
+    the box of the sub-graph that holds it if it is deeper; None if it is outside the frame."""
+    if not _within(chain, path):
+        return None
+    return node_id if len(chain) == depth else frame_id(chain[depth])
+
+
+def _inside_its_block(block: Layout) -> Layout:
+    """The block moved right so that a side channel run left of its boxes stays inside it (and
+    so inside its frame)."""
+    left = min((x for route in block.routes.values() for x, _ in route), default=GROUP_PAD)
+    dx = max(0.0, GROUP_PAD - left)
+    if not dx:
+        return block
+    return replace(
+        block,
+        boxes={k: replace(b, x=b.x + dx) for k, b in block.boxes.items()},
+        groups={k: replace(b, x=b.x + dx) for k, b in block.groups.items()},
+        routes={k: [(x + dx, y) for x, y in r] for k, r in block.routes.items()},
+        width=block.width + dx,
+    )
+
+
+def _frame_size(block: Layout, label: tuple[float, float] | None) -> tuple[float, float]:
+    """Its inside with a margin, and at least as wide as its label (`sizes[frame id]`)."""
+    width = max(block.width + 2 * FRAME_PAD, label[0] if label else 0.0)
+    return width, block.height + FRAME_LABEL + FRAME_PAD
+
+
+def _continued(
+    route: list[Point],
+    source: str,
+    target: str,
+    units: tuple[str, str],
+    boxes: dict[str, Box],
+    upwards: bool,
+) -> list[Point]:
+    """A route between two frames' boxes carried on, inside each, to the node it leaves or
+    enters (from a node's bottom, into a node's top; the other way round for an upward edge)."""
+    if units[0] != source:
+        box = boxes[source]
+        start = (box.x + box.w * 0.8, box.y) if upwards else (box.cx, box.bottom)
+        route = _vertical_curve([start, route[0]]) + route[1:]
+    if units[1] != target:
+        box = boxes[target]
+        end = (box.x + box.w * 0.8, box.bottom) if upwards else (box.cx, box.y)
+        route = route + _vertical_curve([route[-1], end])[1:]
+    return route
+
+
+def _layered(scene: Scene, sizes: dict[str, tuple[float, float]]) -> Layout:
     forward, side = forward_and_side(scene)
     group_of = {m: g.index for g in scene.groups for m in g.members}
     rank = _ranks(scene, forward, group_of)
@@ -335,7 +572,8 @@ def _ranks(scene: Scene, forward: list[SceneEdge], group_of: dict[str, int]) -> 
     for unit in nx.topological_sort(dag):
         unit_rank[unit] = max((unit_rank[p] + 1 for p in dag.predecessors(unit)), default=0)
     rank = {n.id: unit_rank[_unit(n.id, group_of)] for n in scene.nodes}
-    outputs = [n.id for n in scene.nodes if n.role == "output"]
+    # a frame's ports out of it (`_nested_layout`) on its bottom rank, as its outputs
+    outputs = [n.id for n in scene.nodes if n.role == "output" or n.id.startswith("~out~")]
     if outputs:
         last = max(rank.values())
         for output in outputs:

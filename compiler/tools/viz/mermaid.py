@@ -2,14 +2,15 @@
 
 Mermaid lays the graph out itself. Kinds become classes (colours as in the SVG), gear-train edges
 are thick (`==>`), feedback edges dotted and red, cross-attention dotted and blue; batch groups are
-subgraphs; a fractal is nested subgraphs, one per sub-model down to the drawn depth; a lattice layout
+subgraphs; a sub-graph (`kind: graph`) is a subgraph titled by its path, holding its nodes and its
+own sub-graphs, to any depth; a fractal is nested subgraphs, one per sub-model down to the drawn depth; a lattice layout
 is a grid of heads in its node's label.
 """
 
 from __future__ import annotations
 
 from compiler.tools.viz.draw import EDGE_STYLES, KIND_COLOURS, _tint, edge_category, kind_colour
-from compiler.tools.viz.scene import Scene, SceneNode
+from compiler.tools.viz.scene import Frame, Scene, SceneNode
 
 ARROWS = {"gear train": "==>", "feedback": "-.->", "cross": "-.->", "companion": "-.->"}
 MAX_GRID = 16
@@ -33,22 +34,9 @@ def to_mermaid(scene: Scene) -> str:
     )
     for name, style in classes.items():
         lines.append(f"  classDef {name} {style}")
-    grouped = {m: g for g in scene.groups for m in g.members}
-    written: set[str] = set()
-    for node in scene.nodes:
-        if node.id in written:
-            continue
-        group = grouped.get(node.id)
-        if group is None:
-            lines.extend(_node(node, ids[node.id], "  "))
-            written.add(node.id)
-            continue
-        lines.append(f'  subgraph group{group.index}["{_escape(group.label)}"]')
-        lines.append("    direction LR")
-        for member in group.members:
-            lines.extend(_node(scene.node(member), ids[member], "    "))
-            written.add(member)
-        lines.append("  end")
+    framed = {m for f in scene.frames for m in f.members}
+    top = [n.id for n in scene.nodes if n.id not in framed]
+    lines.extend(_block(scene, top, [f for f in scene.frames if f.parent is None], ids, "  "))
     styles = []
     index = 0
     for edge in scene.edges:
@@ -70,6 +58,41 @@ def to_mermaid(scene: Scene) -> str:
     for issue in scene.issues:
         lines.append(f"  %% {issue.where}: {issue.severity}: {issue.message}")
     return "\n".join(lines) + "\n"
+
+
+def _block(
+    scene: Scene, members: list[str], frames: list[Frame], ids: dict[str, str], indent: str
+) -> list[str]:
+    """Nodes (a batch group's as a subgraph of their own), then each sub-graph as a subgraph
+    holding its own block, to any depth."""
+    grouped = {m: g for g in scene.groups for m in g.members}
+    lines: list[str] = []
+    written: set[str] = set()
+    for node_id in members:
+        if node_id in written:
+            continue
+        group = grouped.get(node_id)
+        if group is None:
+            lines.extend(_node(scene.node(node_id), ids[node_id], indent))
+            written.add(node_id)
+            continue
+        lines.append(f'{indent}subgraph group{group.index}["{_escape(group.label)}"]')
+        lines.append(f"{indent}  direction LR")
+        for member in group.members:
+            lines.extend(_node(scene.node(member), ids[member], indent + "  "))
+            written.add(member)
+        lines.append(f"{indent}end")
+    index = {f.path: i for i, f in enumerate(scene.frames)}
+    for frame in frames:
+        name = f"graph{index[frame.path]}"
+        title = f"<b>{_escape(frame.path)}</b><br/>{_escape(' · '.join(frame.lines))}"
+        lines.append(f'{indent}subgraph {name}["{title}"]')
+        inner = [scene.frame(path) for path in frame.frames]
+        lines.extend(_block(scene, frame.members, inner, ids, indent + "  "))
+        lines.append(f"{indent}end")
+        colour = KIND_COLOURS["graph"]
+        lines.append(f"{indent}style {name} fill:{_tint(colour, 0.95)},stroke:{colour}")
+    return lines
 
 
 def _class_name(node: SceneNode) -> str:

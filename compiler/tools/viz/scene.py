@@ -6,7 +6,13 @@ about what a graph holds. A scene comes from one of two places:
 * `scene_from_ir`: a valid spec after `compiler.analyze`: resolved settings, exact gear velocities,
   batch groups, parameters and FLOPs per node;
 * `scene_from_document`: the raw YAML of a spec that does not validate, drawn from what was written
-  (tolerating anything malformed), so that its errors can be shown at the nodes they concern.
+  (tolerating anything malformed), so that its errors can be shown at the nodes they concern;
+  its sub-graphs are expanded where they can be (`scene_of`), else drawn as one box each.
+
+Sub-graphs (`kind: graph`) are flattened before validation, so a valid spec's nodes carry their
+paths (`outer.train_a.driver`); the scene gives every sub-graph a `Frame` holding the nodes and
+sub-graphs directly inside it, to any depth. `collapsed` draws chosen frames closed: one box
+each, the edges into their inside attached to it.
 
 Diagnostics are attached to the thing they point at by their span: the source map records where
 every path of the data was written, so a `file:line:col` leads back to `nodes.sun` or `edges.3`.
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -135,6 +141,31 @@ class BatchGroup:
 
 
 @dataclass
+class Frame:
+    """A sub-graph (`kind: graph`): a box labelled by its path around what is directly inside it."""
+
+    path: str  # `outer.train_a`
+    parent: str | None  # the path of the frame around it; None at the top level
+    members: list[str] = field(default_factory=list)  # scene node ids directly inside
+    frames: list[str] = field(default_factory=list)  # paths of the sub-graphs directly inside
+    lines: list[str] = field(default_factory=list)  # what its closed box says under its path
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return frame_id(self.path)
+
+    @property
+    def depth(self) -> int:
+        """1 for a sub-graph of the spec itself, 2 for one inside it, ..."""
+        return self.path.count(".") + 1
+
+
+def frame_id(path: str) -> str:
+    return f"graphs.{path}"
+
+
+@dataclass
 class Scene:
     title: str
     summary: str
@@ -143,9 +174,29 @@ class Scene:
     edges: list[SceneEdge]
     groups: list[BatchGroup] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)  # those that name no node or edge
+    frames: list[Frame] = field(default_factory=list)  # outer frames before the ones inside them
 
     def node(self, node_id: str) -> SceneNode:
         return next(n for n in self.nodes if n.id == node_id)
+
+    def frame(self, path: str) -> Frame:
+        return next(f for f in self.frames if f.path == path)
+
+    def frame_chain(self, node_id: str) -> list[str]:
+        """The paths of the frames around a node, outermost first (empty at the top level)."""
+        return self.frame_chains().get(node_id, [])
+
+    def frame_chains(self) -> dict[str, list[str]]:
+        """`frame_chain` of every node, in one pass."""
+        parent = {f.path: f.parent for f in self.frames}
+        chains = {}
+        for frame in self.frames:
+            chain, at = [], frame.path
+            while at is not None:
+                chain.append(at)
+                at = parent[at]
+            chains.update({member: chain[::-1] for member in frame.members})
+        return {n.id: chains.get(n.id, []) for n in self.nodes}
 
     def all_issues(self) -> list[Issue]:
         found = list(self.issues)
@@ -216,7 +267,139 @@ def scene_from_ir(ir, diagnostics: Iterable[Diagnostic] = ()) -> Scene:
     scene = Scene(spec.name, summary, True, nodes, edges, groups)
     fold_reads(scene)
     attach_issues(scene, diagnostics, ir.loaded.source)
+    nest_frames(scene)
     return scene
+
+
+# --------------------------------------------------------------------------- sub-graphs as frames
+
+
+def nest_frames(scene: Scene) -> None:
+    """A frame for every sub-graph, found from the flattened names: only a sub-graph's path puts
+    a dot in a name (`nodes.outer.train_a.driver` sits in `outer.train_a`, inside `outer`).
+
+    A batch group whose members lie in different frames cannot be a frame of its own as well
+    (frames nest, groups would cut across them): its members say which group they share."""
+    frames: dict[str, Frame] = {}
+
+    def frame(path: str) -> Frame:
+        if path not in frames:
+            parent = path.rsplit(".", 1)[0] if "." in path else None
+            if parent is not None:
+                frame(parent)
+            frames[path] = Frame(path, parent)
+            if parent is not None:
+                frames[parent].frames.append(path)
+        return frames[path]
+
+    for node in scene.nodes:
+        if node.role in ("node", "observer", "output") and "." in node.name:
+            frame(node.name.rsplit(".", 1)[0]).members.append(node.id)
+    if not frames:
+        return
+    scene.frames = list(frames.values())
+    by_id = {n.id: n for n in scene.nodes}
+    for f in scene.frames:
+        inside = [by_id[i] for i in _members_at_any_depth(f, frames)]
+        models = sum(n.role in ("node", "observer") for n in inside)
+        outputs = sum(n.role == "output" for n in inside)
+        counted = [_plural(models, "node")]
+        if f.frames:
+            counted.append(_plural(len(f.frames), "sub-graph"))
+        if outputs:
+            counted.append(_plural(outputs, "output"))
+        f.lines = ["graph · " + " · ".join(counted)]
+        f.details = {
+            "role": "sub-graph",
+            "kind": "graph",
+            "nodes": models,
+            "sub-graphs inside": len(f.frames),
+            "outputs": outputs,
+        }
+        if any("parameters" in n.details for n in inside):  # a valid spec's estimates
+            parameters = sum(n.details.get("parameters") or 0 for n in inside)
+            f.lines.append(f"{_count(parameters)} params")
+            f.details["parameters"] = parameters
+            f.details["parameters are"] = "its nodes' and its output heads', at every depth"
+    _unframe_cross_groups(scene, by_id)
+
+
+def _members_at_any_depth(frame: Frame, frames: dict[str, Frame]) -> list[str]:
+    found = list(frame.members)
+    for inner in frame.frames:
+        found.extend(_members_at_any_depth(frames[inner], frames))
+    return found
+
+
+def _unframe_cross_groups(scene: Scene, by_id: dict[str, SceneNode]) -> None:
+    inside = {m: f.path for f in scene.frames for m in f.members}
+    kept = []
+    for group in scene.groups:
+        if len({inside.get(m) for m in group.members}) == 1:
+            kept.append(group)
+            continue
+        for member in group.members:
+            by_id[member].lines.append(
+                f"batch group #{group.index} ×{len(group.members)} (across sub-graphs)"
+            )
+    scene.groups = kept
+
+
+def collapsed(scene: Scene, closed: Iterable[str]) -> Scene:
+    """The scene with the frames at the paths `closed` drawn closed: each is one node (its path,
+    its node and parameter counts) in its parent frame; what was inside it is not drawn, and an
+    edge into its inside ends at it. A closed frame inside a closed frame is just not drawn."""
+    closed = set(closed)
+    if not closed:
+        return scene
+    frames = {f.path: f for f in scene.frames}
+    shut: dict[str, str] = {}  # a frame -> the outermost closed frame holding it (or itself)
+    for f in scene.frames:  # outer before inner
+        if f.parent is not None and f.parent in shut:
+            shut[f.path] = shut[f.parent]
+        elif f.path in closed:
+            shut[f.path] = f.path
+    inside = {m: f.path for f in scene.frames for m in f.members}
+    stand_in = {
+        node_id: frame_id(shut[frame]) for node_id, frame in inside.items() if frame in shut
+    }
+    boxes: dict[str, SceneNode] = {}
+    nodes = []
+    for node in scene.nodes:
+        if node.id not in stand_in:
+            nodes.append(node)
+            continue
+        box_id = stand_in[node.id]
+        if box_id not in boxes:
+            f = frames[shut[inside[node.id]]]
+            boxes[box_id] = SceneNode(
+                box_id, f.path, "graph", "graph", list(f.lines), dict(f.details)
+            )
+            nodes.append(boxes[box_id])
+        boxes[box_id].issues.extend(node.issues)
+    edges = []
+    for edge in scene.edges:
+        source = stand_in.get(edge.source, edge.source)
+        target = stand_in.get(edge.target, edge.target)
+        if source == target and source in boxes:  # inside one closed frame
+            boxes[source].issues.extend(edge.issues)
+            continue
+        edges.append(replace(edge, source=source, target=target))
+    groups = []
+    for group in scene.groups:
+        members = tuple(m for m in group.members if m not in stand_in)
+        if len(members) > 1:
+            groups.append(BatchGroup(group.index, members))
+    kept = [  # a closed frame is a node of its parent now; those inside it are not drawn
+        replace(
+            f,
+            members=[*f.members, *(frame_id(c) for c in f.frames if c in shut)],
+            frames=[c for c in f.frames if c not in shut],
+        )
+        for f in scene.frames
+        if f.path not in shut
+    ]
+    return replace(scene, nodes=nodes, edges=edges, groups=groups, frames=kept)
 
 
 def fold_reads(scene: Scene, limit: int = FOLD_READS) -> None:
@@ -327,6 +510,9 @@ def scene_from_document(
     edges: list[SceneEdge] = []
 
     def endpoint(vertex: str, label: str) -> str:
+        graph = f"nodes.{label.split('.', 1)[0]}"
+        if vertex not in nodes and "." in label and graph in nodes and nodes[graph].kind == "graph":
+            return graph  # inside a sub-graph that could not be expanded: its box stands for it
         if vertex not in nodes:
             nodes[vertex] = SceneNode(vertex, label, "unknown", None, ["not declared"])
         return vertex
@@ -440,6 +626,7 @@ def scene_from_document(
     scene = Scene(str(name), summary, False, list(nodes.values()), edges)
     fold_reads(scene)
     attach_issues(scene, diagnostics, doc.source if doc is not None else None)
+    nest_frames(scene)
     return scene
 
 
