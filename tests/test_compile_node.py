@@ -81,39 +81,71 @@ def test_its_nodes_keep_the_settings_they_had_where_it_was_included(top):
     assert (driver["mlp_ratio"], driver["norm"]) == (2.0, "rmsnorm")
 
 
-@pytest.mark.parametrize("path", ["inner", "inner.train_a", "outer.train_b"])
-def test_its_parameters_are_the_sum_of_its_rows_in_the_whole_table(path):
-    """Each node row and output head of the sub-graph alone is the row of the whole model's table
-    under its path, parameters and FLOPs alike; alone it adds only an input embedding and a
-    message layer of its own (the whole model has one of each for all its nodes)."""
-    whole, alone = (
-        compiler.analyze(FEDERATIONS),
-        compiler.analyze(load_sub_graph(FEDERATIONS, path)),
-    )
-    for name, row in alone.facts.estimates.items():
-        theirs = whole.facts.estimates[f"{path}.{name}"]
-        assert (row["parameters"], row["flops_per_token"]) == (
-            theirs["parameters"],
-            theirs["flops_per_token"],
-        )
-    heads = {
-        p: n for p, n in alone.facts.parameters_outside_nodes.items() if p.startswith("outputs.")
+def alone_and_whole(spec: str, path: str):
+    """The sub-graph compiled alone, on the whole model's bus (as `compile --node` compiles it),
+    and the whole model."""
+    whole = compiler.analyze(spec)
+    alone = load_sub_graph(spec, path, bus_width=whole.facts.bus_width)
+    return compiler.analyze(alone), whole
+
+
+def rows_of(ir, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The node rows (parameters, FLOPs/token) and output heads (parameters) under `prefix`, by
+    their path below it."""
+    facts, n = ir.facts, len(prefix)
+    rows = {
+        name[n:]: (row["parameters"], row["flops_per_token"])
+        for name, row in facts.estimates.items()
+        if name.startswith(prefix)
     }
-    for part, n in heads.items():
-        assert whole.facts.parameters_outside_nodes[f"outputs.{path}.{part[8:]}"] == n
-    rows = sum(
-        r["parameters"] for n, r in whole.facts.estimates.items() if n.startswith(path + ".")
-    ) + sum(
-        n
-        for p, n in whole.facts.parameters_outside_nodes.items()
-        if p.startswith(f"outputs.{path}.")
-    )
-    own = {p: n for p, n in alone.facts.parameters_outside_nodes.items() if p not in heads}
+    heads = {
+        "outputs." + part[8 + n :]: (count,)
+        for part, count in facts.parameters_outside_nodes.items()
+        if part.startswith("outputs." + prefix)
+    }
+    return rows | heads
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        (FEDERATIONS, "inner"),
+        (FEDERATIONS, "inner.train_a"),
+        (FEDERATIONS, "outer.train_b"),
+        ("top", "mid.g1"),
+    ],
+)
+def test_its_parameters_are_the_sum_of_its_rows_in_the_whole_table(spec, path, top):
+    """Row for row, its nodes and output heads alone are those of the whole model's table under
+    its path, parameters and FLOPs alike, on the whole model's bus (`mid.g1`'s nodes of width 16
+    project onto the 32 wide bus of `top`); alone it adds only an input embedding and a message
+    layer of its own (the whole model has one of each for all its nodes)."""
+    alone, whole = alone_and_whole(top if spec == "top" else spec, path)
+    mine, theirs = rows_of(alone), rows_of(whole, path + ".")
+    assert mine == theirs
+    own = {
+        part: n
+        for part, n in alone.facts.parameters_outside_nodes.items()
+        if not part.startswith("outputs.")
+    }
     assert set(own) == {"inputs.date", "messages"}
-    assert alone.facts.parameters == rows + sum(own.values())
+    assert alone.facts.parameters == sum(v[0] for v in theirs.values()) + sum(own.values())
     with torch.device("meta"):
         built = compiler.build_model(alone, budget=0)
     assert sum(p.numel() for p in built.parameters()) == alone.facts.parameters
+
+
+def test_an_edge_into_it_that_was_a_node_s_only_way_off_the_bus_is_all_that_differs(top):
+    """`mid.own` receives only from `sun`, outside `mid`: alone it has no projection off the
+    32 wide bus to its width 24, and every other row is the whole model's."""
+    alone, whole = alone_and_whole(top, "mid")
+    mine, theirs = rows_of(alone), rows_of(whole, "mid.")
+    assert theirs["own"][0] - mine["own"][0] == 32 * 24
+    assert {k: v for k, v in mine.items() if k != "own"} == {
+        k: v for k, v in theirs.items() if k != "own"
+    }
+    shown = " ".join(compile_(top, "--node", "mid", "--no-smoke").output.split())
+    assert "against 30.99K in the rows of `mid` in top (alone, a node that only the edges" in shown
 
 
 def test_compile_node_on_a_sub_graph_prints_its_table_runs_it_and_compares_it_with_the_whole():
@@ -131,11 +163,15 @@ def test_compile_node_on_a_sub_graph_prints_its_table_runs_it_and_compares_it_wi
 def test_compile_node_out_writes_the_sub_graph_alone_as_a_self_contained_checkpoint(tmp_path, top):
     """Its spec files are written inline, so the checkpoint loads with no part file beside it."""
     out = tmp_path / "alone"
-    written = compile_(top, "--node", "mid.g1", "--out", str(out), "--tokens", "4")
+    written = compile_(
+        top, "--node", "mid.g1", "--out", str(out), "--tokens", "4", "--set", "seed=5"
+    )
     assert written.exit_code == 0, written.output
     text = (out / "spec.yaml").read_text()
     assert text.startswith("# sub-graph `mid.g1` of ") and "spec: parts/" not in text
+    assert "--set 'seed=5'" in text.splitlines()[0]  # set on the whole spec, before extraction
     model = load_checkpoint(out)
+    assert model.spec.seed == 5
     assert list(model.spec.outputs) == ["phase"] and list(model.spec.nodes) == [
         "driver",
         "follower",

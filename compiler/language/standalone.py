@@ -11,7 +11,8 @@ top-level spec in which it keeps what it had where it was included:
 * its nodes' unset transformer settings come from its own `defaults.transformer`, then from those
   of each graph around it, innermost first, then from the including spec's: the order the
   flattening fills them in; `defaults.message`, `feedback`, `time` and `seed`, the whole model's,
-  are the including spec's;
+  are the including spec's, and so is the bus width when it is given (the widest node of the
+  whole model, not of the sub-graph), so its nodes' projections onto the bus keep their shapes;
 * every `spec:` file inside it is written inline, so the spec is one self-contained text (what
   a checkpoint of the sub-graph stores and hashes); `train:` is not carried (its losses and data
   name the whole model's outputs and inputs).
@@ -50,21 +51,30 @@ MAX_NAME = 128  # `Spec.name`
 
 
 def load_sub_graph(
-    file: str | Path, path: str, overrides: Sequence[str | Override] = ()
+    file: str | Path,
+    path: str,
+    overrides: Sequence[str | Override] = (),
+    *,
+    bus_width: int | None = None,
 ) -> LoadedSpec:
     """The sub-graph at `path` of the spec `file` (with `overrides` applied to the whole spec
-    first), validated as a spec of its own. The caller has checked that `path` names a
-    sub-graph of the whole spec (`compile --node` does, with a did-you-mean)."""
+    first), validated as a spec of its own. `bus_width` is the whole model's
+    (`analyze(file).facts.bus_width`: `compile --node` passes it), kept where the spec does not
+    set `defaults.message.width`; None lets the sub-graph's widest node set it. The caller has
+    checked that `path` names a sub-graph of the whole spec (`compile --node` does, with a
+    did-you-mean)."""
     doc = read_spec_file(file)
     sets: tuple[str, ...] = ()
     if overrides:
         from compiler.language.overrides import apply_overrides
 
         doc, sets = apply_overrides(doc, overrides)
-    return validate_document(sub_graph_document(doc, path, sets))
+    return validate_document(sub_graph_document(doc, path, sets, bus_width=bus_width))
 
 
-def sub_graph_document(doc: Document, path: str, sets: Sequence[str] = ()) -> Document:
+def sub_graph_document(
+    doc: Document, path: str, sets: Sequence[str] = (), *, bus_width: int | None = None
+) -> Document:
     """The top-level document of the sub-graph at `path`, its spans pointing where each value
     was written; its text is that document as YAML (headed by where it came from)."""
     top = Path(doc.source.file)
@@ -95,6 +105,10 @@ def sub_graph_document(doc: Document, path: str, sets: Sequence[str] = ()) -> Do
             data.setdefault(section, doc.data[section])
             _move(doc.source, (section,), (section,), keys, values)
     data["defaults"] = _defaults(levels, keys, values)
+    message = data["defaults"].get("message")
+    message = dict(message) if isinstance(message, dict) else {}
+    if bus_width is not None and message.get("width") is None:
+        data["defaults"]["message"] = {**message, "width": bus_width}
     data["inputs"] = {}
     _move(
         body.source if ("inputs",) in body.source.value_spans else doc.source,

@@ -145,7 +145,8 @@ def compile_(
             )
         out.print(_table(ir, {node}, node))
     elif node is not None:  # a sub-graph: from here on, the model is the sub-graph alone
-        whole, ir = ir, analyze(load_sub_graph(file, node, overrides))
+        sub_graph = load_sub_graph(file, node, overrides, bus_width=ir.facts.bus_width)
+        whole, ir = ir, analyze(sub_graph)
         _print_diagnostics([d for d in ir.facts.warnings if d not in whole.facts.warnings])
         out.print(_table(ir))
         for line in (*_kind_notes(ir), _capability_line(ir), _alone_line(whole, ir, node)):
@@ -228,15 +229,17 @@ def _nodes_under(ir, path: str) -> set[str]:
 
 def _alone_line(whole, alone, path: str) -> str:
     """A sub-graph compiled alone against its rows in the whole model's table: its nodes and
-    output heads are the same parts (as long as its bus and the edges into it are too); alone it
-    also has inputs and a message layer of its own, which the whole model has once for all."""
+    output heads are the same parts, on the same bus, unless an edge across its border was a
+    node's only way on or off the bus; alone it also has inputs and a message layer of its own,
+    which the whole model has once for all its nodes."""
     mine = _node_and_head_parameters(alone, "")
     rows = _node_and_head_parameters(whole, path + ".")
     same = (
         f"as in the rows of `{path}` in {whole.spec.name}"
         if mine == rows
-        else f"against {_count(rows)} in the rows of `{path}` in {whole.spec.name} (alone, its "
-        "bus width or the edges into its nodes differ)"
+        else f"against {_count(rows)} in the rows of `{path}` in {whole.spec.name} (alone, "
+        "a node that only the edges from outside reach has no projection off the bus, one that "
+        "only sends out of it none onto it)"
     )
     rest = [
         f"{part} {_count(n)}"
