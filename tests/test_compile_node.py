@@ -81,6 +81,49 @@ def test_its_nodes_keep_the_settings_they_had_where_it_was_included(top):
     assert (driver["mlp_ratio"], driver["norm"]) == (2.0, "rmsnorm")
 
 
+NULLED = """
+spec: 1
+name: nulled
+defaults:
+  transformer: {width: 16, heads: 2, layers: 1, mlp_ratio: 4.0}
+inputs:
+  x: {kind: features, width: 3}
+nodes:
+  o:
+    kind: graph
+    defaults:
+      transformer: {mlp_ratio: 2.0, layers: 2}
+    inputs:
+      x: {kind: features, width: 3}
+    nodes:
+      i:
+        kind: graph
+        defaults:
+          transformer: {mlp_ratio: null}
+        inputs:
+          x: {kind: features, width: 3}
+        nodes:
+          n: {kind: transformer}
+        outputs:
+          z: {from: n, kind: regression, width: 2}
+outputs:
+  y: {from: o.i.n, kind: regression, width: 2}
+"""
+
+
+@pytest.mark.parametrize("path", ["o", "o.i"])
+def test_a_null_default_in_a_graph_leaves_the_setting_to_the_spec_not_to_the_graphs_around(
+    tmp_path, path
+):
+    """`i` writes `mlp_ratio: null`, so `o`'s 2.0 never fills it and the spec's 4.0 does."""
+    spec = str(write(tmp_path, {"nulled.yaml": NULLED}))
+    whole, alone = compiler.analyze(spec), compiler.analyze(load_sub_graph(spec, path))
+    inner = "n" if path == "o.i" else "i.n"
+    settings = alone.graph.nodes[f"nodes.{inner}"]["settings"]
+    assert settings == whole.graph.nodes["nodes.o.i.n"]["settings"]
+    assert (settings["mlp_ratio"], settings["layers"]) == (4.0, 2)
+
+
 def alone_and_whole(spec: str, path: str):
     """The sub-graph compiled alone, on the whole model's bus (as `compile --node` compiles it),
     and the whole model."""

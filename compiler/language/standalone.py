@@ -9,10 +9,13 @@ top-level spec in which it keeps what it had where it was included:
   bound to (through every level's `bind:`), so its kind, width, vocabulary and context are that
   input's; its outputs, and those of the sub-graphs inside it (`train_a.phase`), are the model's;
 * its nodes' unset transformer settings come from its own `defaults.transformer`, then from those
-  of each graph around it, innermost first, then from the including spec's: the order the
-  flattening fills them in; `defaults.message`, `feedback`, `time` and `seed`, the whole model's,
-  are the including spec's, and so is the bus width when it is given (the widest node of the
-  whole model, not of the sub-graph), so its nodes' projections onto the bus keep their shapes;
+  of each graph around it, innermost first, then from the including spec's, as the flattening
+  fills them in: the graphs' are written into its nodes (and into the defaults of the graphs
+  inside it) the way the flattening writes them, so a null one blocks the graphs around it just
+  the same; the spec's defaults are the new spec's. `defaults.message`, `feedback`, `time` and
+  `seed`, the whole model's, are the including spec's, and so is the bus width when it is given
+  (the widest node of the whole model, not of the sub-graph), so its nodes' projections onto the
+  bus keep their shapes;
 * every `spec:` file inside it is written inline, so the spec is one self-contained text (what
   a checkpoint of the sub-graph stores and hashes); `train:` is not carried (its losses and data
   name the whole model's outputs and inputs).
@@ -39,6 +42,7 @@ from compiler.language.subgraphs import (
     _include,
     _is_graph,
     _marked_map,
+    _node_body,
     _sub_map,
 )
 from compiler.language.templates import expand_templates
@@ -104,7 +108,9 @@ def sub_graph_document(
         if section in doc.data:
             data.setdefault(section, doc.data[section])
             _move(doc.source, (section,), (section,), keys, values)
-    data["defaults"] = _defaults(levels, keys, values)
+    top_defaults = doc.data.get("defaults")
+    data["defaults"] = dict(top_defaults) if isinstance(top_defaults, dict) else {}
+    _move(doc.source, ("defaults",), ("defaults",), keys, values)
     message = data["defaults"].get("message")
     message = dict(message) if isinstance(message, dict) else {}
     if bus_width is not None and message.get("width") is None:
@@ -122,6 +128,7 @@ def sub_graph_document(
         data["inputs"][port] = doc.data["inputs"][bound]
         _move(doc.source, ("inputs", bound), ("inputs", port), keys, values)
         _move(body.source, ("inputs", port), ("inputs", port), keys, values)  # as it was written
+    body = replace(body, data={**body.data, "nodes": _filled(body.data["nodes"], levels[1:])})
     for section in ("perspectives", "nodes", "edges", "outputs"):
         if section in body.data:
             data[section] = body.data[section]
@@ -228,28 +235,32 @@ def _with(file: SourceMap, node: SourceMap, own: dict) -> SourceMap:
     return SourceMap(file.file, keys, values)
 
 
-def _defaults(levels: list[Document], keys: dict, values: dict) -> dict[str, Any]:
-    """The including spec's defaults with each graph's `defaults.transformer` over those around
-    it (a setting left unset, or null, at a level is filled from the level around it, as
-    flattening fills it)."""
-    top = levels[0].data.get("defaults")
-    defaults = dict(top) if isinstance(top, dict) else {}
-    _move(levels[0].source, ("defaults",), ("defaults",), keys, values)
-    transformer: dict[str, Any] = {}
-    for level in levels:
-        own = level.data.get("defaults") if isinstance(level.data, dict) else None
-        settings = own.get("transformer") if isinstance(own, dict) else None
-        for key, value in (settings or {}).items() if isinstance(settings, dict) else ():
-            if value is not None:
-                transformer[key] = value
-                for path in (("defaults",), ("defaults", "transformer")):
-                    if path not in values:  # the sections, where no level around wrote them
-                        _move(level.source, path, path, keys, values, deep=False)
-                path = ("defaults", "transformer", key)
-                _move(level.source, path, path, keys, values)
-    if transformer:
-        defaults["transformer"] = transformer
-    return defaults
+def _filled(nodes: dict[str, Any], levels: list[Document]) -> dict[str, Any]:
+    """The sub-graph's nodes with the `defaults.transformer` of every graph from the including
+    spec's down to it written in as the flattening writes them (`_node_body`: a setting the node
+    leaves out is set from the innermost graph that names it, a null one too); a graph inside it
+    gets them under its own defaults, which flattening it fills its nodes with first."""
+    chain: dict[str, Any] = {}
+    for level in reversed(levels):  # innermost first: the first graph to name a setting sets it
+        for key, value in _transformer_defaults(level.data).items():
+            chain.setdefault(key, value)
+    if not chain:
+        return nodes
+    filled = {}
+    for name, body in nodes.items():
+        if _is_graph(body):
+            own = body.get("defaults") if isinstance(body.get("defaults"), dict) else {}
+            settings = {**chain, **_transformer_defaults(body)}
+            filled[name] = {**body, "defaults": {**own, "transformer": settings}}
+        else:
+            filled[name] = _node_body(body, {}, None, {}, chain)
+    return filled
+
+
+def _transformer_defaults(body: Any) -> dict[str, Any]:
+    own = body.get("defaults") if isinstance(body, dict) else None
+    settings = own.get("transformer") if isinstance(own, dict) else None
+    return settings if isinstance(settings, dict) else {}
 
 
 def _move(
