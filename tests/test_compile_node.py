@@ -242,9 +242,12 @@ def test_an_unknown_path_is_located_on_the_command_line_with_the_nearest_one():
     assert "did you mean `inner.train_a`?" in wrong.output
 
 
-def test_node_and_level_each_choose_the_table_and_are_refused_together():
-    both = compile_(FEDERATIONS, "--node", "inner", "--level", "1")
-    assert both.exit_code == 2 and "--node and --level" in both.output
+@pytest.mark.parametrize("option", [["--level", "1"], ["--index", "0"], ["--fractal", "lm"]])
+def test_the_options_of_a_fractal_s_sub_model_are_refused_with_node(option):
+    both = compile_(FEDERATIONS, "--node", "inner", *option)
+    assert both.exit_code == 2, both.output
+    assert both.output.startswith(f"epicycle: {'--node and ' if option[0] == '--level' else ''}")
+    assert option[0] in both.output
 
 
 SHAPES = """

@@ -103,7 +103,12 @@ def compile_(
         int | None,
         typer.Option(help="Fractal specs: run the smoke forward on a sub-model of this level."),
     ] = None,
-    index: Annotated[int, typer.Option(help="Fractal specs: which sub-model of `--level`.")] = 0,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            help="Fractal specs: which sub-model of `--level` (default 0).", show_default=False
+        ),
+    ] = None,
     fractal: Annotated[
         str | None,
         typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
@@ -130,6 +135,10 @@ def compile_(
 
     if node is not None and level is not None:
         _usage("--node and --level each choose the table to print: give one of them")
+    if node is not None and (fractal is not None or index is not None):
+        given = "--fractal" if fractal is not None else "--index"
+        _usage(f"{given} chooses a fractal's sub-model for --level, which --node does not take")
+    index = 0 if index is None else index
     if out_dir is not None:  # refused before the work, not after it
         check_directory_output(out_dir, "--out")
     overrides = _overrides(sets)
