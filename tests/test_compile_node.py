@@ -290,3 +290,38 @@ def test_a_sub_graph_that_is_nothing_alone_is_refused_where_it_is_written(tmp_pa
     reaching = compile_(spec, "--node", "reaching")
     assert reaching.exit_code == 1
     assert "shapes.yaml:22:16: error: no node named `sun`" in reaching.output
+
+
+SHARED = """
+spec: 1
+name: shared
+defaults:
+  transformer: {width: 16, heads: 2, layers: 1}
+inputs:
+  x: {kind: features, width: 4}
+perspectives:
+  center: {kind: projection}
+nodes:
+  sun: {kind: gear, perspective: center}
+  g:
+    kind: graph
+    inputs:
+      x: {kind: features, width: 4}
+    nodes:
+      moon: {kind: gear, perspective: center}
+    outputs:
+      z: {from: moon, kind: regression, width: 2}
+edges:
+  - {from: sun, to: g.moon, kind: mesh, ratio: 2}
+outputs:
+  y: {from: sun, kind: regression, width: 2}
+"""
+
+
+def test_a_perspective_shared_with_nodes_outside_is_copied_into_it(tmp_path):
+    """`g.moon` sees the input through the spec's `center`, as `sun` does: alone it has a copy."""
+    spec = str(write(tmp_path, {"shared.yaml": SHARED}))
+    alone = load_sub_graph(spec, "g")
+    assert alone.spec.perspectives["center"].kind == "projection"
+    assert alone.source.span(("perspectives", "center")).line == 8  # where the spec declares it
+    assert compiler.analyze(alone).facts.parameters_outside_nodes["perspectives"] == 4 * 4

@@ -20,7 +20,9 @@ top-level spec in which it keeps what it had where it was included:
   a checkpoint of the sub-graph stores and hashes); `train:` is not carried (its losses and data
   name the whole model's outputs and inputs).
 
-Edges from outside into the sub-graph are not part of it: alone, it is driven by its inputs only.
+A perspective its nodes share with nodes outside it (one a graph around it declares) is copied
+into it: alone, its nodes keep their frame, now of their own. Edges from outside into the
+sub-graph are not part of it: alone, it is driven by its inputs only.
 Every value keeps the span it was written at, so a problem of the sub-graph alone (an edge that
 names a node outside it) is located where that edge is written."""
 
@@ -133,7 +135,42 @@ def sub_graph_document(
         if section in body.data:
             data[section] = body.data[section]
             _move(body.source, (section,), (section,), keys, values)
+    _carry_perspectives(data, body.data, levels[:-1], keys, values)
     return Document(data, SourceMap(doc.source.file, keys, values), _text(data, doc, path, sets))
+
+
+def _carry_perspectives(
+    data: dict, body: dict, around: list[Document], keys: dict, values: dict
+) -> None:
+    """The perspectives its nodes name and no graph of its declares: in the whole model they are
+    frames of a graph around it (a name a graph does not declare reads the graph's around it,
+    as flattening renames only its own), so alone it has a copy of each, as that graph
+    declares it."""
+    for name in sorted(_free_perspectives(body)):
+        for level in reversed(around):  # the innermost graph around it that declares it
+            declared = level.data.get("perspectives")
+            if isinstance(declared, dict) and name in declared:
+                data.setdefault("perspectives", {})[name] = declared[name]
+                if ("perspectives",) not in values:
+                    _move(
+                        level.source, ("perspectives",), ("perspectives",), keys, values, deep=False
+                    )
+                _move(level.source, ("perspectives", name), ("perspectives", name), keys, values)
+                break
+
+
+def _free_perspectives(body: dict) -> set[str]:
+    """The perspective names the body's nodes use, at any depth, that no graph on the way
+    declares."""
+    used: set[str] = set()
+    nodes = body.get("nodes")
+    for node in nodes.values() if isinstance(nodes, dict) else ():
+        if _is_graph(node):
+            used |= _free_perspectives(node)
+        elif isinstance(node, dict) and isinstance(node.get("perspective"), str):
+            used.add(node["perspective"])
+    declared = body.get("perspectives")
+    return used - set(declared if isinstance(declared, dict) else ())
 
 
 def _refuse_empty(body: dict, path: str, where: Span) -> None:
