@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import compiler
-from compiler.language.standalone import load_sub_graph
+from compiler.language.standalone import Surroundings, load_sub_graph
 from compiler.tools.checkpoint import load_checkpoint
 from compiler.tools.cli import app
 from tests.conftest import ROOT
@@ -128,7 +128,8 @@ def alone_and_whole(spec: str, path: str):
     """The sub-graph compiled alone, on the whole model's bus (as `compile --node` compiles it),
     and the whole model."""
     whole = compiler.analyze(spec)
-    alone = load_sub_graph(spec, path, bus_width=whole.facts.bus_width)
+    around = Surroundings(bus_width=whole.facts.bus_width, context=whole.facts.context)
+    alone = load_sub_graph(spec, path, around=around)
     return compiler.analyze(alone), whole
 
 
@@ -325,3 +326,37 @@ def test_a_perspective_shared_with_nodes_outside_is_copied_into_it(tmp_path):
     assert alone.spec.perspectives["center"].kind == "projection"
     assert alone.source.span(("perspectives", "center")).line == 8  # where the spec declares it
     assert compiler.analyze(alone).facts.parameters_outside_nodes["perspectives"] == 4 * 4
+
+
+SHORTER = """
+spec: 1
+name: shorter
+defaults:
+  transformer: {width: 16, heads: 2, layers: 1, position: learned}
+inputs:
+  long: {kind: features, width: 3, context: 16}
+  short: {kind: features, width: 3, context: 8}
+nodes:
+  sun: {kind: transformer, input: long}
+  g:
+    kind: graph
+    bind: {x: short}
+    inputs:
+      x: {kind: features, width: 3}
+    nodes:
+      n: {kind: transformer}
+    outputs:
+      z: {from: n, kind: regression, width: 2}
+outputs:
+  y: {from: sun, kind: regression, width: 2}
+"""
+
+
+def test_it_keeps_the_whole_model_s_context_so_learned_positions_keep_their_shape(tmp_path):
+    """The context is the longest input's, 16; alone `g` reads only `short` (8), so left to
+    itself it would learn half the positions."""
+    spec = str(write(tmp_path, {"shorter.yaml": SHORTER}))
+    alone, whole = alone_and_whole(spec, "g")
+    assert alone.spec.inputs["x"].context == 16 and rows_of(alone) == rows_of(whole, "g.")
+    itself = compiler.analyze(load_sub_graph(spec, "g"))
+    assert rows_of(whole, "g.")["n"][0] - rows_of(itself)["n"][0] == (16 - 8) * 16

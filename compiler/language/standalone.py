@@ -29,7 +29,7 @@ names a node outside it) is located where that edge is written."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,78 +56,66 @@ WHOLE_MODEL_SECTIONS = ("seed", "feedback", "time")  # the including spec's, car
 MAX_NAME = 128  # `Spec.name`
 
 
+@dataclass(frozen=True)
+class Surroundings:
+    """What the whole model settles for all its nodes, which the sub-graph alone would settle for
+    itself: the message bus's width (the widest node) and the context (the longest input).
+    `compile --node` keeps the whole model's (`analyze(file).facts`), so that every node keeps its
+    shapes (projections onto the bus, learned positions, attention over the context); None lets
+    the sub-graph alone settle it."""
+
+    bus_width: int | None = None
+    context: int | None = None
+
+
 def load_sub_graph(
     file: str | Path,
     path: str,
     overrides: Sequence[str | Override] = (),
     *,
-    bus_width: int | None = None,
+    around: Surroundings = Surroundings(),
 ) -> LoadedSpec:
     """The sub-graph at `path` of the spec `file` (with `overrides` applied to the whole spec
-    first), validated as a spec of its own. `bus_width` is the whole model's
-    (`analyze(file).facts.bus_width`: `compile --node` passes it), kept where the spec does not
-    set `defaults.message.width`; None lets the sub-graph's widest node set it. The caller has
-    checked that `path` names a sub-graph of the whole spec (`compile --node` does, with a
-    did-you-mean)."""
+    first), validated as a spec of its own. The caller has checked that `path` names a
+    sub-graph of the whole spec (`compile --node` does, with a did-you-mean)."""
     doc = read_spec_file(file)
     sets: tuple[str, ...] = ()
     if overrides:
         from compiler.language.overrides import apply_overrides
 
         doc, sets = apply_overrides(doc, overrides)
-    return validate_document(sub_graph_document(doc, path, sets, bus_width=bus_width))
+    return validate_document(sub_graph_document(doc, path, sets, around=around))
 
 
 def sub_graph_document(
-    doc: Document, path: str, sets: Sequence[str] = (), *, bus_width: int | None = None
+    doc: Document,
+    path: str,
+    sets: Sequence[str] = (),
+    *,
+    around: Surroundings = Surroundings(),
 ) -> Document:
     """The top-level document of the sub-graph at `path`, its spans pointing where each value
     was written; its text is that document as YAML (headed by where it came from)."""
-    top = Path(doc.source.file)
-    root = top.resolve().parent if top.exists() else Path.cwd().resolve()
-    context = _Context(root, (top.resolve(),) if top.exists() else (), None, [0], {})
-    here = expand_templates(doc)
-    ports = {name: name for name in here.data["inputs"]}  # each port -> the top-level input
-    levels = [here]
-    for name in path.split("."):
-        body = here.data["nodes"][name]
-        span = here.source.span(("nodes", name))
-        key_span = here.source.span(("nodes", name), key=True)
-        here, context = _graph_body(name, body, here, context)
-        here = expand_templates(here)
-        bind = body.get("bind") or {}
-        ports = {p: ports[bind.get(p, p)] for p in here.data.get("inputs") or {}}
-        levels.append(here)
-    body = _inlined(here, context)
-    _refuse_empty(body.data, path, key_span)
-    data: dict[str, Any] = {
-        "spec": doc.data["spec"],
-        "name": f"{doc.data['name']}.{path}"[:MAX_NAME],
-    }
-    keys: dict[PathKey, Span] = {(): key_span}
-    values: dict[PathKey, Span] = {(): span}
-    for section in ("spec", "name", *WHOLE_MODEL_SECTIONS):
+    levels, ports, context, where = _walk(doc, path)
+    body = _inlined(levels[-1], context)
+    _refuse_empty(body.data, path, where.key_span)
+    keys: dict[PathKey, Span] = {(): where.key_span}
+    values: dict[PathKey, Span] = {(): where.span}
+    data: dict[str, Any] = {}
+    for section in ("spec", "name", *WHOLE_MODEL_SECTIONS, "defaults"):
         if section in doc.data:
-            data.setdefault(section, doc.data[section])
+            data[section] = doc.data[section]
             _move(doc.source, (section,), (section,), keys, values)
-    top_defaults = doc.data.get("defaults")
-    data["defaults"] = dict(top_defaults) if isinstance(top_defaults, dict) else {}
-    _move(doc.source, ("defaults",), ("defaults",), keys, values)
-    message = data["defaults"].get("message")
-    message = dict(message) if isinstance(message, dict) else {}
-    if bus_width is not None and message.get("width") is None:
-        data["defaults"]["message"] = {**message, "width": bus_width}
+    data["name"] = f"{doc.data['name']}.{path}"[:MAX_NAME]
+    data["defaults"] = _on_the_bus(data.get("defaults"), around.bus_width)
     data["inputs"] = {}
-    _move(
-        body.source if ("inputs",) in body.source.value_spans else doc.source,
-        ("inputs",),
-        ("inputs",),
-        keys,
-        values,
-        deep=False,
-    )
+    inputs_at = body.source if ("inputs",) in body.source.value_spans else doc.source
+    _move(inputs_at, ("inputs",), ("inputs",), keys, values, deep=False)
     for port, bound in ports.items():
-        data["inputs"][port] = doc.data["inputs"][bound]
+        declared = doc.data["inputs"][bound]
+        if around.context is not None:
+            declared = {**declared, "context": around.context}
+        data["inputs"][port] = declared
         _move(doc.source, ("inputs", bound), ("inputs", port), keys, values)
         _move(body.source, ("inputs", port), ("inputs", port), keys, values)  # as it was written
     body = replace(body, data={**body.data, "nodes": _filled(body.data["nodes"], levels[1:])})
@@ -137,6 +125,45 @@ def sub_graph_document(
             _move(body.source, (section,), (section,), keys, values)
     _carry_perspectives(data, body.data, levels[:-1], keys, values)
     return Document(data, SourceMap(doc.source.file, keys, values), _text(data, doc, path, sets))
+
+
+@dataclass(frozen=True)
+class _Where:
+    span: Span  # the graph node's body, in the graph that includes it
+    key_span: Span  # its name there
+
+
+def _walk(doc: Document, path: str) -> tuple[list[Document], dict[str, str], _Context, _Where]:
+    """Down the path from the spec to the sub-graph: the body of each graph on the way (the
+    spec's first, templates expanded), each of the sub-graph's ports with the spec's input it
+    reads through every level's `bind:`, the context of includes inside it, and where it is."""
+    top = Path(doc.source.file)
+    root = top.resolve().parent if top.exists() else Path.cwd().resolve()
+    context = _Context(root, (top.resolve(),) if top.exists() else (), None, [0], {})
+    here = expand_templates(doc)
+    ports = {name: name for name in here.data["inputs"]}
+    levels = [here]
+    for name in path.split("."):
+        body = here.data["nodes"][name]
+        where = _Where(
+            here.source.span(("nodes", name)), here.source.span(("nodes", name), key=True)
+        )
+        here, context = _graph_body(name, body, here, context)
+        here = expand_templates(here)
+        bind = body.get("bind") or {}
+        ports = {p: ports[bind.get(p, p)] for p in here.data.get("inputs") or {}}
+        levels.append(here)
+    return levels, ports, context, where
+
+
+def _on_the_bus(defaults: Any, bus_width: int | None) -> dict[str, Any]:
+    """The spec's defaults, with the bus width kept where the spec leaves it to the nodes."""
+    defaults = dict(defaults) if isinstance(defaults, dict) else {}
+    message = defaults.get("message")
+    message = dict(message) if isinstance(message, dict) else {}
+    if bus_width is not None and message.get("width") is None:
+        defaults["message"] = {**message, "width": bus_width}
+    return defaults
 
 
 def _carry_perspectives(

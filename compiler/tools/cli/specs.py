@@ -129,7 +129,7 @@ def compile_(
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
 
-    from compiler.language.standalone import load_sub_graph
+    from compiler.language.standalone import Surroundings, load_sub_graph
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import save_checkpoint
 
@@ -154,7 +154,8 @@ def compile_(
             )
         out.print(_table(ir, {node}, node))
     elif node is not None:  # a sub-graph: from here on, the model is the sub-graph alone
-        sub_graph = load_sub_graph(file, node, overrides, bus_width=ir.facts.bus_width)
+        around = Surroundings(bus_width=ir.facts.bus_width, context=ir.facts.context)
+        sub_graph = load_sub_graph(file, node, overrides, around=around)
         whole, ir = ir, analyze(sub_graph)
         _print_diagnostics([d for d in ir.facts.warnings if d not in whole.facts.warnings])
         out.print(_table(ir))
