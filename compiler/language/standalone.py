@@ -300,10 +300,11 @@ def _with(file: SourceMap, node: SourceMap, own: dict) -> SourceMap:
 
 
 def _filled(nodes: dict[str, Any], levels: list[Document]) -> dict[str, Any]:
-    """The sub-graph's nodes with the `defaults.transformer` of every graph from the including
-    spec's down to it written in as the flattening writes them (`_node_body`: a setting the node
-    leaves out is set from the innermost graph that names it, a null one too); a graph inside it
-    gets them under its own defaults, which flattening it fills its nodes with first."""
+    """The sub-graph's nodes with the `defaults.transformer` of each graph on the path, its own
+    included, written in as the flattening writes them (`_node_body`: a setting the node leaves
+    out is set from the innermost graph that names it, a null one too); a graph inside it gets
+    them under its own defaults, which flattening it fills its nodes with first. The spec's own
+    defaults stay the spec's, filled in last as ever."""
     chain: dict[str, Any] = {}
     for level in reversed(levels):  # innermost first: the first graph to name a setting sets it
         for key, value in _transformer_defaults(level.data).items():
