@@ -180,6 +180,7 @@ class Facts:
     estimates: dict[str, dict] | None = None  # estimate: per node, parameters and FLOPs
     companion_estimates: dict[str, dict] | None = None  # estimate: the same per observer
     parameters_outside_nodes: dict[str, int] | None = None  # estimate: inputs, heads, messages
+    flops_outside_nodes: dict[str, int] | None = None  # estimate: FLOPs/token of the feeds
     parameters: int | None = None  # estimate: the total
     warnings: list[Diagnostic] = field(default_factory=list)  # the driver: non-fatal findings
 

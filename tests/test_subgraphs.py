@@ -219,27 +219,3 @@ def test_the_recorded_text_holds_the_included_files_so_an_edited_part_changes_th
     assert after.digest != before.digest
     reread = load_spec_text(after.text, str(top))  # a checkpoint's text, read back beside its parts
     assert reread.text == after.text
-
-
-def test_compile_node_prints_the_rows_of_one_sub_graph_with_their_total():
-    """`epicycle compile SPEC --node inner` shows every node inside sub-graph `inner`, at any
-    depth, and their parameters added up; a path that names nothing is located on the command
-    line with the nearest path."""
-    from typer.testing import CliRunner
-
-    from compiler.tools.cli import app
-
-    spec = str(ROOT / "specs" / "federation_of_federations.yaml")
-    shown = CliRunner().invoke(app, ["compile", spec, "--no-smoke", "--node", "inner"])
-    assert shown.exit_code == 0, shown.output
-    rows = [line for line in shown.output.splitlines() if "│ inner." in line]
-    assert len(rows) == 6 and "outer." not in shown.output
-    ir = compiler.analyze(spec)
-    within = sum(
-        row["parameters"] for n, row in ir.facts.estimates.items() if n.startswith("inner.")
-    )
-    assert "total of inner" in shown.output and f"{within / 1000:.2f}K" in shown.output
-    wrong = CliRunner().invoke(app, ["compile", spec, "--no-smoke", "--node", "iner.train_a"])
-    assert wrong.exit_code == 1
-    assert "command line: --node:1:1: error: no node or sub-graph `iner.train_a`" in wrong.output
-    assert "did you mean `inner.train_a`?" in wrong.output

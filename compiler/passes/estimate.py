@@ -13,7 +13,9 @@ refused, located at its largest part (an embedding of 2^20 x 2^24 is the input, 
 
 FLOPs per token are forward FLOPs: 2 per weight of every matmul the token passes through, plus
 attention's scores and weighted sum over a full context (halved when causal), times the feedback
-steps. Training costs about three times as much.
+steps. Training costs about three times as much. Besides the nodes, the projections of outputs fed
+back (`feeds`) are counted, once per step that adds one (`feed_flops_per_token`); the inputs'
+projections, the bus and the message layer, cross attention and the heads are not counted yet.
 """
 
 from __future__ import annotations
@@ -205,6 +207,19 @@ def federation_parameters(plan: Any) -> dict[str, Any]:
     }
 
 
+def feed_flops_per_token(plan: Any, *, time_axis: bool) -> int:
+    """The projections of outputs fed back (`from: outputs.NAME`, `projection: linear`): 2 FLOPs
+    per weight, per token, for each step that adds one (`Federation._add_fed_back`). Over a time
+    axis every time step adds it (the state holds the outputs of the steps before, zero at
+    first); unrolled, the first `delay` feedback steps have no output of `delay` steps before, so
+    `steps - delay` of them do."""
+    width = {i: g.config.width for g in plan.groups for i in g.indices}
+    return sum(
+        2 * f.width * width[f.target] * (plan.steps if time_axis else max(0, plan.steps - f.delay))
+        for f in plan.feeds
+    )
+
+
 def _group_parameters(ir: IR, group: Any, built: dict) -> int:
     node_kind = KINDS.get(group.kind)
     if node_kind.counts_exactly:
@@ -253,6 +268,7 @@ def _guard(ir: IR, parts: dict[tuple, int], blocks: int) -> None:
         "facts.estimates",
         "facts.companion_estimates",
         "facts.parameters_outside_nodes",
+        "facts.flops_outside_nodes",
         "facts.parameters",
     ),
 )
@@ -306,11 +322,17 @@ def estimate(ir: IR) -> IR:
         }
         for name, (_, config) in ir.facts.companions.items()
     }
+    flops_outside = {}
+    if federation.feeds:
+        flops_outside["feeds"] = feed_flops_per_token(
+            federation, time_axis=ir.spec.time is not None
+        )
     total = nodes_total + sum(around["groups"]) + sum(outside.values()) + sum(companions.values())
     return ir.with_facts(
         estimates=rows,
         companion_estimates=companion_rows,
         parameters_outside_nodes=outside,
+        flops_outside_nodes=flops_outside,
         parameters=total,
     )
 

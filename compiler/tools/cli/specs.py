@@ -103,7 +103,12 @@ def compile_(
         int | None,
         typer.Option(help="Fractal specs: run the smoke forward on a sub-model of this level."),
     ] = None,
-    index: Annotated[int, typer.Option(help="Fractal specs: which sub-model of `--level`.")] = 0,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            help="Fractal specs: which sub-model of `--level` (default 0).", show_default=False
+        ),
+    ] = None,
     fractal: Annotated[
         str | None,
         typer.Option(help="Fractal specs: the fractal node (default: the only one)."),
@@ -114,28 +119,48 @@ def compile_(
         typer.Option(
             "--node",
             metavar="PATH",
-            help="Print the rows of this node, or of every node inside this sub-graph "
-            "(a dotted path, e.g. outer.inner), with their total; the smoke forward and --out "
-            "still concern the whole model.",
+            help="A node or sub-graph, by its dotted path (e.g. outer.inner). A sub-graph is "
+            "compiled alone, a model of its own (its inputs and outputs the model's): its table, "
+            "smoke forward and --out are its own. A node prints its row, the smoke forward runs "
+            "the whole model, and --out is refused (a node alone has no outputs).",
         ),
     ] = None,
 ) -> None:
     """Compile a spec: print its per-node table, run a smoke forward, optionally save weights."""
     import torch
 
+    from compiler.language.standalone import Surroundings, load_sub_graph
     from compiler.pipeline import analyze, build_model
     from compiler.tools.checkpoint import save_checkpoint
 
     if node is not None and level is not None:
         _usage("--node and --level each choose the table to print: give one of them")
+    if node is not None and (fractal is not None or index is not None):
+        given = "--fractal" if fractal is not None else "--index"
+        _usage(f"{given} chooses a fractal's sub-model for --level, which --node does not take")
+    index = 0 if index is None else index
     if out_dir is not None:  # refused before the work, not after it
         check_directory_output(out_dir, "--out")
-    ir = analyze(file, overrides=_overrides(sets))
+    overrides = _overrides(sets)
+    ir = analyze(file, overrides=overrides)
     _print_diagnostics(ir.facts.warnings)
     if level is not None:  # the sub-model's own table, once the model is built
         fractal = _check_sub_model_address(ir, fractal, level, index)
-    elif node is not None:
-        out.print(_table(ir, _nodes_under(ir, node), node))
+    elif node is not None and _nodes_under(ir, node) == {node}:  # a node: its row
+        if out_dir is not None:
+            _usage(
+                f"--out with --node {node}: `{node}` is a node, and a node alone is no model (it "
+                "has no outputs); drop --node to write the whole model, or name a sub-graph"
+            )
+        out.print(_table(ir, {node}, node))
+    elif node is not None:  # a sub-graph: from here on, the model is the sub-graph alone
+        around = Surroundings(bus_width=ir.facts.bus_width, context=ir.facts.context)
+        sub_graph = load_sub_graph(file, node, overrides, around=around)
+        whole, ir = ir, analyze(sub_graph)
+        _print_diagnostics([d for d in ir.facts.warnings if d not in whole.facts.warnings])
+        out.print(_table(ir))
+        for line in (*_kind_notes(ir), _capability_line(ir), _alone_line(whole, ir, node)):
+            out.print(line, markup=False)
     else:
         out.print(_table(ir))
         for line in _kind_notes(ir):
@@ -212,6 +237,44 @@ def _nodes_under(ir, path: str) -> set[str]:
     )
 
 
+def _alone_line(whole, alone, path: str) -> str:
+    """A sub-graph compiled alone against its rows in the whole model's table: its nodes and
+    output heads are the same parts, on the same bus, unless an edge across its border was a
+    node's only way on or off the bus; alone it also has inputs and a message layer of its own,
+    which the whole model has once for all its nodes."""
+    mine = _node_and_head_parameters(alone, "")
+    rows = _node_and_head_parameters(whole, path + ".")
+    same = (
+        f"as in the rows of `{path}` in {whole.spec.name}"
+        if mine == rows
+        else f"against {_count(rows)} in the rows of `{path}` in {whole.spec.name} (alone, "
+        "a node that only the edges from outside reach has no projection off the bus, one that "
+        "only sends out of it none onto it)"
+    )
+    rest = [
+        f"{part} {_count(n)}"
+        for part, n in alone.facts.parameters_outside_nodes.items()
+        if not part.startswith("outputs.")
+    ]
+    line = f"`{path}` alone: {_count(alone.facts.parameters)} parameters; its nodes and output "
+    line += f"heads {_count(mine)}, {same}"
+    return line + (f"; its own {', '.join(rest)}" if rest else "")
+
+
+def _node_and_head_parameters(ir, prefix: str) -> int:
+    """The parameters of the node rows and output heads whose paths start with `prefix`."""
+    facts = ir.facts
+    rows = {**facts.estimates, **facts.companion_estimates}
+    heads = {
+        part[len("outputs.") :]: n
+        for part, n in facts.parameters_outside_nodes.items()
+        if part.startswith("outputs.")
+    }
+    return sum(row["parameters"] for name, row in rows.items() if name.startswith(prefix)) + sum(
+        n for name, n in heads.items() if name.startswith(prefix)
+    )
+
+
 def _table(ir, only: set[str] | None = None, path: str | None = None) -> Any:
     """The per-node table; with `only`, just those nodes' rows and their total (`--node`)."""
     from rich.table import Table  # only `compile` draws a table
@@ -269,8 +332,11 @@ def _table(ir, only: set[str] | None = None, path: str | None = None) -> Any:
         )
         table.add_row(f"total of {path}", "", "", "", "", "", _count(within), "", end_section=True)
         return table
+    flops = ir.facts.flops_outside_nodes
     for part, count in ir.facts.parameters_outside_nodes.items():
-        table.add_row(part, "", "", "", "", "", _count(count), "")
+        table.add_row(
+            part, "", "", "", "", "", _count(count), _count(flops[part]) if part in flops else ""
+        )
     table.add_row("total", "", "", "", "", "", _count(ir.facts.parameters), "", end_section=True)
     return table
 
