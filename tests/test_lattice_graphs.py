@@ -101,7 +101,7 @@ def test_gradients_accumulate_over_two_backward_passes():
     gradients (`make_graphed_callables` hands out its own memory, and the second pass doubles)."""
     model = lattice_model(1, 64, True, "cuda")
     attn = model.blocks[0].attn
-    x = torch.randn(2, 3, 64, 64, device="cuda")
+    x = torch.randn(1, 3, 64, 64, device="cuda")  # (members, batch, tokens, width)
     results = []
     for region in ("graphs", "reference"):
         attn.region = region
