@@ -9,6 +9,8 @@ eager saving, is checked on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -86,13 +88,15 @@ def test_the_graphs_read_parameters_changed_in_place():
 
 
 @cuda
-def test_a_reassigned_parameter_is_captured_anew():
+def test_a_reassigned_or_converted_parameter_is_captured_anew():
     model = lattice_model(1, 64, False, "cuda")
     assert_graphs_equal_reference(model, 40)
     attn = model.blocks[0].attn
     attn.qkv.weight = nn.Parameter(attn.qkv.weight.detach() * 2)
     assert_graphs_equal_reference(model, 40)
-    assert captures(model).recaptures == 1
+    model.double()  # the same Parameter objects, new `.data`
+    assert_graphs_equal_reference(model, 40)
+    assert captures(model).recaptures == 2
 
 
 @cuda
@@ -170,6 +174,93 @@ def test_inside_another_capture_the_reference_ops_are_recorded_with_a_warning():
         graph.replay()
         model.blocks[0].attn.region = "reference"
         torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+
+
+class EagerReplay:
+    """A CUDA graph stood in for on the CPU: `replay` runs the captured function again and copies
+    its results into the first run's outputs (a backward's "replay" differentiates the first
+    forward's retained graph, so it holds while the parameters keep their values)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.outputs = run()
+
+    def replay(self):
+        with torch.no_grad():
+            fresh = self.run()
+        if isinstance(fresh, dict):  # the backward's flat gradients, by dtype
+            fresh, static = list(fresh.values()), list(self.outputs.values())
+        else:
+            static = self.outputs
+        for old, new in zip(static, fresh, strict=True):
+            if old is not None:
+                old.detach().copy_(new)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """`GraphedSlotTerms` on the CPU, its CUDA graphs and streams stood in for: the capture,
+    replay, key and gradient logic, checked where no GPU is."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    def capture(run, pool):
+        graph = EagerReplay(run)
+        return graph, graph.outputs
+
+    monkeypatch.setattr(lattice, "capture_graph", capture)
+
+
+@pytest.mark.parametrize(("members", "width", "bias"), [(1, 64, False), (2, 60, True)])
+def test_the_capture_logic_replays_reuses_and_recaptures(cpu_graphs, members, width, bias):
+    model = lattice_model(members, width, bias)
+    attn = model.blocks[0].attn
+
+    def replayed(*args):
+        return lattice.graphed_slot_terms(attn, *args)
+
+    for _ in range(2):  # a capture, then a replay of it
+        expected = values_and_gradients(lattice.slot_terms, model, 24, differentiate_theta=False)
+        assert_all_close(values_and_gradients(replayed, model, 24, False), expected)
+    buffers = {
+        p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None
+    }
+    assert len(buffers) == 1  # views of one fresh buffer: no copy per parameter
+    with torch.no_grad():
+        assert_all_close(
+            [t for t in replayed(*slot_arguments(model, 24)) if t is not None],
+            [t for t in lattice.slot_terms(*slot_arguments(model, 24)) if t is not None],
+        )
+    assert {
+        key[1]: g.backward_graph is not None for key, g in captures(model).captures.items()
+    } == {
+        True: True,
+        False: False,
+    }
+    attn.lattice.coupling.data = attn.lattice.coupling.data * 0.5  # same object, new memory
+    expected = values_and_gradients(lattice.slot_terms, model, 24, differentiate_theta=False)
+    assert_all_close(values_and_gradients(replayed, model, 24, False), expected)
+    assert captures(model).recaptures == 1 and len(captures(model).captures) == 1
+
+
+def test_parameters_that_move_every_call_turn_graphs_off_with_a_warning(cpu_graphs):
+    model = lattice_model(1, 64, False)
+    attn = model.blocks[0].attn
+    for _ in range(lattice._MAX_RECAPTURES + 1):
+        attn.qkv.weight = nn.Parameter(attn.qkv.weight.detach().clone())
+        assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 8)) is not None
+    attn.qkv.weight = nn.Parameter(attn.qkv.weight.detach().clone())
+    with pytest.warns(RuntimeWarning, match="parameters moved 5 times"):
+        assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 8)) is None
 
 
 def test_saved_tensor_hooks_keep_the_layer_off_graphs():

@@ -200,25 +200,47 @@ class GraphedSlotTerms:
     gradient, the backward pass.
 
     The graphs read the parameters in place, by address: an optimizer step and `load_state_dict`
-    (which copy into the same tensors) are seen by the next replay; a parameter re-assigned or
-    moved (`.to()`, `p.data = ...`) has another address and `graphed_slot_terms` captures anew.
-    The outputs are graph memory, rewritten by the next replay with the same values as long as the
-    parameters have not changed in between (two passes through one layer before one backward,
-    gradient accumulation: both fine; an optimizer step between a forward and its backward: not).
-    Gradients leave the backward graph as fresh tensors (one copy per dtype, split into views):
-    `torch.cuda.make_graphed_callables` hands autograd its graph's own gradient memory, which
-    `AccumulateGrad` then keeps as `.grad` and the next replay overwrites, so accumulating two
-    backward passes into `.grad` from `None` doubles the second; that is why it is not used here.
-    `theta` is returned detached (the layer records it; nothing differentiates it)."""
+    (which copy into the same memory) are seen by the next replay; a parameter re-assigned or
+    converted (`.to()`, `p.data = ...`) has another address, which `matches` tells, and
+    `graphed_slot_terms` captures anew (the captured memory is held until then, so nothing else
+    can take its address). The outputs are graph memory, rewritten by the next replay with the
+    same values as long as the parameters have not changed in between (two passes through one
+    layer before one backward, gradient accumulation: both fine; an optimizer step between a
+    forward and its backward: not). Gradients leave the backward graph as fresh tensors (one copy
+    per dtype, split into views): `torch.cuda.make_graphed_callables` hands autograd its graph's
+    own gradient memory, which `AccumulateGrad` keeps as `.grad` and the next replay overwrites,
+    so accumulating two backward passes into `.grad` from `None` doubles the second; that is why
+    it is not used here. A parameter reached only through an output nothing uses gets a zero
+    gradient (not None). `theta` is returned detached: the layer records it and nothing
+    differentiates it."""
 
     def __init__(self, tensors: tuple[Tensor | None, ...], sizes: tuple, train: bool):
-        self.tensors, self.sizes = tensors, sizes
-        self.inputs = tuple(t for t in tensors if t is not None and t.requires_grad)
-        self.train = train and bool(self.inputs)
+        self.sizes, self.signature = sizes, _signature(tensors)
+        self.held = tuple(None if t is None else t.detach() for t in tensors)  # the read memory
+        inputs = tuple(t for t in tensors if t is not None and t.requires_grad)
+        self.gradient_layout = tuple((t.dtype, t.shape) for t in inputs)
+        self.train = train and bool(inputs)
         self.backward_graph = None
-        device = tensors[0].device
+        weight, bias, *oscillators = tensors
+
+        def run() -> tuple:
+            return slot_terms(weight, bias, tuple(oscillators), *sizes)
+
+        def gradients(outputs: tuple[Tensor, ...], grad_outputs, capture: bool) -> list[Tensor]:
+            if not self.train:
+                return []
+            # retain_graph: the forward graph's saved tensors keep their memory through the
+            # backward capture, or its buffers could take it and a second backward of one forward
+            # replay (two passes through one layer) would read them overwritten
+            grads = torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=capture, allow_unused=True
+            )
+            return [
+                torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs, strict=True)
+            ]
+
         with (
-            torch.cuda.device(device),
+            torch.cuda.device(weight.device),
             _autocast_without_cache(),
             torch.set_grad_enabled(self.train),
         ):
@@ -226,48 +248,34 @@ class GraphedSlotTerms:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(_GRAPH_WARMUPS):
-                    self._gradients(self._differentiable(self._run()), warmup=True)
+                    outputs = self._differentiable(run())
+                    gradients(outputs, [torch.empty_like(o) for o in outputs], capture=False)
             torch.cuda.current_stream().wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
-            self.forward_graph, (weight, bias, pairs, theta) = capture_graph(self._run, pool)
-            self.bias_given = bias is not None
-            self.outputs = self._differentiable((weight, bias, pairs))
+            self.forward_graph, (weight_out, bias_out, pairs, theta) = capture_graph(run, pool)
+            self.bias_given = bias_out is not None
+            self.outputs = self._differentiable((weight_out, bias_out, pairs))
             self.theta = theta.detach()
             if self.train:
                 self.grad_outputs = tuple(torch.empty_like(o) for o in self.outputs)
                 self.backward_graph, self.flat = capture_graph(
-                    lambda: _flat_by_dtype(self._gradients(self.outputs)), pool
+                    lambda: _flat_by_dtype(gradients(self.outputs, self.grad_outputs, True)), pool
                 )
-
-    def _run(self) -> tuple:
-        weight, bias, *oscillators = self.tensors
-        return slot_terms(weight, bias, tuple(oscillators), *self.sizes)
 
     @staticmethod
     def _differentiable(outputs: tuple) -> tuple[Tensor, ...]:
         return tuple(o for o in outputs[:3] if o is not None)
 
-    def _gradients(self, outputs: tuple[Tensor, ...], warmup: bool = False) -> list[Tensor]:
-        if not self.train:
-            return []
-        grad_outputs = [torch.empty_like(o) for o in outputs] if warmup else self.grad_outputs
-        # retain_graph: the forward graph's saved tensors must keep their memory through the
-        # backward capture, or its own buffers could reuse it and a second backward of one forward
-        # replay (two passes through one layer) would read them overwritten
-        grads = torch.autograd.grad(
-            outputs, self.inputs, grad_outputs, retain_graph=not warmup, allow_unused=True
-        )
-        return [
-            torch.zeros_like(i) if g is None else g for g, i in zip(grads, self.inputs, strict=True)
-        ]
-
     def matches(self, tensors: tuple[Tensor | None, ...]) -> bool:
-        """Whether `tensors` are the ones captured: same addresses, layouts and gradient needs."""
-        return all(map(_same_tensor, self.tensors, tensors))
+        """Whether `tensors` are where the capture reads: same addresses, layouts, gradient needs."""
+        return _signature(tensors) == self.signature
 
-    def __call__(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def __call__(self, tensors: tuple[Tensor | None, ...]) -> tuple:
+        """The replayed `(weight, bias, pairs, theta)`, differentiable in `tensors` (which
+        `matches`; autograd links the outputs to these objects, not to the captured ones)."""
         if self.train and torch.is_grad_enabled():
-            outputs = _ReplaySlotTerms.apply(self, *self.inputs)
+            inputs = (t for t in tensors if t is not None and t.requires_grad)
+            outputs = _ReplaySlotTerms.apply(self, *inputs)
         else:
             self.forward_graph.replay()
             outputs = tuple(o.detach() for o in self.outputs)
@@ -277,13 +285,13 @@ class GraphedSlotTerms:
 
     def input_gradients(self, grads: tuple[Tensor, ...]) -> list[Tensor]:
         """Replay the backward graph on `grads` (copied into its inputs) and return fresh gradients
-        of `self.inputs`."""
+        of the inputs that need one."""
         for static, grad in zip(self.grad_outputs, grads, strict=True):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
         self.backward_graph.replay()
         fresh = {dtype: flat.clone() for dtype, flat in self.flat.items()}
-        return _unflatten_by_dtype(fresh, self.inputs)
+        return _unflatten_by_dtype(fresh, self.gradient_layout)
 
 
 class _ReplaySlotTerms(torch.autograd.Function):
@@ -315,25 +323,23 @@ def _flat_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, Tensor]:
     return {d: torch.cat([t.reshape(-1) for t in tensors if t.dtype == d]) for d in dtypes}
 
 
-def _unflatten_by_dtype(flat: dict[torch.dtype, Tensor], like: tuple[Tensor, ...]) -> list[Tensor]:
-    """Views of `flat`'s buffers shaped as `like`: `AccumulateGrad` takes them as `.grad` without
-    a copy (one buffer per dtype backs a layer's gradients, as a DDP bucket view does)."""
+def _unflatten_by_dtype(
+    flat: dict[torch.dtype, Tensor], layout: tuple[tuple[torch.dtype, torch.Size], ...]
+) -> list[Tensor]:
+    """Views of `flat`'s buffers with `layout`'s dtypes and shapes: `AccumulateGrad` takes them as
+    `.grad` without a copy (one buffer per dtype backs a layer's gradients, as a DDP bucket view
+    does)."""
     pieces = {
-        d: iter(buffer.split([t.numel() for t in like if t.dtype == d]))
+        d: iter(buffer.split([shape.numel() for dtype, shape in layout if dtype == d]))
         for d, buffer in flat.items()
     }
-    return [next(pieces[t.dtype]).view(t.shape) for t in like]
+    return [next(pieces[dtype]).view(shape) for dtype, shape in layout]
 
 
-def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.requires_grad == b.requires_grad
+def _signature(tensors: tuple[Tensor | None, ...]) -> tuple:
+    return tuple(
+        None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
+        for t in tensors
     )
 
 
@@ -353,7 +359,7 @@ class _LayerGraphs:
     def __init__(self):
         self.captures: dict[tuple, GraphedSlotTerms] = {}
         self.recaptures = 0
-        self.failed: str | None = None  # why a capture raised: graphs stay off for this layer
+        self.off: str | None = None  # why graphs stay off for this layer from now on
 
 
 def graph_unavailable_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
@@ -374,28 +380,29 @@ def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
     gradient mode and autocast state, made anew where `owner`'s parameters moved. None, with a
     warning saying why, where graphs cannot be used: during another capture, for tensor
     subclasses, under torch.func transforms or saved-tensor hooks, and, from then on, for a
-    layer whose parameters moved more than `_MAX_RECAPTURES` times or whose capture raised."""
+    layer whose parameters moved a `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
     weight, bias, oscillators, *sizes = args
     tensors = (weight, bias, *oscillators)
     layer = _GRAPHS.setdefault(owner, _LayerGraphs())
-    reason = graph_unavailable_reason(tensors) or layer.failed
-    if reason is None and layer.recaptures > _MAX_RECAPTURES:
-        reason = f"its parameters moved {layer.recaptures} times: re-assigned on every call?"
+    reason = graph_unavailable_reason(tensors) or layer.off
     if reason is None:
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (tuple(sizes), torch.is_grad_enabled(), autocast)
         graphs = layer.captures.get(key)
         if graphs is not None and not graphs.matches(tensors):
-            layer.recaptures += 1  # and every capture of the old tensors goes, freeing them
+            layer.recaptures += 1  # every capture of the old memory goes, which frees it
             layer.captures = {k: g for k, g in layer.captures.items() if g.matches(tensors)}
             graphs = None
+        if layer.recaptures > _MAX_RECAPTURES:
+            reason = layer.off = f"its parameters moved {layer.recaptures} times: every call?"
+    if reason is None:
         try:
             if graphs is None:
                 graphs = layer.captures[key] = GraphedSlotTerms(tensors, key[0], key[1])
-            return graphs()
+            return graphs(tensors)
         except RuntimeError as error:  # an operation CUDA cannot capture, out of memory
             layer.captures.pop(key, None)
-            reason = layer.failed = f"the capture raised {error}"
+            reason = layer.off = f"the capture raised {error}"
     warnings.warn(
         f"lattice attention: slot_terms not replayed from CUDA graphs ({reason})",
         RuntimeWarning,
