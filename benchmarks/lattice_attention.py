@@ -26,6 +26,7 @@ most 1.10x, peak memory per token within 10% of sdpa's (`peak x sdpa`); with CUD
 1.15x (issue 5). The summary says, per target, the worst ratio and whether it is met.
 
     python benchmarks/lattice_attention.py            # on the GPU: table, then JSON in results/
+    python benchmarks/lattice_attention.py --only eager   # the eager arms and their baselines
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def main() -> None:
         ]
         if tokens <= 2048:
             variants.append(("dense bias, eager", None, None, None))
+        variants = selected(variants, args.only)
         times, kernels, peaks = {}, {}, {}
         for label, module, rope, how in variants:
             torch._dynamo.reset()  # every compiled arm starts from a clean cache: no recompile limit
@@ -173,6 +175,20 @@ def main() -> None:
     if cuda:  # the targets are a GPU's; a CPU smoke run only exercises the code
         summary.update(target_verdicts(rows))
     report("lattice_attention", args, rows, summary)
+
+
+def selected(variants: list[tuple], only: str) -> list[tuple]:
+    """`--only TEXT` keeps the variants whose label contains TEXT and the SDPA baselines of their
+    modes (`--only eager`: the eager arms alone, a few minutes instead of every compile)."""
+    if not only:
+        return variants
+    chosen = {v[0] for v in variants if only in v[0]}
+    modes = {label.split(", ")[-1] for label in chosen}
+    return [
+        v
+        for v in variants
+        if v[0] in chosen or (v[0].startswith("sdpa") and v[0].split(", ")[-1] in modes)
+    ]
 
 
 def region_of(label: str) -> str:

@@ -119,7 +119,7 @@ def test_gradients_accumulate_over_two_backward_passes():
 @cuda
 def test_two_passes_through_one_layer_before_one_backward():
     """As a fractal schedule reuses a layer: two replays of one capture, then both backwards."""
-    model = lattice_model(1, 64, True, "cuda")
+    model = lattice_model(1, 64, False, "cuda")
     results = []
     for fn in (graphed(model), lattice.slot_terms):
         model.zero_grad(set_to_none=True)
