@@ -38,7 +38,7 @@ import time
 import torch
 from common import parse_args, peak_memory, profiled, report, time_call
 
-from runtime.attention.lattice import LatticeAttention, LatticeConfig
+from runtime.attention.lattice import LatticeAttention, LatticeConfig, release_graphs
 
 TARGETS = {  # (arm mode, measure): the most `x sdpa` allowed
     ("eager", "x sdpa"): 1.5,
@@ -123,6 +123,7 @@ def main() -> None:
         times, kernels, peaks = {}, {}, {}
         for label, module, rope, how in variants:
             torch._dynamo.reset()  # every compiled arm starts from a clean cache: no recompile limit
+            release_graphs(latt)  # no arm's peak memory holds another's captured graphs
             latt.region = region_of(label)
             if module is None:
                 fn = lambda: dense_bias_attention(latt, x).sum().backward()  # noqa: E731

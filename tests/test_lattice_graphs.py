@@ -117,6 +117,18 @@ def test_gradients_accumulate_over_two_backward_passes():
 
 
 @cuda
+def test_each_autocast_state_has_its_own_capture():
+    """bf16 parameters, as the benchmark holds them: under autocast some of the chain's ops run in
+    fp32, so a capture keeps the caller's autocast state (without its weight cache) and a pass
+    outside autocast gets a capture of its own."""
+    model = lattice_model(1, 64, True, "cuda").to(torch.bfloat16)
+    assert_graphs_equal_reference(model, 40)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_graphs_equal_reference(model, 40)
+    assert [key[2] for key in captures(model).captures] == [False, torch.bfloat16]
+
+
+@cuda
 def test_two_passes_through_one_layer_before_one_backward():
     """As a fractal schedule reuses a layer: two replays of one capture, then both backwards."""
     model = lattice_model(1, 64, False, "cuda")

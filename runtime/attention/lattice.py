@@ -362,6 +362,12 @@ class _LayerGraphs:
         self.off: str | None = None  # why graphs stay off for this layer from now on
 
 
+def release_graphs(owner: nn.Module) -> None:
+    """Drop the CUDA graphs captured for `owner` (a lattice layer), and the memory they hold: its
+    outputs, gradients and saved tensors. The next eager pass on a GPU captures anew."""
+    _GRAPHS.pop(owner, None)
+
+
 def graph_unavailable_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
     """Why `slot_terms` on `tensors` cannot be captured now (None: it can)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
