@@ -275,6 +275,29 @@ def test_parameters_that_move_every_call_turn_graphs_off_with_a_warning(cpu_grap
         assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 8)) is None
 
 
+@pytest.mark.parametrize(("members", "width", "bias"), [(1, 64, False), (2, 60, True)])
+def test_the_captured_backward_reads_no_parameter_memory(members, width, bias):
+    """What the captured function saves for its backward is its own memory, so parameters whose
+    memory moves between a forward and its backward (FSDP resharding) do no harm; the reference
+    function saves a parameter (`coupling`) and a buffer (`neighbour`) as they are."""
+    weight, bias_, oscillators, *sizes = slot_arguments(lattice_model(members, width, bias), 24)
+    held = {t.untyped_storage().data_ptr() for t in (weight, bias_, *oscillators) if t is not None}
+
+    def saved_memory(fn) -> set[int]:
+        saved = set()
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(weight, bias_, oscillators, *sizes)
+        return saved & held
+
+    assert saved_memory(lattice.slot_terms_on_copies) == set()
+    assert len(saved_memory(lattice.slot_terms)) == 2
+
+
 def test_saved_tensor_hooks_keep_the_layer_off_graphs():
     """Activation checkpointing and offloading pack what autograd saves: a capture would pack its
     own tensors, so the layer names the reason and runs the compiled region."""

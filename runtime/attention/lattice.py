@@ -199,14 +199,16 @@ class GraphedSlotTerms:
     a compiled region's guards, wrappers and kernel launches) and, when a parameter needs a
     gradient, the backward pass.
 
-    The graphs read the parameters in place, by address: an optimizer step and `load_state_dict`
-    (which copy into the same memory) are seen by the next replay; a parameter re-assigned or
-    converted (`.to()`, `p.data = ...`) has another address, which `matches` tells, and
-    `graphed_slot_terms` captures anew (the captured memory is held until then, so nothing else
-    can take its address). The outputs are graph memory, rewritten by the next replay with the
-    same values as long as the parameters have not changed in between (two passes through one
-    layer before one backward, gradient accumulation: both fine; an optimizer step between a
-    forward and its backward: not). Gradients leave the backward graph as fresh tensors (one copy
+    The forward graph reads the parameters in place, by address: an optimizer step and
+    `load_state_dict` (which copy into the same memory) are seen by the next replay; a parameter
+    re-assigned or converted (`.to()`, `p.data = ...`) has another address, which `matches` tells
+    before each replay, and `graphed_slot_terms` captures anew. The backward graph reads graph
+    memory only (the chain runs on copies of the oscillator tensors made inside the forward
+    graph; the slot layout's backward reads no weights), so parameters whose memory moves between
+    a forward and its backward (FSDP resharding) do no harm. The outputs are graph memory,
+    rewritten by the next replay with the same values as long as the parameters have not changed
+    in between (two passes through one layer before one backward, gradient accumulation: both
+    fine; an optimizer step between a forward and its backward: not). Gradients leave the backward graph as fresh tensors (one copy
     per dtype, split into views): `torch.cuda.make_graphed_callables` hands autograd its graph's
     own gradient memory, which `AccumulateGrad` keeps as `.grad` and the next replay overwrites,
     so accumulating two backward passes into `.grad` from `None` doubles the second; that is why
@@ -216,7 +218,6 @@ class GraphedSlotTerms:
 
     def __init__(self, tensors: tuple[Tensor | None, ...], sizes: tuple, train: bool):
         self.sizes, self.signature = sizes, _signature(tensors)
-        self.held = tuple(None if t is None else t.detach() for t in tensors)  # the read memory
         inputs = tuple(t for t in tensors if t is not None and t.requires_grad)
         self.gradient_layout = tuple((t.dtype, t.shape) for t in inputs)
         self.train = train and bool(inputs)
@@ -224,7 +225,7 @@ class GraphedSlotTerms:
         weight, bias, *oscillators = tensors
 
         def run() -> tuple:
-            return slot_terms(weight, bias, tuple(oscillators), *sizes)
+            return slot_terms_on_copies(weight, bias, tuple(oscillators), *sizes)
 
         def gradients(outputs: tuple[Tensor, ...], grad_outputs, capture: bool) -> list[Tensor]:
             if not self.train:
@@ -292,6 +293,13 @@ class GraphedSlotTerms:
         self.backward_graph.replay()
         fresh = {dtype: flat.clone() for dtype, flat in self.flat.items()}
         return _unflatten_by_dtype(fresh, self.gradient_layout)
+
+
+def slot_terms_on_copies(weight: Tensor, bias: Tensor | None, oscillators: tuple, *sizes):
+    """`slot_terms` with the oscillator tensors copied first: what autograd saves for the backward
+    is then these copies and intermediates, never a parameter's or buffer's memory (the slot
+    layout's backward reads no weights), so a captured backward reads only graph memory."""
+    return slot_terms(weight, bias, tuple(t.clone() for t in oscillators), *sizes)
 
 
 class _ReplaySlotTerms(torch.autograd.Function):
