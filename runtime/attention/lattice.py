@@ -580,6 +580,16 @@ class LatticeAttention(nn.Module):
         self.lattice = LatticeOscillators(layout, members)
         self.region = "graphs"  # how an eager GPU pass runs `slot_terms`: one of `REGIONS`
 
+    @property
+    def fused_region(self) -> bool:
+        """The earlier switch: True for a fast region (now `region = "graphs"`), False for the
+        reference ops."""
+        return self.region != "reference"
+
+    @fused_region.setter
+    def fused_region(self, fused: bool) -> None:
+        self.region = "graphs" if fused else "reference"
+
     def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
         *lead, n, _ = x.shape
         if rotary is None or getattr(rotary, "padded_to", None) == self.head_width:
