@@ -275,6 +275,18 @@ def test_parameters_that_move_every_call_turn_graphs_off_with_a_warning(cpu_grap
         assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 8)) is None
 
 
+def test_a_layer_holds_a_bounded_number_of_captures(cpu_graphs):
+    """One capture per length: a loop over growing lengths stops capturing at `_MAX_CAPTURES`,
+    says so, and runs the compiled region for the lengths beyond."""
+    model = lattice_model(1, 64, False)
+    attn = model.blocks[0].attn
+    for tokens in range(1, lattice._MAX_CAPTURES + 1):
+        assert lattice.graphed_slot_terms(attn, *slot_arguments(model, tokens)) is not None
+    with pytest.warns(RuntimeWarning, match="holds 8 captures already"):
+        assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 99)) is None
+    assert lattice.graphed_slot_terms(attn, *slot_arguments(model, 3)) is not None  # still kept
+
+
 @pytest.mark.parametrize(("members", "width", "bias"), [(1, 64, False), (2, 60, True)])
 def test_the_captured_backward_reads_no_parameter_memory(members, width, bias):
     """What the captured function saves for its backward is its own memory, so parameters whose

@@ -190,6 +190,7 @@ def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = 
 
 _GRAPH_WARMUPS = 3  # eager runs on a side stream before a capture (lazy initialisation)
 _MAX_RECAPTURES = 4  # per layer: parameters that keep moving make graphs cost more than they save
+_MAX_CAPTURES = 8  # per layer: each length (and mode) holds its own outputs and gradients
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerGraphs
 
 
@@ -393,11 +394,15 @@ def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
     """`slot_terms(*args)` replayed from CUDA graphs captured for `owner`: one capture per sizes,
     gradient mode and autocast state, made anew where `owner`'s parameters moved. None, with a
     warning saying why, where graphs cannot be used: during another capture, for tensor
-    subclasses, under torch.func transforms or saved-tensor hooks, and, from then on, for a
-    layer whose parameters moved a `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
+    subclasses, under torch.func transforms or saved-tensor hooks, for a new length once a layer
+    holds `_MAX_CAPTURES` captures (each holds its outputs and gradient buffers: a loop over
+    growing lengths would hold one per length), and, from then on, for a layer whose parameters
+    moved a `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
     weight, bias, oscillators, *sizes = args
     tensors = (weight, bias, *oscillators)
-    layer = _GRAPHS.setdefault(owner, _LayerGraphs())
+    layer = _GRAPHS.get(owner)
+    if layer is None:
+        layer = _GRAPHS[owner] = _LayerGraphs()
     reason = graph_unavailable_reason(tensors) or layer.off
     if reason is None:
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
@@ -409,6 +414,8 @@ def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
             graphs = None
         if layer.recaptures > _MAX_RECAPTURES:
             reason = layer.off = f"its parameters moved {layer.recaptures} times: every call?"
+        elif graphs is None and len(layer.captures) >= _MAX_CAPTURES:
+            reason = f"the layer holds {_MAX_CAPTURES} captures already, one per length and mode"
     if reason is None:
         try:
             if graphs is None:
