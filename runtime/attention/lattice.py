@@ -697,7 +697,9 @@ class _AddPhasePairs(torch.autograd.Function):
         return qkv
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None, None
         slots = _query_key_slots(grad, ctx.heads, ctx.content_width)
         return grad, slots.sum(1).to(ctx.pairs_dtype), None, None
 
