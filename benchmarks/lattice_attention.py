@@ -2,33 +2,43 @@
 
 Compared at 2k and 8k tokens, 16 heads of 64 (width 1024), causal:
 * `sdpa`: the plain layer (`F.scaled_dot_product_attention`, flash on a Hopper GPU);
-* `lattice (fused)`: the lattice layer, its phase term folded into Q/K (two of the 64 dimensions),
-  Kuramoto phases recomputed every pass (4 substeps on a 4 x 4 periodic lattice);
-* `lattice (reference ops)` (eager only): the same layer running the Kuramoto chain, the phase
-  features and the slot layout as ~200 small eager kernels instead of its fused region (issue 23:
-  `runtime.attention.lattice.fused_slot_terms`, one compiled region inside the eager layer);
+* `lattice`: the lattice layer, its phase term folded into Q/K (two of the 64 dimensions),
+  Kuramoto phases recomputed every pass (4 substeps on a 4 x 4 periodic lattice); in eager mode
+  the Kuramoto chain, the phase features and the slot layout (`slot_terms`, which reads only
+  parameters) are replayed from two CUDA graphs captured once (the layer's default region,
+  `"graphs"`; issue 23: `runtime.attention.lattice.fused_slot_terms`);
+* `lattice (compiled region)` (eager only): the same layer running `slot_terms` as one inductor
+  region instead (the first fix of issue 23: guards, AOTAutograd wrappers and ~20 kernel
+  launches from Python each pass);
+* `lattice (reference ops)` (eager only): the same layer running `slot_terms` as ~200 small eager
+  kernels;
 * `dense bias` (2k only): the design's formula with a `(tokens x tokens)` bias per head, as a
   reference for what folding avoids.
 Each layer runs without and with RoPE (the default position encoding), eager, compiled and compiled
 with CUDA graphs; every compiled arm starts from a reset dynamo cache. Besides the wall time of a
-call, `torch.profiler` gives the GPU kernel time and the kernel count of the non-graph arms: a single
-layer at these sizes leaves the GPU idle between launches, so wall time without CUDA graphs
-measures launch overhead as much as the layer.
+call, `torch.profiler` gives the GPU kernel time and the kernel count of the non-graph arms (kernels
+run inside a replayed graph included) and `launches`, the host's launch calls per call (kernels,
+graph launches, copies and fills); `host_ms` is the time a call takes to return from an idle GPU,
+its host work alone. A single layer at these sizes leaves the GPU idle between launches, so wall
+time without CUDA graphs measures launch overhead as much as the layer.
 Targets (issue 23): eager at most 1.5x sdpa at 2k and 8k tokens, compiled without CUDA graphs at
 most 1.10x, peak memory per token within 10% of sdpa's (`peak x sdpa`); with CUDA graphs at most
 1.15x (issue 5). The summary says, per target, the worst ratio and whether it is met.
 
     python benchmarks/lattice_attention.py            # on the GPU: table, then JSON in results/
+    python benchmarks/lattice_attention.py --only eager   # the eager arms and their baselines
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 from common import parse_args, peak_memory, profiled, report, time_call
 
-from runtime.attention.lattice import LatticeAttention, LatticeConfig
+from runtime.attention.lattice import LatticeAttention, LatticeConfig, release_graphs
 
 TARGETS = {  # (arm mode, measure): the most `x sdpa` allowed
     ("eager", "x sdpa"): 1.5,
@@ -70,6 +80,7 @@ def arms(plain, latt, rope_plain, rope_latt, cuda: bool):
         for rotary in (False, True):
             layers = [("sdpa", plain, rope_plain), ("lattice", latt, rope_latt)]
             if mode == "eager":
+                layers.append(("lattice (compiled region)", latt, rope_latt))
                 layers.append(("lattice (reference ops)", latt, rope_latt))
             for name, module, rope in layers:
                 label = f"{name}{' + rope' if rotary else ''}, {mode}"
@@ -108,10 +119,12 @@ def main() -> None:
         ]
         if tokens <= 2048:
             variants.append(("dense bias, eager", None, None, None))
+        variants = selected(variants, args.only)
         times, kernels, peaks = {}, {}, {}
         for label, module, rope, how in variants:
             torch._dynamo.reset()  # every compiled arm starts from a clean cache: no recompile limit
-            latt.fused_region = "reference ops" not in label
+            release_graphs(latt)  # no arm's peak memory holds another's captured graphs
+            latt.region = region_of(label)
             if module is None:
                 fn = lambda: dense_bias_attention(latt, x).sum().backward()  # noqa: E731
             else:
@@ -119,6 +132,7 @@ def main() -> None:
                 fn = lambda run=run, rope=rope: run(x, rope).sum().backward()  # noqa: E731
             timing = time_call(fn, args.device, warmup=3, repeats=3 if args.smoke else 20)
             events = profiled(fn, args.device) if how != "reduce-overhead" else []
+            host = host_work(fn, args.device, repeats=3 if args.smoke else 20)
             times[label] = timing["median_ms"]
             peak = peak_memory(fn, args.device)
             rows.append(
@@ -130,6 +144,8 @@ def main() -> None:
                     "min_ms": timing["min_ms"],
                     "kernel_ms": sum(ms for _, ms, _ in events) if events else None,
                     "kernels": round(sum(c for *_, c in events)) if events else None,
+                    "launches": host["launches"],
+                    "host_ms": host["host_ms"],
                     "peak_MiB": (peak or 0) / 2**20,
                     "peak_KiB_per_token": (peak or 0) / 2**10 / (tokens * batch),
                     "max_rel_error_vs_dense": error,
@@ -137,7 +153,7 @@ def main() -> None:
             )
             kernels[label] = rows[-1]["kernel_ms"]
             peaks[label] = peak
-        latt.fused_region = True
+        latt.region = "graphs"
         for row in rows:
             if row["tokens"] != tokens:
                 continue
@@ -160,6 +176,55 @@ def main() -> None:
     if cuda:  # the targets are a GPU's; a CPU smoke run only exercises the code
         summary.update(target_verdicts(rows))
     report("lattice_attention", args, rows, summary)
+
+
+def selected(variants: list[tuple], only: str) -> list[tuple]:
+    """`--only TEXT` keeps the variants whose label contains TEXT and the SDPA baselines of their
+    modes (`--only eager`: the eager arms alone, a few minutes instead of every compile)."""
+    if not only:
+        return variants
+    chosen = {v[0] for v in variants if only in v[0]}
+    modes = {label.split(", ")[-1] for label in chosen}
+    return [
+        v
+        for v in variants
+        if v[0] in chosen or (v[0].startswith("sdpa") and v[0].split(", ")[-1] in modes)
+    ]
+
+
+def region_of(label: str) -> str:
+    """The lattice layer's eager `slot_terms` region for a variant label."""
+    if "reference ops" in label:
+        return "reference"
+    return "compiled" if "compiled region" in label else "graphs"
+
+
+LAUNCH_CALLS = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def host_work(fn, device: str, repeats: int) -> dict:
+    """`host_ms`: the median time `fn` takes to return when the GPU starts idle, which is the
+    host's work alone while the launch queue has room; `launches`: CUDA launch calls per call
+    (kernels, graph launches, copies, fills) from the profiler's runtime events (None on the CPU)."""
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - begin) * 1000)
+    if device != "cuda":
+        return {"host_ms": statistics.median(samples), "launches": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = 5
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    launches = sum(e.count for e in prof.key_averages() if e.key.startswith(LAUNCH_CALLS))
+    return {"host_ms": statistics.median(samples), "launches": launches / calls}
 
 
 def target_verdicts(rows: list[dict]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The lattice layer's fused region (issue 23): the Kuramoto chain, the phase features and the slot
 layout of the projection, compiled into one region when the layer runs eagerly on a GPU, equal in
-fp32 to the eager reference ops (to 1e-5, values and gradients).
+fp32 to the eager reference ops (to 1e-5, values and gradients). The CUDA-graph region, its other
+fast form, has its own tests (`test_lattice_graphs.py`).
 
 The CPU test traces the region as one graph forward and backward (`aot_eager`: AOTAutograd's
 graphs, run by eager kernels, so it needs no C compiler and takes a second); the CUDA tests run
@@ -62,15 +63,20 @@ def slot_arguments(model: Transformer, tokens: int) -> tuple:
     )
 
 
-def values_and_gradients(fn, model: Transformer, tokens: int) -> list[torch.Tensor]:
+def values_and_gradients(
+    fn, model: Transformer, tokens: int, differentiate_theta: bool = True
+) -> list[torch.Tensor]:
+    """`slot_terms`' outputs and the parameters' gradients of a random projection of them
+    (`theta` left out of it where `fn` returns it as a record, detached)."""
     model.zero_grad(set_to_none=True)
     weight, bias, pairs, theta = fn(*slot_arguments(model, tokens))
-    outputs = [weight, pairs, theta] + ([bias] if bias is not None else [])
+    outputs = [weight, pairs] + ([theta] if differentiate_theta else [])
+    outputs += [bias] if bias is not None else []
     probe = torch.Generator(device=weight.device).manual_seed(1)
     loss = sum((o * torch.randn(o.shape, generator=probe, device=o.device)).sum() for o in outputs)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return [o.detach() for o in outputs] + grads
+    return [o.detach() for o in outputs] + [theta.detach()] + grads
 
 
 @pytest.mark.parametrize(
@@ -88,14 +94,23 @@ def test_the_fused_region_is_one_graph_equal_to_the_reference_ops(members, width
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_the_layer_runs_the_reference_ops_on_the_cpu(monkeypatch):
-    """Off the GPU the region is not compiled (a compile per shape costs a CPU run more than it
-    saves): `fused_slot_terms` calls the reference ops."""
-    compiled = []
-    monkeypatch.setattr(lattice, "_compiled_slot_terms", lambda: compiled.append(1))
+@pytest.mark.parametrize("region", lattice.REGIONS)
+def test_the_layer_runs_the_reference_ops_on_the_cpu(monkeypatch, region):
+    """Off the GPU neither region is used (a compile per shape costs a CPU run more than it
+    saves, and CUDA graphs need CUDA): `fused_slot_terms` calls the reference ops."""
+    used = []
+    monkeypatch.setattr(lattice, "_compiled_slot_terms", lambda: used.append("compiled"))
+    monkeypatch.setattr(lattice, "graphed_slot_terms", lambda *a: used.append("graphs"))
     model = lattice_model(1, 64, False)
+    model.blocks[0].attn.region = region
     model(torch.randn(1, 2, 16, 64)).sum().backward()
-    assert compiled == []
+    assert used == []
+
+
+def test_a_region_is_one_of_three():
+    model = lattice_model(1, 64, False)
+    with pytest.raises(ValueError, match="graphs, compiled, reference; got 'fast'"):
+        lattice.fused_slot_terms(*slot_arguments(model, 8), region="fast")
 
 
 @cuda
@@ -114,15 +129,16 @@ def test_the_region_compiled_by_inductor_equals_the_reference_ops(members, width
 
 
 @cuda
-def test_the_fused_layer_equals_the_reference_layer_on_a_gpu():
-    """The whole layer (RoPE on), fp32, eager: the fused region against the reference ops."""
+@pytest.mark.parametrize("region", ["graphs", "compiled"])
+def test_the_fused_layer_equals_the_reference_layer_on_a_gpu(region):
+    """The whole layer (RoPE on), fp32, eager: each fast region against the reference ops."""
     torch._dynamo.reset()
     model = lattice_model(2, 64, True, "cuda")
     attn = model.blocks[0].attn
     x = torch.randn(2, 3, 64, 64, device="cuda")  # the context
     results = []
-    for fused in (True, False):
-        attn.fused_region = fused
+    for each in (region, "reference"):
+        attn.region = each
         model.zero_grad(set_to_none=True)
         y = model(x)
         y.square().sum().backward()

@@ -23,8 +23,11 @@ sees the head width the spec asked for.
 
 In eager mode the small work around the projections (the Kuramoto chain, the phase features, the
 slot layout of the projection's rows: ~200 kernels forward and backward) is one pure function,
-`slot_terms`, which a GPU runs as one compiled region (`fused_slot_terms`); its eager ops are the
-reference the region is tested against. In evaluation mode the chain takes `eval_substeps`
+`slot_terms`, of the parameters and of sizes only, never of the input. A GPU therefore replays it
+as two CUDA graphs, forward and backward, captured once per size (`GraphedSlotTerms`, the layer's
+`region = "graphs"`), or runs it as one compiled region (`region = "compiled"`); its eager ops
+(`region = "reference"`, and always on the CPU and inside a compiled model) are the reference
+both are tested against (`fused_slot_terms`). In evaluation mode the chain takes `eval_substeps`
 updates where set (AKOrN, Miyato et al., ICLR 2025: more oscillator steps at test time).
 
 `LatticeAttention` is that attention sub-layer, registered as the `lattice` attention component;
@@ -37,7 +40,9 @@ import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -151,18 +156,280 @@ def slot_terms(
     return weight, bias, pairs, theta
 
 
+REGIONS = ("graphs", "compiled", "reference")
+"""How an eager layer on a GPU runs `slot_terms`: replayed CUDA graphs, one compiled region, or
+the reference ops (`fused_slot_terms`)."""
+
+
 @functools.cache
 def _compiled_slot_terms():
     return torch.compile(slot_terms, fullgraph=True)
 
 
-def fused_slot_terms(*args, fused: bool = True, **kwargs):
-    """`slot_terms`, compiled into one region when its tensors are on a GPU and the caller is
-    eager (inside a compiled model it is traced with the rest); the reference ops elsewhere
-    (on the CPU, where a compile per shape costs more than it saves)."""
-    if fused and args[0].is_cuda and not torch.compiler.is_compiling():
-        return _compiled_slot_terms()(*args, **kwargs)
-    return slot_terms(*args, **kwargs)
+def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = None):
+    """`slot_terms` as `region` runs it when its tensors are on a GPU and the caller is eager:
+    `"graphs"`, CUDA graphs captured for `owner` and replayed (`graphed_slot_terms`; where they
+    cannot be used, with a warning: the reference ops during another capture, which records them,
+    else the compiled region); `"compiled"`, one inductor region; `"reference"`, the eager ops.
+    On the CPU (where a compile per shape costs more than it saves) and inside a compiled model
+    (which traces it with the rest), the reference ops whatever `region` says."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {', '.join(REGIONS)}; got {region!r}")
+    if not args[0].is_cuda or torch.compiler.is_compiling() or region == "reference":
+        return slot_terms(*args)
+    if region == "graphs":
+        if owner is None:
+            raise ValueError("region 'graphs' keeps its captures per layer: pass owner=")
+        result = graphed_slot_terms(owner, *args)
+        if result is not None:
+            return result
+        if torch.cuda.is_current_stream_capturing():
+            return slot_terms(*args)
+    return _compiled_slot_terms()(*args)
+
+
+_GRAPH_WARMUPS = 3  # eager runs on a side stream before a capture (lazy initialisation)
+_MAX_RECAPTURES = 4  # per layer: parameters that keep moving make graphs cost more than they save
+_MAX_CAPTURES = 8  # per layer: each length (and mode) holds its own outputs and gradients
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _LayerGraphs
+
+
+class GraphedSlotTerms:
+    """`slot_terms` captured as two CUDA graphs for one set of input tensors and sizes: the forward
+    pass (the Kuramoto chain, the phase pairs and the slotted weight: one graph launch instead of
+    a compiled region's guards, wrappers and kernel launches) and, when a parameter needs a
+    gradient, the backward pass.
+
+    The forward graph reads the parameters in place, by address: an optimizer step and
+    `load_state_dict` (which copy into the same memory) are seen by the next replay; a parameter
+    re-assigned or converted (`.to()`, `p.data = ...`) has another address, which `matches` tells
+    before each replay, and `graphed_slot_terms` captures anew. The backward graph reads graph
+    memory only (the chain runs on copies of the oscillator tensors made inside the forward
+    graph; the slot layout's backward reads no weights), so parameters whose memory moves between
+    a forward and its backward (FSDP resharding) do no harm. The outputs are graph memory,
+    rewritten by the next replay with the same values as long as the parameters have not changed
+    in between (two passes through one layer before one backward, gradient accumulation: both
+    fine; an optimizer step between a forward and its backward: not). Gradients leave the backward graph as fresh tensors (one copy
+    per dtype, split into views): `torch.cuda.make_graphed_callables` hands autograd its graph's
+    own gradient memory, which `AccumulateGrad` keeps as `.grad` and the next replay overwrites,
+    so accumulating two backward passes into `.grad` from `None` doubles the second; that is why
+    it is not used here. A parameter reached only through an output nothing uses gets a zero
+    gradient (not None). `theta` is returned detached: the layer records it and nothing
+    differentiates it."""
+
+    def __init__(self, tensors: tuple[Tensor | None, ...], sizes: tuple, train: bool):
+        self.sizes, self.signature = sizes, _signature(tensors)
+        inputs = tuple(t for t in tensors if t is not None and t.requires_grad)
+        self.gradient_layout = tuple((t.dtype, t.shape) for t in inputs)
+        self.train = train and bool(inputs)
+        self.backward_graph = None
+        weight, bias, *oscillators = tensors
+
+        def run() -> tuple:
+            return slot_terms_on_copies(weight, bias, tuple(oscillators), *sizes)
+
+        def gradients(outputs: tuple[Tensor, ...], grad_outputs, capture: bool) -> list[Tensor]:
+            if not self.train:
+                return []
+            # retain_graph: the forward graph's saved tensors keep their memory through the
+            # backward capture, or its buffers could take it and a second backward of one forward
+            # replay (two passes through one layer) would read them overwritten
+            grads = torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=capture, allow_unused=True
+            )
+            return [
+                torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs, strict=True)
+            ]
+
+        with (
+            torch.cuda.device(weight.device),
+            _autocast_without_cache(),
+            torch.set_grad_enabled(self.train),
+        ):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(_GRAPH_WARMUPS):
+                    outputs = self._differentiable(run())
+                    gradients(outputs, [torch.empty_like(o) for o in outputs], capture=False)
+            torch.cuda.current_stream().wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            self.forward_graph, (weight_out, bias_out, pairs, theta) = capture_graph(run, pool)
+            self.bias_given = bias_out is not None
+            self.outputs = self._differentiable((weight_out, bias_out, pairs))
+            self.theta = theta.detach()
+            if self.train:
+                self.grad_outputs = tuple(torch.empty_like(o) for o in self.outputs)
+                self.backward_graph, self.flat = capture_graph(
+                    lambda: _flat_by_dtype(gradients(self.outputs, self.grad_outputs, True)), pool
+                )
+
+    @staticmethod
+    def _differentiable(outputs: tuple) -> tuple[Tensor, ...]:
+        return tuple(o for o in outputs[:3] if o is not None)
+
+    def matches(self, tensors: tuple[Tensor | None, ...]) -> bool:
+        """Whether `tensors` are where the capture reads: same addresses, layouts, gradient needs."""
+        return _signature(tensors) == self.signature
+
+    def __call__(self, tensors: tuple[Tensor | None, ...]) -> tuple:
+        """The replayed `(weight, bias, pairs, theta)`, differentiable in `tensors` (which
+        `matches`; autograd links the outputs to these objects, not to the captured ones)."""
+        if self.train and torch.is_grad_enabled():
+            inputs = (t for t in tensors if t is not None and t.requires_grad)
+            outputs = _ReplaySlotTerms.apply(self, *inputs)
+        else:
+            self.forward_graph.replay()
+            outputs = tuple(o.detach() for o in self.outputs)
+        weight, *rest = outputs
+        bias = rest.pop(0) if self.bias_given else None
+        return weight, bias, rest[0], self.theta
+
+    def input_gradients(self, grads: tuple[Tensor, ...]) -> list[Tensor]:
+        """Replay the backward graph on `grads` (copied into its inputs) and return fresh gradients
+        of the inputs that need one."""
+        for static, grad in zip(self.grad_outputs, grads, strict=True):
+            if static.data_ptr() != grad.data_ptr():
+                static.copy_(grad)
+        self.backward_graph.replay()
+        fresh = {dtype: flat.clone() for dtype, flat in self.flat.items()}
+        return _unflatten_by_dtype(fresh, self.gradient_layout)
+
+
+def slot_terms_on_copies(weight: Tensor, bias: Tensor | None, oscillators: tuple, *sizes):
+    """`slot_terms` with the oscillator tensors copied first: what autograd saves for the backward
+    is then these copies and intermediates, never a parameter's or buffer's memory (the slot
+    layout's backward reads no weights), so a captured backward reads only graph memory."""
+    return slot_terms(weight, bias, tuple(t.clone() for t in oscillators), *sizes)
+
+
+class _ReplaySlotTerms(torch.autograd.Function):
+    """One autograd node around a `GraphedSlotTerms`' forward and backward replays."""
+
+    @staticmethod
+    def forward(ctx, graphs: GraphedSlotTerms, *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.graphs = graphs
+        graphs.forward_graph.replay()
+        return tuple(o.detach() for o in graphs.outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *ctx.graphs.input_gradients(grads))
+
+
+def capture_graph(run: Callable[[], Any], pool) -> tuple[Any, Any]:
+    """`(graph, outputs)`: `run()` captured on torch's capture stream into memory pool `pool`.
+    `thread_local`: other threads (a data loader pinning memory) may go on using CUDA meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        outputs = run()
+    return graph, outputs
+
+
+def _flat_by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, Tensor]:
+    dtypes = dict.fromkeys(t.dtype for t in tensors)
+    return {d: torch.cat([t.reshape(-1) for t in tensors if t.dtype == d]) for d in dtypes}
+
+
+def _unflatten_by_dtype(
+    flat: dict[torch.dtype, Tensor], layout: tuple[tuple[torch.dtype, torch.Size], ...]
+) -> list[Tensor]:
+    """Views of `flat`'s buffers with `layout`'s dtypes and shapes: `AccumulateGrad` takes them as
+    `.grad` without a copy (one buffer per dtype backs a layer's gradients, as a DDP bucket view
+    does)."""
+    pieces = {
+        d: iter(buffer.split([shape.numel() for dtype, shape in layout if dtype == d]))
+        for d, buffer in flat.items()
+    }
+    return [next(pieces[dtype]).view(shape) for dtype, shape in layout]
+
+
+def _signature(tensors: tuple[Tensor | None, ...]) -> tuple:
+    return tuple(
+        None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
+        for t in tensors
+    )
+
+
+@contextlib.contextmanager
+def _autocast_without_cache() -> Iterator[None]:
+    """The caller's CUDA autocast state with its weight-cast cache off: a cast cached during a
+    capture would live in graph memory (`make_graphed_callables` refuses the cache for this)."""
+    enabled = torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+        yield
+
+
+class _LayerGraphs:
+    """One layer's captures, by sizes and autograd/autocast state, and how often they went stale."""
+
+    def __init__(self):
+        self.captures: dict[tuple, GraphedSlotTerms] = {}
+        self.recaptures = 0
+        self.off: str | None = None  # why graphs stay off for this layer from now on
+
+
+def release_graphs(owner: nn.Module) -> None:
+    """Drop the CUDA graphs captured for `owner` (a lattice layer), and the memory they hold: its
+    outputs, gradients and saved tensors. The next eager pass on a GPU captures anew."""
+    _GRAPHS.pop(owner, None)
+
+
+def graph_unavailable_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
+    """Why `slot_terms` on `tensors` cannot be captured now (None: it can)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "another CUDA graph capture is under way: its eager ops are recorded into it"
+    if any(t is not None and type(t) not in (Tensor, nn.Parameter) for t in tensors):
+        return "a parameter is a tensor subclass (DTensor, FSDP) without a fixed address"
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return "the layer runs under a torch.func transform (vmap, grad)"
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return "saved-tensor hooks are active (activation checkpointing or offloading)"
+    return None
+
+
+def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
+    """`slot_terms(*args)` replayed from CUDA graphs captured for `owner`: one capture per sizes,
+    gradient mode and autocast state, made anew where `owner`'s parameters moved. None, with a
+    warning saying why, where graphs cannot be used: during another capture, for tensor
+    subclasses, under torch.func transforms or saved-tensor hooks, for a new length once a layer
+    holds `_MAX_CAPTURES` captures (each holds its outputs and gradient buffers: a loop over
+    growing lengths would hold one per length), and, from then on, for a layer whose parameters
+    moved a `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
+    weight, bias, oscillators, *sizes = args
+    tensors = (weight, bias, *oscillators)
+    layer = _GRAPHS.get(owner)
+    if layer is None:
+        layer = _GRAPHS[owner] = _LayerGraphs()
+    reason = graph_unavailable_reason(tensors) or layer.off
+    if reason is None:
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        key = (tuple(sizes), torch.is_grad_enabled(), autocast)
+        graphs = layer.captures.get(key)
+        if graphs is not None and not graphs.matches(tensors):
+            layer.recaptures += 1  # every capture of the old memory goes, which frees it
+            layer.captures = {k: g for k, g in layer.captures.items() if g.matches(tensors)}
+            graphs = None
+        if layer.recaptures > _MAX_RECAPTURES:
+            reason = layer.off = f"its parameters moved {layer.recaptures} times: every call?"
+        elif graphs is None and len(layer.captures) >= _MAX_CAPTURES:
+            reason = f"the layer holds {_MAX_CAPTURES} captures already, one per length and mode"
+    if reason is None:
+        try:
+            if graphs is None:
+                graphs = layer.captures[key] = GraphedSlotTerms(tensors, key[0], key[1])
+            return graphs(tensors)
+        except RuntimeError as error:  # an operation CUDA cannot capture, out of memory
+            layer.captures.pop(key, None)
+            reason = layer.off = f"the capture raised {error}"
+    warnings.warn(
+        f"lattice attention: slot_terms not replayed from CUDA graphs ({reason})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 class LatticeOscillators(nn.Module):
@@ -318,7 +585,17 @@ class LatticeAttention(nn.Module):
         self.proj = MemberLinear(members, h * hw, width, bias)
         scaled_init_(self.proj, layers)
         self.lattice = LatticeOscillators(layout, members)
-        self.fused_region = True  # False: the reference ops on a GPU too (`fused_slot_terms`)
+        self.region = "graphs"  # how an eager GPU pass runs `slot_terms`: one of `REGIONS`
+
+    @property
+    def fused_region(self) -> bool:
+        """The earlier switch: True for a fast region (now `region = "graphs"`), False for the
+        reference ops."""
+        return self.region != "reference"
+
+    @fused_region.setter
+    def fused_region(self, fused: bool) -> None:
+        self.region = "graphs" if fused else "reference"
 
     def forward(self, x: Tensor, rotary: nn.Module | None) -> Tensor:
         *lead, n, _ = x.shape
@@ -354,7 +631,8 @@ class LatticeAttention(nn.Module):
             lattice.cfg.dt,
             lattice.substeps,
             lattice.cfg.token_frequency,
-            fused=self.fused_region,
+            region=self.region,
+            owner=self,
         )
         if not torch.compiler.is_compiling():
             lattice.last_phase = theta.detach()
@@ -363,14 +641,15 @@ class LatticeAttention(nn.Module):
         else:
             qkv = torch.bmm(x.reshape(self.members, -1, x.shape[-1]), weight.transpose(1, 2))
             qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
-        qkv = qkv.reshape(self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
-        qk = qkv[..., : 2 * h, :]
+        heads = (self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
         if rotary is not None:
+            qk = qkv.view(heads)[..., : 2 * h, :]
             qk.copy_(rotary.rotate_token_major(qk))
-        _phase_slots(qk, cw).add_(pairs[:, None])
-        q, k = qk.flatten(0, 1).transpose(1, 2).split((h, h), dim=1)  # (members * batch, h, n, hw)
-        v = qkv[..., 2 * h :, :].flatten(0, 1).transpose(1, 2)
-        return q, k, v
+        if torch.compiler.is_compiling():  # functionalised: the compiler fuses the add anyway
+            _phase_slots(qkv.view(heads)[..., : 2 * h, :], cw).add_(pairs[:, None])
+        else:
+            qkv = _AddPhasePairs.apply(qkv, pairs, heads, cw)
+        return qkv.view(heads).flatten(0, 1).transpose(1, 2).split((h, h, h), dim=1)
 
     def _concatenated_qkv(self, x: Tensor, rotary: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """Content queries and keys `d_head - 2` wide, rotated by a registered rotary component,
@@ -400,6 +679,35 @@ def _with_slots(values: Tensor, heads: int, content_width: int, dim: int) -> Ten
     else:
         x = F.pad(x, (0, PHASE_DIMS))
     return x.flatten(-2).movedim(-1, dim)
+
+
+class _AddPhasePairs(torch.autograd.Function):
+    """The projection `qkv` (not a view) with the phase pairs `(members, tokens, 2h, 2)` added into
+    its query and key slots in place, as one autograd node: `qkv`'s gradient passes through
+    unchanged and `pairs`' is the slots' gradient summed over the batch. The same add through a
+    view of `qkv` costs eager autograd a copy of the whole projection's gradient (`CopySlices`)
+    and a zero-filled, projection-sized gradient for each view taken after it: ~10 kernels
+    and as many passes over the projection in each backward."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, pairs: Tensor, heads: tuple, content_width: int) -> Tensor:
+        ctx.heads, ctx.content_width, ctx.pairs_dtype = heads, content_width, pairs.dtype
+        _query_key_slots(qkv, heads, content_width).add_(pairs[:, None])
+        ctx.mark_dirty(qkv)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
+        if not ctx.needs_input_grad[1]:
+            return grad, None, None, None
+        slots = _query_key_slots(grad, ctx.heads, ctx.content_width)
+        return grad, slots.sum(1).to(ctx.pairs_dtype), None, None
+
+
+def _query_key_slots(qkv: Tensor, heads: tuple, content_width: int) -> Tensor:
+    """The `(members, batch, tokens, 2h, 2)` view of the phase slots of `qkv`'s query and key
+    heads, `heads` being `qkv`'s `(members, batch, tokens, 3h, hw)` shape."""
+    return _phase_slots(qkv.reshape(heads)[..., : 2 * (heads[3] // 3), :], content_width)
 
 
 def _phase_slots(heads: Tensor, content_width: int) -> Tensor:
