@@ -1,7 +1,7 @@
 """An equilibrium model costs no torch.compile machinery until it is compiled.
 
 The solver runs eagerly under torch.compile (`torch.compiler.disable`), and that decorator imports
-torch._dynamo (about 0.3 s and 80 MB): it is applied at the first traced call, so a process that
+torch._dynamo (71 MB, and seconds on a busy CPU): it is applied at the first traced call, so a process that
 only builds, trains or serves an eager equilibrium model never imports dynamo for it. (Message
 edges need torch-geometric, which imports torch._dynamo itself: the spec here uses `cross` edges.)
 """

@@ -56,8 +56,9 @@ _BOUND_ATTEMPTS = 10
 def eager_under_compile(fn: Callable) -> Callable:
     """`fn` as `torch.compiler.disable(fn)` where torch.compile traces it (a graph break; under
     `fullgraph=True`, dynamo's refusal), and plain `fn` in eager calls. The disabled function is
-    made at the first traced call: decorating at import would import torch._dynamo (about 0.3 s
-    and 80 MB) in every process that builds an equilibrium model, compiled or not."""
+    made at the first traced call: decorating at import would import torch._dynamo (71 MB, and
+    2 s on the project's shared 2-core machine) in every process that builds an equilibrium
+    model, compiled or not."""
     disabled: Callable | None = None
 
     @functools.wraps(fn)
