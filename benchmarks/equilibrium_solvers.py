@@ -2,25 +2,45 @@
 
 The map is a compiled equilibrium loop (two transformers, `refiner -> reader` delayed by one step,
 `mode: equilibrium`): f(z) is one step of the graph whose delayed edge reads `gain * z`
-(`EquilibriumSolver.map`), at a fixed input. Every solver finds z* = f(z*) from the same start to
-the same relative tolerance, and then the implicit backward's fixed point g = J^T g + v at z* (one
-vector-Jacobian product per iteration, v a fixed random cotangent). Our solvers are
-`runtime/federation/solvers.py`; torchdeq's (`anderson`, `broyden`, `fixed_point_iter`; Geng &
-Kolter 2023) run in the same process when the package is importable, and are skipped otherwise.
-Iterations are counted as evaluations of the map (or of the vector-Jacobian product), the same for
-every solver; the residual is that of the returned z, ||f(z) - z|| / ||f(z)|| per sequence, the
-largest of the batch, recomputed here. Peak memory (CUDA only) is measured above the memory held
-before the solve; the backward's includes the one taped evaluation of f that its products
-differentiate, as in the executor's implicit backward.
+(`EquilibriumSolver.map`), at a fixed input. Every solver finds z* = f(z*) from the same start (the
+executor's: one step from an empty history) to the same relative tolerance, and then the implicit
+backward's fixed point g = J^T g + v at z* (one vector-Jacobian product per iteration on one tape,
+v a fixed random cotangent, every solver starting from v). Ours are `runtime/federation/solvers.py`
+at the spec's defaults; torchdeq's (`fixed_point_iter`, `anderson`, `broyden`; Geng & Kolter 2023)
+run in the same process on the same map and tensors when the package is importable (`pip install
+torchdeq`, the `bench` extra), at the defaults its `DEQ` class calls them with, and are skipped
+otherwise. Iterations are evaluations of the map (or of the product), counted the same way for
+every solver; the residual is that of the returned state, ||f(z) - z|| / ||f(z)|| per sequence,
+the largest of the batch, recomputed here. Peak memory (CUDA only) is `max_memory_allocated`
+above what was held before the solve; the backward's includes the one taped evaluation of f that
+its products differentiate, as in the executor's implicit backward.
+
+The gain makes the map contractive: it is set so that the spectral radius of J_f at the fixed
+point, which decides plain iteration's rate (Ostrowski), is RADIUS (0.8: fixed point needs about
+log(1e-5) / log(0.8) = 52 steps). It is found by measuring that radius at the fixed point of each
+trial gain (`calibrated_gain`): the radius does not scale with the gain, because the transformers
+normalise their streams, so until the fed-back term is small against the input's embedding the
+map hardly notices the gain (at width 512, batch 2 x 64 tokens: radius 0.96 at gain 1, no fixed
+point at 0.1, 0.94 at 0.056, 0.81 at 0.043, 0.66 at 0.032; scaling the gain from the radius at
+gain 1, as this benchmark first did, left a map no solver finished in 200 steps). A bound on the
+Jacobian's norm, as `feedback.lipschitz` keeps, would not do: this loop's Jacobian is far from
+normal (only the refiner's row is fed back), and where its norm was 0.86 its radius was 0.05, a
+map every solver finishes in five steps. The summary reports the gain, radius and norm reached.
+
+Smoke runs use one CPU thread: on a shared machine the thread pool's spinning made each
+evaluation of the tiny map 20x slower.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from common import parse_args, peak_memory, report, time_call
+from torch import Tensor
 
 import compiler
 from runtime.federation.solvers import SolverSettings, solve
@@ -43,31 +63,101 @@ feedback: {{steps: 30, mode: equilibrium}}
 outputs:
   logits: {{from: refiner, kind: lm_head, tie: true}}
 """
+RADIUS, TOLERANCE, STEPS = 0.8, 1e-5, 200
+# (width, heads, layers, batch, tokens)
+SIZES = {"smoke": (32, 2, 1, 2, 16), "full": (512, 8, 2, 8, 512)}
+POWER_ITERATIONS = 30  # for the radius estimate (`EquilibriumSolver.spectral_radius_at`)
 OURS = ("fixed_point", "anderson", "broyden")
 THEIRS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
+# What each solver keeps of its past: ours the spec's default `history`; torchdeq's Anderson its
+# default m = 6, its Broyden every update of the solve (its DEQ sets no `LBFGS_thres`).
+HISTORY = {"ours": SolverSettings().history, "torchdeq": {"anderson": 6, "broyden": STEPS}}
 
 
-def feedback_map(model, tokens: torch.Tensor, radius: float):
-    """f(z) at this input, the start the executor uses (one step from an empty history), and the
-    gain: the delayed edge's scale that puts the spectral radius of J_f at the start near
-    `radius`, so the fixed point exists and plain iteration needs on the order of
-    log(tolerance) / log(radius) steps (a fresh loop's radius is anywhere; the gain makes it one
-    chosen map at every size)."""
+@dataclass(frozen=True)
+class FeedbackMap:
+    """f and its start, the gain it runs at, and what was measured at its fixed point."""
+
+    f: Callable[[Tensor], Tensor]
+    start: Tensor
+    gain: float
+    radius: float  # rho(J_f(z*))
+    lipschitz: float  # ||J_f(z*)||_2
+    calibration: list[tuple[float, float]]  # (gain, radius at its fixed point) tried
+
+
+def calibrated_gain(
+    radius_at: Callable[[float], float], target: float, within: float = 0.02, attempts: int = 12
+) -> list[tuple[float, float]]:
+    """Every (gain, radius) tried, the chosen one last: the gain g <= 1 at which `radius_at(g)`
+    is `target` to a relative `within` (`radius_at` is inf where it found no fixed point).
+
+    A search in log g, where the radius of a normalised loop grows like a power of the gain: down
+    from g = 1 by factors of ten until the radius is below the target, then the Illinois variant of
+    regula falsi on log(radius / target), bisecting while the upper end has no fixed point. Out of
+    attempts, the gain whose radius came closest in ratio. A loop already below the target at
+    g = 1 keeps g = 1: the gain only ever scales down what is fed back."""
+    tried: list[tuple[float, float]] = []
+
+    def error(log_gain: float) -> float:
+        radius = radius_at(math.exp(log_gain))
+        tried.append((math.exp(log_gain), radius))
+        return math.log(radius / target) if math.isfinite(radius) else math.inf
+
+    e = error(0.0)
+    low, high, side = None, (0.0, e), 0
+    while e > math.log1p(within) or (low is not None and e < -math.log1p(within)):
+        if len(tried) == attempts:
+            return [*tried, min(tried, key=lambda t: abs(math.log(t[1] / target)))]
+        if low is None:
+            x = high[0] - math.log(10)
+        elif math.isinf(high[1]):
+            x = (low[0] + high[0]) / 2
+        else:
+            x = low[0] - low[1] * (high[0] - low[0]) / (high[1] - low[1])
+        e = error(x)
+        if e <= 0:
+            if side == -1 and math.isfinite(high[1]):  # Illinois: halve the end that stays
+                high = (high[0], high[1] / 2)
+            low, side = (x, e), -1
+        else:
+            if side == 1:
+                low = (low[0], low[1] / 2)
+            high, side = (x, e), 1 if low is not None else 0
+    return [*tried, tried[-1]]
+
+
+def feedback_map(model, tokens: Tensor, target: float) -> FeedbackMap:
+    """The loop's map at this input with the gain that puts rho(J_f(z*)) at `target`."""
     equilibrium = model.federation.equilibrium
     with torch.no_grad():
         embedded = model._embed((tokens,), {})
         start = equilibrium.step(embedded, [])[1]
-    one = torch.tensor(1.0, device=tokens.device)
-    unscaled = equilibrium.spectral_radius_at(embedded, start, one, iterations=30)
-    gain = torch.tensor(min(1.0, radius / unscaled), device=tokens.device)
 
-    def f(z: torch.Tensor) -> torch.Tensor:
-        return equilibrium.map(embedded, z, gain)[1]
+    def map_at(gain: float) -> Callable[[Tensor], Tensor]:
+        scale = torch.tensor(gain, device=tokens.device)
+        return lambda z: equilibrium.map(embedded, z, scale)[1]
 
-    return f, start, float(gain), unscaled
+    def fixed_point(gain: float) -> Tensor | None:
+        settings = SolverSettings("anderson", STEPS, TOLERANCE)
+        z, trace = solve(map_at(gain), start, settings)
+        return z if trace.residual < TOLERANCE else None
+
+    def radius_at(gain: float) -> float:
+        z = fixed_point(gain)
+        if z is None:
+            return math.inf
+        scale = torch.tensor(gain, device=tokens.device)
+        return equilibrium.spectral_radius_at(embedded, z, scale, POWER_ITERATIONS)
+
+    *tried, (gain, radius) = calibrated_gain(radius_at, target)
+    z = fixed_point(gain)
+    scale = torch.tensor(gain, device=tokens.device)
+    lipschitz = math.inf if z is None else equilibrium.lipschitz_at(embedded, z, scale, 20)
+    return FeedbackMap(map_at(gain), start, gain, radius, lipschitz, tried)
 
 
-def relative_residual(f, z: torch.Tensor) -> float:
+def relative_residual(f, z: Tensor) -> float:
     with torch.no_grad():
         image = f(z)
     difference = (image - z).flatten(1).norm(dim=1)
@@ -85,29 +175,39 @@ def counted(f):
     return wrapped, calls
 
 
-def our_solver(method: str, tolerance: float, steps: int):
-    settings = SolverSettings(method=method, steps=steps, tolerance=tolerance, stop="relative")
+def our_solver(method: str):
+    settings = SolverSettings(method=method, steps=STEPS, tolerance=TOLERANCE, stop="relative")
     return lambda f, start: solve(f, start, settings)[0]
 
 
-def torchdeq_solver(method: str, tolerance: float, steps: int):
+def torchdeq_solver(method: str):
     from torchdeq.solver import get_solver
 
     run = get_solver(THEIRS[method])
-    return lambda f, start: run(f, start, max_iter=steps, tol=tolerance, stop_mode="rel")[0]
+    return lambda f, start: run(f, start, max_iter=STEPS, tol=TOLERANCE, stop_mode="rel")[0]
 
 
-def adjoint_map(f, z_star: torch.Tensor, cotangent: torch.Tensor):
+def adjoint_map(f, z_star: Tensor, cotangent: Tensor):
     """g -> J^T g + v at z*, the map the implicit backward solves (one tape, many products)."""
     z0 = z_star.detach().requires_grad_()
     with torch.enable_grad():
         image = f(z0)
 
-    def adjoint(g: torch.Tensor) -> torch.Tensor:
+    def adjoint(g: Tensor) -> Tensor:
         (vjp,) = torch.autograd.grad(image, z0, g, retain_graph=True)
         return vjp + cotangent
 
     return adjoint
+
+
+def untaped(fn):
+    """`fn` without a tape: torchdeq's solvers, unlike ours, leave that to the caller."""
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
 
 
 def peak_above_held(fn, device: str) -> int | None:
@@ -120,24 +220,23 @@ def peak_above_held(fn, device: str) -> int | None:
 
 def timed(fn, device: str, smoke: bool) -> float:
     """Median wall time of `fn` in ms, after the counted call that warmed it up: one more call in
-    smoke runs (on a shared CPU single calls vary several-fold: smoke times are not figures),
-    otherwise five after a further warm-up (`time_call`: CUDA events on a GPU)."""
+    smoke runs (smoke times are not figures), otherwise five after a further warm-up
+    (`time_call`: CUDA events on a GPU)."""
     return time_call(fn, device, warmup=0 if smoke else 1, repeats=1 if smoke else 5)["median_ms"]
 
 
-def measure(label, solver, f, start, cotangent, args, tolerance: float) -> dict:
+def measure(label, solver, history, loop: FeedbackMap, cotangent, args) -> dict:
+    f, start = loop.f, loop.start
     forward, calls = counted(f)
-    with torch.no_grad():
-        z_star = solver(forward, start)
-        forward_ms = timed(lambda: solver(f, start), args.device, args.smoke)
+    z_star = untaped(lambda: solver(forward, start))()
+    forward_ms = timed(untaped(lambda: solver(f, start)), args.device, args.smoke)
     adjoint = adjoint_map(f, z_star, cotangent)
     counted_adjoint, adjoint_calls = counted(adjoint)
-    g = solver(counted_adjoint, cotangent)
-    backward_ms = timed(lambda: solver(adjoint, cotangent), args.device, args.smoke)
-    forward_calls, backward_calls = calls[0], adjoint_calls[0]
-    forward_peak = peak_above_held(lambda: solver(f, start), args.device)
+    g = untaped(lambda: solver(counted_adjoint, cotangent))()
+    backward_ms = timed(untaped(lambda: solver(adjoint, cotangent)), args.device, args.smoke)
+    forward_peak = peak_above_held(untaped(lambda: solver(f, start)), args.device)
     backward_peak = peak_above_held(
-        lambda: solver(adjoint_map(f, z_star, cotangent), cotangent), args.device
+        untaped(lambda: solver(adjoint_map(f, z_star, cotangent), cotangent)), args.device
     )
     forward_residual, backward_residual = (
         relative_residual(f, z_star),
@@ -145,11 +244,12 @@ def measure(label, solver, f, start, cotangent, args, tolerance: float) -> dict:
     )
     return {
         "solver": label,
-        "converged": forward_residual < tolerance and backward_residual < tolerance,
-        "forward_iterations": forward_calls,
+        "history": history,
+        "converged": forward_residual < TOLERANCE and backward_residual < TOLERANCE,
+        "forward_iterations": calls[0],
         "forward_residual": forward_residual,
         "forward_ms": forward_ms,
-        "backward_iterations": backward_calls,
+        "backward_iterations": adjoint_calls[0],
         "backward_residual": backward_residual,
         "backward_ms": backward_ms,
         "forward_peak_MiB": None if forward_peak is None else forward_peak / 2**20,
@@ -157,11 +257,54 @@ def measure(label, solver, f, start, cotangent, args, tolerance: float) -> dict:
     }
 
 
+def solvers() -> tuple[dict[str, tuple[Callable, int | None]], str]:
+    """Every solver by label with its history, and what became of torchdeq."""
+    found = {
+        f"ours {m}": (our_solver(m), None if m == "fixed_point" else HISTORY["ours"]) for m in OURS
+    }
+    try:
+        import torchdeq
+    except ImportError as error:
+        return found, f"not importable ({error}): its rows are skipped"
+    for m in OURS:
+        found[f"torchdeq {m}"] = (torchdeq_solver(m), HISTORY["torchdeq"].get(m))
+    return found, getattr(torchdeq, "__version__", None) or _version("torchdeq")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's two targets, read off the rows: Anderson's iterations over fixed point's, and
+    our time over torchdeq's for each method (forward, backward); None where a row is missing."""
+    by = {row["solver"]: row for row in rows}
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a not in by or b not in by or not by[a]["converged"] or not by[b]["converged"]:
+            return None
+        return by[a][key] / by[b][key]
+
+    found = {
+        f"anderson_over_fixed_point_{d}_iterations": ratio(
+            "ours anderson", "ours fixed_point", f"{d}_iterations"
+        )
+        for d in ("forward", "backward")
+    }
+    for m in OURS:
+        for d in ("forward", "backward"):
+            found[f"ours_over_torchdeq_{m}_{d}_ms"] = ratio(f"ours {m}", f"torchdeq {m}", f"{d}_ms")
+    return found
+
+
 def main() -> None:
     args = parse_args(__doc__)
+    if args.smoke:
+        torch.set_num_threads(1)
     logging.getLogger("runtime.federation.equilibrium").setLevel(logging.ERROR)
-    width, heads, layers, batch, tokens = (32, 2, 1, 2, 16) if args.smoke else (512, 8, 2, 8, 512)
-    tolerance, steps, radius = 1e-5, 200, 0.25
+    width, heads, layers, batch, tokens = SIZES["smoke" if args.smoke else "full"]
     torch.manual_seed(0)
     model = compiler.build_model(
         compiler.load_spec_text(
@@ -170,36 +313,31 @@ def main() -> None:
         device=args.device,
     ).eval()
     x = torch.randint(0, 84, (batch, tokens), device=args.device)
-    f, start, gain, unscaled = feedback_map(model, x, radius)
-    cotangent = torch.randn_like(start)
-    solvers = {f"ours {m}": our_solver(m, tolerance, steps) for m in OURS}
-    have_torchdeq = importlib.util.find_spec("torchdeq") is not None
-    if have_torchdeq:
-        solvers |= {f"torchdeq {m}": torchdeq_solver(m, tolerance, steps) for m in OURS}
+    loop = feedback_map(model, x, RADIUS)
+    cotangent = torch.randn_like(loop.start)
+    found, torchdeq = solvers()
     rows = [
-        measure(label, solver, f, start, cotangent, args, tolerance)
-        for label, solver in solvers.items()
+        measure(label, solver, history, loop, cotangent, args)
+        for label, (solver, history) in found.items()
         if not args.only or args.only in label
     ]
     summary = {
         "map": f"2 transformers in a loop, width {width}, heads {heads}, layers {layers}, "
         f"batch {batch}, tokens {tokens}",
-        "gain": gain,
-        "spectral_radius_at_start_gain_1": unscaled,
-        "spectral_radius_target": radius,
-        "tolerance": f"{tolerance:g} (relative)",
-        "max_iterations": steps,
-        "torchdeq": _torchdeq_version(have_torchdeq),
+        "gain": loop.gain,
+        "spectral_radius_target": RADIUS,
+        "spectral_radius_at_fixed_point": loop.radius,
+        "jacobian_norm_at_fixed_point": loop.lipschitz,
+        "calibration (gain, radius)": [(round(g, 6), round(r, 4)) for g, r in loop.calibration],
+        "tolerance": f"{TOLERANCE:g} (relative)",
+        "max_iterations": STEPS,
+        "peak_memory": "CUDA max_memory_allocated above what was held before the solve"
+        if args.device == "cuda"
+        else "not measured on the CPU (torch keeps no allocator statistics there)",
+        "torchdeq": torchdeq,
+        **goals(rows),
     }
     report("equilibrium_solvers", args, rows, summary)
-
-
-def _torchdeq_version(available: bool) -> str:
-    if not available:
-        return "not installed (its rows are skipped)"
-    from importlib.metadata import version
-
-    return version("torchdeq")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ attention and LayerNorm does not exist. The gain is the model's state (a buffer 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -50,6 +51,26 @@ _HEADROOM = (
     0.95  # the gain grows back only to this share of the bound: a step's drift needs no re-solve
 )
 _BOUND_ATTEMPTS = 10
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """`fn` as `torch.compiler.disable(fn)` where torch.compile traces it (a graph break; under
+    `fullgraph=True`, dynamo's refusal), and plain `fn` in eager calls. The disabled function is
+    made at the first traced call: decorating at import would import torch._dynamo (71 MB, and
+    2 s on the project's shared 2-core machine) in every process that builds an equilibrium
+    model, compiled or not."""
+    disabled: Callable | None = None
+
+    @functools.wraps(fn)
+    def eager(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return eager
 
 
 class NonFiniteError(FloatingPointError):
@@ -122,7 +143,7 @@ class EquilibriumSolver:
 
     # Eager under torch.compile: the solve stops at a data-dependent iteration, and the implicit
     # backward replays one step's tape many times, which a compiled backward cannot.
-    @torch.compiler.disable
+    @eager_under_compile
     def solve(
         self,
         embedded: dict[str, Tensor],
