@@ -23,7 +23,7 @@ reads each test sequence from a fresh state, as in training (and, in the JSON, t
 streamed from one state).
 
     pip install ephem
-    python examples/antikythera_sky.py                 # about 25 minutes on 2 CPU cores
+    python examples/antikythera_sky.py                 # about 20 minutes on 2 shared CPU cores
     python examples/antikythera_sky.py --quick         # a smoke run (seconds)
 
 It writes `examples/results/antikythera_sky.json` (`--quick`: `antikythera_sky_quick.json`); the
@@ -287,6 +287,13 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def shown(value: object) -> str:
+    """A setting as the JSON keeps it: paths inside the repository relative to it."""
+    if isinstance(value, Path) and value.resolve().is_relative_to(ROOT):
+        return str(value.resolve().relative_to(ROOT))
+    return str(value)
+
+
 def machine() -> dict[str, object]:
     return {
         "platform": platform.platform(),
@@ -383,7 +390,7 @@ def main() -> None:
     text = table(results)
     print("\nmean angular error (degrees) on the held-out years\n" + text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) for k, v in vars(args).items()} | {
+    settings = {k: shown(v) for k, v in vars(args).items()} | {
         "years": [first, split_val, split_test, last],
         "steps": steps,
         "batch": batch,
