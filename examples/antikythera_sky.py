@@ -82,7 +82,10 @@ def ephemeris(first_year: int, last_year: int, cache: Path) -> tuple[np.ndarray,
     if path.exists():
         data = np.load(path)
         return data["years"], data["longitudes"]
-    import ephem
+    try:
+        import ephem
+    except ImportError:
+        raise SystemExit("the sky example needs `ephem` for its data: pip install ephem") from None
 
     start, end = ephem.Date(f"{first_year}/1/1"), ephem.Date(f"{last_year + 1}/1/1")
     dates = np.arange(float(start), float(end), STEP_DAYS)
@@ -177,9 +180,25 @@ def plain_transformer(target: int, device: str) -> nn.Module:
     return compiler.build_model(compiler.load_spec_text(text(*best)), device=device)
 
 
+def fits_the_data(model: nn.Module, path: Path) -> nn.Module:
+    """`model`, if its spec reads the 4 date features as `date` and writes `longitude`, 14 values
+    per date; otherwise the run stops, saying what the spec must declare."""
+    spec = model.spec
+    date, longitude = spec.inputs.get("date"), spec.outputs.get("longitude")
+    if date is None or date.kind != "features" or date.width != 4:
+        raise SystemExit(
+            f"{path}: the sky example needs an input `date: {{kind: features, width: 4}}`"
+        )
+    if longitude is None or longitude.width != 2 * len(BODIES):
+        raise SystemExit(f"{path}: the sky example needs an output `longitude` of width 14")
+    return model
+
+
 def build_models(spec: Path, recurrent_spec: Path, device: str) -> dict[str, nn.Module]:
-    gears = compiler.build_model(spec, device=device)
-    recurrent = compiler.build_model(recurrent_spec, device=device)
+    gears = fits_the_data(compiler.build_model(spec, device=device), spec)
+    recurrent = fits_the_data(compiler.build_model(recurrent_spec, device=device), recurrent_spec)
+    if gears.spec.time is not None:
+        raise SystemExit(f"{spec}: `--spec` is the non-recurrent mechanism; this one has `time:`")
     if recurrent.spec.time is None:
         raise SystemExit(f"{recurrent_spec}: the recurrent model's spec declares no `time:` axis")
     tokens = recurrent.spec.inputs["date"].context
@@ -354,7 +373,11 @@ def main() -> None:
     split = {name: trimmed(x[mask], y[mask]) for name, mask in parts.items()}
 
     results = {}
-    for name, model in build_models(args.spec, args.recurrent_spec, args.device).items():
+    try:
+        models = build_models(args.spec, args.recurrent_spec, args.device)
+    except compiler.SpecError as error:  # a spec given with --spec or --recurrent-spec
+        raise SystemExit(error.format()) from None
+    for name, model in models.items():
         recurrent = getattr(getattr(model, "spec", None), "time", None) is not None
         if recurrent:  # per time step, the dates the spec's input reads at once
             tokens = model.spec.inputs["date"].context
