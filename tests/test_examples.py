@@ -22,15 +22,23 @@ def run_example(script: str, *args: str) -> None:
 
 
 def test_antikythera_sky_quick(tmp_path):
+    """The mechanism, made recurrent and not, against a plain transformer and an MLP."""
     pytest.importorskip("ephem", reason="the sky example needs `ephem` (pip install -e '.[dev]')")
     out = tmp_path / "sky.json"
     run_example("antikythera_sky.py", "--out", str(out))
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"gear federation (antikythera.yaml)", "plain transformer", "MLP"}
+    recurrent = "recurrent federation (antikythera_recurrent.yaml)"
+    assert set(results) == {
+        "gear federation (antikythera.yaml)",
+        recurrent,
+        "plain transformer",
+        "MLP",
+    }
     sizes = [r["parameters"] for r in results.values()]
     assert max(sizes) / min(sizes) < 1.1  # the baselines are sized like the federation
     for r in results.values():
         assert all(0 <= e <= 180 for e in r["test_error_deg"].values())
+    assert all(0 <= e <= 180 for e in results[recurrent]["test_streamed_error_deg"].values())
 
 
 def test_fractal_shakespeare_quick(tmp_path):
