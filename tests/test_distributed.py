@@ -28,6 +28,7 @@ import torch
 from compiler.language.diagnostics import SpecError
 from compiler.tools.checkpoint import load_checkpoint
 from compiler.tools.training import RunOptions, train
+from compiler.tools.training.processes import stop_processes
 
 # the first 20,000 characters of the corpus `epicycle data shakespeare` writes, shipped here
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
@@ -99,16 +100,24 @@ def _losses(directory: Path) -> list[tuple[int, float, float | None]]:
 
 
 def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
-    """Run this file as the torchrun worker on 2 CPU processes; returns the corpus it read."""
+    """Run this file as the torchrun worker on 2 CPU processes; returns the corpus it read. Each
+    rank's output goes to its own log (`--redirects 3`); a failure shows every rank's in full
+    (a rank that aborts in C++ leaves torchrun only its exit signal), Python's stacks included
+    (`PYTHONFAULTHANDLER`)."""
     data = tmp_path / "text.txt"
     data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    logs = tmp_path / "torchrun-logs"
     done = subprocess.run(
         [
             torchrun,
             "--standalone",
             "--nproc-per-node",
             "2",
+            "--redirects",
+            "3",
+            "--log-dir",
+            logs,
             __file__,
             spec,
             data,
@@ -118,10 +127,21 @@ def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:
+        pytest.fail(_rank_logs(logs) + "\n== torchrun\n" + done.stderr[-3000:], pytrace=False)
     return data
+
+
+def _rank_logs(logs: Path) -> str:
+    """Every rank's whole stderr and stdout, as torchrun's `--log-dir` keeps them
+    (`<run>/attempt_<n>/<rank>/std{err,out}.log`)."""
+    parts = []
+    for path in sorted(logs.glob("*/attempt_*/*/std*.log")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(f"== rank {path.parent.name} {path.name}\n{text or '(empty)'}")
+    return "\n".join(parts) or f"no rank logs under {logs}"
 
 
 def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
@@ -222,4 +242,4 @@ if __name__ == "__main__":  # the torchrun worker
         )
     else:
         _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
-    torch.distributed.destroy_process_group()
+    stop_processes()
