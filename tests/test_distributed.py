@@ -134,6 +134,23 @@ def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
     return data
 
 
+def _record_threads_left(out: Path) -> None:
+    """The worker's threads once it left the group (Linux: `/proc/self/task`): a gloo thread
+    still running here would run into interpreter shutdown, where one releasing a finished
+    collective aborted the process ("terminate called without an active exception")."""
+    tasks = Path("/proc/self/task")
+    if tasks.is_dir():
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        (out / f"threads-left-{os.environ['RANK']}.txt").write_text("\n".join(names))
+
+
+def _assert_no_gloo_thread_outlived_the_group(tmp_path: Path) -> None:
+    if sys.platform == "linux":
+        for rank in (0, 1):
+            left = (tmp_path / f"threads-left-{rank}.txt").read_text().split()
+            assert not [name for name in left if "gloo" in name], (rank, left)
+
+
 def _rank_logs(logs: Path) -> str:
     """Every rank's whole stderr and stdout, as torchrun's `--log-dir` keeps them
     (`<run>/attempt_<n>/<rank>/std{err,out}.log`)."""
@@ -147,6 +164,7 @@ def _rank_logs(logs: Path) -> str:
 def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
     spec = write_spec(SPEC)
     data = _two_processes(spec, tmp_path)
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)  # FSDP's mesh held the group
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -180,6 +198,7 @@ def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec
     weights it gathers."""
     spec = write_spec(EQUILIBRIUM)
     data = _two_processes(spec, tmp_path, "equilibrium")
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -224,6 +243,7 @@ def test_truncated_feedback_trains_under_ddp_though_its_delayed_edge_gets_no_gra
     is told to look for unused parameters (it was not, before)."""
     spec = write_spec(TRUNCATED)
     data = _two_processes(spec, tmp_path, "truncated")
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     for (_, loss, _), (_, want, _) in zip(
@@ -243,3 +263,4 @@ if __name__ == "__main__":  # the torchrun worker
     else:
         _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
     stop_processes()
+    _record_threads_left(Path(sys.argv[3]))
