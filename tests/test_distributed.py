@@ -28,6 +28,7 @@ import torch
 from compiler.language.diagnostics import SpecError
 from compiler.tools.checkpoint import load_checkpoint
 from compiler.tools.training import RunOptions, train
+from compiler.tools.training.processes import stop_processes
 
 # the first 20,000 characters of the corpus `epicycle data shakespeare` writes, shipped here
 CORPUS = Path(__file__).resolve().parent / "fixtures" / "shakespeare_20k.txt"
@@ -99,16 +100,24 @@ def _losses(directory: Path) -> list[tuple[int, float, float | None]]:
 
 
 def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
-    """Run this file as the torchrun worker on 2 CPU processes; returns the corpus it read."""
+    """Run this file as the torchrun worker on 2 CPU processes; returns the corpus it read. Each
+    rank's output goes to its own log (`--redirects 3`); a failure shows every rank's in full
+    (a rank that aborts in C++ leaves torchrun only its exit signal), Python's stacks included
+    (`PYTHONFAULTHANDLER`)."""
     data = tmp_path / "text.txt"
     data.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    logs = tmp_path / "torchrun-logs"
     done = subprocess.run(
         [
             torchrun,
             "--standalone",
             "--nproc-per-node",
             "2",
+            "--redirects",
+            "3",
+            "--log-dir",
+            logs,
             __file__,
             spec,
             data,
@@ -118,15 +127,44 @@ def _two_processes(spec: Path, tmp_path: Path, *worker: str) -> Path:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:
+        pytest.fail(_rank_logs(logs) + "\n== torchrun\n" + done.stderr[-3000:], pytrace=False)
     return data
+
+
+def _record_threads_left(out: Path) -> None:
+    """The worker's threads once it left the group (Linux: `/proc/self/task`): a gloo thread
+    still running here would run into interpreter shutdown, where one releasing a finished
+    collective aborted the process ("terminate called without an active exception")."""
+    tasks = Path("/proc/self/task")
+    if tasks.is_dir():
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        (out / f"threads-left-{os.environ['RANK']}.txt").write_text("\n".join(names))
+
+
+def _assert_no_gloo_thread_outlived_the_group(tmp_path: Path) -> None:
+    if sys.platform == "linux":
+        for rank in (0, 1):
+            left = (tmp_path / f"threads-left-{rank}.txt").read_text().split()
+            assert not [name for name in left if "gloo" in name], (rank, left)
+
+
+def _rank_logs(logs: Path) -> str:
+    """Every rank's whole stderr and stdout, as torchrun's `--log-dir` keeps them
+    (`<run>/attempt_<n>/<rank>/std{err,out}.log`)."""
+    parts = []
+    for path in sorted(logs.glob("*/attempt_*/*/std*.log")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(f"== rank {path.parent.name} {path.name}\n{text or '(empty)'}")
+    return "\n".join(parts) or f"no rank logs under {logs}"
 
 
 def test_two_processes_follow_one_at_the_same_global_batch(write_spec, tmp_path):
     spec = write_spec(SPEC)
     data = _two_processes(spec, tmp_path)
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)  # FSDP's mesh held the group
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -160,6 +198,7 @@ def test_a_bounded_equilibrium_loop_trains_alike_on_two_ddp_processes(write_spec
     weights it gathers."""
     spec = write_spec(EQUILIBRIUM)
     data = _two_processes(spec, tmp_path, "equilibrium")
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     expected = _losses(reference)
@@ -204,6 +243,7 @@ def test_truncated_feedback_trains_under_ddp_though_its_delayed_edge_gets_no_gra
     is told to look for unused parameters (it was not, before)."""
     spec = write_spec(TRUNCATED)
     data = _two_processes(spec, tmp_path, "truncated")
+    _assert_no_gloo_thread_outlived_the_group(tmp_path)
     reference = tmp_path / "one"
     train(spec, RunOptions(data=str(data), out=str(reference), log_every=1, eval_batches=2))
     for (_, loss, _), (_, want, _) in zip(
@@ -222,4 +262,5 @@ if __name__ == "__main__":  # the torchrun worker
         )
     else:
         _runs(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
-    torch.distributed.destroy_process_group()
+    stop_processes()
+    _record_threads_left(Path(sys.argv[3]))

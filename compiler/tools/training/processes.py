@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,6 +15,9 @@ if TYPE_CHECKING:  # torch loads on first use: `epicycle validate` never needs i
     from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+# the FSDP device meshes this process made: each holds the process group (`stop_processes`)
+_MESHES: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,43 @@ def start_processes(device: str, strategy: str) -> Processes:
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        _import_what_the_run_uses()
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Processes(rank, world, device, strategy)
+
+
+def _import_what_the_run_uses() -> None:
+    """The torch.distributed modules a run reaches (FSDP, the checkpoint's state dicts), imported
+    before the process group exists. They import `torch.distributed.nn.functional`, whose
+    collectives take `group=group.WORLD` as a default argument: imported once the group exists,
+    that default holds the group for good, `destroy_process_group` cannot free it, and gloo's
+    worker threads run on into interpreter shutdown, where one releasing a finished collective's
+    tensors takes the GIL and aborts the process ("terminate called without an active
+    exception", on whichever rank left first)."""
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.device_mesh  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+
+def stop_processes() -> None:
+    """Leave a `torchrun` launch: every rank waits for the others (none tears its group down
+    while another still runs collectives: the leader may still be writing the last checkpoint),
+    then the group is destroyed and freed, so that gloo's worker threads are joined here, while
+    the interpreter is alive, not at its shutdown (see `_import_what_the_run_uses`). Besides
+    `torch.distributed`'s own tables, FSDP's device meshes hold the group (`_pg_registry`, for
+    torch.compile), and DTensor's sharding caches keep those meshes alive; FSDP's modules hold it
+    in reference cycles. Call it once, after the last `train` of the process."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    for mesh in list(_MESHES):
+        getattr(mesh, "_pg_registry", {}).clear()
+    gc.collect()
 
 
 def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
@@ -97,6 +136,7 @@ def wrap(objective: nn.Module, processes: Processes) -> nn.Module:
         # fully_shard's default mesh is on CUDA whenever a GPU is visible, even for a CPU run
         kind = "cuda" if processes.device.startswith("cuda") else "cpu"
         mesh = init_device_mesh(kind, (processes.world,))
+        _MESHES.add(mesh)
         model = objective.model
         blocks_alone = not objective.fractals and not any(
             hasattr(m, "regularisation") for m in model.modules()
