@@ -123,6 +123,7 @@ def train(
     from compiler.tools.training import RunOptions, UsageError
     from compiler.tools.training import train as run
     from compiler.tools.training.metrics import progress_line
+    from compiler.tools.training.processes import stop_processes
 
     check_directory_output(out_dir, "--out")  # the output-path rule, before any work
     overrides = tuple(_overrides(sets))
@@ -190,6 +191,7 @@ def train(
     finally:
         if progress.live.is_started:
             progress.stop()
+    stop_processes()  # under torchrun: after a successful run only (a failed rank never waits)
     if leader and records:
         val = f", validation loss {last['val_loss']:.4f}" if "val_loss" in last else ""
         out.print(
