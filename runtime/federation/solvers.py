@@ -125,28 +125,39 @@ def _fixed_point(z0: Tensor, settings: SolverSettings):
 def _anderson(z0: Tensor, settings: SolverSettings):
     """Type-II Anderson: with G the last m residuals (rows), the weights alpha minimise
     ||G^T alpha|| subject to sum(alpha) = 1, that is alpha ∝ (G G^T)^-1 1; the next iterate is
-    sum alpha_i ((1 - beta) z_i + beta f(z_i))."""
+    sum alpha_i ((1 - beta) z_i + beta f(z_i)).
+
+    The residuals are kept in float64 as they come, and the Gram matrix G G^T is updated by the
+    new residual's row alone: one pass over the history per iteration, not a copy and a product
+    of all of it. The tiny (m x m) systems are solved on the host, which the loop syncs with every
+    iteration anyway: a batch of 5 x 5 solves on a GPU is a chain of solver launches (and its own
+    sync), which cost more than the map's evaluation on a large federation."""
     m, beta = settings.history, settings.mixing
     batch, dim = z0.shape
     points = z0.new_zeros(batch, m, dim)
     images = z0.new_zeros(batch, m, dim)
+    residuals = z0.new_zeros(batch, m, dim, dtype=torch.float64)
+    gram = torch.zeros(batch, m, m, dtype=torch.float64)  # on the host
     filled = {"count": 0}
 
     def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
         slot = filled["count"] % m
         points[:, slot], images[:, slot] = z, image
+        residuals[:, slot] = g
         filled["count"] += 1
         n = min(filled["count"], m)
-        residuals = (images[:, :n] - points[:, :n]).double()
-        gram = residuals @ residuals.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
-        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-        gram = gram + (_ANDERSON_RIDGE * scale)[:, None, None] * eye
-        ones = gram.new_ones(batch, n, 1)
-        weights = torch.linalg.solve(gram, ones)
-        weights = (weights / weights.sum(1, keepdim=True)).to(z.dtype)  # (batch, n, 1)
-        mixed = (1 - beta) * points[:, :n] + beta * images[:, :n]
-        return (weights * mixed).sum(1)
+        row = torch.bmm(residuals[:, :n], residuals[:, slot, :, None])[..., 0].cpu()  # (batch, n)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        system = gram[:, :n, :n]
+        scale = system.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
+        system = system + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype)
+        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))
+        weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n, 1)
+        mixed = (weights * images[:, :n]).sum(1)
+        if beta != 1:
+            mixed = beta * mixed + (1 - beta) * (weights * points[:, :n]).sum(1)
+        return mixed
 
     return update
 
