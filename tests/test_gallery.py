@@ -41,6 +41,7 @@ TRACED_WITH_OTHERS = {
     "antikythera_recurrent.yaml",
     "federation.yaml",
     "federation_of_federations.yaml",
+    "recurrent_gears.yaml",
     "ring.yaml",
 }
 
