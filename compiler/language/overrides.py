@@ -395,9 +395,14 @@ def _represent_spec_float(dumper: yaml.SafeDumper, value: SpecFloat) -> yaml.Sca
 _EffectiveDumper.add_representer(SpecFloat, _represent_spec_float)
 
 
+def spec_yaml(data: Any) -> str:
+    """`data` as YAML that the spec's loader reads back as `data` (a checkpoint's spec text)."""
+    return yaml.dump(data, Dumper=_EffectiveDumper, sort_keys=False, allow_unicode=True, width=100)
+
+
 def effective_text(data: Any, file: str, overrides: Sequence[str]) -> str:
     """The document as YAML that reads back as `data`, headed by where it came from."""
-    body = yaml.dump(data, Dumper=_EffectiveDumper, sort_keys=False, allow_unicode=True, width=100)
+    body = spec_yaml(data)
     sets = " ".join(f"--set {o!r}" for o in overrides)
     header = f"# the effective spec: {file} with {sets} (written by epicycle; comments not kept)\n"
     return header.replace("\n", " ").rstrip() + "\n" + body

@@ -33,19 +33,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from compiler.language.diagnostics import Diagnostic, Span, SpecError
 from compiler.language.frontend import LoadedSpec, validate_document
 from compiler.language.source import Document, PathKey, SourceMap, read_spec_file
 from compiler.language.subgraphs import (
     BODY,
-    _Context,
-    _include,
-    _is_graph,
-    _marked_map,
-    _node_body,
-    _sub_map,
+    IncludeContext,
+    is_graph,
+    marked_map,
+    node_body,
+    resolve_include,
+    sub_map,
 )
 from compiler.language.templates import expand_templates
 
@@ -133,13 +131,15 @@ class _Where:
     key_span: Span  # its name there
 
 
-def _walk(doc: Document, path: str) -> tuple[list[Document], dict[str, str], _Context, _Where]:
+def _walk(
+    doc: Document, path: str
+) -> tuple[list[Document], dict[str, str], IncludeContext, _Where]:
     """Down the path from the spec to the sub-graph: the body of each graph on the way (the
     spec's first, templates expanded), each of the sub-graph's ports with the spec's input it
     reads through every level's `bind:`, the context of includes inside it, and where it is."""
     top = Path(doc.source.file)
     root = top.resolve().parent if top.exists() else Path.cwd().resolve()
-    context = _Context(root, (top.resolve(),) if top.exists() else (), None, [0], {})
+    context = IncludeContext(root, (top.resolve(),) if top.exists() else (), None, [0], {})
     here = expand_templates(doc)
     ports = {name: name for name in here.data["inputs"]}
     levels = [here]
@@ -192,7 +192,7 @@ def _free_perspectives(body: dict) -> set[str]:
     used: set[str] = set()
     nodes = body.get("nodes")
     for node in nodes.values() if isinstance(nodes, dict) else ():
-        if _is_graph(node):
+        if is_graph(node):
             used |= _free_perspectives(node)
         elif isinstance(node, dict) and isinstance(node.get("perspective"), str):
             used.add(node["perspective"])
@@ -231,42 +231,42 @@ def _has_outputs(body: dict) -> bool:
     """Outputs of the body, or of a sub-graph inside it (they become the body's)."""
     nodes = body.get("nodes")
     inner = nodes.values() if isinstance(nodes, dict) else ()
-    return bool(body.get("outputs")) or any(_is_graph(b) and _has_outputs(b) for b in inner)
+    return bool(body.get("outputs")) or any(is_graph(b) and _has_outputs(b) for b in inner)
 
 
 def _graph_body(
-    name: str, body: dict, doc: Document, context: _Context
-) -> tuple[Document, _Context]:
+    name: str, body: dict, doc: Document, context: IncludeContext
+) -> tuple[Document, IncludeContext]:
     """The graph node's body as a document (inline, or the file its `spec:` names, its spans
     marked with where it was included) and the context inside it, as the flattening reads it."""
     where = ("nodes", name)
     if "spec" not in body:
         data = {k: body[k] for k in BODY if k in body}
-        return Document(data, _sub_map(doc.source, where), doc.text), context
-    included = _include(body["spec"], (*where, "spec"), doc.source, context)
+        return Document(data, sub_map(doc.source, where), doc.text), context
+    included = resolve_include(body["spec"], (*where, "spec"), doc.source, context)
     via = f"included from {doc.source.span((*where, 'spec'))}"
     if context.via:
         via = f"{via}, {context.via}"
     read = read_spec_file(included)
-    inner = Document(read.data, _marked_map(read.source, via), read.text)
+    inner = Document(read.data, marked_map(read.source, via), read.text)
     return inner, replace(context, stack=(*context.stack, included), via=via)
 
 
-def _inlined(doc: Document, context: _Context) -> Document:
+def _inlined(doc: Document, context: IncludeContext) -> Document:
     """`doc` with every graph node's `spec:` file written inline in its body, at any depth;
     the spans of an inlined file's values stay in that file."""
     nodes = doc.data.get("nodes") if isinstance(doc.data, dict) else None
-    if not isinstance(nodes, dict) or not any(_is_graph(b) for b in nodes.values()):
+    if not isinstance(nodes, dict) or not any(is_graph(b) for b in nodes.values()):
         return doc
     keys = dict(doc.source.key_spans)
     values = dict(doc.source.value_spans)
     written = {}
     for name, body in nodes.items():
-        if not _is_graph(body):
+        if not is_graph(body):
             written[name] = body
             continue
         where = ("nodes", name)
-        inner, inner_context = Document(body, _sub_map(doc.source, where), doc.text), context
+        inner, inner_context = Document(body, sub_map(doc.source, where), doc.text), context
         if "spec" in body:  # the node's own fields (kind, bind, a template's), then the file's
             read, inner_context = _graph_body(name, body, doc, context)
             own = {k: v for k, v in body.items() if k != "spec"}
@@ -301,7 +301,7 @@ def _with(file: SourceMap, node: SourceMap, own: dict) -> SourceMap:
 
 def _filled(nodes: dict[str, Any], levels: list[Document]) -> dict[str, Any]:
     """The sub-graph's nodes with the `defaults.transformer` of each graph on the path, its own
-    included, written in as the flattening writes them (`_node_body`: a setting the node leaves
+    included, written in as the flattening writes them (`node_body`: a setting the node leaves
     out is set from the innermost graph that names it, a null one too); a graph inside it gets
     them under its own defaults, which flattening it fills its nodes with first. The spec's own
     defaults stay the spec's, filled in last as ever."""
@@ -313,12 +313,12 @@ def _filled(nodes: dict[str, Any], levels: list[Document]) -> dict[str, Any]:
         return nodes
     filled = {}
     for name, body in nodes.items():
-        if _is_graph(body):
+        if is_graph(body):
             own = body.get("defaults") if isinstance(body.get("defaults"), dict) else {}
             settings = {**chain, **_transformer_defaults(body)}
             filled[name] = {**body, "defaults": {**own, "transformer": settings}}
         else:
-            filled[name] = _node_body(body, {}, None, {}, chain)
+            filled[name] = node_body(body, {}, None, {}, chain)
     return filled
 
 
@@ -341,9 +341,9 @@ def _move(
 def _text(data: dict, doc: Document, path: str, sets: Sequence[str]) -> str:
     """The sub-graph's spec as YAML that reads back as `data` (the text its checkpoint stores),
     headed by where it came from."""
-    from compiler.language.overrides import _EffectiveDumper
+    from compiler.language.overrides import spec_yaml
 
-    body = yaml.dump(data, Dumper=_EffectiveDumper, sort_keys=False, allow_unicode=True, width=100)
+    body = spec_yaml(data)
     given = "".join(f" --set {s!r}" for s in sets)
     header = (
         f"# sub-graph `{path}` of {doc.source.file}{given}, compiled alone: its spec files "

@@ -46,7 +46,7 @@ NAMED_SECTIONS = ("nodes", "perspectives", "outputs", "inputs")
 
 
 @dataclass(frozen=True)
-class _Context:
+class IncludeContext:
     root: Path  # the folder tree included files must stay in
     stack: tuple[Path, ...]  # the files being included, outermost first (cycles)
     via: str | None  # "included from a.yaml:4:5" for spans of an included file
@@ -60,7 +60,7 @@ def expand(doc: Document) -> Document:
     top = Path(doc.source.file)
     root = top.resolve().parent if top.exists() else Path.cwd().resolve()
     stack = (top.resolve(),) if top.exists() else ()
-    context = _Context(root, stack, None, [0], {})
+    context = IncludeContext(root, stack, None, [0], {})
     expanded = _expand(expand_templates(doc), context, depth=0)
     if not context.read:
         return expanded
@@ -83,11 +83,11 @@ def recorded_text(text: str, read: dict[str, str]) -> str:
     return own + "\n\n" + "\n".join(parts) + "\n"
 
 
-def _expand(doc: Document, context: _Context, depth: int) -> Document:
+def _expand(doc: Document, context: IncludeContext, depth: int) -> Document:
     data = doc.data
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), dict):
         return doc
-    if not any(_is_graph(body) for body in data["nodes"].values()):
+    if not any(is_graph(body) for body in data["nodes"].values()):
         return doc
     source, errors = doc.source, []
     spans = _Spans(source)
@@ -103,7 +103,7 @@ def _expand(doc: Document, context: _Context, depth: int) -> Document:
         for i in range(len(edges)):
             spans.keep(("edges", i))
     for name, body in data["nodes"].items():
-        if not _is_graph(body):
+        if not is_graph(body):
             nodes[name] = body
             spans.keep(("nodes", name))
             continue
@@ -139,7 +139,7 @@ def _refuse_written_paths(doc: Document) -> None:
         raise SpecError(errors)
 
 
-def _is_graph(body: Any) -> bool:
+def is_graph(body: Any) -> bool:
     return isinstance(body, dict) and body.get("kind") == "graph"
 
 
@@ -179,7 +179,7 @@ def _marked(span: Span, via: str | None) -> Span:
     return replace(span, via=f"{span.via}, {via}" if span.via else via)
 
 
-def _body(name: str, body: dict, doc: Document, context: _Context, depth: int) -> Document:
+def _body(name: str, body: dict, doc: Document, context: IncludeContext, depth: int) -> Document:
     """The graph node's own graph as a document, its templates and graphs expanded."""
     where = ("nodes", name)
     source = doc.source
@@ -204,25 +204,25 @@ def _body(name: str, body: dict, doc: Document, context: _Context, depth: int) -
                 "write its body in the file it includes, or inline, not both",
                 key=True,
             )
-        included = _include(body["spec"], (*where, "spec"), source, context)
+        included = resolve_include(body["spec"], (*where, "spec"), source, context)
         via = f"included from {source.span((*where, 'spec'))}"
         if context.via:
             via = f"{via}, {context.via}"
         inner = read_spec_file(included)
         context.read[included.relative_to(context.root).as_posix()] = inner.text
-        inner = Document(inner.data, _marked_map(inner.source, via), inner.text)
+        inner = Document(inner.data, marked_map(inner.source, via), inner.text)
         _refuse_written_paths(inner)
         _check_included_sections(inner)
-        inner_context = _Context(
+        inner_context = IncludeContext(
             context.root, (*context.stack, included), via, context.budget, context.read
         )
         _check_whole_model_fields(inner, ())
     else:
         data = {k: body[k] for k in BODY if k in body}
-        inner_source = _sub_map(source, where)
+        inner_source = sub_map(source, where)
         inner = Document(data, inner_source, doc.text)
         inner_context = context
-        _check_whole_model_fields(Document(body, _sub_map(source, where), doc.text), ())
+        _check_whole_model_fields(Document(body, sub_map(source, where), doc.text), ())
     if not isinstance(inner.data, dict) or not isinstance(inner.data.get("nodes"), dict):
         raise _refuse(
             inner.source, (), f"graph `{name}` has no `nodes:`", "give the sub-graph its nodes"
@@ -245,7 +245,7 @@ def _check_included_sections(doc: Document) -> None:
             )
 
 
-def _marked_map(source: SourceMap, via: str) -> SourceMap:
+def marked_map(source: SourceMap, via: str) -> SourceMap:
     return SourceMap(
         source.file,
         {p: _marked(s, via) for p, s in source.key_spans.items()},
@@ -253,7 +253,7 @@ def _marked_map(source: SourceMap, via: str) -> SourceMap:
     )
 
 
-def _sub_map(source: SourceMap, where: PathKey) -> SourceMap:
+def sub_map(source: SourceMap, where: PathKey) -> SourceMap:
     """The part of `source` below `where`, as if it were a document of its own."""
     n = len(where)
     keys = {p[n:]: s for p, s in source.key_spans.items() if p[:n] == where}
@@ -283,7 +283,7 @@ def _check_whole_model_fields(doc: Document, where: PathKey) -> None:
         )
 
 
-def _include(path: Any, where: PathKey, source: SourceMap, context: _Context) -> Path:
+def resolve_include(path: Any, where: PathKey, source: SourceMap, context: IncludeContext) -> Path:
     """The included file, resolved and checked: relative, inside the tree, no cycle."""
     if not isinstance(path, str) or not path:
         raise _refuse(source, where, "`spec:` is the path of a spec file", None)
@@ -354,7 +354,7 @@ def _flatten(
         new = renamed[inner_name]
         if new in nodes:
             raise _refuse(source, where, f"node `{new}` is written twice", None, key=True)
-        nodes[new] = _node_body(node, bound, single, perspectives, defaults)
+        nodes[new] = node_body(node, bound, single, perspectives, defaults)
         spans.move(inner_map, ("nodes", inner_name), ("nodes", new), None)
     if "perspectives" in data:
         own = sections.setdefault("perspectives", {})
@@ -394,7 +394,7 @@ def _renamed(value: Any, renamed: dict[str, str]) -> Any:
     return renamed.get(value, value) if isinstance(value, str) else value
 
 
-def _node_body(
+def node_body(
     node: Any,
     bound: dict[str, str],
     single: str | None,
