@@ -347,3 +347,41 @@ def test_adding_the_phase_pairs_equals_the_add_through_a_view(members, width):
         results.append([qkv.detach(), source.grad, pairs.grad])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("members", "width", "bias"), [(1, 64, False), (2, 60, True)])
+def test_a_training_pass_projects_through_the_graphs_in_one_node(cpu_graphs, members, width, bias):
+    """On the graphs path a training pass replays the forward graph, projects and adds the phase
+    pairs in one autograd node, whose backward writes the projection's gradients into the backward
+    graph's inputs: the same values and gradients (of the input and of every parameter) as the
+    reference slot terms, projection and pair add, at a capture and at its replay."""
+    model = lattice_model(members, width, bias)
+    attn = model.blocks[0].attn
+    tokens = 24
+    torch.manual_seed(1)
+    x = torch.randn(members, 3, tokens, width, requires_grad=True)
+    heads = (members, -1, tokens, 3 * attn.heads, attn.head_width)
+    args = slot_arguments(model, tokens)
+
+    def reference() -> torch.Tensor:
+        weight, bias_, pairs, _ = lattice.slot_terms(*args)
+        qkv = lattice.project(x, weight, bias_, members)
+        return lattice._AddPhasePairs.apply(qkv, pairs, heads, attn.content_width)
+
+    def graphed() -> torch.Tensor:
+        graphs = lattice.slot_terms_graphs(attn, *args)
+        assert graphs is not None and graphs.train
+        return lattice.graphed_projection(graphs, x, heads, *args)
+
+    def values_and_gradients(projection) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        qkv = projection()
+        probe = torch.randn(qkv.shape, generator=torch.Generator().manual_seed(2))
+        (qkv * probe).sum().backward()
+        grads = [p.grad for p in model.blocks[0].attn.parameters() if p.grad is not None]
+        return [qkv.detach(), x.grad, *grads]
+
+    expected = values_and_gradients(reference)
+    for _ in range(2):  # a capture, then a replay of it
+        assert_all_close(values_and_gradients(graphed), expected)

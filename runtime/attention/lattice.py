@@ -89,7 +89,11 @@ def kuramoto_phases(
 ) -> Tensor:
     """`(members, heads)` phases after `substeps` explicit Euler steps of Kuramoto's equation,
     `theta_h += dt * (omega_h + K/|N(h)| * sum_n w_hn sin(theta_n - theta_h))`: a pure function
-    of the parameters, so the fused region (`fused_slot_terms`) and the metrics share it."""
+    of the parameters, so the fused region (`fused_slot_terms`) and the metrics share it. In
+    float32 at least: bf16 phases are 0.03 rad coarse near 2 pi, and the chain adds to them."""
+    initial_phase, omega, coupling, log_range, distance = (
+        _at_least_float32(t) for t in (initial_phase, omega, coupling, log_range, distance)
+    )
     weights = coupling_weights(distance, neighbour, log_range)
     degree = neighbour.sum(-1).clamp_min(1)
     theta = initial_phase
@@ -109,7 +113,11 @@ def phase_features(
 ) -> tuple[Tensor, Tensor]:
     """Query and key features `(members, heads, tokens, 2)`: `sqrt(head_width) * strength *
     (cos, sin)(theta + nu * i)` and `(cos, sin)(nu * j)`, `nu = token_frequency * omega`, whose
-    dot product under SDPA's `1/sqrt(head_width)` is `strength * cos(theta + nu * (i - j))`."""
+    dot product under SDPA's `1/sqrt(head_width)` is `strength * cos(theta + nu * (i - j))`.
+    Computed in float32 at least and returned in `strength`'s dtype: in bf16 the positions
+    themselves round (to multiples of 8 past 1024), and so would every angle `nu * i`."""
+    dtype = strength.dtype
+    theta, omega, strength = (_at_least_float32(t) for t in (theta, omega, strength))
     nu = token_frequency * omega
     position = torch.arange(tokens, device=theta.device, dtype=theta.dtype)
     key_angle = nu[..., None] * position  # (members, heads, tokens)
@@ -117,7 +125,11 @@ def phase_features(
     amplitude = (strength * math.sqrt(head_width))[..., None, None]
     query = torch.stack((query_angle.cos(), query_angle.sin()), -1) * amplitude
     key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
-    return query, key
+    return query.to(dtype), key.to(dtype)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def slot_terms(
@@ -146,6 +158,7 @@ def slot_terms(
     )
     head_width = content_width + PHASE_DIMS
     query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+    theta = theta.to(initial_phase.dtype)
     pairs = torch.cat((query, key), 1).transpose(1, 2)  # (members, tokens, 2 * heads, 2)
     rows = 2 * heads * content_width  # query and key rows; the value rows follow
     slotted = _with_slots(weight[..., :rows, :], 2 * heads, content_width, dim=-2)
@@ -183,9 +196,14 @@ def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = 
         result = graphed_slot_terms(owner, *args)
         if result is not None:
             return result
-        if torch.cuda.is_current_stream_capturing():
-            return slot_terms(*args)
-    return _compiled_slot_terms()(*args)
+        region = graphs_fallback()
+    return slot_terms(*args) if region == "reference" else _compiled_slot_terms()(*args)
+
+
+def graphs_fallback() -> str:
+    """The region that runs where graphs cannot: the reference ops during another capture (which
+    records them), else the compiled region."""
+    return "reference" if torch.cuda.is_current_stream_capturing() else "compiled"
 
 
 _GRAPH_WARMUPS = 3  # eager runs on a side stream before a capture (lazy initialisation)
@@ -291,6 +309,11 @@ class GraphedSlotTerms:
         for static, grad in zip(self.grad_outputs, grads, strict=True):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
+        return self.replay_backward()
+
+    def replay_backward(self) -> list[Tensor]:
+        """Fresh gradients of the inputs that need one, from the backward graph replayed on what
+        `grad_outputs` (the outputs' gradients, in order) hold now."""
         self.backward_graph.replay()
         fresh = {dtype: flat.clone() for dtype, flat in self.flat.items()}
         return _unflatten_by_dtype(fresh, self.gradient_layout)
@@ -316,6 +339,79 @@ class _ReplaySlotTerms(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         return (None, *ctx.graphs.input_gradients(grads))
+
+
+class _GraphedProjection(torch.autograd.Function):
+    """A training pass's query/key/value projection on the graphs path as one autograd node: the
+    forward graph's replay (slotted weight, bias, phase pairs), the projection of `x`, and the add
+    of the pairs into the slots; backward, the projection's gradients written straight into the
+    backward graph's gradient inputs, then its replay. Three nodes before (the replay, the
+    linear, the add) cost a 2k-token layer, which waits on its host, a Python call, autograd's
+    bookkeeping and a copy into the graph's inputs each. The slotted weight is graph memory: the
+    backward reads it where the replay left it, which holds while the parameters keep their
+    values between a forward and its backward (as `GraphedSlotTerms` says)."""
+
+    @staticmethod
+    def forward(
+        ctx, graphs: GraphedSlotTerms, x: Tensor, heads: tuple, content_width: int, *inputs: Tensor
+    ) -> Tensor:
+        graphs.forward_graph.replay()
+        weight, *rest = graphs.outputs
+        bias = rest[0] if graphs.bias_given else None
+        qkv = project(x, weight, bias, heads[0])
+        _query_key_slots(qkv, heads, content_width).add_(rest[-1][:, None])
+        ctx.graphs, ctx.heads, ctx.content_width = graphs, heads, content_width
+        ctx.save_for_backward(x)
+        return qkv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        graphs, members = ctx.graphs, ctx.heads[0]
+        weight = graphs.outputs[0]
+        rows = weight.shape[-2]
+        flat_grad = grad.reshape(members, -1, rows)
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            flat_weight = weight.to(grad.dtype).reshape(members, rows, -1)
+            grad_x = torch.bmm(flat_grad, flat_weight).reshape(x.shape).to(x.dtype)
+        statics = graphs.grad_outputs  # the slotted weight's, the bias's, the pairs' gradients
+        flat_x = x.reshape(members, -1, x.shape[-1]).to(grad.dtype)
+        _write(statics[0], torch.bmm, flat_grad.transpose(1, 2), flat_x)
+        if graphs.bias_given:
+            torch.sum(flat_grad, 1, dtype=statics[1].dtype, out=statics[1].view(members, rows))
+        slots = _query_key_slots(grad, ctx.heads, ctx.content_width)
+        torch.sum(slots, 1, dtype=statics[-1].dtype, out=statics[-1])
+        return (None, grad_x, None, None, *graphs.replay_backward())
+
+
+def _write(static: Tensor, op: Callable[..., Tensor], *args: Tensor) -> None:
+    """`static` (a graph's input) set to `op(*args)`: computed into it where the dtypes agree,
+    else computed and copied (mixed precision: bf16 activations, fp32 parameters)."""
+    result_shape = (args[0].shape[0], args[0].shape[1], args[1].shape[2])
+    out = static.view(result_shape)
+    if out.dtype == args[0].dtype:
+        op(*args, out=out)
+    else:
+        out.copy_(op(*args))
+
+
+def project(x: Tensor, weight: Tensor, bias: Tensor | None, members: int) -> Tensor:
+    """`x @ weight.T + bias` per member: `(*lead, tokens, width)` for one member, else
+    `(members, batch * tokens, rows)`."""
+    if members == 1:
+        return F.linear(x, weight, bias)
+    qkv = torch.bmm(x.reshape(members, -1, x.shape[-1]), weight.transpose(1, 2))
+    return qkv if bias is None else qkv + bias.unsqueeze(1)
+
+
+def graphed_projection(graphs: GraphedSlotTerms, x: Tensor, heads: tuple, *args) -> Tensor:
+    """The projection of `x` with the phase pairs in its slots, `slot_terms(*args)` replayed from
+    `graphs` (which match `args` and are for training) in one autograd node."""
+    weight, bias, oscillators, _, content_width, *_ = args
+    inputs = [t for t in (weight, bias, *oscillators) if t is not None and t.requires_grad]
+    return _GraphedProjection.apply(graphs, x, heads, content_width, *inputs)
 
 
 def capture_graph(run: Callable[[], Any], pool) -> tuple[Any, Any]:
@@ -391,13 +487,21 @@ def graph_unavailable_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
 
 
 def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
-    """`slot_terms(*args)` replayed from CUDA graphs captured for `owner`: one capture per sizes,
-    gradient mode and autocast state, made anew where `owner`'s parameters moved. None, with a
-    warning saying why, where graphs cannot be used: during another capture, for tensor
-    subclasses, under torch.func transforms or saved-tensor hooks, for a new length once a layer
-    holds `_MAX_CAPTURES` captures (each holds its outputs and gradient buffers: a loop over
-    growing lengths would hold one per length), and, from then on, for a layer whose parameters
-    moved a `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
+    """`slot_terms(*args)` replayed from CUDA graphs captured for `owner` (`slot_terms_graphs`),
+    or None (with a warning) where graphs cannot be used."""
+    graphs = slot_terms_graphs(owner, *args)
+    weight, bias, oscillators, *_ = args
+    return None if graphs is None else graphs((weight, bias, *oscillators))
+
+
+def slot_terms_graphs(owner: nn.Module, *args) -> GraphedSlotTerms | None:
+    """The CUDA graphs of `slot_terms(*args)` kept for `owner`: one capture per sizes, gradient
+    mode and autocast state, made anew where `owner`'s parameters moved. None, with a warning
+    saying why, where graphs cannot be used: during another capture, for tensor subclasses, under
+    torch.func transforms or saved-tensor hooks, for a new length once a layer holds
+    `_MAX_CAPTURES` captures (each holds its outputs and gradient buffers: a loop over growing
+    lengths would hold one per length), and, from then on, for a layer whose parameters moved a
+    `_MAX_RECAPTURES + 1`-th time or whose capture raised."""
     weight, bias, oscillators, *sizes = args
     tensors = (weight, bias, *oscillators)
     layer = _GRAPHS.get(owner)
@@ -412,22 +516,23 @@ def graphed_slot_terms(owner: nn.Module, *args) -> tuple | None:
             layer.recaptures += 1  # every capture of the old memory goes, which frees it
             layer.captures = {k: g for k, g in layer.captures.items() if g.matches(tensors)}
             graphs = None
+        if graphs is not None:
+            return graphs
         if layer.recaptures > _MAX_RECAPTURES:
             reason = layer.off = f"its parameters moved {layer.recaptures} times: every call?"
-        elif graphs is None and len(layer.captures) >= _MAX_CAPTURES:
+        elif len(layer.captures) >= _MAX_CAPTURES:
             reason = f"the layer holds {_MAX_CAPTURES} captures already, one per length and mode"
     if reason is None:
         try:
-            if graphs is None:
-                graphs = layer.captures[key] = GraphedSlotTerms(tensors, key[0], key[1])
-            return graphs(tensors)
+            graphs = layer.captures[key] = GraphedSlotTerms(tensors, key[0], key[1])
+            return graphs
         except RuntimeError as error:  # an operation CUDA cannot capture, out of memory
             layer.captures.pop(key, None)
             reason = layer.off = f"the capture raised {error}"
     warnings.warn(
         f"lattice attention: slot_terms not replayed from CUDA graphs ({reason})",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     return None
 
@@ -620,8 +725,8 @@ class LatticeAttention(nn.Module):
         rotary component, which knows nothing of slots, takes that path (`_concatenated_qkv`)."""
         h, hw, cw = self.heads, self.head_width, self.content_width
         n = x.shape[-2]
-        lattice = self.lattice
-        weight, bias, pairs, theta = fused_slot_terms(
+        lattice, compiling = self.lattice, torch.compiler.is_compiling()
+        args = (
             self.qkv.weight,
             self.qkv.bias,
             lattice.oscillator_tensors(),
@@ -631,21 +736,29 @@ class LatticeAttention(nn.Module):
             lattice.cfg.dt,
             lattice.substeps,
             lattice.cfg.token_frequency,
-            region=self.region,
-            owner=self,
         )
-        if not torch.compiler.is_compiling():
-            lattice.last_phase = theta.detach()
-        if self.members == 1:
-            qkv = F.linear(x, weight, bias)
-        else:
-            qkv = torch.bmm(x.reshape(self.members, -1, x.shape[-1]), weight.transpose(1, 2))
-            qkv = qkv if bias is None else qkv + bias.unsqueeze(1)
         heads = (self.members, -1, n, 3 * h, hw)  # (members, batch, tokens, 3h, hw)
+        region, graphs = self.region, None
+        if region == "graphs" and x.is_cuda and not compiling:
+            graphs = slot_terms_graphs(self, *args)  # None: it warned why
+            region = "graphs" if graphs is not None else graphs_fallback()
+        fused = graphs is not None and graphs.train and torch.is_grad_enabled()
+        if fused:  # the pairs are in; RoPE leaves the slots as they are
+            qkv, theta = graphed_projection(graphs, x, heads, *args), graphs.theta
+        else:
+            if graphs is not None:
+                weight, bias, pairs, theta = graphs((args[0], args[1], *args[2]))
+            else:
+                weight, bias, pairs, theta = fused_slot_terms(*args, region=region, owner=self)
+            qkv = project(x, weight, bias, self.members)
+        if not compiling:
+            lattice.last_phase = theta.detach()
         if rotary is not None:
             qk = qkv.view(heads)[..., : 2 * h, :]
             qk.copy_(rotary.rotate_token_major(qk))
-        if torch.compiler.is_compiling():  # functionalised: the compiler fuses the add anyway
+        if fused:
+            pass
+        elif compiling:  # functionalised: the compiler fuses the add anyway
             _phase_slots(qkv.view(heads)[..., : 2 * h, :], cw).add_(pairs[:, None])
         else:
             qkv = _AddPhasePairs.apply(qkv, pairs, heads, cw)
