@@ -185,6 +185,45 @@ def test_the_kernels_take_16x16_lattices_and_refuse_larger_ones():
         kernel.kernel_forward(oscillators((17, 17)), sizes(1))
 
 
+@pytest.mark.skipif(
+    kernel.triton is None or INTERPRETING, reason="needs Triton, compiling (not interpreting)"
+)
+@pytest.mark.parametrize("cells, dtype", [(15, "bf16"), (256, "fp32")])
+def test_the_kernels_compile_for_an_h200_without_one(cells, dtype):
+    """Triton's interpreter runs code that compiling refuses (it caught a loop variable reused
+    as a tuple target): every kernel is compiled here for sm_90 down to its cubin, and its sines
+    are the precise ones (no `sin.approx`: the angles reach `nu * tokens`)."""
+    triton = kernel.triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cells_block, tokens_block, warps, adjoint_warps = kernel._blocks(cells, 4096)
+    sizes = {"BH": cells_block, "BT": tokens_block}
+    for fn, num_warps, constexprs in (
+        (kernel._forward_kernel, warps, sizes),
+        (kernel._partials_kernel, warps, sizes),
+        (kernel._adjoint_kernel, adjoint_warps, {"BH": cells_block, "HAS_GRAD_THETA": True}),
+    ):
+        signature = {name: _argument_type(name, dtype) for name in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
+            "num_warps": num_warps
+        })  # fmt: skip
+        assert compiled.asm["cubin"] and "sin.approx" not in compiled.asm["ptx"]
+
+
+def _argument_type(name: str, dtype: str) -> str:
+    if name in ("BH", "BT", "HAS_GRAD_THETA"):
+        return "constexpr"
+    if name in ("H", "tokens", "substeps", "blocks"):
+        return "i32"
+    if name == "neighbour_ptr":
+        return "*i1"
+    if name in ("partials_ptr", "history_ptr"):
+        return "*fp32"
+    return f"*{dtype}" if name.endswith("_ptr") else "fp32"
+
+
 def test_bf16_parameters_give_bf16_outputs_and_gradients_close_to_fp32():
     """The op computes in float32 whatever its inputs: positions are exact float32 indices (a
     bf16 index of token 999 would be 1000, a whole turn of `nu` off)."""

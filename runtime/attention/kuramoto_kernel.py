@@ -127,13 +127,18 @@ if triton is not None:
         return weights, distance, degree
 
     @triton.jit
-    def _pull(theta, weights, degree):
-        """`pull(theta)`, and the sines, cosines and `W s`, `W c` it was built from."""
+    def _rotations(theta, weights):
+        """`sin theta`, `cos theta`, `W sin theta`, `W cos theta`: with them
+        `sum_n W[h, n] sin(theta_n - theta_h) = cos_h (W sin)_h - sin_h (W cos)_h`."""
         sin = tl.sin(theta)
         cos = tl.cos(theta)
-        w_sin = tl.sum(weights * sin[None, :], 1)
-        w_cos = tl.sum(weights * cos[None, :], 1)
-        return (cos * w_sin - sin * w_cos) / degree, sin, cos, w_sin, w_cos
+        return sin, cos, tl.sum(weights * sin[None, :], 1), tl.sum(weights * cos[None, :], 1)
+
+    @triton.jit
+    def _step(theta, omega, coupling, weights, degree, dt):
+        """One explicit Euler step of Kuramoto's equation."""
+        sin, cos, w_sin, w_cos = _rotations(theta, weights)
+        return theta + dt * (omega + coupling * (cos * w_sin - sin * w_cos) / degree)
 
     @triton.jit
     def _member(m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH: tl.constexpr):
@@ -153,10 +158,9 @@ if triton is not None:
         heads, inside, theta, omega, coupling, log_range = _member(
             m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
         )
-        weights, _, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
-        for _ in range(substeps):
-            pull, _, _, _, _ = _pull(theta, weights, degree)
-            theta = theta + dt * (omega + coupling * pull)
+        weights, distance, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
+        for _substep in range(substeps):
+            theta = _step(theta, omega, coupling, weights, degree, dt)
         return heads, inside, theta, omega
 
     @triton.jit
@@ -254,8 +258,7 @@ if triton is not None:
         history = history_ptr + m * (substeps + 1) * BH + heads
         tl.store(history, theta)
         for step in range(substeps):
-            pull, _, _, _, _ = _pull(theta, weights, degree)
-            theta = theta + dt * (omega + coupling * pull)
+            theta = _step(theta, omega, coupling, weights, degree, dt)
             tl.store(history + (step + 1) * BH, theta)
         tl.debug_barrier()  # the phases stored above, read back by every thread below
 
@@ -264,7 +267,8 @@ if triton is not None:
         d_log_range = 0.0
         for back in range(substeps):
             theta = tl.load(history + (substeps - 1 - back) * BH)
-            pull, sin, cos, w_sin, w_cos = _pull(theta, weights, degree)
+            sin, cos, w_sin, w_cos = _rotations(theta, weights)
+            pull = (cos * w_sin - sin * w_cos) / degree
             d_omega += adjoint
             d_coupling += tl.sum(adjoint * pull, 0)
             per_degree = adjoint / degree
@@ -287,12 +291,18 @@ if triton is not None:
         tl.store(d_log_range_ptr + m, (dt * d_log_range).to(d_log_range_ptr.dtype.element_ty))
 
 
-def _blocks(cells: int, tokens: int) -> tuple[int, int, int]:
-    """`(BH, BT, num_warps)`: cells padded to a power of two, a token block of ~2K pairs."""
+def _blocks(cells: int, tokens: int) -> tuple[int, int, int, int]:
+    """`(BH, BT, warps, adjoint_warps)`: cells padded to a power of two, a token block of ~2K pairs
+    (at least 32 tokens, so that large lattices do not recompute the chain for every few tokens),
+    and warps enough to hold the largest tile at ~8-16 elements a thread: without spilling up to
+    64 cells on sm_90 (ptxas' resource usage); 128 and 256 cells spill the `(H, H)` tiles."""
     _check_cells(cells)
     cells_block = triton.next_power_of_2(cells)
-    tokens_block = min(max(2048 // cells_block, 16), 256, triton.next_power_of_2(max(tokens, 1)))
-    return cells_block, tokens_block, 4 if cells_block <= 64 else cells_block // 16
+    tokens_block = min(max(2048 // cells_block, 32), 256, triton.next_power_of_2(max(tokens, 1)))
+    tile = max(tokens_block, cells_block) * cells_block
+    warps = min(max(tile // 256, 4), 32)
+    adjoint_warps = min(max(cells_block * cells_block // 256, 1), 32)
+    return cells_block, tokens_block, warps, adjoint_warps
 
 
 def _inputs(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -305,7 +315,7 @@ def kernel_forward(tensors: tuple[Tensor, ...], sizes: tuple) -> tuple[Tensor, T
     tensors = _inputs(tensors)
     phase = tensors[0]
     members, cells = phase.shape
-    cells_block, tokens_block, warps = _blocks(cells, tokens)
+    cells_block, tokens_block, warps, _ = _blocks(cells, tokens)
     pairs = phase.new_empty(members, tokens, 2 * cells, 2)
     theta = phase.new_empty(members, cells)
     grid = (members, triton.cdiv(tokens, tokens_block))
@@ -326,7 +336,7 @@ def kernel_backward(
     grad_pairs = grad_pairs.contiguous()
     phase = tensors[0]
     members, cells = phase.shape
-    cells_block, tokens_block, warps = _blocks(cells, tokens)
+    cells_block, tokens_block, warps, adjoint_warps = _blocks(cells, tokens)
     blocks = triton.cdiv(tokens, tokens_block)
     f32 = dict(device=phase.device, dtype=torch.float32)
     partials = torch.empty(members, blocks, 3, cells_block, **f32)
@@ -340,7 +350,7 @@ def kernel_backward(
         partials, grad_theta.contiguous() if grad_theta is not None else partials,
         *tensors[:4], *tensors[5:7], history, *grads, cells, blocks, substeps, dt,
         token_frequency, math.sqrt(head_width), BH=cells_block,
-        HAS_GRAD_THETA=grad_theta is not None, num_warps=warps,
+        HAS_GRAD_THETA=grad_theta is not None, num_warps=adjoint_warps,
     )  # fmt: skip
     return grads
 
