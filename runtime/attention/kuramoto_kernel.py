@@ -40,7 +40,7 @@ dA`, `d omega += token_frequency dnu`. Everything is computed in float32 whateve
 dtype; positions `i` are exact float32 indices.
 
 On the CPU, and on a GPU without Triton, the op runs the reference ops of `lattice.py` in float32
-(its backward recomputes them under autograd). With `TRITON_INTERPRET=1` the kernels run through
+(its backward is their vector-Jacobian product, `torch.func.vjp`). With `TRITON_INTERPRET=1` the kernels run through
 Triton's interpreter on CPU tensors too, which is how the tests check them without a GPU.
 """
 
@@ -62,8 +62,10 @@ except ImportError:  # CPU-only installs: the op runs the reference ops
 
 MAX_CELLS = 256
 """The most lattice cells (heads) the kernels take: the coupling matrix is one `(H, H)` tile of
-registers (`H` rounded up to a power of two). Above it the op raises `ValueError` on the kernel
-path; the caller falls back to the reference ops."""
+registers (`H` rounded up to a power of two; up to 64 cells without spilling on sm_90, 128 and 256
+spill to local memory). Above it the op raises `ValueError` on the kernel path, the fake
+implementation too (so also while `torch.compile` traces): the caller falls back to the reference
+ops."""
 
 
 def _interpreting() -> bool:
