@@ -1,0 +1,455 @@
+"""The lattice layer's Kuramoto chain and phase pairs as one Triton kernel forward and two backward
+(issue 23), wrapped as the custom op `epicycle::lattice_phase_pairs`.
+
+Why. The chain (`kuramoto_phases`) and the phase features (`phase_features`) are a few hundred
+numbers per member, yet eagerly they are ~100 tiny kernels forward and backward (~27 once
+inductor has fused them), so the layer waits on the host, not on the GPU. Here they are one
+launch forward and two backward, and the op is opaque to `torch.compile` (`register_fake` traces
+it without running it; its backward is a custom op too), so a compiled model launches the same
+three kernels.
+
+Forward, per member `m` (`H` lattice cells, one per head):
+
+    W[h, n] = exp(-distance[h, n] / exp(log_range)) * neighbour[h, n],  deg[h] = max(|N(h)|, 1)
+    theta_0 = initial_phase;  theta_{s+1} = theta_s + dt * (omega + K * pull(theta_s))
+    pull_h(theta) = sum_n W[h, n] sin(theta_n - theta_h) / deg[h]
+    pairs[i, h] = A_h (cos, sin)(theta_S,h + nu_h i),  pairs[i, H + h] = (cos, sin)(nu_h i)
+
+with `nu = token_frequency * omega`, `A = strength * sqrt(head_width)`. One program per (member,
+block of tokens) recomputes the chain (`S * H^2` work, far below one pairs block's memory time)
+and writes its block. `sin(theta_n - theta_h) = s_n c_h - c_n s_h` turns each step into two
+matrix-vector products `W s`, `W c` with `H` sines and cosines instead of `H^2`.
+
+Backward. With `g`, `k` the upstream gradients of the query and key pairs, `a = theta_S + nu i`:
+
+    dA_h      = sum_i g0 cos a + g1 sin a
+    dtheta_S  = sum_i A_h (g1 cos a - g0 sin a)                  (+ theta's own gradient)
+    dnu_h     = sum_i i * A_h (g1 cos a - g0 sin a) + sum_i i * (k1 cos nu i - k0 sin nu i)
+
+are reduced over token blocks by kernel (a) into a `(members, blocks, 3, H)` buffer; kernel (b),
+one program per member, sums them and runs the chain's adjoint from `lambda_S = dtheta_S` back to
+`lambda_0 = d initial_phase` over the stored phases `theta_s` (a runtime loop: code size does not
+grow with `substeps`). With `b = lambda_{s+1} / deg` and `C[h, n] = W[h, n] cos(theta_n - theta_h)`:
+
+    lambda_s = lambda_{s+1} + dt K (C^T b - b * C 1)             (the Jacobian of pull, transposed)
+    domega  += dt lambda_{s+1},   dK += dt <lambda_{s+1}, pull(theta_s)>
+    dlog_range += dt K sum_hn b_h sin(theta_n - theta_h) W[h, n] distance[h, n] / exp(log_range)
+
+(the last is `sum dW * dW/dlog_range`, never building `dW`), and finally `d strength = sqrt(width)
+dA`, `d omega += token_frequency dnu`. Everything is computed in float32 whatever the inputs'
+dtype; positions `i` are exact float32 indices.
+
+On the CPU, and on a GPU without Triton, the op runs the reference ops of `lattice.py` in float32
+(its backward is their vector-Jacobian product, `torch.func.vjp`). With `TRITON_INTERPRET=1` the kernels run through
+Triton's interpreter on CPU tensors too, which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from runtime.attention.lattice import kuramoto_phases, phase_features
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the op runs the reference ops
+    triton = None
+
+MAX_CELLS = 256
+"""The most lattice cells (heads) the kernels take: the coupling matrix is one `(H, H)` tile of
+registers (`H` rounded up to a power of two; up to 64 cells without spilling on sm_90, 128 and 256
+spill to local memory). Above it the op raises `ValueError` on the kernel path, the fake
+implementation too (so also while `torch.compile` traces): the caller falls back to the reference
+ops."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(tensor: Tensor) -> bool:
+    """Whether `lattice_phase_pairs` runs the Triton kernels for `tensor`'s device: a CUDA tensor
+    with Triton importable (or any tensor under Triton's interpreter, `TRITON_INTERPRET=1`)."""
+    return triton is not None and (tensor.is_cuda or _interpreting())
+
+
+def _check_cells(cells: int) -> None:
+    if cells > MAX_CELLS:
+        raise ValueError(
+            f"the fused Kuramoto kernel takes at most {MAX_CELLS} lattice cells, got {cells}: "
+            "use the reference ops (`slot_terms`) for larger lattices"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (CPU, or no Triton): lattice.py's ops in float32.
+
+
+def _reference(phase, omega, coupling, log_range, strength, distance, neighbour, sizes):
+    dt, substeps, token_frequency, tokens, head_width = sizes
+    phase, omega, coupling, log_range, strength, distance = (
+        t.float() for t in (phase, omega, coupling, log_range, strength, distance)
+    )
+    theta = kuramoto_phases(phase, omega, coupling, log_range, distance, neighbour, dt, substeps)
+    query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+    return torch.cat((query, key), 1).transpose(1, 2), theta
+
+
+def _reference_backward(grad_pairs, grad_theta, tensors, sizes):
+    """The reference's vector-Jacobian product (`torch.func.vjp`: a custom op's implementation runs
+    below autograd, where `torch.autograd.grad` records nothing)."""
+    parameters = [t.float() for t in tensors[:5]]
+    grad_theta = torch.zeros_like(parameters[0]) if grad_theta is None else grad_theta.float()
+    _, vjp = torch.func.vjp(lambda *p: _reference(*p, *tensors[5:], sizes), *parameters)
+    grads = vjp((grad_pairs.float(), grad_theta))
+    return tuple(g.to(t.dtype) for g, t in zip(grads, tensors[:5], strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels.
+
+if triton is not None:
+
+    @triton.jit
+    def _coupling(distance_ptr, neighbour_ptr, log_range, H, BH: tl.constexpr):
+        """`W`, `distance` and `deg` of one member, `(BH, BH)` tiles zero outside `H x H`."""
+        rows = tl.arange(0, BH)
+        cols = tl.arange(0, BH)
+        inside = (rows[:, None] < H) & (cols[None, :] < H)
+        offsets = rows[:, None] * H + cols[None, :]
+        distance = tl.load(distance_ptr + offsets, mask=inside, other=0).to(tl.float32)
+        near = tl.load(neighbour_ptr + offsets, mask=inside, other=0).to(tl.float32)
+        weights = tl.exp(-distance / tl.exp(log_range)) * near
+        degree = tl.maximum(tl.sum(near, 1), 1.0)
+        return weights, distance, degree
+
+    @triton.jit
+    def _rotations(theta, weights):
+        """`sin theta`, `cos theta`, `W sin theta`, `W cos theta`: with them
+        `sum_n W[h, n] sin(theta_n - theta_h) = cos_h (W sin)_h - sin_h (W cos)_h`."""
+        sin = tl.sin(theta)
+        cos = tl.cos(theta)
+        return sin, cos, tl.sum(weights * sin[None, :], 1), tl.sum(weights * cos[None, :], 1)
+
+    @triton.jit
+    def _step(theta, omega, coupling, weights, degree, dt):
+        """One explicit Euler step of Kuramoto's equation."""
+        sin, cos, w_sin, w_cos = _rotations(theta, weights)
+        return theta + dt * (omega + coupling * (cos * w_sin - sin * w_cos) / degree)
+
+    @triton.jit
+    def _member(m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH: tl.constexpr):
+        heads = tl.arange(0, BH)
+        inside = heads < H
+        phase = tl.load(phase_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        coupling = tl.load(coupling_ptr + m).to(tl.float32)
+        log_range = tl.load(log_range_ptr + m).to(tl.float32)
+        return heads, inside, phase, omega, coupling, log_range
+
+    @triton.jit
+    def _final_phase(
+        m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
+        H, substeps, dt, BH: tl.constexpr,
+    ):  # fmt: skip
+        heads, inside, theta, omega, coupling, log_range = _member(
+            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
+        )
+        weights, distance, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
+        for _substep in range(substeps):
+            theta = _step(theta, omega, coupling, weights, degree, dt)
+        return heads, inside, theta, omega
+
+    @triton.jit
+    def _forward_kernel(
+        phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, strength_ptr, distance_ptr,
+        neighbour_ptr, pairs_ptr, theta_ptr, H, tokens, substeps, dt, token_frequency,
+        sqrt_width, BH: tl.constexpr, BT: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        block = tl.program_id(1)
+        heads, inside, theta, omega = _final_phase(
+            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
+            H, substeps, dt, BH,
+        )  # fmt: skip
+        tl.store(theta_ptr + m * H + heads, theta, mask=inside & (block == 0))
+        strength = tl.load(strength_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        amplitude = strength * sqrt_width
+        nu = token_frequency * omega
+        index = block * BT + tl.arange(0, BT)
+        position = index.to(tl.float32)
+        key_angle = nu[None, :] * position[:, None]
+        query_angle = theta[None, :] + key_angle
+        # pairs[m, i, slot, c] at ((m * tokens + i) * 2H + slot) * 2 + c
+        row = (m.to(tl.int64) * tokens + index) * (4 * H)
+        where = row[:, None] + 2 * heads[None, :]
+        mask = (index < tokens)[:, None] & inside[None, :]
+        out = pairs_ptr.dtype.element_ty
+        tl.store(pairs_ptr + where, (tl.cos(query_angle) * amplitude[None, :]).to(out), mask=mask)
+        tl.store(pairs_ptr + where + 1, (tl.sin(query_angle) * amplitude[None, :]).to(out), mask)
+        tl.store(pairs_ptr + where + 2 * H, tl.cos(key_angle).to(out), mask=mask)
+        tl.store(pairs_ptr + where + 2 * H + 1, tl.sin(key_angle).to(out), mask=mask)
+
+    @triton.jit
+    def _partials_kernel(
+        grad_ptr, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, strength_ptr, distance_ptr,
+        neighbour_ptr, partials_ptr, H, tokens, substeps, dt, token_frequency, sqrt_width,
+        BH: tl.constexpr, BT: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        block = tl.program_id(1)
+        heads, inside, theta, omega = _final_phase(
+            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
+            H, substeps, dt, BH,
+        )  # fmt: skip
+        strength = tl.load(strength_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        amplitude = strength * sqrt_width
+        nu = token_frequency * omega
+        index = block * BT + tl.arange(0, BT)
+        position = index.to(tl.float32)
+        key_angle = nu[None, :] * position[:, None]
+        query_angle = theta[None, :] + key_angle
+        row = (m.to(tl.int64) * tokens + index) * (4 * H)
+        where = row[:, None] + 2 * heads[None, :]
+        mask = (index < tokens)[:, None] & inside[None, :]
+        q0 = tl.load(grad_ptr + where, mask=mask, other=0).to(tl.float32)
+        q1 = tl.load(grad_ptr + where + 1, mask=mask, other=0).to(tl.float32)
+        k0 = tl.load(grad_ptr + where + 2 * H, mask=mask, other=0).to(tl.float32)
+        k1 = tl.load(grad_ptr + where + 2 * H + 1, mask=mask, other=0).to(tl.float32)
+        query_cos = tl.cos(query_angle)
+        query_sin = tl.sin(query_angle)
+        d_amplitude = tl.sum(q0 * query_cos + q1 * query_sin, 0)
+        d_query_angle = amplitude[None, :] * (q1 * query_cos - q0 * query_sin)
+        d_key_angle = k1 * tl.cos(key_angle) - k0 * tl.sin(key_angle)
+        d_theta = tl.sum(d_query_angle, 0)
+        d_nu = tl.sum((d_query_angle + d_key_angle) * position[:, None], 0)
+        base = partials_ptr + (m * tl.num_programs(1) + block) * (3 * BH) + heads
+        tl.store(base, d_amplitude)
+        tl.store(base + BH, d_theta)
+        tl.store(base + 2 * BH, d_nu)
+
+    @triton.jit
+    def _adjoint_kernel(
+        partials_ptr, grad_theta_ptr, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr,
+        distance_ptr, neighbour_ptr, history_ptr, d_phase_ptr, d_omega_ptr, d_coupling_ptr,
+        d_log_range_ptr, d_strength_ptr, H, blocks, substeps, dt, token_frequency, sqrt_width,
+        BH: tl.constexpr, HAS_GRAD_THETA: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        heads, inside, theta, omega, coupling, log_range = _member(
+            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
+        )
+        d_amplitude = tl.zeros((BH,), tl.float32)
+        adjoint = tl.zeros((BH,), tl.float32)  # d theta_S, then d theta_s going back
+        d_nu = tl.zeros((BH,), tl.float32)
+        for block in range(blocks):
+            base = partials_ptr + (m * blocks + block) * (3 * BH) + heads
+            d_amplitude += tl.load(base)
+            adjoint += tl.load(base + BH)
+            d_nu += tl.load(base + 2 * BH)
+        if HAS_GRAD_THETA:
+            adjoint += tl.load(grad_theta_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+
+        weights, distance, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
+        range_weights = weights * distance / tl.exp(log_range)  # dW/dlog_range
+        history = history_ptr + m * (substeps + 1) * BH + heads
+        tl.store(history, theta)
+        for step in range(substeps):
+            theta = _step(theta, omega, coupling, weights, degree, dt)
+            tl.store(history + (step + 1) * BH, theta)
+        tl.debug_barrier()  # the phases stored above, read back by every thread below
+
+        d_omega = tl.zeros((BH,), tl.float32)
+        d_coupling = 0.0
+        d_log_range = 0.0
+        for back in range(substeps):
+            theta = tl.load(history + (substeps - 1 - back) * BH)
+            sin, cos, w_sin, w_cos = _rotations(theta, weights)
+            pull = (cos * w_sin - sin * w_cos) / degree
+            d_omega += adjoint
+            d_coupling += tl.sum(adjoint * pull, 0)
+            per_degree = adjoint / degree
+            r_sin = tl.sum(range_weights * sin[None, :], 1)
+            r_cos = tl.sum(range_weights * cos[None, :], 1)
+            d_log_range += coupling * tl.sum(per_degree * (cos * r_sin - sin * r_cos), 0)
+            # (C^T b)_n = c_n (W^T (b c))_n + s_n (W^T (b s))_n;  (C 1)_h = c_h (W c)_h + s_h (W s)_h
+            wt_cos = tl.sum(weights * (per_degree * cos)[:, None], 0)
+            wt_sin = tl.sum(weights * (per_degree * sin)[:, None], 0)
+            transposed = cos * wt_cos + sin * wt_sin - per_degree * (cos * w_cos + sin * w_sin)
+            adjoint = adjoint + dt * coupling * transposed
+
+        at = m * H + heads
+        tl.store(d_phase_ptr + at, adjoint.to(d_phase_ptr.dtype.element_ty), mask=inside)
+        d_omega = token_frequency * d_nu + dt * d_omega
+        tl.store(d_omega_ptr + at, d_omega.to(d_omega_ptr.dtype.element_ty), mask=inside)
+        d_strength = (sqrt_width * d_amplitude).to(d_strength_ptr.dtype.element_ty)
+        tl.store(d_strength_ptr + at, d_strength, mask=inside)
+        tl.store(d_coupling_ptr + m, (dt * d_coupling).to(d_coupling_ptr.dtype.element_ty))
+        tl.store(d_log_range_ptr + m, (dt * d_log_range).to(d_log_range_ptr.dtype.element_ty))
+
+
+def _blocks(cells: int, tokens: int) -> tuple[int, int, int, int]:
+    """`(BH, BT, warps, adjoint_warps)`: cells padded to a power of two, a token block of ~2K pairs
+    (at least 32 tokens, so that large lattices do not recompute the chain for every few tokens),
+    and warps enough to hold the largest tile at ~8-16 elements a thread: without spilling up to
+    64 cells on sm_90 (ptxas' resource usage); 128 and 256 cells spill the `(H, H)` tiles."""
+    _check_cells(cells)
+    cells_block = triton.next_power_of_2(cells)
+    tokens_block = min(max(2048 // cells_block, 32), 256, triton.next_power_of_2(max(tokens, 1)))
+    tile = max(tokens_block, cells_block) * cells_block
+    warps = min(max(tile // 256, 4), 32)
+    adjoint_warps = min(max(cells_block * cells_block // 256, 1), 32)
+    return cells_block, tokens_block, warps, adjoint_warps
+
+
+def _inputs(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(t.contiguous() for t in tensors)
+
+
+def kernel_forward(tensors: tuple[Tensor, ...], sizes: tuple) -> tuple[Tensor, Tensor]:
+    """The forward kernel's `(pairs, theta)` for the op's seven tensors and five sizes."""
+    dt, substeps, token_frequency, tokens, head_width = sizes
+    tensors = _inputs(tensors)
+    phase = tensors[0]
+    members, cells = phase.shape
+    cells_block, tokens_block, warps, _ = _blocks(cells, tokens)
+    pairs = phase.new_empty(members, tokens, 2 * cells, 2)
+    theta = phase.new_empty(members, cells)
+    grid = (members, triton.cdiv(tokens, tokens_block))
+    _forward_kernel[grid](
+        *tensors, pairs, theta, cells, tokens, substeps, dt, token_frequency,
+        math.sqrt(head_width), BH=cells_block, BT=tokens_block, num_warps=warps,
+    )  # fmt: skip
+    return pairs, theta
+
+
+def kernel_backward(
+    grad_pairs: Tensor, grad_theta: Tensor | None, tensors: tuple[Tensor, ...], sizes: tuple
+) -> tuple[Tensor, ...]:
+    """The two backward kernels' gradients of `initial_phase, omega, coupling, log_range,
+    strength` (each in its own dtype)."""
+    dt, substeps, token_frequency, tokens, head_width = sizes
+    tensors = _inputs(tensors)
+    grad_pairs = grad_pairs.contiguous()
+    phase = tensors[0]
+    members, cells = phase.shape
+    cells_block, tokens_block, warps, adjoint_warps = _blocks(cells, tokens)
+    blocks = triton.cdiv(tokens, tokens_block)
+    f32 = dict(device=phase.device, dtype=torch.float32)
+    partials = torch.empty(members, blocks, 3, cells_block, **f32)
+    history = torch.empty(members, substeps + 1, cells_block, **f32)
+    _partials_kernel[(members, blocks)](
+        grad_pairs, *tensors[:7], partials, cells, tokens, substeps, dt, token_frequency,
+        math.sqrt(head_width), BH=cells_block, BT=tokens_block, num_warps=warps,
+    )  # fmt: skip
+    grads = tuple(torch.empty_like(t) for t in tensors[:5])
+    _adjoint_kernel[(members,)](
+        partials, grad_theta.contiguous() if grad_theta is not None else partials,
+        *tensors[:4], *tensors[5:7], history, *grads, cells, blocks, substeps, dt,
+        token_frequency, math.sqrt(head_width), BH=cells_block,
+        HAS_GRAD_THETA=grad_theta is not None, num_warps=adjoint_warps,
+    )  # fmt: skip
+    return grads
+
+
+# --------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+@torch.library.custom_op("epicycle::lattice_phase_pairs", mutates_args=())
+def lattice_phase_pairs(
+    initial_phase: Tensor,
+    omega: Tensor,
+    coupling: Tensor,
+    log_range: Tensor,
+    strength: Tensor,
+    distance: Tensor,
+    neighbour: Tensor,
+    dt: float,
+    substeps: int,
+    token_frequency: float,
+    tokens: int,
+    head_width: int,
+) -> tuple[Tensor, Tensor]:
+    """`(pairs, theta)` of `slot_terms`: the phase pairs `(members, tokens, 2 * heads, 2)` (query
+    heads, then key heads) and the phases `(members, heads)` after `substeps` Kuramoto updates,
+    in `initial_phase`'s dtype, computed in float32."""
+    tensors = (initial_phase, omega, coupling, log_range, strength, distance, neighbour)
+    sizes = (dt, substeps, token_frequency, tokens, head_width)
+    if available(initial_phase):
+        return kernel_forward(tensors, sizes)
+    pairs, theta = _reference(*tensors, sizes)
+    dtype = initial_phase.dtype
+    return pairs.to(dtype, memory_format=torch.contiguous_format, copy=True), theta.to(
+        dtype, copy=True
+    )
+
+
+@lattice_phase_pairs.register_fake
+def _(
+    initial_phase, omega, coupling, log_range, strength, distance, neighbour,
+    dt, substeps, token_frequency, tokens, head_width,
+):  # fmt: skip
+    members, cells = initial_phase.shape
+    if available(initial_phase):
+        _check_cells(cells)
+    return initial_phase.new_empty(members, tokens, 2 * cells, 2), initial_phase.new_empty(
+        members, cells
+    )
+
+
+@torch.library.custom_op("epicycle::lattice_phase_pairs_backward", mutates_args=())
+def lattice_phase_pairs_backward(
+    grad_pairs: Tensor,
+    grad_theta: Tensor | None,
+    initial_phase: Tensor,
+    omega: Tensor,
+    coupling: Tensor,
+    log_range: Tensor,
+    strength: Tensor,
+    distance: Tensor,
+    neighbour: Tensor,
+    dt: float,
+    substeps: int,
+    token_frequency: float,
+    tokens: int,
+    head_width: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of `initial_phase, omega, coupling, log_range, strength` (each in its dtype) for
+    the upstream gradients of `lattice_phase_pairs`' outputs (`grad_theta` may be None)."""
+    tensors = (initial_phase, omega, coupling, log_range, strength, distance, neighbour)
+    sizes = (dt, substeps, token_frequency, tokens, head_width)
+    if available(initial_phase):
+        return kernel_backward(grad_pairs, grad_theta, tensors, sizes)
+    return _reference_backward(grad_pairs, grad_theta, tensors, sizes)
+
+
+@lattice_phase_pairs_backward.register_fake
+def _(
+    grad_pairs, grad_theta, initial_phase, omega, coupling, log_range, strength, distance,
+    neighbour, dt, substeps, token_frequency, tokens, head_width,
+):  # fmt: skip
+    return tuple(torch.empty_like(t) for t in (initial_phase, omega, coupling, log_range, strength))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:7])
+    ctx.sizes = inputs[7:]
+    ctx.set_materialize_grads(False)  # theta is often a record only: no zeros made for it
+
+
+def _backward(ctx, grad_pairs: Tensor | None, grad_theta: Tensor | None):
+    if grad_pairs is None:  # only theta was used
+        phase, tokens = ctx.saved_tensors[0], ctx.sizes[3]
+        grad_pairs = phase.new_zeros(phase.shape[0], tokens, 2 * phase.shape[1], 2)
+    grads = lattice_phase_pairs_backward(grad_pairs, grad_theta, *ctx.saved_tensors, *ctx.sizes)
+    needed = ctx.needs_input_grad
+    return tuple(g if needed[i] else None for i, g in enumerate(grads)) + (None,) * 7
+
+
+lattice_phase_pairs.register_autograd(_backward, setup_context=_setup_context)

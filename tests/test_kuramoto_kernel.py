@@ -1,0 +1,292 @@
+"""`epicycle::lattice_phase_pairs` (issue 23): the lattice layer's Kuramoto chain and phase pairs as
+one Triton kernel forward and two backward, equal to the reference ops of `lattice.py`
+(`kuramoto_phases`, `phase_features`, as `slot_terms` lays them out) in values and in the
+gradients of all five parameters.
+
+Two kinds of test. The op's tests run everywhere: on the CPU without Triton the op is the
+reference ops in float32, so they check its float32 arithmetic, its dtypes, its autograd and
+compile registration (`opcheck`, `torch.compile(fullgraph=True)`). The kernel tests call the
+kernels themselves and skip without Triton; with `TRITON_INTERPRET=1` (and Triton importable) they
+run through Triton's interpreter on CPU tensors, where the op's tests then run the kernels too, and
+with CUDA on the GPU:
+
+    TRITON_INTERPRET=1 PYTHONPATH=/work/triton-site:$PWD python -m pytest -q tests/test_kuramoto_kernel.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from runtime.attention import kuramoto_kernel as kernel
+from runtime.attention.lattice import (
+    LatticeConfig,
+    LatticeOscillators,
+    kuramoto_phases,
+    phase_features,
+)
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = kernel.triton is not None and (torch.cuda.is_available() or INTERPRETING)
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not KERNELS, reason="needs Triton with CUDA, or TRITON_INTERPRET=1 and Triton importable"
+)
+
+LATTICES = [(2, 2), (4, 4), (3, 5)]  # 3x5: 15 cells, padded to a block of 16
+TOKENS = 300  # two token blocks for 4 cells (blocks of 256), three for 16 (blocks of 128)
+DT, TOKEN_FREQUENCY, HEAD_WIDTH = 0.1, 0.1, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_loop_bounds():
+    """Triton 3.5's interpreter holds a scalar argument as a 1-element array and takes `int()` of
+    it for a loop bound, which numpy 2 refuses; `.item()` is what it means. Compiled kernels
+    never meet this."""
+    if not (INTERPRETING and kernel.triton is not None):
+        yield
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor):
+        original(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = original
+
+
+def oscillators(shape, boundary="periodic", members=1, dtype=torch.float32) -> tuple:
+    """A layer's seven oscillator tensors with its parameters moved off their uniform start, so
+    every gradient is non-trivial."""
+    cfg = LatticeConfig(shape=shape, boundary=boundary, coupling=0.7, range=1.5)
+    torch.manual_seed(0)
+    layer = LatticeOscillators(cfg, members)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return tuple(t.detach().to(DEVICE) for t in layer.oscillator_tensors())
+
+
+def cast(tensors: tuple, dtype: torch.dtype) -> tuple:
+    """The five parameters and the distances in `dtype` (the neighbour mask stays boolean)."""
+    return tuple(t.to(dtype) for t in tensors[:6]) + tensors[6:]
+
+
+def sizes(substeps: int, tokens: int = TOKENS) -> tuple:
+    return DT, substeps, TOKEN_FREQUENCY, tokens, HEAD_WIDTH
+
+
+def reference(tensors: tuple, substeps: int, tokens: int = TOKENS) -> tuple:
+    """`(pairs, theta)` as `slot_terms` computes them, in float64."""
+    phase, omega, coupling, log_range, strength, distance, neighbour = cast(tensors, torch.float64)
+    theta = kuramoto_phases(phase, omega, coupling, log_range, distance, neighbour, DT, substeps)
+    query, key = phase_features(theta, omega, strength, TOKEN_FREQUENCY, tokens, HEAD_WIDTH)
+    return torch.cat((query, key), 1).transpose(1, 2), theta
+
+
+def upstream(pairs: torch.Tensor, theta: torch.Tensor) -> tuple:
+    probe = torch.Generator(device=pairs.device).manual_seed(1)
+    return tuple(torch.randn(t.shape, generator=probe, device=t.device) for t in (pairs, theta))
+
+
+def reference_gradients(tensors: tuple, grads: tuple, substeps: int, with_theta=True) -> list:
+    """The five parameters' float64 gradients of `<pairs, grads[0]> (+ <theta, grads[1]>)`."""
+    parameters = [t.double().requires_grad_() for t in tensors[:5]]
+    pairs, theta = reference((*parameters, *tensors[5:]), substeps)
+    loss = (pairs * grads[0].double()).sum()
+    if with_theta:
+        loss = loss + (theta * grads[1].double()).sum()
+    return list(torch.autograd.grad(loss, parameters))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, relative: float = 1e-5) -> None:
+    """Equal to `relative` of the expected tensor's scale (elements near 0 have no relative
+    precision of their own)."""
+    expected = expected.to(actual.dtype)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=relative, atol=relative * scale)
+
+
+def op_values_and_gradients(tensors: tuple, substeps: int) -> tuple:
+    parameters = [t.clone().requires_grad_() for t in tensors[:5]]
+    pairs, theta = kernel.lattice_phase_pairs(*parameters, *tensors[5:], *sizes(substeps))
+    grads = upstream(pairs, theta)
+    torch.autograd.backward((pairs, theta), grads)
+    return pairs.detach(), theta.detach(), grads, [p.grad for p in parameters]
+
+
+cases = pytest.mark.parametrize(
+    "shape, boundary, substeps",
+    [(s, b, n) for s in LATTICES for b in ("periodic", "open") for n in (1, 8)],
+)
+
+
+@pytest.mark.parametrize("shape", LATTICES)
+@pytest.mark.parametrize("boundary", ["periodic", "open"])
+def test_the_op_equals_the_reference_in_values_and_gradients(shape, boundary):
+    """Through autograd, on whichever path the device takes (the kernels' own tests below run
+    every case of members and substeps)."""
+    members, substeps = 3, 8
+    tensors = oscillators(shape, boundary, members)
+    pairs, theta, grads, gradients = op_values_and_gradients(tensors, substeps)
+    expected_pairs, expected_theta = reference(tensors, substeps)
+    assert pairs.shape == (members, TOKENS, 2 * math.prod(shape), 2)
+    assert_close(pairs, expected_pairs)
+    assert_close(theta, expected_theta)
+    for actual, expected in zip(
+        gradients, reference_gradients(tensors, grads, substeps), strict=True
+    ):
+        assert_close(actual, expected)
+
+
+@needs_kernels
+@cases
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_kernels_equal_the_reference(shape, boundary, substeps, members):
+    tensors = oscillators(shape, boundary, members)
+    pairs, theta = kernel.kernel_forward(tensors, sizes(substeps))
+    expected_pairs, expected_theta = reference(tensors, substeps)
+    assert_close(pairs, expected_pairs)
+    assert_close(theta, expected_theta)
+    grads = upstream(pairs, theta)
+    gradients = kernel.kernel_backward(*grads, tensors, sizes(substeps))
+    for actual, expected in zip(
+        gradients, reference_gradients(tensors, grads, substeps), strict=True
+    ):
+        assert_close(actual, expected)
+
+
+@needs_kernels
+def test_the_backward_kernels_take_no_gradient_for_theta():
+    """A caller that uses the pairs only passes `grad_theta=None` and no zeros are made for it."""
+    tensors = oscillators((3, 5), members=3)
+    grads = upstream(*reference(tensors, 8))
+    gradients = kernel.kernel_backward(grads[0], None, tensors, sizes(8))
+    expected = reference_gradients(tensors, grads, 8, with_theta=False)
+    for actual, wanted in zip(gradients, expected, strict=True):
+        assert_close(actual, wanted)
+
+
+@needs_kernels
+def test_the_kernels_take_16x16_lattices_and_refuse_larger_ones():
+    tensors = oscillators((16, 16), members=1)
+    pairs, theta = kernel.kernel_forward(tensors, sizes(2, tokens=20))
+    expected_pairs, expected_theta = reference(tensors, 2, tokens=20)
+    assert_close(pairs, expected_pairs)
+    assert_close(theta, expected_theta)
+    with pytest.raises(ValueError, match="at most 256 lattice cells, got 289"):
+        kernel.kernel_forward(oscillators((17, 17)), sizes(1))
+
+
+@pytest.mark.skipif(
+    kernel.triton is None or INTERPRETING, reason="needs Triton, compiling (not interpreting)"
+)
+@pytest.mark.parametrize("cells, dtype", [(15, "bf16"), (256, "fp32")])
+def test_the_kernels_compile_for_an_h200_without_one(cells, dtype):
+    """Triton's interpreter runs code that compiling refuses (it caught a loop variable reused
+    as a tuple target): every kernel is compiled here for sm_90 down to its cubin, and its sines
+    are the precise ones (no `sin.approx`: the angles reach `nu * tokens`)."""
+    triton = kernel.triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cells_block, tokens_block, warps, adjoint_warps = kernel._blocks(cells, 4096)
+    sizes = {"BH": cells_block, "BT": tokens_block}
+    for fn, num_warps, constexprs in (
+        (kernel._forward_kernel, warps, sizes),
+        (kernel._partials_kernel, warps, sizes),
+        (kernel._adjoint_kernel, adjoint_warps, {"BH": cells_block, "HAS_GRAD_THETA": True}),
+    ):
+        signature = {name: _argument_type(name, dtype) for name in fn.arg_names}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
+            "num_warps": num_warps
+        })  # fmt: skip
+        assert compiled.asm["cubin"] and "sin.approx" not in compiled.asm["ptx"]
+
+
+def _argument_type(name: str, dtype: str) -> str:
+    if name in ("BH", "BT", "HAS_GRAD_THETA"):
+        return "constexpr"
+    if name in ("H", "tokens", "substeps", "blocks"):
+        return "i32"
+    if name == "neighbour_ptr":
+        return "*i1"
+    if name in ("partials_ptr", "history_ptr"):
+        return "*fp32"
+    return f"*{dtype}" if name.endswith("_ptr") else "fp32"
+
+
+def test_bf16_parameters_give_bf16_outputs_and_gradients_close_to_fp32():
+    """The op computes in float32 whatever its inputs: positions are exact float32 indices (a
+    bf16 index of token 999 would be 1000, a whole turn of `nu` off)."""
+    tensors = cast(oscillators((3, 5), members=3), torch.bfloat16)
+    pairs, theta, grads, gradients = op_values_and_gradients(tensors, 8)
+    assert pairs.dtype == theta.dtype == torch.bfloat16
+    assert all(g.dtype == torch.bfloat16 for g in gradients)
+    expected_pairs, expected_theta = reference(tensors, 8)  # the bf16 values, in float64
+    assert_close(pairs, expected_pairs, relative=1e-2)
+    assert_close(theta, expected_theta, relative=1e-2)
+    for actual, expected in zip(gradients, reference_gradients(tensors, grads, 8), strict=True):
+        assert_close(actual, expected, relative=2e-2)
+
+
+def test_theta_alone_can_be_differentiated():
+    """No gradient flows into the pairs, and none is made up for them."""
+    tensors = oscillators((3, 5), "open", members=3)
+    parameters = [t.clone().requires_grad_() for t in tensors[:5]]
+    pairs, theta = kernel.lattice_phase_pairs(*parameters, *tensors[5:], *sizes(4))
+    _, grad_theta = upstream(pairs, theta)
+    torch.autograd.backward(theta, grad_theta)
+    no_pairs = torch.zeros_like(pairs)
+    expected = reference_gradients(tensors, (no_pairs, grad_theta), 4)
+    for parameter, wanted in zip(parameters[:4], expected[:4], strict=True):
+        assert_close(parameter.grad, wanted)
+    assert parameters[4].grad.abs().max() == 0  # the pairs' amplitude does not move theta
+
+
+def test_a_fixed_frequency_buffer_gets_no_gradient():
+    tensors = oscillators((2, 2), members=3)
+    parameters = [t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors[:5])]
+    pairs, theta = kernel.lattice_phase_pairs(*parameters, *tensors[5:], *sizes(4))
+    pairs.sum().backward()
+    assert parameters[1].grad is None
+    assert all(p.grad is not None for i, p in enumerate(parameters) if i != 1)
+
+
+def test_torch_compile_fullgraph_traces_the_op_forward_and_backward():
+    """The op is opaque to the compiler: traced through its fake implementation, its backward a
+    custom op too (`aot_eager` runs the traced graphs with eager kernels, needing no C compiler)."""
+    tensors = oscillators((4, 4), members=3)
+
+    def loss(*parameters):
+        pairs, theta = kernel.lattice_phase_pairs(*parameters, *tensors[5:], *sizes(8))
+        return (pairs * pairs.detach().cos()).sum() + theta.sin().sum()
+
+    def gradients(fn):
+        parameters = [t.clone().requires_grad_() for t in tensors[:5]]
+        return torch.autograd.grad(fn(*parameters), parameters)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for actual, expected in zip(gradients(compiled), gradients(loss), strict=True):
+        assert_close(actual, expected)
+
+
+def test_opcheck():
+    tensors = oscillators((3, 5), "open", members=3)
+    parameters = [t.clone().requires_grad_() for t in tensors[:5]]
+    arguments = (*parameters, *tensors[5:], *sizes(3, tokens=40))
+    torch.library.opcheck(kernel.lattice_phase_pairs, arguments)
+
+
+def test_available_means_the_kernels_run_for_that_device():
+    assert kernel.available(torch.zeros(1)) == (kernel.triton is not None and INTERPRETING)
+    if torch.cuda.is_available():
+        assert kernel.available(torch.zeros(1, device="cuda")) == (kernel.triton is not None)
