@@ -15,6 +15,14 @@ the largest of the batch, recomputed here. Peak memory (CUDA only) is `max_memor
 above what was held before the solve; the backward's includes the one taped evaluation of f that
 its products differentiate, as in the executor's implicit backward.
 
+Times are medians over solves of ours and torchdeq's for one method timed in turn, the order
+reversed every other round, after each one's counted solve and one untimed round (`interleaved`):
+a GPU still clocking up, or a neighbour's load, then weighs on both alike, not on whichever ran
+first. `ms_spread` is the widest (max - min) / median of a row. Sweep rows (`SWEEP`) run ours at
+other histories and mixings, timed alone, so one run shows where (if anywhere) Anderson reaches
+half of fixed point's iterations and what a longer memory buys Broyden; the summary has each
+Anderson row's ratio and every row's milliseconds per evaluation.
+
 The gain makes the map contractive: it is set so that the spectral radius of J_f at the fixed
 point, which decides plain iteration's rate (Ostrowski), is RADIUS (0.8: fixed point needs about
 log(1e-5) / log(0.8) = 52 steps). It is found by measuring that radius at the fixed point of each
