@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import parse_args, peak_memory, report, time_call
+from common import parse_args, peak_memory, profiled, report, time_call
 from torch import Tensor
 
 import compiler
@@ -367,8 +367,9 @@ def _version(package: str) -> str:
 
 def goals(rows: list[dict]) -> dict:
     """The issue's two targets, read off the rows: the iterations of each Anderson row (the
-    default, then the sweep's) over fixed point's, and our time over torchdeq's for each method
-    (forward, backward); None where a row is missing or did not converge."""
+    default, then the sweep's) over fixed point's, and the time of each of our rows over
+    torchdeq's for its method (forward, backward; the default rows' timed side by side with
+    torchdeq's, the sweep's alone); None where a row is missing or did not converge."""
     by = {row["solver"]: row for row in rows}
 
     def ratio(a: str, b: str, key: str) -> float | None:
@@ -376,16 +377,24 @@ def goals(rows: list[dict]) -> dict:
             return None
         return by[a][key] / by[b][key]
 
-    anderson = ["ours anderson"] + [label for label in by if label.startswith("ours anderson ")]
+    def variants(method: str) -> list[tuple[str, str]]:  # (label, suffix in the key)
+        prefix = f"ours {method}"
+        sweep = [label for label in by if label.startswith(prefix + " ")]
+        return [
+            (label, label[len(prefix) :].replace(" ", "_").replace("=", ""))
+            for label in [prefix, *sweep]
+        ]
+
     found = {}
-    for label in anderson:
-        name = "anderson" + label[len("ours anderson") :].replace(" ", "_").replace("=", "")
+    for label, suffix in variants("anderson"):
         for d in ("forward", "backward"):
-            key = f"{name}_over_fixed_point_{d}_iterations"
+            key = f"anderson{suffix}_over_fixed_point_{d}_iterations"
             found[key] = ratio(label, "ours fixed_point", f"{d}_iterations")
     for m in OURS:
-        for d in ("forward", "backward"):
-            found[f"ours_over_torchdeq_{m}_{d}_ms"] = ratio(f"ours {m}", f"torchdeq {m}", f"{d}_ms")
+        for label, suffix in variants(m):
+            for d in ("forward", "backward"):
+                key = f"ours_over_torchdeq_{m}{suffix}_{d}_ms"
+                found[key] = ratio(label, f"torchdeq {m}", f"{d}_ms")
     return found
 
 
@@ -398,6 +407,17 @@ def ms_per_iteration(rows: list[dict]) -> dict[str, list[float]]:
         ]
         for row in rows
     }
+
+
+def kernels(cases: list[Case], loop: FeedbackMap, device: str, top: int = 6) -> dict:
+    """The `top` kernels of one forward solve of each case, (name, ms, launches), by GPU time:
+    where a solver's milliseconds per evaluation above fixed point's go."""
+    found = {}
+    for case in cases:
+        solve_once = untaped(lambda case=case: case.run(loop.f, loop.start))
+        costs = sorted(profiled(solve_once, device, calls=1), key=lambda k: -k[1])[:top]
+        found[case.label] = [(name[:60], round(ms, 3), int(n)) for name, ms, n in costs]
+    return found
 
 
 def main() -> None:
@@ -423,6 +443,11 @@ def main() -> None:
         if cases:
             repeats = 1 if args.smoke else REPEATS if len(cases) > 1 else SWEEP_REPEATS
             rows += measure(cases, loop, cotangent, args, repeats)
+    profile = {}
+    if args.device == "cuda":  # where Anderson's costs per evaluation go, against fixed point's
+        cases = [our_case("fixed_point"), our_case("anderson")]
+        cases += [torchdeq_case("anderson")] if has_torchdeq else []
+        profile["kernels of one forward solve (name, ms, launches)"] = kernels(cases, loop, "cuda")
     summary = {
         "map": f"2 transformers in a loop, width {width}, heads {heads}, layers {layers}, "
         f"batch {batch}, tokens {tokens}",
@@ -442,6 +467,7 @@ def main() -> None:
         else "not measured on the CPU (torch keeps no allocator statistics there)",
         "torchdeq": torchdeq,
         "ms_per_iteration (forward, backward)": ms_per_iteration(rows),
+        **profile,
         **goals(rows),
     }
     report("equilibrium_solvers", args, rows, summary)

@@ -68,6 +68,7 @@ def test_the_goals_compare_converged_rows_only():
     found = goals(rows)
     assert found["anderson_over_fixed_point_forward_iterations"] == 0.4
     assert found["anderson_m10_mix0.5_over_fixed_point_backward_iterations"] == 0.6  # a sweep row
+    assert found["ours_over_torchdeq_anderson_m10_mix0.5_forward_ms"] == 0.5
     assert found["ours_over_torchdeq_anderson_backward_ms"] == 0.5
     assert found["ours_over_torchdeq_fixed_point_forward_ms"] is None  # theirs did not converge
     assert found["ours_over_torchdeq_broyden_forward_ms"] is None  # no rows
