@@ -287,10 +287,11 @@ def spread(samples: list[float]) -> float:
 
 def measure(cases: list[Case], loop: FeedbackMap, cotangent: Tensor, args, repeats: int) -> list:
     """Rows for `cases` solved side by side: each first solves with its map counted (also its
-    warm-up), then the solves are timed interleaved (`interleaved`, after one untimed round
-    outside smoke runs), forward, then backward at each one's own z*."""
+    warm-up), then the solves are timed interleaved (`interleaved`; cases compared with each
+    other after one more untimed round outside smoke runs), forward, then backward at each one's
+    own z*."""
     f, start, device = loop.f, loop.start, args.device
-    rounds = repeats if args.smoke else repeats + 1
+    rounds = repeats + (0 if args.smoke or len(cases) == 1 else 1)
     found: list[dict] = [{"solver": case.label, "history": case.history} for case in cases]
     for row, case in zip(found, cases, strict=True):
         row["mixing"] = case.mixing
@@ -458,8 +459,8 @@ def main() -> None:
         "calibration (gain, radius)": [(round(g, 6), round(r, 4)) for g, r in loop.calibration],
         "tolerance": f"{TOLERANCE:g} (relative)",
         "max_iterations": STEPS,
-        "timing": f"median of {REPEATS} solves (sweep rows {SWEEP_REPEATS}) after one untimed, "
-        "ours and torchdeq's interleaved, the order reversed every other round"
+        "timing": f"median of {REPEATS} solves after one untimed, ours and torchdeq's "
+        f"interleaved, the order reversed every other round (sweep rows: {SWEEP_REPEATS} alone)"
         if not args.smoke
         else "one solve each (smoke times are not figures)",
         "peak_memory": "CUDA max_memory_allocated above what was held before the solve"
