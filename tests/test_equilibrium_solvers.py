@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.federation.solvers import SolverSettings, solve
+from runtime.federation.solvers import SolverSettings, _Rows, solve
 
 DIM = 12
 
@@ -133,6 +133,23 @@ def test_the_trace_records_each_iterate_only_when_asked():
     _, recorded = solve(f, start, SolverSettings(steps=50, tolerance=1e-6), record=True)
     assert plain.iterates == [] and len(recorded.iterates) == recorded.iterations
     torch.testing.assert_close(recorded.iterates[0], start)
+
+
+@pytest.mark.parametrize("dim, pieces", [(12, 1), (3 * 8192, 4), (8191, 1)])
+def test_the_history_cuts_long_states_into_pieces_for_the_same_products(dim, pieces):
+    """Long dot products run as many short ones (a GPU's batched GEMV does not split a long
+    inner dimension); what the solvers get is the products over whole rows."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 5, dim, generator=generator, dtype=torch.float64)
+    history = _Rows(rows[:, 0], 5)
+    for slot in range(5):
+        history.write(slot, rows[:, slot])
+    assert history.data.shape[1] == pieces
+    x, weights = torch.randn(2, dim, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(history.dots(x, 3), torch.einsum("bnd,bd->bn", rows[:, :3], x))
+    torch.testing.assert_close(
+        history.mix(weights), torch.einsum("bn,bnd->bd", weights, rows[:, :3])
+    )
 
 
 def test_a_solver_setting_out_of_range_is_refused():

@@ -30,6 +30,8 @@ from runtime.configs import METHODS, STOPS, SolverSettings  # noqa: F401 (re-exp
 # many codes) swamps them once the residuals are small and turns acceleration into averaging.
 _ANDERSON_RIDGE = 1e-8
 _BROYDEN_MIN_DENOMINATOR = 1e-30
+# The shortest piece a history row is cut into for its dot products (`_Rows`).
+_PIECE = 4096
 
 
 @dataclass
@@ -121,6 +123,47 @@ def _residual(g: Tensor, image: Tensor, stop: str) -> Tensor:
     return absolute / image.norm(dim=1, dtype=dtype).clamp_min(1e-12)
 
 
+class _Rows:
+    """`m` past states of each example (Anderson's iterates, images and residuals, Broyden's
+    update vectors), with the two products the solvers take of them: their dot products with a
+    state, and a weighted sum of them.
+
+    A row is stored cut into pieces of at least `_PIECE` elements (a power of two that divides
+    the state's size; one piece where none does), as (batch, pieces, m, piece): the dot products
+    are then one batched matrix-vector product over batch x pieces entries. Over whole rows they
+    would be `batch` products with the whole state as inner dimension, which a batched GEMM can
+    run on about one block of the GPU per entry, since it does not split the inner dimension (the
+    shape of NVIDIA/cutlass#1033), leaving a GPU all but idle while it reads the history for a
+    batch of 8. Whether that is what made Anderson's iterations cost 1.8 ms more than fixed
+    point's on an H200 is for the benchmark's kernel profile to say."""
+
+    def __init__(self, like: Tensor, m: int, dtype: torch.dtype | None = None):
+        batch, dim = like.shape
+        pieces = 1
+        while dim % (2 * pieces) == 0 and dim // (2 * pieces) >= _PIECE:
+            pieces *= 2
+        self.shape = (batch, pieces, dim // pieces)
+        self.data = like.new_zeros(batch, pieces, m, dim // pieces, dtype=dtype)
+
+    def write(self, slot: int, x: Tensor) -> None:
+        self.data[:, :, slot] = x.view(self.shape)
+
+    def dots(self, x: Tensor, n: int) -> Tensor:
+        """(batch, n): the first `n` rows' dot products with `x`, in the rows' dtype."""
+        batch, pieces, piece = self.shape
+        rows = self.data.view(batch * pieces, -1, piece)[:, :n]
+        partial = torch.bmm(rows, x.to(self.data.dtype).reshape(batch * pieces, piece, 1))
+        return partial.view(batch, pieces, n).sum(1)
+
+    def mix(self, weights: Tensor) -> Tensor:
+        """(batch, dim): sum_i weights[:, i] row_i over the first `weights.shape[1]` rows."""
+        batch, pieces, piece = self.shape
+        n = weights.shape[1]
+        rows = self.data.view(batch * pieces, -1, piece)[:, :n]
+        per_piece = weights[:, None, None, :].expand(batch, pieces, 1, n).reshape(-1, 1, n)
+        return torch.bmm(per_piece.to(self.data.dtype), rows).view(batch, -1)
+
+
 def _fixed_point(z0: Tensor, settings: SolverSettings):
     beta = settings.mixing
 
@@ -141,31 +184,28 @@ def _anderson(z0: Tensor, settings: SolverSettings):
     iteration anyway: a batch of 5 x 5 solves on a GPU is a chain of solver launches (and its own
     sync), which cost more than the map's evaluation on a large federation."""
     m, beta = settings.history, settings.mixing
-    batch, dim = z0.shape
-    points = z0.new_zeros(batch, m, dim)
-    images = z0.new_zeros(batch, m, dim)
-    residuals = z0.new_zeros(batch, m, dim, dtype=torch.float64)
+    batch = z0.shape[0]
+    points, images = _Rows(z0, m), _Rows(z0, m)
+    residuals = _Rows(z0, m, torch.float64)
     gram = torch.zeros(batch, m, m, dtype=torch.float64)  # on the host
     filled = {"count": 0}
 
     def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
         slot = filled["count"] % m
-        points[:, slot], images[:, slot] = z, image
-        residuals[:, slot] = g
+        points.write(slot, z), images.write(slot, image), residuals.write(slot, g)
         filled["count"] += 1
         n = min(filled["count"], m)
-        row = torch.bmm(residuals[:, :n], residuals[:, slot, :, None])[..., 0].cpu()  # (batch, n)
+        row = residuals.dots(g, n).cpu()  # (batch, n)
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
         system = gram[:, :n, :n]
         scale = system.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
         system = system + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype)
-        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))
-        weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n, 1)
-        weights = weights.transpose(1, 2)  # (batch, 1, n): the mixes are products, not temporaries
-        mixed = torch.bmm(weights, images[:, :n])[:, 0]
+        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))[..., 0]
+        weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n)
+        mixed = images.mix(weights)
         if beta != 1:
-            mixed = beta * mixed + (1 - beta) * torch.bmm(weights, points[:, :n])[:, 0]
+            mixed = beta * mixed + (1 - beta) * points.mix(weights)
         return mixed
 
     return update
@@ -183,20 +223,15 @@ def _broyden(z0: Tensor, settings: SolverSettings):
     instead (a sliding window, torchdeq's `LBFGS_thres`) leaves the older updates' secant
     conditions broken: there, holding 10 or 20 updates, sliding windows took 51 to 89 evaluations
     where restarting took 41 to 46, and torchdeq's window of 10 diverged. Only the updates held
-    enter a product, as two batched matrix-vector products (no (batch, history, dim)
+    enter a product (`_Rows`: batched matrix-vector products, no (batch, history, dim)
     temporary)."""
     m = settings.history
-    batch, dim = z0.shape
-    us = z0.new_zeros(batch, m, dim)
-    vs = z0.new_zeros(batch, m, dim)
+    us, vs = _Rows(z0, m), _Rows(z0, m)
     last: dict[str, Tensor | int] = {"held": 0}
 
-    def product(x: Tensor, left: Tensor, right: Tensor) -> Tensor:  # -x + sum left_i right_i^T x
+    def product(x: Tensor, left: _Rows, right: _Rows) -> Tensor:  # -x + sum left_i right_i^T x
         n = last["held"]
-        if n == 0:
-            return -x
-        coefficients = torch.bmm(right[:, :n], x[:, :, None])  # (batch, n, 1)
-        return torch.bmm(coefficients.transpose(1, 2), left[:, :n])[:, 0] - x
+        return -x if n == 0 else left.mix(right.dots(x, n)) - x
 
     def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
         if "z" in last:
@@ -209,7 +244,7 @@ def _broyden(z0: Tensor, settings: SolverSettings):
             safe = torch.where(usable, denominator, torch.ones_like(denominator))
             u = torch.where(usable, (s - hy) / safe, torch.zeros_like(s))
             v = torch.where(usable, product(s, vs, us), torch.zeros_like(s))  # H^T s
-            us[:, last["held"]], vs[:, last["held"]] = u, v
+            us.write(last["held"], u), vs.write(last["held"], v)
             last["held"] += 1
         last["z"], last["g"] = z, g
         return z - product(g, us, vs)
