@@ -417,7 +417,7 @@ def kernels(cases: list[Case], loop: FeedbackMap, device: str, top: int = 6) -> 
     for case in cases:
         solve_once = untaped(lambda case=case: case.run(loop.f, loop.start))
         costs = sorted(profiled(solve_once, device, calls=1), key=lambda k: -k[1])[:top]
-        found[case.label] = [(name[:60], round(ms, 3), int(n)) for name, ms, n in costs]
+        found[case.label] = [(name[:90], round(ms, 3), int(n)) for name, ms, n in costs]
     return found
 
 

@@ -146,7 +146,7 @@ class _Rows:
         self.data = like.new_zeros(batch, pieces, m, dim // pieces, dtype=dtype)
 
     def write(self, slot: int, x: Tensor) -> None:
-        self.data[:, :, slot] = x.view(self.shape)
+        self.data[:, :, slot] = x.reshape(self.shape)
 
     def dots(self, x: Tensor, n: int) -> Tensor:
         """(batch, n): the first `n` rows' dot products with `x`, in the rows' dtype."""
