@@ -15,6 +15,14 @@ the largest of the batch, recomputed here. Peak memory (CUDA only) is `max_memor
 above what was held before the solve; the backward's includes the one taped evaluation of f that
 its products differentiate, as in the executor's implicit backward.
 
+Times are medians over solves of ours and torchdeq's for one method timed in turn, the order
+reversed every other round, after each one's counted solve and one untimed round (`interleaved`):
+a GPU still clocking up, or a neighbour's load, then weighs on both alike, not on whichever ran
+first. `ms_spread` is the widest (max - min) / median of a row. Sweep rows (`SWEEP`) run ours at
+other histories and mixings, timed alone, so one run shows where (if anywhere) Anderson reaches
+half of fixed point's iterations and what a longer memory buys Broyden; the summary has each
+Anderson row's ratio and every row's milliseconds per evaluation.
+
 The gain makes the map contractive: it is set so that the spectral radius of J_f at the fixed
 point, which decides plain iteration's rate (Ostrowski), is RADIUS (0.8: fixed point needs about
 log(1e-5) / log(0.8) = 52 steps). It is found by measuring that radius at the fixed point of each
@@ -35,11 +43,12 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import parse_args, peak_memory, report, time_call
+from common import parse_args, peak_memory, profiled, report, time_call
 from torch import Tensor
 
 import compiler
@@ -69,9 +78,22 @@ SIZES = {"smoke": (32, 2, 1, 2, 16), "full": (512, 8, 2, 8, 512)}
 POWER_ITERATIONS = 30  # for the radius estimate (`EquilibriumSolver.spectral_radius_at`)
 OURS = ("fixed_point", "anderson", "broyden")
 THEIRS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
-# What each solver keeps of its past: ours the spec's default `history`; torchdeq's Anderson its
-# default m = 6, its Broyden every update of the solve (its DEQ sets no `LBFGS_thres`).
-HISTORY = {"ours": SolverSettings().history, "torchdeq": {"anderson": 6, "broyden": STEPS}}
+# What torchdeq's solvers keep of their past: its Anderson its default m = 6, its Broyden every
+# update of the solve (its DEQ sets no `LBFGS_thres`). Ours keep the spec's default `history`.
+HISTORY = {"torchdeq": {"anderson": 6, "broyden": STEPS}}
+# Ours at other histories and mixings, (method, history, mixing): where, if anywhere, Anderson
+# reaches half of fixed point's iterations, and what a longer memory buys Broyden.
+SWEEP = (
+    ("anderson", 10, 1.0),
+    ("anderson", 20, 1.0),
+    ("anderson", 5, 0.5),
+    ("anderson", 10, 0.5),
+    ("anderson", 20, 0.5),
+    ("broyden", 10, 1.0),
+    ("broyden", 20, 1.0),
+    ("broyden", 40, 1.0),
+)
+REPEATS, SWEEP_REPEATS = 7, 3  # timed solves per row: paired rows, sweep rows
 
 
 @dataclass(frozen=True)
@@ -175,16 +197,44 @@ def counted(f):
     return wrapped, calls
 
 
-def our_solver(method: str):
-    settings = SolverSettings(method=method, steps=STEPS, tolerance=TOLERANCE, stop="relative")
-    return lambda f, start: solve(f, start, settings)[0]
+@dataclass(frozen=True)
+class Case:
+    """One solver as the benchmark runs it: `run(f, start)` returns the state it settled on."""
+
+    label: str
+    run: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
+    history: int | None
+    mixing: float | None
 
 
-def torchdeq_solver(method: str):
+def our_case(method: str, history: int | None = None, mixing: float = 1.0) -> Case:
+    """Ours at the spec's defaults, or (a sweep row) at another history or mixing."""
+    default = SolverSettings()
+    history = default.history if history is None else history
+    settings = SolverSettings(method, STEPS, TOLERANCE, "relative", history, mixing)
+    label = f"ours {method}"
+    if history != default.history:
+        label += f" m={history}"
+    if mixing != default.mixing:
+        label += f" mix={mixing:g}"
+    return Case(
+        label,
+        lambda f, start: solve(f, start, settings)[0],
+        None if method == "fixed_point" else history,
+        None if method == "broyden" else mixing,
+    )
+
+
+def torchdeq_case(method: str) -> Case:
     from torchdeq.solver import get_solver
 
     run = get_solver(THEIRS[method])
-    return lambda f, start: run(f, start, max_iter=STEPS, tol=TOLERANCE, stop_mode="rel")[0]
+    return Case(
+        f"torchdeq {method}",
+        lambda f, start: run(f, start, max_iter=STEPS, tol=TOLERANCE, stop_mode="rel")[0],
+        HISTORY["torchdeq"].get(method),
+        None if method == "broyden" else 1.0,
+    )
 
 
 def adjoint_map(f, z_star: Tensor, cotangent: Tensor):
@@ -218,57 +268,96 @@ def peak_above_held(fn, device: str) -> int | None:
     return peak_memory(fn, device) - held
 
 
-def timed(fn, device: str, smoke: bool) -> float:
-    """Median wall time of `fn` in ms, after the counted call that warmed it up: one more call in
-    smoke runs (smoke times are not figures), otherwise five after a further warm-up
-    (`time_call`: CUDA events on a GPU)."""
-    return time_call(fn, device, warmup=0 if smoke else 1, repeats=1 if smoke else 5)["median_ms"]
+def interleaved(solves: list[Callable[[], object]], device: str, repeats: int) -> list[list[float]]:
+    """Wall times (ms) of each solve over `repeats` rounds, every solve once a round, in the
+    reverse order every other round: a clock that drifts (a GPU still clocking up, a neighbour's
+    load) weighs on the solvers compared alike instead of on whichever ran first."""
+    samples: list[list[float]] = [[] for _ in solves]
+    for round_ in range(repeats):
+        order = range(len(solves)) if round_ % 2 == 0 else reversed(range(len(solves)))
+        for i in order:
+            samples[i].append(time_call(solves[i], device, warmup=0, repeats=1)["median_ms"])
+    return samples
 
 
-def measure(label, solver, history, loop: FeedbackMap, cotangent, args) -> dict:
-    f, start = loop.f, loop.start
-    forward, calls = counted(f)
-    z_star = untaped(lambda: solver(forward, start))()
-    forward_ms = timed(untaped(lambda: solver(f, start)), args.device, args.smoke)
-    adjoint = adjoint_map(f, z_star, cotangent)
-    counted_adjoint, adjoint_calls = counted(adjoint)
-    g = untaped(lambda: solver(counted_adjoint, cotangent))()
-    backward_ms = timed(untaped(lambda: solver(adjoint, cotangent)), args.device, args.smoke)
-    forward_peak = peak_above_held(untaped(lambda: solver(f, start)), args.device)
-    backward_peak = peak_above_held(
-        untaped(lambda: solver(adjoint_map(f, z_star, cotangent), cotangent)), args.device
-    )
-    forward_residual, backward_residual = (
-        relative_residual(f, z_star),
-        relative_residual(adjoint, g),
-    )
-    return {
-        "solver": label,
-        "history": history,
-        "converged": forward_residual < TOLERANCE and backward_residual < TOLERANCE,
-        "forward_iterations": calls[0],
-        "forward_residual": forward_residual,
-        "forward_ms": forward_ms,
-        "backward_iterations": adjoint_calls[0],
-        "backward_residual": backward_residual,
-        "backward_ms": backward_ms,
-        "forward_peak_MiB": None if forward_peak is None else forward_peak / 2**20,
-        "backward_peak_MiB": None if backward_peak is None else backward_peak / 2**20,
-    }
+def spread(samples: list[float]) -> float:
+    """(max - min) / median: how far one timed solve can stray from the figure quoted."""
+    return (max(samples) - min(samples)) / statistics.median(samples)
 
 
-def solvers() -> tuple[dict[str, tuple[Callable, int | None]], str]:
-    """Every solver by label with its history, and what became of torchdeq."""
-    found = {
-        f"ours {m}": (our_solver(m), None if m == "fixed_point" else HISTORY["ours"]) for m in OURS
-    }
+def measure(cases: list[Case], loop: FeedbackMap, cotangent: Tensor, args, repeats: int) -> list:
+    """Rows for `cases` solved side by side: each first solves with its map counted (also its
+    warm-up), then the solves are timed interleaved (`interleaved`; cases compared with each
+    other after one more untimed round outside smoke runs), forward, then backward at each one's
+    own z*."""
+    f, start, device = loop.f, loop.start, args.device
+    rounds = repeats + (0 if args.smoke or len(cases) == 1 else 1)
+    found: list[dict] = [{"solver": case.label, "history": case.history} for case in cases]
+    for row, case in zip(found, cases, strict=True):
+        row["mixing"] = case.mixing
+        forward, calls = counted(f)
+        row["z"] = untaped(lambda: case.run(forward, start))()
+        row["forward_iterations"] = calls[0]
+        row["forward_residual"] = relative_residual(f, row["z"])
+    times = interleaved([untaped(lambda c=c: c.run(f, start)) for c in cases], device, rounds)
+    for row, samples in zip(found, times, strict=True):
+        row["forward_samples"] = samples[rounds - repeats :]
+    for row, case in zip(found, cases, strict=True):
+        row["adjoint"] = adjoint = adjoint_map(f, row["z"], cotangent)
+        backward, calls = counted(adjoint)
+        g = untaped(lambda: case.run(backward, cotangent))()
+        row["backward_iterations"] = calls[0]
+        row["backward_residual"] = relative_residual(adjoint, g)
+    solves = [
+        untaped(lambda c=c, r=r: c.run(r["adjoint"], cotangent))
+        for c, r in zip(cases, found, strict=True)
+    ]
+    for row, samples in zip(found, interleaved(solves, device, rounds), strict=True):
+        row["backward_samples"] = samples[rounds - repeats :]
+    rows = []
+    for row, case in zip(found, cases, strict=True):
+        del row["adjoint"]  # the backward's peak includes its own tape
+        forward_peak = peak_above_held(untaped(lambda: case.run(f, start)), device)
+        backward_peak = peak_above_held(
+            untaped(lambda: case.run(adjoint_map(f, row.pop("z"), cotangent), cotangent)), device
+        )
+        forward, backward = row.pop("forward_samples"), row.pop("backward_samples")
+        rows.append(
+            {
+                "solver": row["solver"],
+                "history": row["history"],
+                "mixing": row["mixing"],
+                "converged": row["forward_residual"] < TOLERANCE
+                and row["backward_residual"] < TOLERANCE,
+                "forward_iterations": row["forward_iterations"],
+                "forward_residual": row["forward_residual"],
+                "forward_ms": statistics.median(forward),
+                "backward_iterations": row["backward_iterations"],
+                "backward_residual": row["backward_residual"],
+                "backward_ms": statistics.median(backward),
+                "timed": len(forward),
+                "ms_spread": max(spread(forward), spread(backward)),
+                "forward_peak_MiB": None if forward_peak is None else forward_peak / 2**20,
+                "backward_peak_MiB": None if backward_peak is None else backward_peak / 2**20,
+            }
+        )
+    return rows
+
+
+def groups(torchdeq: bool) -> list[list[Case]]:
+    """The cases timed side by side: ours and torchdeq's for each method (when it is there),
+    then each sweep row alone."""
+    paired = [[our_case(m), *([torchdeq_case(m)] if torchdeq else [])] for m in OURS]
+    return paired + [[our_case(*row)] for row in SWEEP]
+
+
+def torchdeq_version() -> tuple[bool, str]:
+    """Whether torchdeq is importable, and its version (or why its rows are skipped)."""
     try:
         import torchdeq
     except ImportError as error:
-        return found, f"not importable ({error}): its rows are skipped"
-    for m in OURS:
-        found[f"torchdeq {m}"] = (torchdeq_solver(m), HISTORY["torchdeq"].get(m))
-    return found, getattr(torchdeq, "__version__", None) or _version("torchdeq")
+        return False, f"not importable ({error}): its rows are skipped"
+    return True, getattr(torchdeq, "__version__", None) or _version("torchdeq")
 
 
 def _version(package: str) -> str:
@@ -278,8 +367,10 @@ def _version(package: str) -> str:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issue's two targets, read off the rows: Anderson's iterations over fixed point's, and
-    our time over torchdeq's for each method (forward, backward); None where a row is missing."""
+    """The issue's two targets, read off the rows: the iterations of each Anderson row (the
+    default, then the sweep's) over fixed point's, and the time of each of our rows over
+    torchdeq's for its method (forward, backward; the default rows' timed side by side with
+    torchdeq's, the sweep's alone); None where a row is missing or did not converge."""
     by = {row["solver"]: row for row in rows}
 
     def ratio(a: str, b: str, key: str) -> float | None:
@@ -287,15 +378,46 @@ def goals(rows: list[dict]) -> dict:
             return None
         return by[a][key] / by[b][key]
 
-    found = {
-        f"anderson_over_fixed_point_{d}_iterations": ratio(
-            "ours anderson", "ours fixed_point", f"{d}_iterations"
-        )
-        for d in ("forward", "backward")
-    }
-    for m in OURS:
+    def variants(method: str) -> list[tuple[str, str]]:  # (label, suffix in the key)
+        prefix = f"ours {method}"
+        sweep = [label for label in by if label.startswith(prefix + " ")]
+        return [
+            (label, label[len(prefix) :].replace(" ", "_").replace("=", ""))
+            for label in [prefix, *sweep]
+        ]
+
+    found = {}
+    for label, suffix in variants("anderson"):
         for d in ("forward", "backward"):
-            found[f"ours_over_torchdeq_{m}_{d}_ms"] = ratio(f"ours {m}", f"torchdeq {m}", f"{d}_ms")
+            key = f"anderson{suffix}_over_fixed_point_{d}_iterations"
+            found[key] = ratio(label, "ours fixed_point", f"{d}_iterations")
+    for m in OURS:
+        for label, suffix in variants(m):
+            for d in ("forward", "backward"):
+                key = f"ours_over_torchdeq_{m}{suffix}_{d}_ms"
+                found[key] = ratio(label, f"torchdeq {m}", f"{d}_ms")
+    return found
+
+
+def ms_per_iteration(rows: list[dict]) -> dict[str, list[float]]:
+    """Forward and backward milliseconds per evaluation: what a solver adds to the map's cost."""
+    return {
+        row["solver"]: [
+            round(row["forward_ms"] / row["forward_iterations"], 3),
+            round(row["backward_ms"] / row["backward_iterations"], 3),
+        ]
+        for row in rows
+    }
+
+
+def kernels(cases: list[Case], loop: FeedbackMap, device: str, top: int = 6) -> dict:
+    """The `top` kernels of one forward solve of each case, (name, ms, launches), by GPU time:
+    where a solver's milliseconds per evaluation above fixed point's go."""
+    found = {}
+    for case in cases:
+        solve_once = untaped(lambda case=case: case.run(loop.f, loop.start))
+        costs = sorted(profiled(solve_once, device, calls=1), key=lambda k: -k[1])[:top]
+        found[case.label] = [(name[:90], round(ms, 3), int(n)) for name, ms, n in costs]
     return found
 
 
@@ -315,12 +437,18 @@ def main() -> None:
     x = torch.randint(0, 84, (batch, tokens), device=args.device)
     loop = feedback_map(model, x, RADIUS)
     cotangent = torch.randn_like(loop.start)
-    found, torchdeq = solvers()
-    rows = [
-        measure(label, solver, history, loop, cotangent, args)
-        for label, (solver, history) in found.items()
-        if not args.only or args.only in label
-    ]
+    has_torchdeq, torchdeq = torchdeq_version()
+    rows = []
+    for cases in groups(has_torchdeq):
+        cases = [case for case in cases if not args.only or args.only in case.label]
+        if cases:
+            repeats = 1 if args.smoke else REPEATS if len(cases) > 1 else SWEEP_REPEATS
+            rows += measure(cases, loop, cotangent, args, repeats)
+    profile = {}
+    if args.device == "cuda":  # where Anderson's costs per evaluation go, against fixed point's
+        cases = [our_case("fixed_point"), our_case("anderson")]
+        cases += [torchdeq_case("anderson")] if has_torchdeq else []
+        profile["kernels of one forward solve (name, ms, launches)"] = kernels(cases, loop, "cuda")
     summary = {
         "map": f"2 transformers in a loop, width {width}, heads {heads}, layers {layers}, "
         f"batch {batch}, tokens {tokens}",
@@ -331,10 +459,16 @@ def main() -> None:
         "calibration (gain, radius)": [(round(g, 6), round(r, 4)) for g, r in loop.calibration],
         "tolerance": f"{TOLERANCE:g} (relative)",
         "max_iterations": STEPS,
+        "timing": f"median of {REPEATS} solves after one untimed, ours and torchdeq's "
+        f"interleaved, the order reversed every other round (sweep rows: {SWEEP_REPEATS} alone)"
+        if not args.smoke
+        else "one solve each (smoke times are not figures)",
         "peak_memory": "CUDA max_memory_allocated above what was held before the solve"
         if args.device == "cuda"
         else "not measured on the CPU (torch keeps no allocator statistics there)",
         "torchdeq": torchdeq,
+        "ms_per_iteration (forward, backward)": ms_per_iteration(rows),
+        **profile,
         **goals(rows),
     }
     report("equilibrium_solvers", args, rows, summary)

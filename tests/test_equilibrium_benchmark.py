@@ -15,7 +15,7 @@ import sys
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from equilibrium_solvers import calibrated_gain, goals  # noqa: E402
+from equilibrium_solvers import calibrated_gain, goals, interleaved  # noqa: E402
 
 
 def saturating(gain: float) -> float:
@@ -61,11 +61,22 @@ def test_the_goals_compare_converged_rows_only():
     rows = [
         row("ours fixed_point", 50, 10.0),
         row("ours anderson", 20, 6.0),
+        row("ours anderson m=10 mix=0.5", 30, 6.0),
         row("torchdeq anderson", 30, 12.0),
         row("torchdeq fixed_point", 50, 8.0, converged=False),
     ]
     found = goals(rows)
     assert found["anderson_over_fixed_point_forward_iterations"] == 0.4
+    assert found["anderson_m10_mix0.5_over_fixed_point_backward_iterations"] == 0.6  # a sweep row
+    assert found["ours_over_torchdeq_anderson_m10_mix0.5_forward_ms"] == 0.5
     assert found["ours_over_torchdeq_anderson_backward_ms"] == 0.5
     assert found["ours_over_torchdeq_fixed_point_forward_ms"] is None  # theirs did not converge
     assert found["ours_over_torchdeq_broyden_forward_ms"] is None  # no rows
+
+
+def test_solvers_compared_are_timed_in_turn_the_order_reversed_every_other_round():
+    calls = []
+    solves = [lambda: calls.append("ours"), lambda: calls.append("torchdeq")]
+    samples = interleaved(solves, "cpu", repeats=3)
+    assert calls == ["ours", "torchdeq", "torchdeq", "ours", "ours", "torchdeq"]
+    assert [len(s) for s in samples] == [3, 3]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.federation.solvers import SolverSettings, solve
+from runtime.federation.solvers import SolverSettings, _Rows, solve
 
 DIM = 12
 
@@ -56,9 +56,24 @@ def test_anderson_and_broyden_need_far_fewer_iterations_on_an_ill_conditioned_ma
         # a relative residual of 1e-6 leaves an error up to 1e-6 / (1 - 0.99) relative
         assert (z - exact).norm() / exact.norm() < 1e-4, method
         counts[method] = trace.iterations
-    # measured: fixed point 917 (the rate 0.99 per step), Anderson 26, Broyden 46
+    # measured: fixed point 917 (the rate 0.99 per step), Anderson 26, Broyden 31
     assert counts["fixed_point"] > 800
-    assert counts["anderson"] <= 40 and counts["broyden"] <= 60
+    assert counts["anderson"] <= 40 and counts["broyden"] <= 40
+
+
+def test_broyden_holding_one_update_is_the_secant_method():
+    """With one update held, H restarts before every update; the update is computed against the
+    H = -1 it joins, so each step meets the latest secant condition, h = s / y: on a scalar
+    equation that is the secant method, z' = z - g (z - z_prev) / (g - g_prev)."""
+    starts = torch.tensor([[0.0], [1.0], [-0.5]], dtype=torch.float64)
+    settings = SolverSettings(method="broyden", steps=6, tolerance=1e-30, history=1)
+    _, trace = solve(torch.cos, starts, settings, record=True)
+    g = lambda z: torch.cos(z) - z  # noqa: E731
+    secant = [starts, torch.cos(starts)]  # the first step, from H = -1, is a fixed-point step
+    while len(secant) < trace.iterations:
+        z, previous = secant[-1], secant[-2]
+        secant.append(z - g(z) * (z - previous) / (g(z) - g(previous)))
+    torch.testing.assert_close(torch.stack(trace.iterates), torch.stack(secant))
 
 
 def test_mixing_damps_fixed_point_iteration_into_convergence():
@@ -101,12 +116,40 @@ def test_the_stop_criterion_is_the_largest_residual_of_the_batch_relative_or_abs
     assert absolute.iterations > relative.iterations  # absolute: 1e-3 is 1000x tighter here
 
 
+def test_the_answer_is_the_best_iterate_and_never_the_callers_tensor():
+    f, start, _ = affine(torch.linspace(-1.5, 0.5, DIM), batch=1)  # diverges after a dip
+    z, trace = solve(f, start, SolverSettings(steps=20, tolerance=1e-8), record=True)
+    best = min(range(trace.iterations), key=lambda i: trace.residuals[i])
+    assert 0 < best < trace.iterations - 1 and trace.residual == trace.residuals[best]
+    torch.testing.assert_close(z, trace.iterates[best], atol=0, rtol=0)
+    z, _ = solve(f, start, SolverSettings(steps=1))  # the start is all there is
+    z.add_(1.0)  # the caller may write into the answer
+    assert torch.equal(start, torch.zeros_like(start))
+
+
 def test_the_trace_records_each_iterate_only_when_asked():
     f, start, _ = affine(CONTRACTIVE)
     _, plain = solve(f, start, SolverSettings(steps=50, tolerance=1e-6))
     _, recorded = solve(f, start, SolverSettings(steps=50, tolerance=1e-6), record=True)
     assert plain.iterates == [] and len(recorded.iterates) == recorded.iterations
     torch.testing.assert_close(recorded.iterates[0], start)
+
+
+@pytest.mark.parametrize("dim, pieces", [(12, 1), (3 * 8192, 4), (8191, 1)])
+def test_the_history_cuts_long_states_into_pieces_for_the_same_products(dim, pieces):
+    """Long dot products run as many short ones (a GPU's batched GEMV does not split a long
+    inner dimension); what the solvers get is the products over whole rows."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 5, dim, generator=generator, dtype=torch.float64)
+    history = _Rows(rows[:, 0], 5)
+    for slot in range(5):
+        history.write(slot, rows[:, slot])
+    assert history.data.shape[1] == pieces
+    x, weights = torch.randn(2, dim, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(history.dots(x, 3), torch.einsum("bnd,bd->bn", rows[:, :3], x))
+    torch.testing.assert_close(
+        history.mix(weights), torch.einsum("bn,bnd->bd", weights, rows[:, :3])
+    )
 
 
 def test_a_solver_setting_out_of_range_is_refused():

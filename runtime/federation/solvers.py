@@ -30,6 +30,8 @@ from runtime.configs import METHODS, STOPS, SolverSettings  # noqa: F401 (re-exp
 # many codes) swamps them once the residuals are small and turns acceleration into averaging.
 _ANDERSON_RIDGE = 1e-8
 _BROYDEN_MIN_DENOMINATOR = 1e-30
+# The shortest piece a history row is cut into for its dot products (`_Rows`).
+_PIECE = 4096
 
 
 @dataclass
@@ -78,9 +80,13 @@ def solve(
 
 
 def _iterate(f, z, settings, agree, record, steps_by_method):
-    """The loop every method shares: evaluate, measure, keep the best, stop together, update."""
+    """The loop every method shares: evaluate, measure, keep the best, stop together, update.
+
+    The one host sync per iteration also brings back two local facts that spare a select over
+    the whole state in the common case: whether every example improved (the best iterate is then
+    z itself) and whether any has converged (if none has, none is frozen)."""
     trace = Trace()
-    best = z.clone()
+    initial = best = z
     best_residual = torch.full((z.shape[0],), float("inf"), device=z.device)
     update = steps_by_method[settings.method](z, settings)
     for iteration in range(1, settings.steps + 1):
@@ -90,18 +96,22 @@ def _iterate(f, z, settings, agree, record, steps_by_method):
         g = image - z
         residual = _residual(g, image, settings.stop)
         better = residual < best_residual
-        best = torch.where(better[:, None], z, best)
         best_residual = torch.where(better, residual, best_residual)
-        # one all-reduce and one host sync per iteration: the current and the best residuals
-        worst = agree(torch.stack([residual.max(), best_residual.max()])).tolist()
+        # one all-reduce (the current and the best residuals) and one host sync per iteration
+        agreed = agree(torch.stack([residual.max(), best_residual.max()]))
+        local = torch.stack([best_residual.min(), better.all()])
+        current, smallest, least, all_better = torch.cat([agreed, local]).tolist()
+        best = z if all_better else torch.where(better[:, None], z, best)
         trace.iterations = iteration
-        trace.residuals.append(worst[0])
-        trace.residual = worst[1]
-        if trace.residual < settings.tolerance or iteration == settings.steps:
+        trace.residuals.append(current)
+        trace.residual = smallest
+        if smallest < settings.tolerance or iteration == settings.steps:
             break
-        active = (best_residual >= settings.tolerance)[:, None]
-        z = torch.where(active, update(z, image, g), z)
-    return best, trace
+        following = update(z, image, g)
+        if least < settings.tolerance:  # the converged examples stay where they are
+            following = torch.where((best_residual >= settings.tolerance)[:, None], following, z)
+        z = following
+    return (best.clone() if best is initial else best), trace
 
 
 def _residual(g: Tensor, image: Tensor, stop: str) -> Tensor:
@@ -111,6 +121,47 @@ def _residual(g: Tensor, image: Tensor, stop: str) -> Tensor:
     if stop == "absolute":
         return absolute
     return absolute / image.norm(dim=1, dtype=dtype).clamp_min(1e-12)
+
+
+class _Rows:
+    """`m` past states of each example (Anderson's iterates, images and residuals, Broyden's
+    update vectors), with the two products the solvers take of them: their dot products with a
+    state, and a weighted sum of them.
+
+    A row is stored cut into pieces of at least `_PIECE` elements (a power of two that divides
+    the state's size; one piece where none does), as (batch, pieces, m, piece): the dot products
+    are then one batched matrix-vector product over batch x pieces entries. Over whole rows they
+    would be `batch` products with the whole state as inner dimension, which a batched GEMM can
+    run on about one block of the GPU per entry, since it does not split the inner dimension (the
+    shape of NVIDIA/cutlass#1033), leaving a GPU all but idle while it reads the history for a
+    batch of 8. Whether that is what made Anderson's iterations cost 1.8 ms more than fixed
+    point's on an H200 is for the benchmark's kernel profile to say."""
+
+    def __init__(self, like: Tensor, m: int, dtype: torch.dtype | None = None):
+        batch, dim = like.shape
+        pieces = 1
+        while dim % (2 * pieces) == 0 and dim // (2 * pieces) >= _PIECE:
+            pieces *= 2
+        self.shape = (batch, pieces, dim // pieces)
+        self.data = like.new_zeros(batch, pieces, m, dim // pieces, dtype=dtype)
+
+    def write(self, slot: int, x: Tensor) -> None:
+        self.data[:, :, slot] = x.reshape(self.shape)
+
+    def dots(self, x: Tensor, n: int) -> Tensor:
+        """(batch, n): the first `n` rows' dot products with `x`, in the rows' dtype."""
+        batch, pieces, piece = self.shape
+        rows = self.data.view(batch * pieces, -1, piece)[:, :n]
+        partial = torch.bmm(rows, x.to(self.data.dtype).reshape(batch * pieces, piece, 1))
+        return partial.view(batch, pieces, n).sum(1)
+
+    def mix(self, weights: Tensor) -> Tensor:
+        """(batch, dim): sum_i weights[:, i] row_i over the first `weights.shape[1]` rows."""
+        batch, pieces, piece = self.shape
+        n = weights.shape[1]
+        rows = self.data.view(batch * pieces, -1, piece)[:, :n]
+        per_piece = weights[:, None, None, :].expand(batch, pieces, 1, n).reshape(-1, 1, n)
+        return torch.bmm(per_piece.to(self.data.dtype), rows).view(batch, -1)
 
 
 def _fixed_point(z0: Tensor, settings: SolverSettings):
@@ -133,30 +184,28 @@ def _anderson(z0: Tensor, settings: SolverSettings):
     iteration anyway: a batch of 5 x 5 solves on a GPU is a chain of solver launches (and its own
     sync), which cost more than the map's evaluation on a large federation."""
     m, beta = settings.history, settings.mixing
-    batch, dim = z0.shape
-    points = z0.new_zeros(batch, m, dim)
-    images = z0.new_zeros(batch, m, dim)
-    residuals = z0.new_zeros(batch, m, dim, dtype=torch.float64)
+    batch = z0.shape[0]
+    points, images = _Rows(z0, m), _Rows(z0, m)
+    residuals = _Rows(z0, m, torch.float64)
     gram = torch.zeros(batch, m, m, dtype=torch.float64)  # on the host
     filled = {"count": 0}
 
     def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
         slot = filled["count"] % m
-        points[:, slot], images[:, slot] = z, image
-        residuals[:, slot] = g
+        points.write(slot, z), images.write(slot, image), residuals.write(slot, g)
         filled["count"] += 1
         n = min(filled["count"], m)
-        row = torch.bmm(residuals[:, :n], residuals[:, slot, :, None])[..., 0].cpu()  # (batch, n)
+        row = residuals.dots(g, n).cpu()  # (batch, n)
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
         system = gram[:, :n, :n]
         scale = system.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
         system = system + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype)
-        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))
-        weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n, 1)
-        mixed = (weights * images[:, :n]).sum(1)
+        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))[..., 0]
+        weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n)
+        mixed = images.mix(weights)
         if beta != 1:
-            mixed = beta * mixed + (1 - beta) * (weights * points[:, :n]).sum(1)
+            mixed = beta * mixed + (1 - beta) * points.mix(weights)
         return mixed
 
     return update
@@ -165,34 +214,39 @@ def _anderson(z0: Tensor, settings: SolverSettings):
 def _broyden(z0: Tensor, settings: SolverSettings):
     """Good Broyden with H = -I + sum u_i v_i^T approximating the inverse Jacobian of g: the step
     is -H g; after it, with s the step and y the change of g, the rank-one update
-    u = (s - H y) / (s^T H y), v = H^T s keeps the secant condition H y = s."""
+    u = (s - H y) / (s^T H y), v = H^T s keeps the secant condition H y = s.
+
+    With `history` updates held, H restarts from -I, and the next update is computed against the
+    H it joins (computed against the full H, as this solver first did, it met no secant condition
+    after the restart: on the benchmark's map at width 512, batch 2 x 64 tokens, that cost the
+    backward 60 evaluations where a correct restart takes 46). Overwriting only the oldest update
+    instead (a sliding window, torchdeq's `LBFGS_thres`) leaves the older updates' secant
+    conditions broken: there, holding 10 or 20 updates, sliding windows took 51 to 89 evaluations
+    where restarting took 41 to 46, and torchdeq's window of 10 diverged. Only the updates held
+    enter a product (`_Rows`: batched matrix-vector products, no (batch, history, dim)
+    temporary)."""
     m = settings.history
-    batch, dim = z0.shape
-    us = z0.new_zeros(batch, m, dim)
-    vs = z0.new_zeros(batch, m, dim)
-    last: dict[str, Tensor | int] = {"count": 0}
+    us, vs = _Rows(z0, m), _Rows(z0, m)
+    last: dict[str, Tensor | int] = {"held": 0}
 
-    def apply(x: Tensor) -> Tensor:  # H x
-        return -x + (us * (vs * x[:, None]).sum(-1, keepdim=True)).sum(1)
-
-    def apply_transposed(x: Tensor) -> Tensor:  # H^T x
-        return -x + (vs * (us * x[:, None]).sum(-1, keepdim=True)).sum(1)
+    def product(x: Tensor, left: _Rows, right: _Rows) -> Tensor:  # -x + sum left_i right_i^T x
+        n = last["held"]
+        return -x if n == 0 else left.mix(right.dots(x, n)) - x
 
     def update(z: Tensor, image: Tensor, g: Tensor) -> Tensor:
         if "z" in last:
+            if last["held"] == m:  # memory full: restart from H = -I
+                last["held"] = 0
             s, y = z - last["z"], g - last["g"]
-            hy = apply(y)
+            hy = product(y, us, vs)  # H y
             denominator = (s * hy).sum(-1, keepdim=True)
             usable = denominator.abs() > _BROYDEN_MIN_DENOMINATOR
             safe = torch.where(usable, denominator, torch.ones_like(denominator))
             u = torch.where(usable, (s - hy) / safe, torch.zeros_like(s))
-            v = torch.where(usable, apply_transposed(s), torch.zeros_like(s))
-            slot = last["count"] % m
-            if slot == 0:  # memory full: restart from H = -I (overwriting only the oldest
-                us.zero_(), vs.zero_()  # update breaks the secant conditions and can diverge)
-            us[:, slot], vs[:, slot] = u, v
-            last["count"] += 1
+            v = torch.where(usable, product(s, vs, us), torch.zeros_like(s))  # H^T s
+            us.write(last["held"], u), vs.write(last["held"], v)
+            last["held"] += 1
         last["z"], last["g"] = z, g
-        return z - apply(g)
+        return z - product(g, us, vs)
 
     return update
