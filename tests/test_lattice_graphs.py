@@ -376,7 +376,8 @@ def test_a_training_pass_projects_through_the_graphs_in_one_node(cpu_graphs, mem
     def values_and_gradients(projection) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         x.grad = None
-        qkv = projection()
+        qkv = projection().reshape(members, -1, 3 * attn.heads * attn.head_width)
+        qkv.view(heads)[..., : 2 * attn.heads, :].mul_(2.0)  # in place, as RoPE turns q and k
         probe = torch.randn(qkv.shape, generator=torch.Generator().manual_seed(2))
         (qkv * probe).sum().backward()
         grads = [p.grad for p in model.blocks[0].attn.parameters() if p.grad is not None]

@@ -57,6 +57,7 @@ from runtime.attention.lattice import kuramoto_phases, phase_features
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs: the op runs the reference ops
     triton = None
 
@@ -70,6 +71,31 @@ ops."""
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    # `tl.sin` and `tl.cos` lower to the GPU's approximate instructions, whose error grows with
+    # the angle (`nu * i` reaches hundreds of radians): libdevice's are the reference's to an ulp.
+    # Triton's interpreter runs `tl`'s (numpy's, exact) and not libdevice's.
+    if _interpreting():
+
+        @triton.jit
+        def _sin(x):
+            return tl.sin(x)
+
+        @triton.jit
+        def _cos(x):
+            return tl.cos(x)
+
+    else:
+
+        @triton.jit
+        def _sin(x):
+            return libdevice.sin(x)
+
+        @triton.jit
+        def _cos(x):
+            return libdevice.cos(x)
 
 
 def available(tensor: Tensor) -> bool:
@@ -132,8 +158,8 @@ if triton is not None:
     def _rotations(theta, weights):
         """`sin theta`, `cos theta`, `W sin theta`, `W cos theta`: with them
         `sum_n W[h, n] sin(theta_n - theta_h) = cos_h (W sin)_h - sin_h (W cos)_h`."""
-        sin = tl.sin(theta)
-        cos = tl.cos(theta)
+        sin = _sin(theta)
+        cos = _cos(theta)
         return sin, cos, tl.sum(weights * sin[None, :], 1), tl.sum(weights * cos[None, :], 1)
 
     @triton.jit
@@ -190,10 +216,10 @@ if triton is not None:
         where = row[:, None] + 2 * heads[None, :]
         mask = (index < tokens)[:, None] & inside[None, :]
         out = pairs_ptr.dtype.element_ty
-        tl.store(pairs_ptr + where, (tl.cos(query_angle) * amplitude[None, :]).to(out), mask=mask)
-        tl.store(pairs_ptr + where + 1, (tl.sin(query_angle) * amplitude[None, :]).to(out), mask)
-        tl.store(pairs_ptr + where + 2 * H, tl.cos(key_angle).to(out), mask=mask)
-        tl.store(pairs_ptr + where + 2 * H + 1, tl.sin(key_angle).to(out), mask=mask)
+        tl.store(pairs_ptr + where, (_cos(query_angle) * amplitude[None, :]).to(out), mask=mask)
+        tl.store(pairs_ptr + where + 1, (_sin(query_angle) * amplitude[None, :]).to(out), mask)
+        tl.store(pairs_ptr + where + 2 * H, _cos(key_angle).to(out), mask=mask)
+        tl.store(pairs_ptr + where + 2 * H + 1, _sin(key_angle).to(out), mask=mask)
 
     @triton.jit
     def _partials_kernel(
@@ -221,11 +247,11 @@ if triton is not None:
         q1 = tl.load(grad_ptr + where + 1, mask=mask, other=0).to(tl.float32)
         k0 = tl.load(grad_ptr + where + 2 * H, mask=mask, other=0).to(tl.float32)
         k1 = tl.load(grad_ptr + where + 2 * H + 1, mask=mask, other=0).to(tl.float32)
-        query_cos = tl.cos(query_angle)
-        query_sin = tl.sin(query_angle)
+        query_cos = _cos(query_angle)
+        query_sin = _sin(query_angle)
         d_amplitude = tl.sum(q0 * query_cos + q1 * query_sin, 0)
         d_query_angle = amplitude[None, :] * (q1 * query_cos - q0 * query_sin)
-        d_key_angle = k1 * tl.cos(key_angle) - k0 * tl.sin(key_angle)
+        d_key_angle = k1 * _cos(key_angle) - k0 * _sin(key_angle)
         d_theta = tl.sum(d_query_angle, 0)
         d_nu = tl.sum((d_query_angle + d_key_angle) * position[:, None], 0)
         base = partials_ptr + (m * tl.num_programs(1) + block) * (3 * BH) + heads

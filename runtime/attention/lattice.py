@@ -142,6 +142,7 @@ def slot_terms(
     dt: float,
     substeps: int,
     token_frequency: float,
+    kernel: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Everything a lattice layer computes besides its projections and attention, as one pure
     function: the query/key projection rows laid out with a zero row at each phase slot, the
@@ -149,17 +150,23 @@ def slot_terms(
     heads) that go into the slots. `oscillators` is `(initial_phase, omega, coupling, log_range,
     strength, distance, neighbour)`. Returns `(weight, bias, pairs, theta)`.
 
-    In eager mode these are ~200 small kernels (forward and backward) around three big ones, so
-    on a GPU the layer runs this function compiled (`fused_slot_terms`): one region of a few
-    fused kernels each way. These eager ops are the reference the region is tested against."""
+    As eager ops the chain and the pairs are ~200 small kernels (forward and backward) around
+    three big ones; `kernel` computes them by the fused Triton kernels instead (one launch
+    forward, two backward: `kuramoto_kernel.lattice_phase_pairs`) where they can run (a CUDA
+    tensor, Triton, at most `MAX_CELLS` cells), which is how the fast regions run this function
+    (`fused_slot_terms`). These eager ops are the reference both are tested against."""
     initial_phase, omega, coupling, log_range, strength, distance, neighbour = oscillators
-    theta = kuramoto_phases(
-        initial_phase, omega, coupling, log_range, distance, neighbour, dt, substeps
-    )
     head_width = content_width + PHASE_DIMS
-    query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
-    theta = theta.to(initial_phase.dtype)
-    pairs = torch.cat((query, key), 1).transpose(1, 2)  # (members, tokens, 2 * heads, 2)
+    if kernel and _kernel_runs(initial_phase):
+        sizes = (dt, substeps, token_frequency, tokens, head_width)
+        pairs, theta = kuramoto_kernel.lattice_phase_pairs(*oscillators, *sizes)
+    else:
+        theta = kuramoto_phases(
+            initial_phase, omega, coupling, log_range, distance, neighbour, dt, substeps
+        )
+        query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+        theta = theta.to(initial_phase.dtype)
+        pairs = torch.cat((query, key), 1).transpose(1, 2)  # (members, tokens, 2 * heads, 2)
     rows = 2 * heads * content_width  # query and key rows; the value rows follow
     slotted = _with_slots(weight[..., :rows, :], 2 * heads, content_width, dim=-2)
     weight = torch.cat((slotted, weight[..., rows:, :]), -2)
@@ -169,6 +176,16 @@ def slot_terms(
     return weight, bias, pairs, theta
 
 
+def _kernel_runs(initial_phase: Tensor) -> bool:
+    """Whether the fused Kuramoto kernels take these phases: a CUDA tensor with Triton importable
+    and a lattice of at most `kuramoto_kernel.MAX_CELLS` cells (larger ones use the eager ops)."""
+    return (
+        initial_phase.is_cuda
+        and kuramoto_kernel.triton is not None
+        and initial_phase.shape[-1] <= kuramoto_kernel.MAX_CELLS
+    )
+
+
 REGIONS = ("graphs", "compiled", "reference")
 """How an eager layer on a GPU runs `slot_terms`: replayed CUDA graphs, one compiled region, or
 the reference ops (`fused_slot_terms`)."""
@@ -176,7 +193,7 @@ the reference ops (`fused_slot_terms`)."""
 
 @functools.cache
 def _compiled_slot_terms():
-    return torch.compile(slot_terms, fullgraph=True)
+    return torch.compile(functools.partial(slot_terms, kernel=True), fullgraph=True)
 
 
 def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = None):
@@ -188,8 +205,10 @@ def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = 
     (which traces it with the rest), the reference ops whatever `region` says."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}; got {region!r}")
-    if not args[0].is_cuda or torch.compiler.is_compiling() or region == "reference":
+    if not args[0].is_cuda or region == "reference":
         return slot_terms(*args)
+    if torch.compiler.is_compiling():  # traced with the model: the kernels as one opaque op
+        return slot_terms(*args, kernel=True)
     if region == "graphs":
         if owner is None:
             raise ValueError("region 'graphs' keeps its captures per layer: pass owner=")
@@ -323,7 +342,7 @@ def slot_terms_on_copies(weight: Tensor, bias: Tensor | None, oscillators: tuple
     """`slot_terms` with the oscillator tensors copied first: what autograd saves for the backward
     is then these copies and intermediates, never a parameter's or buffer's memory (the slot
     layout's backward reads no weights), so a captured backward reads only graph memory."""
-    return slot_terms(weight, bias, tuple(t.clone() for t in oscillators), *sizes)
+    return slot_terms(weight, bias, tuple(t.clone() for t in oscillators), *sizes, kernel=True)
 
 
 class _ReplaySlotTerms(torch.autograd.Function):
@@ -357,8 +376,13 @@ class _GraphedProjection(torch.autograd.Function):
     ) -> Tensor:
         graphs.forward_graph.replay()
         weight, *rest = graphs.outputs
-        bias = rest[0] if graphs.bias_given else None
-        qkv = project(x, weight, bias, heads[0])
+        members, rows = heads[0], weight.shape[-2]
+        flat_x = x.reshape(members, -1, x.shape[-1])
+        flat_weight = weight.view(members, rows, -1).transpose(1, 2)
+        if graphs.bias_given:  # `(members, batch * tokens, rows)`: not a view, so RoPE may
+            qkv = torch.baddbmm(rest[0].view(members, 1, rows), flat_x, flat_weight)
+        else:  # turn it in place (a view made inside a Function may not be)
+            qkv = torch.bmm(flat_x, flat_weight)
         _query_key_slots(qkv, heads, content_width).add_(rest[-1][:, None])
         ctx.graphs, ctx.heads, ctx.content_width = graphs, heads, content_width
         ctx.save_for_backward(x)
@@ -935,3 +959,7 @@ def lattice_metrics(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def _meta() -> bool:
     return torch.empty(0).is_meta
+
+
+# last: the kernels' module reads this one's reference ops (`kuramoto_phases`, `phase_features`)
+from runtime.attention import kuramoto_kernel  # noqa: E402
