@@ -6,9 +6,12 @@ Compared at 2k and 8k tokens, 16 heads of 64 (width 1024), causal:
   Kuramoto phases recomputed every pass (4 substeps on a 4 x 4 periodic lattice); in eager mode
   the Kuramoto chain, the phase features and the slot layout (`slot_terms`, which reads only
   parameters) are replayed from two CUDA graphs captured once (the layer's default region,
-  `"graphs"`; issue 23: `runtime.attention.lattice.fused_slot_terms`);
+  `"graphs"`; issue 23: `runtime.attention.lattice.fused_slot_terms`), the chain and the phase
+  pairs inside them being the fused Triton kernels (`runtime.attention.kuramoto_kernel`: one
+  launch forward, two backward), and a training pass's projection and pair add are one autograd
+  node with the replays;
 * `lattice (compiled region)` (eager only): the same layer running `slot_terms` as one inductor
-  region instead (the first fix of issue 23: guards, AOTAutograd wrappers and ~20 kernel
+  region (the kernels in it as one opaque op) instead (the first fix of issue 23: guards, AOTAutograd wrappers and ~20 kernel
   launches from Python each pass);
 * `lattice (reference ops)` (eager only): the same layer running `slot_terms` as ~200 small eager
   kernels;

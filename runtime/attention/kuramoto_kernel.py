@@ -17,8 +17,8 @@ Forward, per member `m` (`H` lattice cells, one per head):
 
 with `nu = token_frequency * omega`, `A = strength * sqrt(head_width)`. One program per (member,
 block of tokens) recomputes the chain (`S * H^2` work, far below one pairs block's memory time)
-and writes its block. `sin(theta_n - theta_h) = s_n c_h - c_n s_h` turns each step into two
-matrix-vector products `W s`, `W c` with `H` sines and cosines instead of `H^2`.
+and writes its block. The gaps' sines `sin(theta_n - theta_h)` are taken directly, `H^2` of them
+a step, as the reference takes them (`_gaps` says why not `s_n c_h - c_n s_h`).
 
 Backward. With `g`, `k` the upstream gradients of the query and key pairs, `a = theta_S + nu i`:
 
@@ -37,7 +37,8 @@ grow with `substeps`). With `b = lambda_{s+1} / deg` and `C[h, n] = W[h, n] cos(
 
 (the last is `sum dW * dW/dlog_range`, never building `dW`), and finally `d strength = sqrt(width)
 dA`, `d omega += token_frequency dnu`. Everything is computed in float32 whatever the inputs'
-dtype; positions `i` are exact float32 indices.
+dtype; the angles `theta + nu i` are formed in float64 and wrapped to [-pi, pi] before they
+become float32 (as `lattice.phase_angles` forms them).
 
 On the CPU, and on a GPU without Triton, the op runs the reference ops of `lattice.py` in float32
 (its backward is their vector-Jacobian product, `torch.func.vjp`). With `TRITON_INTERPRET=1` the kernels run through
@@ -155,18 +156,18 @@ if triton is not None:
         return weights, distance, degree
 
     @triton.jit
-    def _rotations(theta, weights):
-        """`sin theta`, `cos theta`, `W sin theta`, `W cos theta`: with them
-        `sum_n W[h, n] sin(theta_n - theta_h) = cos_h (W sin)_h - sin_h (W cos)_h`."""
-        sin = _sin(theta)
-        cos = _cos(theta)
-        return sin, cos, tl.sum(weights * sin[None, :], 1), tl.sum(weights * cos[None, :], 1)
+    def _gaps(theta):
+        """`theta_n - theta_h` as an `(h, n)` tile. Its sines and cosines are taken directly: the
+        product form `s_n c_h - c_n s_h` (H sines instead of H^2) loses the relative precision of
+        small gaps, which a nearly synchronised lattice is made of, and the coupling's and the
+        range's gradients (sums over those gaps) came out 5e-5 off."""
+        return theta[None, :] - theta[:, None]
 
     @triton.jit
     def _step(theta, omega, coupling, weights, degree, dt):
         """One explicit Euler step of Kuramoto's equation."""
-        sin, cos, w_sin, w_cos = _rotations(theta, weights)
-        return theta + dt * (omega + coupling * (cos * w_sin - sin * w_cos) / degree)
+        pull = tl.sum(weights * _sin(_gaps(theta)), 1) / degree
+        return theta + dt * (omega + coupling * pull)
 
     @triton.jit
     def _member(m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH: tl.constexpr):
@@ -192,6 +193,21 @@ if triton is not None:
         return heads, inside, theta, omega
 
     @triton.jit
+    def _angles(theta, nu, index):
+        """`(theta + nu i, nu i)` per (token, head), formed in float64 and wrapped to [-pi, pi]
+        before they are rounded to float32, as `lattice.phase_angles` forms them."""
+        position = index.to(tl.float64)
+        key = nu.to(tl.float64)[None, :] * position[:, None]
+        query = theta.to(tl.float64)[None, :] + key
+        return _wrapped(query), _wrapped(key)
+
+    @triton.jit
+    def _wrapped(angle):
+        # 2 pi as a float32 head and tail: Triton rounds a float literal to float32
+        turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+        return (angle - turns * 6.2831854820251465 - turns * -1.7484555314695172e-07).to(tl.float32)
+
+    @triton.jit
     def _forward_kernel(
         phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, strength_ptr, distance_ptr,
         neighbour_ptr, pairs_ptr, theta_ptr, H, tokens, substeps, dt, token_frequency,
@@ -208,9 +224,7 @@ if triton is not None:
         amplitude = strength * sqrt_width
         nu = token_frequency * omega
         index = block * BT + tl.arange(0, BT)
-        position = index.to(tl.float32)
-        key_angle = nu[None, :] * position[:, None]
-        query_angle = theta[None, :] + key_angle
+        query_angle, key_angle = _angles(theta, nu, index)
         # pairs[m, i, slot, c] at ((m * tokens + i) * 2H + slot) * 2 + c
         row = (m.to(tl.int64) * tokens + index) * (4 * H)
         where = row[:, None] + 2 * heads[None, :]
@@ -238,8 +252,7 @@ if triton is not None:
         nu = token_frequency * omega
         index = block * BT + tl.arange(0, BT)
         position = index.to(tl.float32)
-        key_angle = nu[None, :] * position[:, None]
-        query_angle = theta[None, :] + key_angle
+        query_angle, key_angle = _angles(theta, nu, index)
         row = (m.to(tl.int64) * tokens + index) * (4 * H)
         where = row[:, None] + 2 * heads[None, :]
         mask = (index < tokens)[:, None] & inside[None, :]
@@ -295,18 +308,16 @@ if triton is not None:
         d_log_range = 0.0
         for back in range(substeps):
             theta = tl.load(history + (substeps - 1 - back) * BH)
-            sin, cos, w_sin, w_cos = _rotations(theta, weights)
-            pull = (cos * w_sin - sin * w_cos) / degree
+            gaps = _gaps(theta)
+            sines = _sin(gaps)
+            pull = tl.sum(weights * sines, 1) / degree
             d_omega += adjoint
             d_coupling += tl.sum(adjoint * pull, 0)
             per_degree = adjoint / degree
-            r_sin = tl.sum(range_weights * sin[None, :], 1)
-            r_cos = tl.sum(range_weights * cos[None, :], 1)
-            d_log_range += coupling * tl.sum(per_degree * (cos * r_sin - sin * r_cos), 0)
-            # (C^T b)_n = c_n (W^T (b c))_n + s_n (W^T (b s))_n;  (C 1)_h = c_h (W c)_h + s_h (W s)_h
-            wt_cos = tl.sum(weights * (per_degree * cos)[:, None], 0)
-            wt_sin = tl.sum(weights * (per_degree * sin)[:, None], 0)
-            transposed = cos * wt_cos + sin * wt_sin - per_degree * (cos * w_cos + sin * w_sin)
+            d_log_range += coupling * tl.sum(per_degree * tl.sum(range_weights * sines, 1), 0)
+            # the transposed Jacobian of pull: (C^T b)_n - b_n (C 1)_n, C = W cos(gaps)
+            slopes = weights * _cos(gaps)
+            transposed = tl.sum(per_degree[:, None] * slopes, 0) - per_degree * tl.sum(slopes, 1)
             adjoint = adjoint + dt * coupling * transposed
 
         at = m * H + heads

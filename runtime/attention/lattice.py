@@ -118,14 +118,28 @@ def phase_features(
     themselves round (to multiples of 8 past 1024), and so would every angle `nu * i`."""
     dtype = strength.dtype
     theta, omega, strength = (_at_least_float32(t) for t in (theta, omega, strength))
-    nu = token_frequency * omega
-    position = torch.arange(tokens, device=theta.device, dtype=theta.dtype)
-    key_angle = nu[..., None] * position  # (members, heads, tokens)
-    query_angle = theta[..., None] + key_angle
+    query_angle, key_angle = phase_angles(theta, token_frequency * omega, tokens)
     amplitude = (strength * math.sqrt(head_width))[..., None, None]
     query = torch.stack((query_angle.cos(), query_angle.sin()), -1) * amplitude
     key = torch.stack((key_angle.cos(), key_angle.sin()), -1)
     return query.to(dtype), key.to(dtype)
+
+
+def phase_angles(theta: Tensor, nu: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+    """`(theta + nu * i, nu * i)`, `(members, heads, tokens)`, formed in float64 and wrapped to
+    [-pi, pi] before they are rounded to `theta`'s dtype: a float32 angle of hundreds of radians
+    (`nu * i` at a few hundred tokens) is 3e-5 coarse, 5e-4 at 8k tokens, and the fused kernels
+    (`kuramoto_kernel`, which form them the same way) and these ops would round it differently.
+    MPS has no float64: there they are formed in float32."""
+    wide = torch.float32 if theta.device.type == "mps" else torch.float64
+    position = torch.arange(tokens, device=theta.device, dtype=wide)
+    key = nu.to(wide)[..., None] * position
+    query = theta.to(wide)[..., None] + key
+    return _wrapped(query).to(theta.dtype), _wrapped(key).to(theta.dtype)
+
+
+def _wrapped(angle: Tensor) -> Tensor:
+    return angle - 2 * math.pi * torch.floor(angle / (2 * math.pi) + 0.5)
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
