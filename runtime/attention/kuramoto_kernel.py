@@ -53,7 +53,7 @@ import os
 import torch
 from torch import Tensor
 
-from runtime.attention.lattice import kuramoto_phases, phase_features
+from runtime.attention import lattice  # attributes read at call time: lattice.py may import this
 
 try:
     import triton
@@ -122,8 +122,10 @@ def _reference(phase, omega, coupling, log_range, strength, distance, neighbour,
     phase, omega, coupling, log_range, strength, distance = (
         t.float() for t in (phase, omega, coupling, log_range, strength, distance)
     )
-    theta = kuramoto_phases(phase, omega, coupling, log_range, distance, neighbour, dt, substeps)
-    query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+    theta = lattice.kuramoto_phases(
+        phase, omega, coupling, log_range, distance, neighbour, dt, substeps
+    )
+    query, key = lattice.phase_features(theta, omega, strength, token_frequency, tokens, head_width)
     return torch.cat((query, key), 1).transpose(1, 2), theta
 
 
