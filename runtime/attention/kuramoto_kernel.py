@@ -38,9 +38,9 @@ grow with `substeps`). With `b = lambda_{s+1} / deg` and `C[h, n] = W[h, n] cos(
 (the last is `sum dW * dW/dlog_range`, never building `dW`), and finally `d strength = sqrt(width)
 dA`, `d omega += token_frequency dnu`. Everything is computed in float32 whatever the inputs'
 dtype; the angles `theta + nu i` are formed in float64 and wrapped to [-pi, pi] before they
-become float32 (as `lattice.phase_angles` forms them).
+become float32 (as `kuramoto.phase_angles` forms them).
 
-On the CPU, and on a GPU without Triton, the op runs the reference ops of `lattice.py` in float32
+On the CPU, and on a GPU without Triton, the op runs the reference ops of `kuramoto.py` in float32
 (its backward is their vector-Jacobian product, `torch.func.vjp`). With `TRITON_INTERPRET=1` the kernels run through
 Triton's interpreter on CPU tensors too, which is how the tests check them without a GPU.
 """
@@ -53,7 +53,7 @@ import os
 import torch
 from torch import Tensor
 
-from runtime.attention import lattice  # attributes read at call time: lattice.py may import this
+from runtime.attention.kuramoto import kuramoto_phases, phase_features
 
 try:
     import triton
@@ -114,7 +114,7 @@ def _check_cells(cells: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reference (CPU, or no Triton): lattice.py's ops in float32.
+# Reference (CPU, or no Triton): kuramoto.py's ops in float32.
 
 
 def _reference(phase, omega, coupling, log_range, strength, distance, neighbour, sizes):
@@ -122,10 +122,8 @@ def _reference(phase, omega, coupling, log_range, strength, distance, neighbour,
     phase, omega, coupling, log_range, strength, distance = (
         t.float() for t in (phase, omega, coupling, log_range, strength, distance)
     )
-    theta = lattice.kuramoto_phases(
-        phase, omega, coupling, log_range, distance, neighbour, dt, substeps
-    )
-    query, key = lattice.phase_features(theta, omega, strength, token_frequency, tokens, head_width)
+    theta = kuramoto_phases(phase, omega, coupling, log_range, distance, neighbour, dt, substeps)
+    query, key = phase_features(theta, omega, strength, token_frequency, tokens, head_width)
     return torch.cat((query, key), 1).transpose(1, 2), theta
 
 
@@ -197,7 +195,7 @@ if triton is not None:
     @triton.jit
     def _angles(theta, nu, index):
         """`(theta + nu i, nu i)` per (token, head), formed in float64 and wrapped to [-pi, pi]
-        before they are rounded to float32, as `lattice.phase_angles` forms them."""
+        before they are rounded to float32, as `kuramoto.phase_angles` forms them."""
         position = index.to(tl.float64)
         key = nu.to(tl.float64)[None, :] * position[:, None]
         query = theta.to(tl.float64)[None, :] + key
