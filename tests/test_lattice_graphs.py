@@ -108,16 +108,20 @@ def test_gradients_accumulate_over_two_backward_passes():
     """`.grad` from None over two backward passes: the replayed backward hands out fresh
     gradients (`make_graphed_callables` hands out its own memory, and the second pass doubles)."""
     model = lattice_model(1, 64, True, "cuda")
-    attn = model.blocks[0].attn
     x = torch.randn(1, 3, 64, 64, device="cuda")  # (members, batch, tokens, width)
+    assert_all_close(*gradients_over_two_passes(model, x, ("graphs", "reference")))
+
+
+def gradients_over_two_passes(model: Transformer, x: torch.Tensor, regions: tuple) -> list:
+    """Per region, every parameter's `.grad` after two backward passes from None."""
     results = []
-    for region in ("graphs", "reference"):
-        attn.region = region
+    for region in regions:
+        model.blocks[0].attn.region = region
         model.zero_grad(set_to_none=True)
         for scale in (1.0, 3.0):
             (scale * model(x).square().sum()).backward()
         results.append([p.grad.clone() for p in model.parameters()])
-    assert_all_close(*results)
+    return results
 
 
 @cuda
@@ -398,14 +402,6 @@ def test_a_model_accumulates_gradients_over_two_passes_through_the_graphs(cpu_gr
     turning q and k in place after it): `.grad` from None over two backward passes equals the
     reference ops', and the pass did replay a capture."""
     model = lattice_model(1, 64, True)
-    attn = model.blocks[0].attn
-    x = torch.randn(1, 3, 64, 64)
-    results = []
-    for region in ("graphs", "reference"):
-        attn.region = region
-        model.zero_grad(set_to_none=True)
-        for scale in (1.0, 3.0):
-            (scale * model(x).square().sum()).backward()
-        results.append([p.grad.clone() for p in model.parameters()])
+    results = gradients_over_two_passes(model, torch.randn(1, 3, 64, 64), ("graphs", "reference"))
     assert len(captures(model).captures) == 1
     assert_all_close(*results)
