@@ -10,7 +10,7 @@ kernels themselves and skip without Triton; with `TRITON_INTERPRET=1` (and Trito
 run through Triton's interpreter on CPU tensors, where the op's tests then run the kernels too, and
 with CUDA on the GPU:
 
-    TRITON_INTERPRET=1 PYTHONPATH=/work/triton-site:$PWD python -m pytest -q tests/test_kuramoto_kernel.py
+    pip install triton && TRITON_INTERPRET=1 python -m pytest -q tests/test_kuramoto_kernel.py
 """
 
 from __future__ import annotations
