@@ -179,6 +179,21 @@ def feedback_map(model, tokens: Tensor, target: float) -> FeedbackMap:
     return FeedbackMap(map_at(gain), start, gain, radius, lipschitz, tried)
 
 
+def calibrated_loop(size: tuple[int, int, int, int, int], device: str) -> FeedbackMap:
+    """The benchmark's loop at `size` (width, heads, layers, batch, tokens), seeded, at the gain
+    that puts rho(J_f(z*)) at `RADIUS`, for one random batch of tokens."""
+    width, heads, layers, batch, tokens = size
+    torch.manual_seed(0)
+    model = compiler.build_model(
+        compiler.load_spec_text(
+            LOOP.format(width=width, heads=heads, layers=layers, tokens=tokens)
+        ),
+        device=device,
+    ).eval()
+    x = torch.randint(0, 84, (batch, tokens), device=device)
+    return feedback_map(model, x, RADIUS)
+
+
 def relative_residual(f, z: Tensor) -> float:
     with torch.no_grad():
         image = f(z)
@@ -426,16 +441,8 @@ def main() -> None:
     if args.smoke:
         torch.set_num_threads(1)
     logging.getLogger("runtime.federation.equilibrium").setLevel(logging.ERROR)
-    width, heads, layers, batch, tokens = SIZES["smoke" if args.smoke else "full"]
-    torch.manual_seed(0)
-    model = compiler.build_model(
-        compiler.load_spec_text(
-            LOOP.format(width=width, heads=heads, layers=layers, tokens=tokens)
-        ),
-        device=args.device,
-    ).eval()
-    x = torch.randint(0, 84, (batch, tokens), device=args.device)
-    loop = feedback_map(model, x, RADIUS)
+    width, heads, layers, batch, tokens = size = SIZES["smoke" if args.smoke else "full"]
+    loop = calibrated_loop(size, args.device)
     cotangent = torch.randn_like(loop.start)
     has_torchdeq, torchdeq = torchdeq_version()
     rows = []

@@ -33,6 +33,7 @@ SCRIPTS = [
     "composition",
     "train_throughput",
     "equilibrium_solvers",
+    "equilibrium_spectrum",
 ]
 
 
