@@ -25,9 +25,11 @@ In eager mode the small work around the projections (the Kuramoto chain, the pha
 slot layout of the projection's rows: ~200 kernels forward and backward) is one pure function,
 `slot_terms`, of the parameters and of sizes only, never of the input. A GPU therefore replays it
 as two CUDA graphs, forward and backward, captured once per size (`GraphedSlotTerms`, the layer's
-`region = "graphs"`), or runs it as one compiled region (`region = "compiled"`); its eager ops
-(`region = "reference"`, and always on the CPU and inside a compiled model) are the reference
-both are tested against (`fused_slot_terms`). In evaluation mode the chain takes `eval_substeps`
+`region = "graphs"`), or runs it as one compiled region (`region = "compiled"`). In both, and
+inside a compiled model, the chain and the phase pairs are fused Triton kernels
+(`kuramoto_kernel`: one launch forward, two backward). Its eager ops (`region = "reference"`,
+and always on the CPU; `kuramoto.py` holds the oscillators' own) are the reference all of these
+are tested against (`fused_slot_terms`). In evaluation mode the chain takes `eval_substeps`
 updates where set (AKOrN, Miyato et al., ICLR 2025: more oscillator steps at test time).
 
 `LatticeAttention` is that attention sub-layer, registered as the `lattice` attention component;
