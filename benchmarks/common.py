@@ -71,6 +71,18 @@ def time_call(fn: Callable[[], object], device: str, warmup: int = 3, repeats: i
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples)}
 
 
+def interleaved(calls: list[Callable[[], object]], device: str, repeats: int) -> list[list[float]]:
+    """Wall times (ms) of each call over `repeats` rounds, every call once a round, in the
+    reverse order every other round: a clock that drifts (a GPU still clocking up, a neighbour's
+    load) weighs on the calls compared alike instead of on whichever ran first."""
+    samples: list[list[float]] = [[] for _ in calls]
+    for round_ in range(repeats):
+        order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            samples[i].append(time_call(calls[i], device, warmup=0, repeats=1)["median_ms"])
+    return samples
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> int | None:
     """Peak bytes allocated on the GPU while `fn` runs (None on the CPU)."""
     if device != "cuda":

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import parse_args, peak_memory, profiled, report, time_call
+from common import interleaved, parse_args, peak_memory, profiled, report
 from torch import Tensor
 
 import compiler
@@ -281,18 +281,6 @@ def peak_above_held(fn, device: str) -> int | None:
         return None
     held = torch.cuda.memory_allocated()
     return peak_memory(fn, device) - held
-
-
-def interleaved(solves: list[Callable[[], object]], device: str, repeats: int) -> list[list[float]]:
-    """Wall times (ms) of each solve over `repeats` rounds, every solve once a round, in the
-    reverse order every other round: a clock that drifts (a GPU still clocking up, a neighbour's
-    load) weighs on the solvers compared alike instead of on whichever ran first."""
-    samples: list[list[float]] = [[] for _ in solves]
-    for round_ in range(repeats):
-        order = range(len(solves)) if round_ % 2 == 0 else reversed(range(len(solves)))
-        for i in order:
-            samples[i].append(time_call(solves[i], device, warmup=0, repeats=1)["median_ms"])
-    return samples
 
 
 def spread(samples: list[float]) -> float:
