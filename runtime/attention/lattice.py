@@ -330,13 +330,7 @@ class _GraphedProjection(torch.autograd.Function):
     ) -> Tensor:
         graphs.forward_graph.replay()
         weight, *rest = graphs.outputs
-        members, rows = heads[0], weight.shape[-2]
-        flat_x = x.reshape(members, -1, x.shape[-1])
-        flat_weight = weight.view(members, rows, -1).transpose(1, 2)
-        if graphs.bias_given:  # `(members, batch * tokens, rows)`: not a view, so RoPE may
-            qkv = torch.baddbmm(rest[0].view(members, 1, rows), flat_x, flat_weight)
-        else:  # turn it in place (a view made inside a Function may not be)
-            qkv = torch.bmm(flat_x, flat_weight)
+        qkv = project(x, weight, rest[0] if graphs.bias_given else None, heads[0])
         _query_key_slots(qkv, heads, content_width).add_(rest[-1][:, None])
         ctx.graphs, ctx.heads, ctx.content_width = graphs, heads, content_width
         ctx.save_for_backward(x)
@@ -356,7 +350,11 @@ class _GraphedProjection(torch.autograd.Function):
             grad_x = torch.bmm(flat_grad, flat_weight).reshape(x.shape).to(x.dtype)
         statics = graphs.grad_outputs  # the slotted weight's, the bias's, the pairs' gradients
         flat_x = x.reshape(members, -1, x.shape[-1]).to(grad.dtype)
-        _write(statics[0], torch.bmm, flat_grad.transpose(1, 2), flat_x)
+        weight_grad = statics[0].view(members, rows, -1)
+        if weight_grad.dtype == grad.dtype:  # straight into the graph's input
+            torch.bmm(flat_grad.transpose(1, 2), flat_x, out=weight_grad)
+        else:  # mixed precision: bf16 activations, fp32 parameters
+            weight_grad.copy_(torch.bmm(flat_grad.transpose(1, 2), flat_x))
         if graphs.bias_given:
             torch.sum(flat_grad, 1, dtype=statics[1].dtype, out=statics[1].view(members, rows))
         slots = _query_key_slots(grad, ctx.heads, ctx.content_width)
@@ -364,24 +362,16 @@ class _GraphedProjection(torch.autograd.Function):
         return (None, grad_x, None, None, *graphs.replay_backward())
 
 
-def _write(static: Tensor, op: Callable[..., Tensor], *args: Tensor) -> None:
-    """`static` (a graph's input) set to `op(*args)`: computed into it where the dtypes agree,
-    else computed and copied (mixed precision: bf16 activations, fp32 parameters)."""
-    result_shape = (args[0].shape[0], args[0].shape[1], args[1].shape[2])
-    out = static.view(result_shape)
-    if out.dtype == args[0].dtype:
-        op(*args, out=out)
-    else:
-        out.copy_(op(*args))
-
-
 def project(x: Tensor, weight: Tensor, bias: Tensor | None, members: int) -> Tensor:
-    """`x @ weight.T + bias` per member: `(*lead, tokens, width)` for one member, else
-    `(members, batch * tokens, rows)`."""
-    if members == 1:
-        return F.linear(x, weight, bias)
-    qkv = torch.bmm(x.reshape(members, -1, x.shape[-1]), weight.transpose(1, 2))
-    return qkv if bias is None else qkv + bias.unsqueeze(1)
+    """`(members, batch * tokens, rows)`: `x @ weight.T + bias` per member, one batched product
+    whatever `members` is. Its result is not a view (`F.linear` returns one for 3-d inputs), so
+    RoPE may turn it in place even where an autograd Function made it (`_GraphedProjection`)."""
+    rows = weight.shape[-2]
+    flat_x = x.reshape(members, -1, x.shape[-1])
+    flat_weight = weight.view(members, rows, -1).transpose(1, 2)
+    if bias is None:
+        return torch.bmm(flat_x, flat_weight)
+    return torch.baddbmm(bias.view(members, 1, rows), flat_x, flat_weight)
 
 
 def graphed_projection(graphs: GraphedSlotTerms, x: Tensor, heads: tuple, *args) -> Tensor:
@@ -734,11 +724,9 @@ class LatticeAttention(nn.Module):
         if rotary is not None:
             qk = qkv.view(heads)[..., : 2 * h, :]
             qk.copy_(rotary.rotate_token_major(qk))
-        if fused:
-            pass
-        elif compiling:  # functionalised: the compiler fuses the add anyway
+        if not fused and compiling:  # functionalised: the compiler fuses the add anyway
             _phase_slots(qkv.view(heads)[..., : 2 * h, :], cw).add_(pairs[:, None])
-        else:
+        elif not fused:
             qkv = _AddPhasePairs.apply(qkv, pairs, heads, cw)
         return qkv.view(heads).flatten(0, 1).transpose(1, 2).split((h, h, h), dim=1)
 
