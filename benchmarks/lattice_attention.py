@@ -24,9 +24,9 @@ run inside a replayed graph included) and `launches`, the host's launch calls pe
 graph launches, copies and fills); `host_ms` is the time a call takes to return from an idle GPU,
 its host work alone. A single layer at these sizes leaves the GPU idle between launches, so wall
 time without CUDA graphs measures launch overhead as much as the layer. So the summary also
-gives the eager lattice layer's ratio from calls timed in turn with SDPA's ("timed in turn",
+gives, per mode, the lattice layer's ratio from calls timed in turn with SDPA's ("timed in turn",
 medians of 40 each, `common.interleaved`), which a drift of the host or the GPU's clocks between
-two arms timed one after the other does not bias.
+two arms timed one after the other does not bias; the time targets are judged on these.
 Targets (issue 23): eager at most 1.5x sdpa at 2k and 8k tokens, compiled without CUDA graphs at
 most 1.10x, peak memory per token within 10% of sdpa's (`peak x sdpa`); with CUDA graphs at most
 1.15x (issue 5). The summary says, per target, the worst ratio and whether it is met.
@@ -160,13 +160,19 @@ def main() -> None:
             kernels[label] = rows[-1]["kernel_ms"]
             peaks[label] = peak
         latt.region = "graphs"
-        if any(
-            label.endswith(", eager") and label.startswith("lattice,") for label, *_ in variants
+        modes = {label.split(", ")[-1] for label, *_ in variants if label.startswith("lattice")}
+        for mode, how in (
+            ("eager", None),
+            ("compiled", "default"),
+            ("CUDA graphs", "reduce-overhead"),
         ):
-            torch._dynamo.reset()
-            release_graphs(latt)
-            for name, ratio in eager_in_turn(plain, latt, rope_plain, rope_latt, x, args).items():
-                interleaved_ratios[f"{tokens} tokens: {name} x sdpa, timed in turn"] = ratio
+            if mode in modes:
+                torch._dynamo.reset()
+                release_graphs(latt)
+                for name, ratio in in_turn(plain, latt, rope_plain, rope_latt, x, how, args):
+                    interleaved_ratios[f"{tokens} tokens: {name}, {mode} x sdpa, timed in turn"] = (
+                        ratio
+                    )
         for row in rows:
             if row["tokens"] != tokens:
                 continue
@@ -188,31 +194,33 @@ def main() -> None:
                 )
     summary.update(interleaved_ratios)
     if cuda:  # the targets are a GPU's; a CPU smoke run only exercises the code
-        summary.update(target_verdicts(rows))
+        summary.update(target_verdicts(rows, interleaved_ratios))
     report("lattice_attention", args, rows, summary)
 
 
-def eager_in_turn(plain, latt, rope_plain, rope_latt, x, args) -> dict[str, float]:
-    """The eager lattice layer (its default region) over SDPA's, without and with RoPE, from
-    medians of calls timed in turn with SDPA's (`interleaved`): a single layer at 2k tokens is
-    host-bound, and drift of the host or the GPU clocks between two arms timed one after the
-    other moved the SDPA baseline by 13% between runs."""
+def in_turn(plain, latt, rope_plain, rope_latt, x, how, args) -> list[tuple[str, float]]:
+    """The lattice layer (its default region) over SDPA's in one mode (`how`: None for eager, or a
+    `torch.compile` mode), without and with RoPE, from medians of calls timed in turn with SDPA's
+    (`interleaved`): a single layer at 2k tokens is host-bound, and drift of the host or the GPU
+    clocks between two arms timed one after the other moved the SDPA baseline by 13% between
+    runs and the ratios by 30%."""
     repeats = 3 if args.smoke else 40
-    ratios = {}
+    ratios = []
     for suffix, rotary_plain, rotary_lattice in (
         ("", None, None),
         (" + rope", rope_plain, rope_latt),
     ):
+        runs = [torch.compile(m, mode=how) if how else m for m in (plain, latt)]
         calls = [
-            lambda r=rotary_plain: plain(x, r).sum().backward(),
-            lambda r=rotary_lattice: latt(x, r).sum().backward(),
+            lambda run=runs[0], r=rotary_plain: run(x, r).sum().backward(),
+            lambda run=runs[1], r=rotary_lattice: run(x, r).sum().backward(),
         ]
-        for call in calls:  # warm-up: the graphs' capture, lazy initialisation
+        for call in calls:  # warm-up: compiling, the graphs' capture, lazy initialisation
             for _ in range(3):
                 call()
         sdpa, lattice = interleaved(calls, args.device, repeats)
-        ratios[f"lattice{suffix}, eager"] = round(
-            statistics.median(lattice) / statistics.median(sdpa), 3
+        ratios.append(
+            (f"lattice{suffix}", round(statistics.median(lattice) / statistics.median(sdpa), 3))
         )
     return ratios
 
@@ -266,9 +274,10 @@ def host_work(fn, device: str, repeats: int) -> dict:
     return {"host_ms": statistics.median(samples), "launches": launches / calls}
 
 
-def target_verdicts(rows: list[dict]) -> dict[str, str]:
+def target_verdicts(rows: list[dict], in_turn_ratios: dict[str, float]) -> dict[str, str]:
     """Per target, the worst ratio of the fused lattice arms (with and without RoPE, every length)
-    and whether it is within the target."""
+    and whether it is within the target. The time targets are judged on the ratios timed in turn
+    with SDPA (`in_turn`), the table's arms timed one after the other being given too."""
     verdicts = {}
     for (mode, measure), limit in TARGETS.items():
         ratios = [
@@ -278,10 +287,20 @@ def target_verdicts(rows: list[dict]) -> dict[str, str]:
             and r["variant"].split(" + ")[0].split(",")[0] == "lattice"
             and r.get(measure) is not None
         ]
-        if ratios:
-            worst = max(ratios)
-            verdict = "met" if worst <= limit else "NOT met"
-            verdicts[f"target {mode} {measure} <= {limit}"] = f"{worst:.3f} ({verdict})"
+        if not ratios:
+            continue
+        worst = max(ratios)
+        if measure == "x sdpa":
+            in_turn = [v for k, v in in_turn_ratios.items() if f", {mode} x sdpa, timed" in k]
+            if in_turn:
+                judged = max(in_turn)
+                verdict = "met" if judged <= limit else "NOT met"
+                verdicts[f"target {mode} {measure} <= {limit}"] = (
+                    f"{judged:.3f} timed in turn ({verdict}); {worst:.3f} timed one after the other"
+                )
+                continue
+        verdict = "met" if worst <= limit else "NOT met"
+        verdicts[f"target {mode} {measure} <= {limit}"] = f"{worst:.3f} ({verdict})"
     return verdicts
 
 

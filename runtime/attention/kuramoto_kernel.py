@@ -1,12 +1,12 @@
 """The lattice layer's Kuramoto chain and phase pairs as one Triton kernel forward and two backward
-(issue 23), wrapped as the custom op `epicycle::lattice_phase_pairs`.
+(issue 23), wrapped as the operator `epicycle::lattice_phase_pairs`.
 
 Why. The chain (`kuramoto_phases`) and the phase features (`phase_features`) are a few hundred
 numbers per member, yet eagerly they are ~100 tiny kernels forward and backward (~27 once
 inductor has fused them), so the layer waits on the host, not on the GPU. Here they are one
-launch forward and two backward, and the op is opaque to `torch.compile` (`register_fake` traces
-it without running it; its backward is a custom op too), so a compiled model launches the same
-three kernels.
+launch forward and two backward. The operator is a `triton_op` (`_operator` says why), so a
+compiled model launches the same three kernels from inductor's own code; its backward is an
+operator too.
 
 Forward, per member `m` (`H` lattice cells, one per head):
 
@@ -52,6 +52,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
 from runtime.attention.kuramoto import kuramoto_phases, phase_features
 
@@ -135,6 +136,55 @@ def _reference_backward(grad_pairs, grad_theta, tensors, sizes):
     _, vjp = torch.func.vjp(lambda *p: _reference(*p, *tensors[5:], sizes), *parameters)
     grads = vjp((grad_pairs.float(), grad_theta))
     return tuple(g.to(t.dtype) for g, t in zip(grads, tensors[:5], strict=True))
+
+
+@torch.library.custom_op("epicycle::lattice_phase_pairs_reference", mutates_args=())
+def reference_phase_pairs(
+    initial_phase: Tensor,
+    omega: Tensor,
+    coupling: Tensor,
+    log_range: Tensor,
+    strength: Tensor,
+    distance: Tensor,
+    neighbour: Tensor,
+    dt: float,
+    substeps: int,
+    token_frequency: float,
+    tokens: int,
+    head_width: int,
+) -> tuple[Tensor, Tensor]:
+    """`lattice_phase_pairs` where the kernels cannot run. An opaque op of its own, so that
+    tracing `lattice_phase_pairs` (a `triton_op` is traced into) never traces its backward's
+    `torch.func.vjp`, which fake tensors do not take."""
+    tensors = (initial_phase, omega, coupling, log_range, strength, distance, neighbour)
+    pairs, theta = _reference(*tensors, (dt, substeps, token_frequency, tokens, head_width))
+    dtype = initial_phase.dtype
+    return pairs.to(dtype, memory_format=torch.contiguous_format, copy=True), theta.to(
+        dtype, copy=True
+    )
+
+
+@torch.library.custom_op("epicycle::lattice_phase_pairs_reference_backward", mutates_args=())
+def reference_phase_pairs_backward(
+    grad_pairs: Tensor,
+    grad_theta: Tensor | None,
+    initial_phase: Tensor,
+    omega: Tensor,
+    coupling: Tensor,
+    log_range: Tensor,
+    strength: Tensor,
+    distance: Tensor,
+    neighbour: Tensor,
+    dt: float,
+    substeps: int,
+    token_frequency: float,
+    tokens: int,
+    head_width: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`lattice_phase_pairs_backward` where the kernels cannot run."""
+    tensors = (initial_phase, omega, coupling, log_range, strength, distance, neighbour)
+    sizes = (dt, substeps, token_frequency, tokens, head_width)
+    return _reference_backward(grad_pairs, grad_theta, tensors, sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +408,7 @@ def kernel_forward(tensors: tuple[Tensor, ...], sizes: tuple) -> tuple[Tensor, T
     pairs = phase.new_empty(members, tokens, 2 * cells, 2)
     theta = phase.new_empty(members, cells)
     grid = (members, triton.cdiv(tokens, tokens_block))
-    _forward_kernel[grid](
+    wrap_triton(_forward_kernel)[grid](
         *tensors, pairs, theta, cells, tokens, substeps, dt, token_frequency,
         math.sqrt(head_width), BH=cells_block, BT=tokens_block, num_warps=warps,
     )  # fmt: skip
@@ -380,12 +430,12 @@ def kernel_backward(
     f32 = dict(device=phase.device, dtype=torch.float32)
     partials = torch.empty(members, blocks, 3, cells_block, **f32)
     history = torch.empty(members, substeps + 1, cells_block, **f32)
-    _partials_kernel[(members, blocks)](
+    wrap_triton(_partials_kernel)[(members, blocks)](
         grad_pairs, *tensors[:7], partials, cells, tokens, substeps, dt, token_frequency,
         math.sqrt(head_width), BH=cells_block, BT=tokens_block, num_warps=warps,
     )  # fmt: skip
     grads = tuple(torch.empty_like(t) for t in tensors[:5])
-    _adjoint_kernel[(members,)](
+    wrap_triton(_adjoint_kernel)[(members,)](
         partials, grad_theta.contiguous() if grad_theta is not None else partials,
         *tensors[:4], *tensors[5:7], history, *grads, cells, blocks, substeps, dt,
         token_frequency, math.sqrt(head_width), BH=cells_block,
@@ -398,8 +448,7 @@ def kernel_backward(
 # The custom ops.
 
 
-@torch.library.custom_op("epicycle::lattice_phase_pairs", mutates_args=())
-def lattice_phase_pairs(
+def _phase_pairs(
     initial_phase: Tensor,
     omega: Tensor,
     coupling: Tensor,
@@ -420,28 +469,10 @@ def lattice_phase_pairs(
     sizes = (dt, substeps, token_frequency, tokens, head_width)
     if available(initial_phase):
         return kernel_forward(tensors, sizes)
-    pairs, theta = _reference(*tensors, sizes)
-    dtype = initial_phase.dtype
-    return pairs.to(dtype, memory_format=torch.contiguous_format, copy=True), theta.to(
-        dtype, copy=True
-    )
+    return reference_phase_pairs(*tensors, *sizes)
 
 
-@lattice_phase_pairs.register_fake
-def _(
-    initial_phase, omega, coupling, log_range, strength, distance, neighbour,
-    dt, substeps, token_frequency, tokens, head_width,
-):  # fmt: skip
-    members, cells = initial_phase.shape
-    if available(initial_phase):
-        _check_cells(cells)
-    return initial_phase.new_empty(members, tokens, 2 * cells, 2), initial_phase.new_empty(
-        members, cells
-    )
-
-
-@torch.library.custom_op("epicycle::lattice_phase_pairs_backward", mutates_args=())
-def lattice_phase_pairs_backward(
+def _phase_pairs_backward(
     grad_pairs: Tensor,
     grad_theta: Tensor | None,
     initial_phase: Tensor,
@@ -463,15 +494,44 @@ def lattice_phase_pairs_backward(
     sizes = (dt, substeps, token_frequency, tokens, head_width)
     if available(initial_phase):
         return kernel_backward(grad_pairs, grad_theta, tensors, sizes)
-    return _reference_backward(grad_pairs, grad_theta, tensors, sizes)
+    return reference_phase_pairs_backward(grad_pairs, grad_theta, *tensors, *sizes)
 
 
-@lattice_phase_pairs_backward.register_fake
-def _(
-    grad_pairs, grad_theta, initial_phase, omega, coupling, log_range, strength, distance,
-    neighbour, dt, substeps, token_frequency, tokens, head_width,
-):  # fmt: skip
-    return tuple(torch.empty_like(t) for t in (initial_phase, omega, coupling, log_range, strength))
+def _phase_pairs_fake(initial_phase, omega, coupling, log_range, strength, distance, neighbour,
+                      dt, substeps, token_frequency, tokens, head_width):  # fmt: skip
+    members, cells = initial_phase.shape
+    if available(initial_phase):
+        _check_cells(cells)
+    pairs = initial_phase.new_empty(members, tokens, 2 * cells, 2)
+    return pairs, initial_phase.new_empty(members, cells)
+
+
+def _phase_pairs_backward_fake(grad_pairs, grad_theta, *tensors_and_sizes):
+    return tuple(torch.empty_like(t) for t in tensors_and_sizes[:5])
+
+
+def _operator(name: str, fn, fake):
+    """`fn` as the operator `epicycle::name`. With Triton, compiling, it is a `triton_op`:
+    eagerly it launches the kernels as a custom op does, but `torch.compile` traces into it, so
+    inductor calls the kernels from its own generated code with its own launcher, not through
+    the Python dispatch of an opaque op (on the H200 that dispatch cost more host time than the
+    fused kernels saved, in a compiled layer at 2k tokens); `fn` is then its own fake
+    implementation (on fake tensors the kernels launch nothing, and `_check_cells` refuses large
+    lattices while tracing as it does when running). Without Triton, and under Triton's
+    interpreter (whose kernels take no fake tensors), it is an opaque custom op with `fake`."""
+    if triton is not None and not _interpreting():
+        return torch.library.triton_op(f"epicycle::{name}", fn, mutates_args=())
+    operator = torch.library.custom_op(f"epicycle::{name}", fn, mutates_args=())
+    operator.register_fake(fake)
+    return operator
+
+
+reference_phase_pairs.register_fake(_phase_pairs_fake)
+reference_phase_pairs_backward.register_fake(_phase_pairs_backward_fake)
+lattice_phase_pairs = _operator("lattice_phase_pairs", _phase_pairs, _phase_pairs_fake)
+lattice_phase_pairs_backward = _operator(
+    "lattice_phase_pairs_backward", _phase_pairs_backward, _phase_pairs_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
