@@ -215,23 +215,28 @@ def test_the_kernels_take_16x16_lattices_and_refuse_larger_ones():
 @pytest.mark.skipif(
     kernel.triton is None or INTERPRETING, reason="needs Triton, compiling (not interpreting)"
 )
-@pytest.mark.parametrize("cells, dtype", [(15, "bf16"), (256, "fp32")])
-def test_the_kernels_compile_for_an_h200_without_one(cells, dtype):
+@pytest.mark.parametrize(
+    "cells, dtype, scalars",
+    [(15, "bf16", "triton"), (256, "fp32", "triton"), (16, "bf16", "inductor")],
+)
+def test_the_kernels_compile_for_an_h200_without_one(cells, dtype, scalars):
     """Triton's interpreter runs code that compiling refuses (it caught a loop variable reused
     as a tuple target): every kernel is compiled here for sm_90 down to its cubin, and its sines
-    are the precise ones (no `sin.approx`: the angles reach `nu * tokens`)."""
+    are the precise ones (no `sin.approx`: the angles reach `nu * tokens`). Inductor, launching
+    them inside a compiled model, types their scalars as float64 and int64 (Triton's own launcher
+    as float32 and int32); they compile either way."""
     triton = kernel.triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cells_block, tokens_block, warps, adjoint_warps = kernel._blocks(cells, 4096)
+    cells_block, tokens_block, warps, adjoint_warps = kernel._blocks(cells)
     sizes = {"BH": cells_block, "BT": tokens_block}
     for fn, num_warps, constexprs in (
         (kernel._forward_kernel, warps, sizes),
         (kernel._partials_kernel, warps, sizes),
         (kernel._adjoint_kernel, adjoint_warps, {"BH": cells_block, "HAS_GRAD_THETA": True}),
     ):
-        signature = {name: _argument_type(name, dtype) for name in fn.arg_names}
+        signature = {name: _argument_type(name, dtype, scalars) for name in fn.arg_names}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={
             "num_warps": num_warps
@@ -239,16 +244,18 @@ def test_the_kernels_compile_for_an_h200_without_one(cells, dtype):
         assert compiled.asm["cubin"] and "sin.approx" not in compiled.asm["ptx"]
 
 
-def _argument_type(name: str, dtype: str) -> str:
+def _argument_type(name: str, dtype: str, scalars: str) -> str:
     if name in ("BH", "BT", "HAS_GRAD_THETA"):
         return "constexpr"
     if name in ("H", "tokens", "substeps", "blocks"):
-        return "i32"
+        return "i32" if scalars == "triton" else "i64"
     if name == "neighbour_ptr":
         return "*i1"
     if name in ("partials_ptr", "history_ptr"):
         return "*fp32"
-    return f"*{dtype}" if name.endswith("_ptr") else "fp32"
+    if name.endswith("_ptr"):
+        return f"*{dtype}"
+    return "fp32" if scalars == "triton" else "fp64"
 
 
 def test_bf16_parameters_give_bf16_outputs_and_gradients_close_to_fp32():

@@ -258,12 +258,24 @@ if triton is not None:
         return (angle - turns * 6.2831854820251465 - turns * -1.7484555314695172e-07).to(tl.float32)
 
     @triton.jit
+    def _float32(dt, token_frequency, sqrt_width):
+        """The float arguments as float32: Triton's launcher passes a Python float as one, but
+        inductor, launching the kernels of a `triton_op` from its own code, passes float64,
+        which would turn the chain's loop-carried phases into float64."""
+        return (
+            tl.full((), dt, tl.float32),
+            tl.full((), token_frequency, tl.float32),
+            tl.full((), sqrt_width, tl.float32),
+        )
+
+    @triton.jit
     def _forward_kernel(
         phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, strength_ptr, distance_ptr,
         neighbour_ptr, pairs_ptr, theta_ptr, H, tokens, substeps, dt, token_frequency,
         sqrt_width, BH: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0)
+        dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
         block = tl.program_id(1)
         heads, inside, theta, omega = _final_phase(
             m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
@@ -292,6 +304,7 @@ if triton is not None:
         BH: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0)
+        dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
         block = tl.program_id(1)
         heads, inside, theta, omega = _final_phase(
             m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
@@ -330,6 +343,7 @@ if triton is not None:
         BH: tl.constexpr, HAS_GRAD_THETA: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0)
+        dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
         heads, inside, theta, omega, coupling, log_range = _member(
             m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
         )
@@ -380,14 +394,15 @@ if triton is not None:
         tl.store(d_log_range_ptr + m, (dt * d_log_range).to(d_log_range_ptr.dtype.element_ty))
 
 
-def _blocks(cells: int, tokens: int) -> tuple[int, int, int, int]:
+def _blocks(cells: int) -> tuple[int, int, int, int]:
     """`(BH, BT, warps, adjoint_warps)`: cells padded to a power of two, a token block of ~2K pairs
     (at least 32 tokens, so that large lattices do not recompute the chain for every few tokens),
     and warps enough to hold the largest tile at ~8-16 elements a thread: without spilling up to
     64 cells on sm_90 (ptxas' resource usage); 128 and 256 cells spill the `(H, H)` tiles."""
+    cells = int(cells)  # a compiled model with dynamic shapes specialises on the lattice's size
     _check_cells(cells)
     cells_block = triton.next_power_of_2(cells)
-    tokens_block = min(max(2048 // cells_block, 32), 256, triton.next_power_of_2(max(tokens, 1)))
+    tokens_block = min(max(2048 // cells_block, 32), 256)  # no `tokens`: it may be symbolic
     tile = max(tokens_block, cells_block) * cells_block
     warps = min(max(tile // 256, 4), 32)
     adjoint_warps = min(max(cells_block * cells_block // 256, 1), 32)
@@ -404,7 +419,7 @@ def kernel_forward(tensors: tuple[Tensor, ...], sizes: tuple) -> tuple[Tensor, T
     tensors = _inputs(tensors)
     phase = tensors[0]
     members, cells = phase.shape
-    cells_block, tokens_block, warps, _ = _blocks(cells, tokens)
+    cells_block, tokens_block, warps, _ = _blocks(cells)
     pairs = phase.new_empty(members, tokens, 2 * cells, 2)
     theta = phase.new_empty(members, cells)
     grid = (members, triton.cdiv(tokens, tokens_block))
@@ -425,7 +440,7 @@ def kernel_backward(
     grad_pairs = grad_pairs.contiguous()
     phase = tensors[0]
     members, cells = phase.shape
-    cells_block, tokens_block, warps, adjoint_warps = _blocks(cells, tokens)
+    cells_block, tokens_block, warps, adjoint_warps = _blocks(cells)
     blocks = triton.cdiv(tokens, tokens_block)
     f32 = dict(device=phase.device, dtype=torch.float32)
     partials = torch.empty(members, blocks, 3, cells_block, **f32)
