@@ -84,12 +84,15 @@ def validate_seconds(spec: str, runs: int) -> tuple[list[float], list[float]]:
     their CPU times (user + system), which a busy machine inflates less."""
     script = shutil.which("epicycle")
     command = [script] if script else [sys.executable, "-m", "compiler.tools.cli"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     times, cpu = [], []
     for _ in range(runs):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        subprocess.run([*command, "validate", spec], env=env, check=True, capture_output=True)
+        done = subprocess.run([*command, "validate", spec], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`epicycle validate {spec}` failed:\n{done.stderr[-2000:]}")
         times.append(time.perf_counter() - t)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)

@@ -11,8 +11,8 @@ Compared at 2k and 8k tokens, 16 heads of 64 (width 1024), causal:
   launch forward, two backward), and a training pass's projection and pair add are one autograd
   node with the replays;
 * `lattice (compiled region)` (eager only): the same layer running `slot_terms` as one inductor
-  region (the kernels in it as one opaque op) instead (the first fix of issue 23: guards, AOTAutograd wrappers and ~20 kernel
-  launches from Python each pass);
+  region (the kernels in it launched from inductor's code) instead (the first fix of issue 23:
+  guards, AOTAutograd wrappers and ~20 kernel launches from Python each pass);
 * `lattice (reference ops)` (eager only): the same layer running `slot_terms` as ~200 small eager
   kernels;
 * `dense bias` (2k only): the design's formula with a `(tokens x tokens)` bias per head, as a

@@ -244,6 +244,62 @@ def test_the_kernels_compile_for_an_h200_without_one(cells, dtype, scalars):
         assert compiled.asm["cubin"] and "sin.approx" not in compiled.asm["ptx"]
 
 
+@pytest.mark.skipif(
+    kernel.triton is None or INTERPRETING, reason="needs Triton, compiling (not interpreting)"
+)
+def test_inductor_reads_that_the_kernels_write_only_their_outputs():
+    """Inside a compiled model inductor launches the kernels itself, and reads which arguments
+    they write from their Triton IR: an input it takes as written is cloned before the launch and
+    copied back after it (with pointers passed into helper functions, six inputs were, twelve
+    extra launches each backward). Analysed here for sm_90 without a GPU."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from torch._higher_order_ops import triton_kernel_wrap
+    from triton.backends.compiler import GPUTarget
+
+    hopper = SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32))
+    cells_block, tokens_block, *_ = kernel._blocks(16)
+    expected = {
+        kernel._forward_kernel: {"pairs_ptr", "theta_ptr"},
+        kernel._partials_kernel: {"partials_ptr"},
+        kernel._adjoint_kernel: {f"d_{n}_ptr" for n in ("phase", "omega", "coupling", "log_range",
+                                                         "strength")} | {"history_ptr"},
+    }  # fmt: skip
+    with mock.patch.object(type(kernel.triton.runtime.driver), "active", hopper):
+        for fn, outputs in expected.items():
+            arguments = {
+                name: _analysis_argument(name, cells_block, tokens_block) for name in fn.arg_names
+            }
+            assert _written(triton_kernel_wrap, fn, arguments) == outputs, fn
+
+
+def _written(triton_kernel_wrap, fn, arguments) -> set[str]:
+    """The arguments inductor takes `fn` to write (`identify_mutated_tensors` in older torch)."""
+    if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):
+        accessed = triton_kernel_wrap.identify_accessed_tensors(fn, arguments, {})
+        return {write.name for write in accessed.read_writes.writes}
+    return set(triton_kernel_wrap.identify_mutated_tensors(fn, arguments, {}))
+
+
+def _analysis_argument(name: str, cells_block: int, tokens_block: int):
+    """A value of the kernels' argument `name` for Triton's type specialisation: tensors' sizes
+    do not matter to the analysis, their dtypes and the constants do."""
+    constants = {"BH": cells_block, "BT": tokens_block, "HAS_GRAD_THETA": True}
+    if name in constants:
+        return constants[name]
+    if name in ("H", "tokens", "substeps", "blocks"):
+        return 16
+    if name in ("dt", "token_frequency", "sqrt_width"):
+        return 0.1
+    dtypes = {
+        "neighbour_ptr": torch.bool,
+        "partials_ptr": torch.float32,
+        "history_ptr": torch.float32,
+    }
+    return torch.zeros(2, dtype=dtypes.get(name, torch.bfloat16))
+
+
 def _argument_type(name: str, dtype: str, scalars: str) -> str:
     if name in ("BH", "BT", "HAS_GRAD_THETA"):
         return "constexpr"

@@ -193,17 +193,26 @@ def reference_phase_pairs_backward(
 if triton is not None:
 
     @triton.jit
-    def _coupling(distance_ptr, neighbour_ptr, log_range, H, BH: tl.constexpr):
-        """`W`, `distance` and `deg` of one member, `(BH, BH)` tiles zero outside `H x H`."""
-        rows = tl.arange(0, BH)
-        cols = tl.arange(0, BH)
-        inside = (rows[:, None] < H) & (cols[None, :] < H)
-        offsets = rows[:, None] * H + cols[None, :]
-        distance = tl.load(distance_ptr + offsets, mask=inside, other=0).to(tl.float32)
-        near = tl.load(neighbour_ptr + offsets, mask=inside, other=0).to(tl.float32)
+    def _cells(H, BH: tl.constexpr):
+        """The `(BH,)` cell indices and mask of one member, and the `(BH, BH)` offsets and mask
+        of its `H x H` cell pairs.
+
+        No helper takes a pointer: every load and store is in a kernel's own body. Inductor,
+        launching the kernels inside a compiled model, reads which arguments they write from
+        their Triton IR, and takes any pointer passed into a called function as written; it
+        then cloned six inputs and copied them back into the parameters every backward."""
+        heads = tl.arange(0, BH)
+        inside = heads < H
+        tile = heads[:, None] * H + heads[None, :]
+        return heads, inside, tile, inside[:, None] & inside[None, :]
+
+    @triton.jit
+    def _coupling(distance, near, log_range):
+        """`W` and `deg` of one member from its `(BH, BH)` distance and neighbour tiles."""
+        near = near.to(tl.float32)
         weights = tl.exp(-distance / tl.exp(log_range)) * near
         degree = tl.maximum(tl.sum(near, 1), 1.0)
-        return weights, distance, degree
+        return weights, degree
 
     @triton.jit
     def _gaps(theta):
@@ -220,27 +229,10 @@ if triton is not None:
         return theta + dt * (omega + coupling * pull)
 
     @triton.jit
-    def _member(m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH: tl.constexpr):
-        heads = tl.arange(0, BH)
-        inside = heads < H
-        phase = tl.load(phase_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
-        omega = tl.load(omega_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
-        coupling = tl.load(coupling_ptr + m).to(tl.float32)
-        log_range = tl.load(log_range_ptr + m).to(tl.float32)
-        return heads, inside, phase, omega, coupling, log_range
-
-    @triton.jit
-    def _final_phase(
-        m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
-        H, substeps, dt, BH: tl.constexpr,
-    ):  # fmt: skip
-        heads, inside, theta, omega, coupling, log_range = _member(
-            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
-        )
-        weights, distance, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
+    def _final_phase(theta, omega, coupling, weights, degree, substeps, dt):
         for _substep in range(substeps):
             theta = _step(theta, omega, coupling, weights, degree, dt)
-        return heads, inside, theta, omega
+        return theta
 
     @triton.jit
     def _angles(theta, nu, index):
@@ -277,10 +269,15 @@ if triton is not None:
         m = tl.program_id(0)
         dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
         block = tl.program_id(1)
-        heads, inside, theta, omega = _final_phase(
-            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
-            H, substeps, dt, BH,
-        )  # fmt: skip
+        heads, inside, tile, inside_tile = _cells(H, BH)
+        theta = tl.load(phase_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        coupling = tl.load(coupling_ptr + m).to(tl.float32)
+        log_range = tl.load(log_range_ptr + m).to(tl.float32)
+        distance = tl.load(distance_ptr + tile, mask=inside_tile, other=0).to(tl.float32)
+        near = tl.load(neighbour_ptr + tile, mask=inside_tile, other=0)
+        weights, degree = _coupling(distance, near, log_range)
+        theta = _final_phase(theta, omega, coupling, weights, degree, substeps, dt)
         tl.store(theta_ptr + m * H + heads, theta, mask=inside & (block == 0))
         strength = tl.load(strength_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
         amplitude = strength * sqrt_width
@@ -306,10 +303,15 @@ if triton is not None:
         m = tl.program_id(0)
         dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
         block = tl.program_id(1)
-        heads, inside, theta, omega = _final_phase(
-            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, distance_ptr, neighbour_ptr,
-            H, substeps, dt, BH,
-        )  # fmt: skip
+        heads, inside, tile, inside_tile = _cells(H, BH)
+        theta = tl.load(phase_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        coupling = tl.load(coupling_ptr + m).to(tl.float32)
+        log_range = tl.load(log_range_ptr + m).to(tl.float32)
+        distance = tl.load(distance_ptr + tile, mask=inside_tile, other=0).to(tl.float32)
+        near = tl.load(neighbour_ptr + tile, mask=inside_tile, other=0)
+        weights, degree = _coupling(distance, near, log_range)
+        theta = _final_phase(theta, omega, coupling, weights, degree, substeps, dt)
         strength = tl.load(strength_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
         amplitude = strength * sqrt_width
         nu = token_frequency * omega
@@ -344,9 +346,14 @@ if triton is not None:
     ):  # fmt: skip
         m = tl.program_id(0)
         dt, token_frequency, sqrt_width = _float32(dt, token_frequency, sqrt_width)
-        heads, inside, theta, omega, coupling, log_range = _member(
-            m, phase_ptr, omega_ptr, coupling_ptr, log_range_ptr, H, BH
-        )
+        heads, inside, tile, inside_tile = _cells(H, BH)
+        theta = tl.load(phase_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        omega = tl.load(omega_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
+        coupling = tl.load(coupling_ptr + m).to(tl.float32)
+        log_range = tl.load(log_range_ptr + m).to(tl.float32)
+        distance = tl.load(distance_ptr + tile, mask=inside_tile, other=0).to(tl.float32)
+        near = tl.load(neighbour_ptr + tile, mask=inside_tile, other=0)
+        weights, degree = _coupling(distance, near, log_range)
         d_amplitude = tl.zeros((BH,), tl.float32)
         adjoint = tl.zeros((BH,), tl.float32)  # d theta_S, then d theta_s going back
         d_nu = tl.zeros((BH,), tl.float32)
@@ -358,7 +365,6 @@ if triton is not None:
         if HAS_GRAD_THETA:
             adjoint += tl.load(grad_theta_ptr + m * H + heads, mask=inside, other=0).to(tl.float32)
 
-        weights, distance, degree = _coupling(distance_ptr, neighbour_ptr, log_range, H, BH)
         range_weights = weights * distance / tl.exp(log_range)  # dW/dlog_range
         history = history_ptr + m * (substeps + 1) * BH + heads
         tl.store(history, theta)

@@ -156,7 +156,7 @@ def fused_slot_terms(*args, region: str = "compiled", owner: nn.Module | None = 
         raise ValueError(f"region must be one of {', '.join(REGIONS)}; got {region!r}")
     if not args[0].is_cuda or region == "reference":
         return slot_terms(*args)
-    if torch.compiler.is_compiling():  # traced with the model: the kernels as one opaque op
+    if torch.compiler.is_compiling():  # traced with the model, the kernels launched by inductor
         return slot_terms(*args, kernel=True)
     if region == "graphs":
         if owner is None:
