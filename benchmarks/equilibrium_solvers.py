@@ -149,8 +149,11 @@ def calibrated_gain(
     return [*tried, tried[-1]]
 
 
-def feedback_map(model, tokens: Tensor, target: float) -> FeedbackMap:
-    """The loop's map at this input with the gain that puts rho(J_f(z*)) at `target`."""
+def feedback_map(
+    model, tokens: Tensor, target: float | None, gain: float | None = None
+) -> FeedbackMap:
+    """The loop's map at this input with the gain that puts rho(J_f(z*)) at `target`, or (target
+    None) at the given `gain` as it is. Without a fixed point the radius and norm are inf."""
     equilibrium = model.federation.equilibrium
     with torch.no_grad():
         embedded = model._embed((tokens,), {})
@@ -172,7 +175,10 @@ def feedback_map(model, tokens: Tensor, target: float) -> FeedbackMap:
         scale = torch.tensor(gain, device=tokens.device)
         return equilibrium.spectral_radius_at(embedded, z, scale, POWER_ITERATIONS)
 
-    *tried, (gain, radius) = calibrated_gain(radius_at, target)
+    if target is None:
+        tried, radius = [], radius_at(gain)
+    else:
+        *tried, (gain, radius) = calibrated_gain(radius_at, target)
     z = fixed_point(gain)
     scale = torch.tensor(gain, device=tokens.device)
     lipschitz = math.inf if z is None else equilibrium.lipschitz_at(embedded, z, scale, 20)

@@ -83,6 +83,64 @@ def largest_angular_gap(values: torch.Tensor) -> float:
     return max(gaps)
 
 
+def solvers(histories: tuple[int, ...]) -> list[tuple[str, SolverSettings]]:
+    """Fixed point, then Anderson keeping each of `histories` past iterates (STEPS: every one)."""
+    return [("fixed point", SolverSettings("fixed_point", STEPS, TOLERANCE))] + [
+        (
+            f"anderson, history {'all' if m == STEPS else m}",
+            SolverSettings("anderson", STEPS, TOLERANCE, "relative", m),
+        )
+        for m in histories
+    ]
+
+
+def linearised(loop, cotangent: torch.Tensor):
+    """The adjoint map g -> J^T g + v at fixed point's z*, or None where fixed point finds none
+    within STEPS (a map with no fixed point to linearise at)."""
+    z_star, trace = solve(loop.f, loop.start, SolverSettings("fixed_point", STEPS, TOLERANCE))
+    return adjoint_map(loop.f, z_star, cotangent) if trace.residual < TOLERANCE else None
+
+
+def iteration_rows(loop, adjoint, cotangent: torch.Tensor, cases) -> list[dict]:
+    """Evaluations of f forward and of `adjoint` (`linearised`) backward to `TOLERANCE`, for each
+    `(label, settings)` of `cases`; after the first, each as a share of the first's. Without an
+    adjoint the backward columns are None."""
+    rows = []
+    for label, settings in cases:
+        _, forward = solve(loop.f, loop.start, settings)
+        _, back = (None, None) if adjoint is None else solve(adjoint, cotangent, settings)
+        rows.append(
+            {
+                "solver": label,
+                "forward_iterations": forward.iterations,
+                "forward_converged": forward.residual < TOLERANCE,
+                "backward_iterations": None if back is None else back.iterations,
+                "backward_converged": None if back is None else back.residual < TOLERANCE,
+            }
+        )
+    base = rows[0]
+    for row in rows[1:]:
+        for d in ("forward", "backward"):
+            done = row[f"{d}_iterations"] is not None and base[f"{d}_iterations"] is not None
+            share = row[f"{d}_iterations"] / base[f"{d}_iterations"] if done else None
+            row[f"{d} x fixed point"] = share
+    return rows
+
+
+def spectrum(adjoint, cotangent: torch.Tensor, steps: int) -> dict:
+    """Ritz values of J^T at z* (`linearised`) from `steps` Arnoldi steps: the largest
+    magnitudes, how many lie above half the largest, and the widest arc those leave empty."""
+    ritz = ritz_values(Product(adjoint, cotangent), cotangent.shape, steps)
+    magnitudes = ritz.abs()
+    outer = ritz[magnitudes > 0.5 * float(magnitudes.max())]
+    return {
+        "ritz_values": len(ritz),
+        "ritz_largest_magnitudes": [round(float(m), 3) for m in magnitudes.sort()[0].flip(0)[:8]],
+        "ritz_values_above_half_the_largest": len(outer),
+        "ritz_outer_widest_empty_arc_degrees": largest_angular_gap(outer),
+    }
+
+
 def main() -> None:
     args = parse_args(__doc__)
     if args.smoke:
@@ -94,40 +152,10 @@ def main() -> None:
         else CPU_SIZE
     )
     loop = calibrated_loop(size, args.device)
-    fixed_point = SolverSettings("fixed_point", STEPS, TOLERANCE)
-    z_star, _ = solve(loop.f, loop.start, fixed_point)
     cotangent = torch.randn_like(loop.start)
-    adjoint = adjoint_map(loop.f, z_star, cotangent)
-    rows, iterations = [], {}
-    histories = HISTORIES if not args.smoke else (5, STEPS)
-    for label, settings in [("fixed point", fixed_point)] + [
-        (
-            f"anderson, history {'all' if m == STEPS else m}",
-            SolverSettings("anderson", STEPS, TOLERANCE, "relative", m),
-        )
-        for m in histories
-    ]:
-        _, forward = solve(loop.f, loop.start, settings)
-        _, backward = solve(adjoint, cotangent, settings)
-        iterations[label] = (forward.iterations, backward.iterations)
-        rows.append(
-            {
-                "solver": label,
-                "forward_iterations": forward.iterations,
-                "forward_converged": forward.residual < TOLERANCE,
-                "backward_iterations": backward.iterations,
-                "backward_converged": backward.residual < TOLERANCE,
-            }
-        )
-    base = iterations["fixed point"]
-    for row in rows[1:]:
-        row["forward x fixed point"] = row["forward_iterations"] / base[0]
-        row["backward x fixed point"] = row["backward_iterations"] / base[1]
-    ritz = ritz_values(
-        Product(adjoint, cotangent), cotangent.shape, ARNOLDI if not args.smoke else 8
-    )
-    magnitudes = ritz.abs()
-    outer = ritz[magnitudes > 0.5 * float(magnitudes.max())]
+    adjoint = linearised(loop, cotangent)
+    cases = solvers(HISTORIES if not args.smoke else (5, STEPS))
+    rows = iteration_rows(loop, adjoint, cotangent, cases)
     full = rows[-1]
     summary = {
         "size (width, heads, layers, batch, tokens)": str(size),
@@ -136,10 +164,7 @@ def main() -> None:
         "jacobian_norm_at_fixed_point": loop.lipschitz,
         "anderson_full_memory_over_fixed_point_forward": full["forward x fixed point"],
         "anderson_full_memory_over_fixed_point_backward": full["backward x fixed point"],
-        "ritz_values": len(ritz),
-        "ritz_largest_magnitudes": [round(float(m), 3) for m in magnitudes.sort()[0].flip(0)[:8]],
-        "ritz_values_above_half_the_largest": len(outer),
-        "ritz_outer_widest_empty_arc_degrees": largest_angular_gap(outer),
+        **spectrum(adjoint, cotangent, ARNOLDI if not args.smoke else 8),
     }
     report("equilibrium_spectrum", args, rows, summary)
 

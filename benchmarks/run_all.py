@@ -34,6 +34,7 @@ SCRIPTS = [
     "train_throughput",
     "equilibrium_solvers",
     "equilibrium_spectrum",
+    "equilibrium_trained_map",
 ]
 
 

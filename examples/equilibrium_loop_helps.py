@@ -286,7 +286,9 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The run's settings from `argv` (the command line if None), `--quick` applied: the trained
+    map benchmark (`benchmarks/equilibrium_trained_map.py`) trains with these defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "equilibrium_loop_helps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -303,11 +305,16 @@ def main() -> None:
     parser.add_argument("--test-batch", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.batch, args.length = [0], 2, 4, 6
         args.width, args.iterations, args.test_batch, args.warmup = 16, 2, 16, 1
         args.threads = args.threads or 1  # tiny ops: a second thread only contends
+    return args
+
+
+def main() -> None:
+    args = arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
     # unconverged solves are counted in the tables instead of logged on every step
