@@ -157,3 +157,30 @@ def test_a_solver_setting_out_of_range_is_refused():
         SolverSettings(method="newton")
     with pytest.raises(ValueError, match="out of range"):
         SolverSettings(history=0)
+
+
+ANDERSON_WITH_A_LONG_HISTORY = """
+import torch
+from runtime.federation.solvers import SolverSettings, solve
+torch.set_num_threads(2)
+generator = torch.Generator().manual_seed(0)
+def f(z):  # never settles: every iterate adds a new direction to the history
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype)
+settings = SolverSettings(method="anderson", steps=180, history=200, tolerance=1e-12)
+z, trace = solve(f, torch.zeros(2, 256, dtype=torch.float64), settings)
+print(trace.iterations)
+"""
+
+
+def test_anderson_with_a_history_of_200_returns_on_a_multithreaded_host():
+    """Its Gram systems reach order 180: MKL's batched LU (`torch.linalg.solve`) hung there with
+    two threads; the Cholesky solve returns."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ANDERSON_WITH_A_LONG_HISTORY],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "180"

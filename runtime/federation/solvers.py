@@ -202,7 +202,7 @@ def _anderson(z0: Tensor, settings: SolverSettings):
         system = gram[:, :n, :n]
         scale = system.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
         system = system + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype)
-        weights = torch.linalg.solve(system, system.new_ones(batch, n, 1))[..., 0]
+        weights = _spd_solve(system, system.new_ones(batch, n, 1))[..., 0]
         weights = (weights / weights.sum(1, keepdim=True)).to(z.device, z.dtype)  # (batch, n)
         mixed = images.mix(weights)
         if beta != 1:
@@ -210,6 +210,18 @@ def _anderson(z0: Tensor, settings: SolverSettings):
         return mixed
 
     return update
+
+
+def _spd_solve(system: Tensor, rhs: Tensor) -> Tensor:
+    """`system^-1 rhs` for a batch of symmetric positive definite systems (a Gram matrix plus a
+    ridge), by Cholesky. Not `torch.linalg.solve`: its batched LU in MKL, on a host with more than
+    one thread, fails ("Parameter 6 was incorrect on entry to DLASWP") and never returns from
+    systems of order 160 or more (torch 2.13, float64), which an Anderson history that long
+    reaches. A system that rounding left indefinite is solved by least squares."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if bool(info.any()):
+        return torch.linalg.lstsq(system, rhs, driver="gelsd").solution
+    return torch.cholesky_solve(rhs, factor)
 
 
 def _broyden(z0: Tensor, settings: SolverSettings):
